@@ -1,0 +1,53 @@
+"""Sparse Dimension Tuning (SDT) + LoRA for Hugging Face Mamba, Jamba and Mamba-2 models.
+
+SDLoRA (Galim et al., arXiv 2410.09016) fine-tunes a few SSM dimensions of every layer (the most-updated channels
+and, per channel, states of A_log, plus those channels' B/C weights) and puts LoRA on the linear projections.
+All adapters live in *weight space*: ``module.weight`` and ``mixer.A_log`` return base + delta, so the fused
+mamba-ssm / Triton kernels, which read weights directly, train them. This package knows nothing of Ray, MLflow
+or DeepSpeed.
+
+Typical use::
+
+    import sdt
+    cfg = sdt.SDTConfig.preset("sdlora")              # or "sdt", "lora", "full"; fields as keyword overrides
+    tuner = sdt.apply(model, cfg)                     # phase "warmup": dense ΔA_log + LoRA train
+    ...  # cfg.warmup_steps optimizer steps on tuner.trainable_parameters()
+    tuner.start_training(tuner.select())              # base restored, fresh LoRA, sparse deltas at the selection
+    ...  # new optimizer and schedule; after the first backward: tuner.check_gradients()
+    sdt.save(tuner, "out/adapter")                    # safetensors + JSON
+    tuner = sdt.load(fresh_base_model, "out/adapter") # same logits
+    merged = tuner.merge()                            # plain transformers model; save_pretrained works
+
+Supported: ``MambaForCausalLM``, ``JambaForCausalLM`` (its mamba layers; attention and MoE untouched) and
+``Mamba2ForCausalLM``. For Mamba-2 the mapping (heads as channels, B/C rows of in_proj as states) is our
+generalisation, not the paper's; see :mod:`sdt.targets`.
+"""
+
+from .config import LORA_TARGETS, METHODS, PRESETS, SDT_TARGETS, SDTConfig, trainable_count
+from .io import adapter_tensors, load, read_config, save, write_atomically
+from .model import AdapterCoverageError, Tuner, apply, to_compute_dtype
+from .selection import SelectionError, select_channels_and_states, select_heads_and_rows, top_indices
+from .targets import mixers
+
+__all__ = [
+    "SDTConfig",
+    "PRESETS",
+    "METHODS",
+    "SDT_TARGETS",
+    "LORA_TARGETS",
+    "trainable_count",
+    "apply",
+    "Tuner",
+    "AdapterCoverageError",
+    "to_compute_dtype",
+    "save",
+    "load",
+    "read_config",
+    "adapter_tensors",
+    "write_atomically",
+    "SelectionError",
+    "select_channels_and_states",
+    "select_heads_and_rows",
+    "top_indices",
+    "mixers",
+]

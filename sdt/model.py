@@ -1,0 +1,186 @@
+"""The SDT lifecycle on a Hugging Face SSM model: apply -> warmup -> select -> restart -> train -> merge.
+
+The adapters live inside the model (as parametrizations), so the model stays a plain ``nn.Module`` that any
+trainer, DDP or DeepSpeed can take; the :class:`Tuner` only drives the phases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from . import parametrize as P
+from .config import SDTConfig
+from .targets import Selection, family_of, mixers
+
+Phase = Literal["warmup", "train"]
+
+
+class AdapterCoverageError(RuntimeError):
+    """Some adapter tensor got no gradient: a kernel read the weight without going through the adapter."""
+
+
+def to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the model to ``dtype`` but keep every mixer's A_log and D in fp32, as mamba-ssm does (spec pitfall 3).
+
+    Call it on an fp32 model before :func:`apply`: casting A_log to bf16 and back would already lose digits.
+    """
+    keep = {id(t) for _, m in mixers(model) for t in (m.A_log, m.D)}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and id(tensor) not in keep:
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
+class Tuner:
+    """Attaches SDT / LoRA adapters to ``model`` and walks it through the phases of ``config.method``.
+
+    * ``sdlora`` / ``sdt`` start in ``warmup``: a dense fp32 delta on A_log (and, for Mamba-2, on the B/C rows of
+      in_proj) trains, with the LoRA adapters, for ``config.warmup_steps`` optimizer steps. Then
+      :meth:`select` ranks channels and states per layer and :meth:`start_training` restores the base weights,
+      drops every warmup adapter and attaches fresh LoRA plus sparse deltas at the selected entries.
+      Build a new optimizer and schedule after it: nothing of warmup's optimizer state may carry over.
+    * ``lora`` and ``full`` start in ``train``.
+
+    Passing ``selection`` starts directly in ``train`` with that selection (loading an adapter, resuming).
+    """
+
+    def __init__(self, model: nn.Module, config: SDTConfig, selection: dict[str, Selection] | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.family = family_of(model)
+        self.mixers = mixers(model)
+        self.selection: dict[str, Selection] | None = None
+        self.merged = False
+        if config.method == "full":
+            model.requires_grad_(True)
+            self.phase: Phase = "train"
+            return
+        model.requires_grad_(False)
+        if selection is not None or not config.uses_sdt:
+            self._attach_training_adapters(selection)
+        else:
+            self.phase = "warmup"
+            self._attach_lora(seed=config.seed)
+            for _, mixer in self.mixers:
+                for spec in self.family.warmup_specs(mixer):
+                    weight = getattr(spec.module, spec.tensor)
+                    P.attach(spec.module, spec.tensor, P.DenseDelta(weight, spec.rows))
+
+    # -- phases ---------------------------------------------------------------------------------------------
+
+    def warmup_updates(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per mixer, the dense updates that warmup made (key -> tensor, detached fp32 copies)."""
+        self._require_phase("warmup")
+        updates = {}
+        for prefix, mixer in self.mixers:
+            updates[prefix] = {
+                spec.key: spec.module.parametrizations[spec.tensor][0].delta.detach().clone()
+                for spec in self.family.warmup_specs(mixer)
+            }
+        return updates
+
+    def select(self, updates: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Selection]:
+        """Rank channels and states per layer from the warmup updates (this model's own, or ones given)."""
+        updates = self.warmup_updates() if updates is None else updates
+        return {
+            prefix: self.family.select(prefix, mixer, updates[prefix], self.config) for prefix, mixer in self.mixers
+        }
+
+    def start_training(self, selection: dict[str, Selection]) -> None:
+        """Restore the base weights exactly, drop warmup's adapters, attach fresh LoRA + sparse deltas."""
+        self._require_phase("warmup")
+        P.detach_all(self.model, merge=False)
+        self._attach_training_adapters(selection)
+
+    def _attach_training_adapters(self, selection: dict[str, Selection] | None) -> None:
+        self.phase = "train"
+        # A different seed from warmup's: the official code re-initialises LoRA for the real run.
+        self._attach_lora(seed=self.config.seed + 1)
+        if not self.config.uses_sdt:
+            return
+        if selection is None or set(selection) != {prefix for prefix, _ in self.mixers}:
+            raise ValueError("selection: needs one entry per mixer of the model")
+        device = next(self.model.parameters()).device
+        self.selection = {p: {k: v.to(device) for k, v in s.items()} for p, s in selection.items()}
+        for prefix, mixer in self.mixers:
+            for spec in self.family.sparse_specs(mixer, self.selection[prefix], self.config.sdt_targets):
+                weight = getattr(spec.module, spec.tensor)
+                P.attach(spec.module, spec.tensor, P.SparseDelta(weight, spec.index))
+
+    def _attach_lora(self, seed: int) -> None:
+        cfg = self.config
+        unsupported = [t for t in cfg.lora_targets if t not in self.family.lora_modules]
+        if unsupported:
+            raise ValueError(
+                f"lora_targets: {unsupported} do not exist in {self.family.mixer_class}; "
+                f"choose among {', '.join(self.family.lora_modules)}"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        for _, mixer in self.mixers:
+            for target in cfg.lora_targets:
+                module = getattr(mixer, target)
+                P.attach(module, "weight", P.LowRankDelta(module.weight, cfg.lora_rank, cfg.lora_alpha, generator))
+
+    def _require_phase(self, phase: Phase) -> None:
+        if self.merged or self.phase != phase:
+            raise RuntimeError(f"only possible in the {phase} phase; the tuner is in {self.state_name}")
+
+    @property
+    def state_name(self) -> str:
+        return "merged" if self.merged else self.phase
+
+    # -- parameters and checks ------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """What the optimizer gets: adapter tensors only (the full method: every weight)."""
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for _, p in self.trainable_parameters())
+
+    def check_gradients(self, grad_of: Callable[[nn.Parameter], torch.Tensor | None] | None = None) -> None:
+        """Coverage guard: call after the first backward; raises naming every adapter tensor with no gradient.
+
+        ``grad_of`` reads a parameter's gradient (default ``p.grad``; under DeepSpeed ZeRO pass
+        ``deepspeed.utils.safe_get_full_grad``). A LoRA ``lora_A`` may have an all-zero gradient while its
+        ``lora_B`` is still all zero, as at the first step (B = 0 by init), but it must not be missing.
+        """
+        grad_of = grad_of or (lambda p: p.grad)
+        names = {id(p): name for name, p in self.trainable_parameters()}
+        problems = []
+        for _, adapter in P.adapters(self.model):
+            for param_name, param in adapter.named_parameters(recurse=False):
+                grad = grad_of(param)
+                name = names.get(id(param), param_name)
+                if grad is None:
+                    problems.append(f"{name} (no gradient)")
+                elif not torch.count_nonzero(grad):
+                    excused = param_name == "lora_A" and not torch.count_nonzero(adapter.lora_B.detach())
+                    if not excused:
+                        problems.append(f"{name} (all-zero gradient)")
+        if self.config.method == "full":
+            problems += [f"{name} (no gradient)" for name, p in self.trainable_parameters() if grad_of(p) is None]
+        if problems:
+            raise AdapterCoverageError(
+                f"{len(problems)} adapter tensor(s) got no gradient: {', '.join(problems)}. A kernel probably reads "
+                "these weights directly, bypassing the adapter; training them would silently do nothing."
+            )
+
+    # -- the end ---------------------------------------------------------------------------------------------
+
+    def merge(self) -> nn.Module:
+        """Bake the adapters into plain weights and return the (now adapter-free) model."""
+        if self.phase != "train":
+            raise RuntimeError("merge: only a training-phase adapter can be merged, not a warmup one")
+        P.detach_all(self.model, merge=True)
+        self.merged = True
+        return self.model
+
+
+def apply(model: nn.Module, config: SDTConfig | None = None) -> Tuner:
+    """Attach the adapters of ``config`` (default: the ``sdlora`` preset) to ``model``."""
+    return Tuner(model, config or SDTConfig())

@@ -1,0 +1,77 @@
+import pytest
+
+import sdt
+from sdt import SDTConfig, trainable_count
+
+
+def test_sdlora_preset_matches_the_paper_defaults():
+    cfg = SDTConfig.preset("sdlora")
+    assert (cfg.method, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) == ("sdlora", 8, 8.0, ("out_proj",))
+    assert (cfg.sdt_targets, cfg.channels_frozen, cfg.states_frozen, cfg.warmup_steps) == (
+        ("A_log", "B", "C"), 0.99, 0.75, 500,
+    )
+    assert SDTConfig() == cfg
+
+
+def test_presets_and_overrides():
+    assert SDTConfig.preset("sdt").lora_targets == ()
+    assert SDTConfig.preset("lora").sdt_targets == ()
+    assert SDTConfig.preset("full").lora_targets == SDTConfig.preset("full").sdt_targets == ()
+    cfg = SDTConfig.preset("lora", lora_rank=2, lora_targets=["in_proj", "out_proj"])
+    assert (cfg.lora_rank, cfg.lora_targets) == (2, ("in_proj", "out_proj"))
+    assert SDTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("frozen", "size", "expected"),
+    [
+        (0.99, 1536, 15),  # 130m: round(1520.64) = 1521 frozen, 15 train (spec pitfall 12)
+        (0.99, 4096, 41),  # 1.4b
+        (0.99, 5120, 51),  # 2.8b
+        (0.75, 16, 4),
+        (0.9, 16, 2),  # round(14.4) = 14
+        (0.95, 16, 1),  # round(15.2) = 15
+        (0.5, 5, 3),  # round(2.5) = 2 (banker's rounding), 3 train
+        (0.7, 5, 1),  # round(3.5) = 4 (banker's rounding), 1 trains
+        (12, 16, 4),  # an int is an absolute count of frozen entries
+        (0, 16, 16),
+        (1.0, 16, 0),
+    ],
+)
+def test_trainable_count_rounds_like_the_official_code(frozen, size, expected):
+    assert trainable_count(frozen, size) == expected
+
+
+def test_int_and_float_counts_are_not_confused():
+    assert trainable_count(1, 16) == 15  # int 1: one frozen
+    assert trainable_count(1.0, 16) == 0  # float 1.0: everything frozen
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"method": "adapter"}, "method"),
+        ({"lora_targets": ("conv1d",)}, "lora_targets"),
+        ({"sdt_targets": ("D",)}, "sdt_targets"),
+        ({"channels_frozen": 1.5}, "channels_frozen"),
+        ({"states_frozen": -1}, "states_frozen"),
+        ({"states_frozen": True}, "states_frozen"),
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"warmup_steps": 0}, "warmup_steps"),
+        ({"method": "sdt", "lora_targets": ("out_proj",)}, "lora_targets"),
+    ],
+)
+def test_bad_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        SDTConfig(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        SDTConfig.preset("qlora")
+
+
+def test_too_many_frozen_is_rejected():
+    with pytest.raises(ValueError, match="channels_frozen: freezes 20 of only 16"):
+        trainable_count(20, 16, field_name="channels_frozen")
+    assert sdt.PRESETS["sdlora"] is not None

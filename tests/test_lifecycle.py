@@ -1,0 +1,173 @@
+"""SDT phases on each architecture: what changes, what stays bit-identical, how many parameters train."""
+
+import pytest
+import torch
+from helpers import train, warmup_select_train
+
+import sdt
+from sdt import SDTConfig
+
+# Small models need small ratios: 0.99 of 32 channels would freeze them all.
+CONFIGS = {
+    "mamba": SDTConfig(channels_frozen=0.75, states_frozen=0.5, lora_rank=2, lora_alpha=2),
+    "jamba": SDTConfig(channels_frozen=24, states_frozen=5, lora_rank=2, lora_alpha=2),
+    "mamba2": SDTConfig(channels_frozen=5, states_frozen=0.5, inputs_frozen=0.75, lora_rank=2, lora_alpha=2),
+}
+
+
+def merged_state(tuner):
+    return {k: v.detach().clone() for k, v in tuner.merge().state_dict().items()}
+
+
+def changed(before, after):
+    """Flat positions where a tensor differs (bitwise), per name."""
+    out = {}
+    for name, b in before.items():
+        diff = (after[name] != b).reshape(-1).nonzero().flatten()
+        if diff.numel():
+            out[name] = diff
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mamba", "jamba"])
+def test_mamba1_family_invariants(arch, load_base):
+    model = load_base(arch)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = CONFIGS[arch]
+    tuner = sdt.apply(model, cfg)
+    assert tuner.phase == "warmup"
+    selection = warmup_select_train(tuner)
+    layers = sdt.mixers(load_base(arch))
+    assert set(selection) == {prefix for prefix, _ in layers}
+    assert [p for p, _ in sdt.mixers(tuner.model)] == [p for p, _ in layers]  # still found once parametrized
+
+    r = cfg.lora_rank
+    expected_trainable = 0
+    for prefix, mixer in layers:
+        channels, states = mixer.A_log.shape
+        hidden = mixer.out_proj.weight.shape[0]
+        k_c = sdt.trainable_count(cfg.channels_frozen, channels)
+        k_s = sdt.trainable_count(cfg.states_frozen, states)
+        assert selection[prefix]["channels"].shape == (k_c,)
+        assert selection[prefix]["states"].shape == (k_c, k_s)
+        expected_trainable += k_c * k_s + 2 * states * k_c + r * (channels + hidden)
+    assert tuner.num_trainable_parameters() == expected_trainable
+
+    after = merged_state(tuner)
+    diffs = changed(base, after)
+    lora_weights = {f"{prefix}.out_proj.weight" for prefix, _ in layers}
+    allowed = lora_weights | {f"{p}.A_log" for p, _ in layers} | {f"{p}.x_proj.weight" for p, _ in layers}
+    assert set(diffs) <= allowed, f"entries outside the selection changed: {set(diffs) - allowed}"
+    for prefix, mixer in layers:
+        channels, states = mixer.A_log.shape
+        dt_rank = mixer.x_proj.weight.shape[0] - 2 * states
+        sel = selection[prefix]
+        # A_log: exactly the k_c x k_s selected entries moved
+        a_changed = {(int(i) // states, int(i) % states) for i in diffs[f"{prefix}.A_log"]}
+        a_selected = {(int(c), int(s)) for c, row in zip(sel["channels"], sel["states"]) for s in row}
+        assert a_changed == a_selected
+        # x_proj: only B/C rows, only selected columns; the dt rows are untouched
+        x_changed = {(int(i) // channels, int(i) % channels) for i in diffs[f"{prefix}.x_proj.weight"]}
+        assert all(dt_rank <= row < dt_rank + 2 * states for row, _ in x_changed)
+        assert {col for _, col in x_changed} == {int(c) for c in sel["channels"]}
+
+
+def test_mamba2_invariants(load_base):
+    model = load_base("mamba2")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = CONFIGS["mamba2"]
+    tuner = sdt.apply(model, cfg)
+    selection = warmup_select_train(tuner)
+    layers = sdt.mixers(load_base("mamba2"))
+    num_trainable = tuner.num_trainable_parameters()
+
+    after = merged_state(tuner)
+    diffs = changed(base, after)
+    expected_trainable = 0
+    for prefix, mixer in layers:
+        heads, groups, states = mixer.num_heads, mixer.n_groups, mixer.ssm_state_size
+        inner, hidden = mixer.intermediate_size, mixer.in_proj.weight.shape[1]
+        sel = selection[prefix]
+        k_h = sdt.trainable_count(cfg.channels_frozen, heads)
+        k_s = sdt.trainable_count(cfg.states_frozen, states)
+        k_d = sdt.trainable_count(cfg.inputs_frozen, hidden)
+        n_groups = sel["groups"].numel()
+        expected_trainable += k_h + 2 * n_groups * k_s * k_d + cfg.lora_rank * (inner + hidden)
+        # heads -> groups: a group is selected iff it holds a selected head
+        assert set(sel["groups"].tolist()) == {int(h) // (heads // groups) for h in sel["channels"]}
+        assert {int(i) for i in diffs[f"{prefix}.A_log"]} == {int(h) for h in sel["channels"]}
+        in_changed = {(int(i) // hidden, int(i) % hidden) for i in diffs[f"{prefix}.in_proj.weight"]}
+        expected = set()
+        for g_pos, g in enumerate(sel["groups"].tolist()):
+            for s_pos, n in enumerate(sel["states"][g_pos].tolist()):
+                for d in sel["inputs"][g_pos, s_pos].tolist():
+                    expected.add((2 * inner + g * states + n, d))  # B row
+                    expected.add((2 * inner + groups * states + g * states + n, d))  # C row
+        assert in_changed == expected
+    assert num_trainable == expected_trainable
+    allowed = {f"{p}.{t}" for p, _ in layers for t in ("A_log", "in_proj.weight", "out_proj.weight")}
+    assert set(diffs) <= allowed
+
+
+def test_warmup_trains_a_dense_delta_and_restart_restores_the_base(load_base):
+    model = load_base("mamba")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tuner = sdt.apply(model, CONFIGS["mamba"])
+    # warmup trains the dense fp32 delta on A_log plus LoRA; B/C stay frozen (spec section 2)
+    names = [n for n, _ in tuner.trainable_parameters()]
+    assert all(("A_log" in n and n.endswith(".delta")) or "lora_" in n for n in names)
+    warmup_lora_a = dict(tuner.trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
+    warmup_lora_a = warmup_lora_a.detach().clone()
+    train(tuner, 3)
+    updates = tuner.warmup_updates()
+    delta = updates["backbone.layers.0.mixer"]["A_log"]
+    assert delta.dtype == torch.float32 and delta.shape == model.backbone.layers[0].mixer.A_log.shape
+    assert torch.count_nonzero(delta) == delta.numel()
+    tuner.start_training(tuner.select(updates))
+    # before any training step, the effective model equals the base exactly: fresh LoRA (B = 0), zero deltas
+    tuner.model.eval()
+    for name, value in base.items():
+        module_name, _, tensor = name.rpartition(".")
+        assert torch.equal(getattr(model.get_submodule(module_name), tensor), value), name
+    # fresh LoRA, not warmup's
+    fresh = dict(tuner.trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
+    assert not torch.equal(fresh, warmup_lora_a)
+    assert not any("parametrizations.A_log.0.delta" in n and p.numel() == delta.numel()
+                   for n, p in tuner.trainable_parameters())
+
+
+def test_lora_and_full_presets(load_base):
+    model = load_base("mamba")
+    tuner = sdt.apply(model, SDTConfig.preset("lora", lora_rank=3))
+    assert tuner.phase == "train"
+    expected = 0
+    for _, mixer in sdt.mixers(model):
+        for target in ("x_proj", "dt_proj", "out_proj"):
+            out_f, in_f = getattr(mixer, target).weight.shape
+            expected += 3 * (out_f + in_f)
+    assert tuner.num_trainable_parameters() == expected
+    train(tuner, 2)
+
+    full_model = load_base("mamba")
+    full = sdt.apply(full_model, SDTConfig.preset("full"))
+    assert full.num_trainable_parameters() == sum(p.numel() for p in full_model.parameters())
+    train(full, 1)
+
+
+def test_lora_on_a_module_mamba2_lacks(load_base):
+    with pytest.raises(ValueError, match="lora_targets: \\['x_proj', 'dt_proj'\\] do not exist in Mamba2Mixer"):
+        sdt.apply(load_base("mamba2"), SDTConfig.preset("lora"))
+
+
+def test_ratio_that_freezes_every_channel_names_the_field(load_base):
+    tuner = sdt.apply(load_base("mamba"), SDTConfig())  # 0.99 of 32 channels freezes all 32
+    train(tuner, 1)
+    with pytest.raises(ValueError, match="^channels_frozen: 0.99 freezes all 32 channels"):
+        tuner.select()
+
+
+def test_to_compute_dtype_keeps_a_log_and_d_in_fp32(load_base):
+    model = sdt.to_compute_dtype(load_base("mamba"), torch.bfloat16)
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.A_log.dtype == mixer.D.dtype == torch.float32
+    assert mixer.x_proj.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
