@@ -98,18 +98,19 @@ class Tuner:
 
     def _attach_training_adapters(self, selection: dict[str, Selection] | None) -> None:
         self.phase = "train"
+        if self.config.uses_sdt:
+            if selection is None or set(selection) != {prefix for prefix, _ in self.mixers}:
+                raise ValueError("selection: needs one entry per mixer of the model")
+            device = next(self.model.parameters()).device
+            self.selection = {p: {k: v.to(device) for k, v in s.items()} for p, s in selection.items()}
+            groups: dict[str, list] = {}
+            for prefix, mixer in self.mixers:
+                for spec in self.family.sparse_specs(mixer, self.selection[prefix], self.config.sdt_targets):
+                    member = (spec.module, spec.tensor, spec.index, f"{prefix}.{spec.path}")
+                    groups.setdefault(spec.path.replace(".", "_"), []).append(member)
+            P.attach_sparse_groups(self.model, groups)  # first: sparse views read the stacked base tensors
         # A different seed from warmup's: the official code re-initialises LoRA for the real run.
         self._attach_lora(seed=self.config.seed + 1)
-        if not self.config.uses_sdt:
-            return
-        if selection is None or set(selection) != {prefix for prefix, _ in self.mixers}:
-            raise ValueError("selection: needs one entry per mixer of the model")
-        device = next(self.model.parameters()).device
-        self.selection = {p: {k: v.to(device) for k, v in s.items()} for p, s in selection.items()}
-        for prefix, mixer in self.mixers:
-            for spec in self.family.sparse_specs(mixer, self.selection[prefix], self.config.sdt_targets):
-                weight = getattr(spec.module, spec.tensor)
-                P.attach(spec.module, spec.tensor, P.SparseDelta(weight, spec.index))
 
     def _attach_lora(self, seed: int) -> None:
         cfg = self.config
@@ -156,14 +157,21 @@ class Tuner:
             for param_name, param in adapter.named_parameters(recurse=False):
                 grad = grad_of(param)
                 name = names.get(id(param), param_name)
-                if grad is None:
-                    problems.append(f"{name} (no gradient)")
-                elif not torch.count_nonzero(grad):
-                    excused = param_name == "lora_A" and not torch.count_nonzero(adapter.lora_B.detach())
-                    if not excused:
-                        problems.append(f"{name} (all-zero gradient)")
+                if isinstance(adapter, P.SparseDeltaGroup):
+                    # one tensor for all layers: each layer's segment must get its own gradient
+                    segments = [None] * len(adapter.names) if grad is None else grad.split(adapter.sizes)
+                    parts = [(f"{layer} (sparse delta in {name})", g) for layer, g in zip(adapter.names, segments)]
+                else:
+                    parts = [(name, grad)]
+                for part_name, part in parts:
+                    if part is None:
+                        problems.append(f"{part_name}: no gradient")
+                    elif not torch.count_nonzero(part):
+                        excused = param_name == "lora_A" and not torch.count_nonzero(adapter.lora_B.detach())
+                        if not excused:
+                            problems.append(f"{part_name}: all-zero gradient")
         if self.config.method == "full":
-            problems += [f"{name} (no gradient)" for name, p in self.trainable_parameters() if grad_of(p) is None]
+            problems += [f"{name}: no gradient" for name, p in self.trainable_parameters() if grad_of(p) is None]
         if problems:
             raise AdapterCoverageError(
                 f"{len(problems)} adapter tensor(s) got no gradient: {', '.join(problems)}. A kernel probably reads "

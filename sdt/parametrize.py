@@ -36,22 +36,59 @@ class LowRankDelta(nn.Module):
         return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
 
 
-class SparseDelta(nn.Module):
-    """SDT's training-phase adapter: W0 plus a trainable value at each of a fixed set of entries.
+class SparseDeltaGroup(nn.Module):
+    """SDT's training-phase adapter for one kind of tensor across all layers (e.g. every mixer's A_log).
 
-    ``index`` holds flat (row-major) positions into W0; it is a buffer so it follows ``.to()`` and lands in the
-    state dict. Only the gathered entries are promoted to fp32, so the cost does not grow with the tensor.
+    Holds one fp32 delta per selected entry and writes all layers' entries with a single gather-add-scatter into
+    the stacked base tensors. Doing that per layer costs about a dozen small kernels and Python dispatches per
+    layer and step; on the fused path, where a mamba-130m step is bound by launch overhead, that alone made SDLoRA
+    about 8% slower than LoRA (docs/benchmarks.md). Within one forward of the model the stacked result is computed
+    once and shared by the layers (see :func:`attach_sparse_groups`); any other read recomputes it.
+
+    ``index`` holds flat (row-major) positions into the stacked tensors; it is a buffer, so it follows ``.to()``
+    and lands in the state dict. ``base`` is a non-persistent copy of the frozen base tensors.
     """
 
-    def __init__(self, weight: torch.Tensor, index: torch.Tensor) -> None:
+    def __init__(self, weights: list[torch.Tensor], indices: list[torch.Tensor], names: list[str]) -> None:
         super().__init__()
-        self.register_buffer("index", index.to(device=weight.device, dtype=torch.long, copy=True))
-        self.delta = nn.Parameter(torch.zeros(index.numel(), dtype=torch.float32, device=weight.device))
+        base = torch.stack([w.detach() for w in weights])
+        self.register_buffer("base", base, persistent=False)
+        numel = weights[0].numel()
+        flat = [i.to(device=base.device, dtype=torch.long) + layer * numel for layer, i in enumerate(indices)]
+        self.register_buffer("index", torch.cat(flat))
+        self.delta = nn.Parameter(torch.zeros(self.index.numel(), dtype=torch.float32, device=base.device))
+        self.names = names
+        self.sizes = [i.numel() for i in indices]
+        self.sharing = False
+        self._shared: tuple[torch.Tensor, ...] | None = None
+
+    def effective(self) -> tuple[torch.Tensor, ...]:
+        """The effective tensor of every layer. ``unbind`` rather than one slice per layer: its backward is a
+        single stack of the layers' gradients instead of a zero-filled full-size gradient per layer."""
+        if self._shared is not None:
+            return self._shared
+        flat = self.base.reshape(-1)
+        values = (flat[self.index].float() + self.delta).to(flat.dtype)
+        layers = flat.index_put((self.index,), values).view_as(self.base).unbind(0)
+        if self.sharing:
+            self._shared = layers
+        return layers
+
+    def set_sharing(self, sharing: bool) -> None:
+        self.sharing, self._shared = sharing, None
+
+
+class SparseDeltaView(nn.Module):
+    """Parametrization of one layer's tensor: its slice of a :class:`SparseDeltaGroup`."""
+
+    def __init__(self, group: SparseDeltaGroup, position: int) -> None:
+        super().__init__()
+        self.position = position
+        # A reference, not a submodule: the group is registered once, on the model.
+        self.__dict__["group"] = group
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        flat = weight.reshape(-1)
-        values = (flat[self.index].float() + self.delta).to(weight.dtype)
-        return flat.index_put((self.index,), values).view_as(weight)
+        return self.group.effective()[self.position]
 
 
 class DenseDelta(nn.Module):
@@ -71,7 +108,40 @@ class DenseDelta(nn.Module):
         return torch.cat([weight[:start], block, weight[stop:]])
 
 
-ADAPTER_TYPES = (LowRankDelta, SparseDelta, DenseDelta)
+ADAPTER_TYPES = (LowRankDelta, SparseDeltaGroup, DenseDelta)
+SPARSE_GROUPS = "sdt_sparse"  # where the sparse groups hang on the model
+
+
+def attach_sparse_groups(model: nn.Module, groups: dict[str, list[tuple[nn.Module, str, torch.Tensor, str]]]) -> None:
+    """Attach one :class:`SparseDeltaGroup` per kind: ``{kind: [(module, tensor name, flat index, name), ...]}``.
+
+    Must come before any other adapter on the same tensors: a view returns the group's result, which is built
+    from the stacked base tensors, not from its input.
+    """
+    container = nn.ModuleDict()
+    for kind, members in groups.items():
+        for module, tensor, _, _ in members:
+            if parametrize.is_parametrized(module, tensor):
+                raise RuntimeError(f"sparse deltas must be the first adapter on {tensor}")
+        group = SparseDeltaGroup(
+            [getattr(module, tensor) for module, tensor, _, _ in members],
+            [index for _, _, index, _ in members],
+            [name for _, _, _, name in members],
+        )
+        container[kind] = group
+        for position, (module, tensor, _, _) in enumerate(members):
+            attach(module, tensor, SparseDeltaView(group, position))
+    model.add_module(SPARSE_GROUPS, container)
+
+    def share(sharing: bool) -> None:
+        for group in container.values():
+            group.set_sharing(sharing)
+
+    # One scatter per forward of the model, not one per read: reads inside a forward share the result.
+    container.hooks = [
+        model.register_forward_pre_hook(lambda module, args: share(True)),
+        model.register_forward_hook(lambda module, args, output: share(False), always_call=True),
+    ]
 
 
 def attach(module: nn.Module, name: str, adapter: nn.Module) -> None:
@@ -88,6 +158,10 @@ def detach_all(model: nn.Module, *, merge: bool) -> None:
             for name in list(module.parametrizations.keys()):
                 with torch.no_grad():
                     parametrize.remove_parametrizations(module, name, leave_parametrized=merge)
+    if hasattr(model, SPARSE_GROUPS):
+        for hook in getattr(model, SPARSE_GROUPS).hooks:
+            hook.remove()
+        delattr(model, SPARSE_GROUPS)
 
 
 def adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -37,8 +37,13 @@ class WarmupSpec:
 
 @dataclass(frozen=True)
 class SparseSpec:
-    """The entries of ``module.<tensor>`` that train, as flat row-major positions."""
+    """The entries of ``module.<tensor>`` that train, as flat row-major positions.
 
+    ``path`` is the tensor's name relative to its mixer (e.g. ``x_proj.weight``); the layers' tensors of one
+    path share a single sparse-delta group.
+    """
+
+    path: str
     module: nn.Module
     tensor: str
     index: torch.Tensor
@@ -86,13 +91,13 @@ class Mamba1Family:
         specs = []
         if "A_log" in targets:
             rows = picked.repeat_interleave(picked_states.shape[1])
-            specs.append(SparseSpec(mixer, "A_log", rows * states + picked_states.reshape(-1)))
+            specs.append(SparseSpec("A_log", mixer, "A_log", rows * states + picked_states.reshape(-1)))
         # B and C share x_proj.weight: one adapter, one scatter, over the selected columns of both row blocks.
         blocks = [dt_rank + (0 if t == "B" else states) for t in ("B", "C") if t in targets]
         if blocks:
             state_rows = torch.arange(states, device=picked.device)
             index = [((first + state_rows)[:, None] * channels + picked[None, :]).reshape(-1) for first in blocks]
-            specs.append(SparseSpec(mixer.x_proj, "weight", torch.cat(index)))
+            specs.append(SparseSpec("x_proj.weight", mixer.x_proj, "weight", torch.cat(index)))
         return specs
 
 
@@ -145,14 +150,14 @@ class Mamba2Family:
         d = self._dims(mixer)
         specs = []
         if "A_log" in targets:
-            specs.append(SparseSpec(mixer, "A_log", selection["channels"]))
+            specs.append(SparseSpec("A_log", mixer, "A_log", selection["channels"]))
         b_start = self._bc_rows(mixer)[0]
         blocks = [b_start + (0 if t == "B" else d["groups"] * d["states"]) for t in ("B", "C") if t in targets]
         if blocks:
             groups, states, inputs = selection["groups"], selection["states"], selection["inputs"]
             rows_in_block = groups[:, None] * d["states"] + states  # (g, k_s)
             index = [((first + rows_in_block)[..., None] * d["hidden"] + inputs).reshape(-1) for first in blocks]
-            specs.append(SparseSpec(mixer.in_proj, "weight", torch.cat(index)))
+            specs.append(SparseSpec("in_proj.weight", mixer.in_proj, "weight", torch.cat(index)))
         return specs
 
 

@@ -41,3 +41,55 @@ def warmup_select_train(tuner: sdt.Tuner, warmup_steps: int = 3, train_steps: in
 def logits(model: torch.nn.Module, tokens: torch.Tensor | None = None) -> torch.Tensor:
     model.eval()
     return model(input_ids=random_tokens(seed=7) if tokens is None else tokens).logits
+
+
+def changed_entries(before: dict, after: dict) -> dict[str, torch.Tensor]:
+    """Per tensor name, the flat positions where ``after`` differs bitwise from ``before``."""
+    out = {}
+    for name, value in before.items():
+        diff = (after[name].to(value.device) != value).reshape(-1).nonzero().flatten().cpu()
+        if diff.numel():
+            out[name] = diff
+    return out
+
+
+def assert_mamba1_invariants(base: dict, merged: dict, selection: dict, layers: list, exact_columns: bool = True):
+    """Only the selected A_log entries, the selected channels' B/C columns of x_proj and out_proj (LoRA) moved.
+
+    ``exact_columns``: every selected column changed somewhere (in bf16 a tiny update may round back to W0).
+    """
+    diffs = changed_entries(base, merged)
+    allowed = {f"{p}.{t}" for p, _ in layers for t in ("A_log", "x_proj.weight", "out_proj.weight")}
+    assert set(diffs) <= allowed, f"entries outside the selection changed: {set(diffs) - allowed}"
+    for prefix, mixer in layers:
+        channels, states = mixer.A_log.shape
+        dt_rank = mixer.x_proj.weight.shape[0] - 2 * states
+        sel = {k: v.cpu() for k, v in selection[prefix].items()}
+        a_changed = {(int(i) // states, int(i) % states) for i in diffs[f"{prefix}.A_log"]}
+        a_selected = {(int(c), int(s)) for c, row in zip(sel["channels"], sel["states"]) for s in row}
+        assert a_changed == a_selected, prefix
+        x_changed = {(int(i) // channels, int(i) % channels) for i in diffs[f"{prefix}.x_proj.weight"]}
+        assert all(dt_rank <= row < dt_rank + 2 * states for row, _ in x_changed), "dt rows of x_proj moved"
+        columns = {col for _, col in x_changed}
+        selected_columns = {int(c) for c in sel["channels"]}
+        assert columns == selected_columns if exact_columns else columns <= selected_columns, prefix
+
+
+def assert_mamba2_invariants(base: dict, merged: dict, selection: dict, layers: list, exact_rows: bool = True):
+    """Only the selected heads' A_log, the selected (row, input) entries of in_proj's B/C blocks and out_proj moved."""
+    diffs = changed_entries(base, merged)
+    allowed = {f"{p}.{t}" for p, _ in layers for t in ("A_log", "in_proj.weight", "out_proj.weight")}
+    assert set(diffs) <= allowed, f"entries outside the selection changed: {set(diffs) - allowed}"
+    for prefix, mixer in layers:
+        groups, states = mixer.n_groups, mixer.ssm_state_size
+        inner, hidden = mixer.intermediate_size, mixer.in_proj.weight.shape[1]
+        sel = {k: v.cpu() for k, v in selection[prefix].items()}
+        assert {int(i) for i in diffs[f"{prefix}.A_log"]} == {int(h) for h in sel["channels"]}, prefix
+        in_changed = {(int(i) // hidden, int(i) % hidden) for i in diffs[f"{prefix}.in_proj.weight"]}
+        expected = set()
+        for g_pos, g in enumerate(sel["groups"].tolist()):
+            for s_pos, n in enumerate(sel["states"][g_pos].tolist()):
+                for d in sel["inputs"][g_pos, s_pos].tolist():
+                    expected.add((2 * inner + g * states + n, d))  # B row
+                    expected.add((2 * inner + groups * states + g * states + n, d))  # C row
+        assert in_changed == expected if exact_rows else in_changed <= expected, prefix
