@@ -1,0 +1,506 @@
+"""The job spec: one YAML file that describes a sweep, validated before anything starts.
+
+``load_job("jobs/rte.yaml", ["training.lr=1e-3"])`` gives a :class:`JobSpec`; every problem with the file, an
+override or a value is a :class:`JobSpecError` whose one-line message starts with the dotted path of the field
+(``"training.lr: Input should be greater than 0"``), so a sweep never fails in its trials over a typo.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import reduce
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from sdt import SDTConfig
+
+DATA_SPLITS: tuple[str, ...] = ("train", "validation", "test")
+COLUMN_ROLES: tuple[str, ...] = ("text", "text_pair", "label", "target")
+# File suffix -> the `datasets` builder that reads it.
+DATA_FILE_FORMATS: dict[str, str] = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Trials may differ only in what they train; resources, tracking and export belong to the sweep as a whole.
+SEARCHABLE_SECTIONS: tuple[str, ...] = ("model", "data", "method", "training")
+DOMAIN_KINDS: tuple[str, ...] = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot run. ``str()`` is one line: ``"<where>: <reason>"``, where ``where`` is the
+    dotted field path (or the file / override at fault) and ``source`` names the spec it came from."""
+
+    def __init__(self, where: str, reason: str, source: str = "<spec>") -> None:
+        self.where, self.reason, self.source = where, _one_line(reason), source
+        super().__init__(f"{where}: {self.reason}")
+
+
+class _Spec(BaseModel):
+    # A misspelt key must fail loudly, not leave its setting at the default; NaN and inf are never meant.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _field_error(loc: str | tuple[str, ...], reason: str, value: Any) -> ValidationError:
+    """An error placed at ``loc`` (relative to the model raising it), for checks that span several fields.
+
+    Pydantic keeps the locations of a ValidationError raised inside a validator, where a plain ValueError
+    would be reported against the whole model.
+    """
+    error = PydanticCustomError("job_spec", "{reason}", {"reason": reason})
+    loc = (loc,) if isinstance(loc, str) else loc
+    return ValidationError.from_exception_data("JobSpec", [InitErrorDetails(type=error, loc=loc, input=value)])
+
+
+class ModelSpec(_Spec):
+    """The base model: a pretrained checkpoint, a freshly built architecture, or the builtin tiny base."""
+
+    name_or_path: str | None = None  # HF hub id or local dir, loaded with from_pretrained
+    architecture: Literal["mamba", "mamba2", "jamba"] | None = None
+    config: dict[str, Any] = {}  # transformers config kwargs for `architecture`
+    builtin: Literal["digits"] | None = None  # the tiny base that `sdtune pretrain` trains and caches
+    tokenizer: str | None = None  # None = name_or_path
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        sources = [name for name in ("name_or_path", "architecture", "builtin") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"set exactly one of name_or_path, architecture or builtin, got {sources or 'none'}")
+        if self.config and self.architecture is None:
+            raise _field_error("config", "only builds a fresh model: set architecture, or drop config", self.config)
+        return self
+
+
+class DataSpec(_Spec):
+    """What to train and evaluate on, and how to turn it into prompts and answers."""
+
+    task: Literal["digits", "synthetic", "glue", "generation", "files"] = "digits"
+    dataset: str | None = None  # HF datasets path for glue / generation, e.g. "nyu-mll/glue"
+    subset: str | None = None  # the dataset's config name, e.g. "rte"
+    data_files: dict[str, str] | None = None  # split -> local json/jsonl/csv/parquet file
+    columns: dict[str, str] = {}  # role (text, text_pair, label, target) -> column name
+    instruction: str = ""  # prompt prefix before the input
+    label_names: list[str] | None = None  # answer string per class index; None = "0", "1", ...
+    kind: Literal["classification", "generation"] | None = None  # required for task "files"
+    max_length: PositiveInt = 512
+    max_train_samples: PositiveInt | None = None
+    max_eval_samples: PositiveInt | None = None
+    validation_fraction: float = Field(0.2, gt=0, lt=1)  # carved from train when there is no validation split
+    split_seed: int = 123
+    scoring: Literal["strict", "official"] = "strict"  # official drops out-of-label predictions, as GLUE's code does
+    num_beams: PositiveInt = 1
+    max_new_tokens: PositiveInt = 64
+
+    @field_validator("columns")
+    @classmethod
+    def _known_roles(cls, columns: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(columns) - set(COLUMN_ROLES))
+        if unknown:
+            raise ValueError(f"unknown roles {unknown}; roles are {', '.join(COLUMN_ROLES)}")
+        return columns
+
+    @field_validator("label_names")
+    @classmethod
+    def _distinct_labels(cls, names: list[str] | None) -> list[str] | None:
+        # A repeated answer string would make two classes indistinguishable when scoring generated text.
+        if names is not None and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ValueError(f"need at least two distinct answer strings, got {names}")
+        return names
+
+    @field_validator("data_files")
+    @classmethod
+    def _readable_files(cls, files: dict[str, str] | None) -> dict[str, str] | None:
+        if files is None:
+            return None
+        unknown = sorted(set(files) - set(DATA_SPLITS))
+        if unknown:
+            raise ValueError(f"unknown splits {unknown}; splits are {', '.join(DATA_SPLITS)}")
+        if "train" not in files:
+            raise ValueError("needs a train file (validation is carved from it when absent)")
+        suffixes = {Path(path).suffix.lower() for path in files.values()}
+        unreadable = sorted(suffixes - set(DATA_FILE_FORMATS))
+        if unreadable:
+            raise ValueError(f"cannot read {unreadable} files; use {', '.join(DATA_FILE_FORMATS)}")
+        # One `datasets` builder reads every split.
+        if len({DATA_FILE_FORMATS[suffix] for suffix in suffixes}) > 1:
+            raise ValueError(f"all splits must share one format, got {sorted(suffixes)}")
+        return files
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> DataSpec:
+        if self.task in ("glue", "generation") and self.dataset is None and self.data_files is None:
+            raise _field_error("dataset", f"task {self.task!r} needs a dataset or data_files", None)
+        if self.task == "files":
+            if self.data_files is None:
+                raise _field_error("data_files", "task 'files' needs data_files", None)
+            if self.kind is None:
+                raise _field_error("kind", "task 'files' needs kind: classification or generation", None)
+        return self
+
+
+def _count_or_fraction(value: Any) -> Any:
+    """Keeps an int an int (a count of frozen entries) and a float a float (a fraction): never coerce one into
+    the other. Strings are parsed, since PyYAML reads ``1e-3`` as one."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)):
+        return value
+    raise ValueError(f"expected a float fraction or an int count, got {value!r}")
+
+
+CountOrFraction = Annotated[StrictInt | StrictFloat | None, BeforeValidator(_count_or_fraction)]
+
+
+class MethodSpec(_Spec):
+    """The fine-tuning method: an :class:`sdt.SDTConfig` preset; a field left at None keeps the preset's value."""
+
+    name: Literal["sdlora", "sdt", "lora", "full"] = "sdlora"
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    sdt_targets: list[str] | None = None
+    channels_frozen: CountOrFraction = None
+    states_frozen: CountOrFraction = None
+    inputs_frozen: CountOrFraction = None
+    warmup_steps: int | None = None
+
+    def to_sdt_config(self, seed: int) -> SDTConfig:
+        overrides = self.model_dump(exclude={"name"}, exclude_none=True)
+        return SDTConfig.preset(self.name, **overrides, seed=seed)
+
+    @model_validator(mode="after")
+    def _valid_sdt_config(self) -> MethodSpec:
+        # SDTConfig owns the rules; its messages start with the offending field's name, which we point at.
+        try:
+            self.to_sdt_config(seed=0)
+        except ValueError as error:
+            field, _, reason = str(error).partition(": ")
+            field = "name" if field == "method" else field  # SDTConfig calls the preset `method`
+            if field not in type(self).model_fields:
+                raise
+            raise _field_error(field, reason, getattr(self, field)) from None
+        return self
+
+
+class TrainingSpec(_Spec):
+    """Optimisation, evaluation and checkpointing of one trial."""
+
+    epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = None  # caps the optimizer steps of the training phase
+    batch_size: PositiveInt = 4  # per-worker micro-batch
+    gradient_accumulation: PositiveInt = 1
+    lr: PositiveFloat = 1e-3
+    warmup_lr: PositiveFloat | None = None  # lr of the SDT warmup phase; None = lr
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    eval_every_steps: PositiveInt | None = None  # besides the evaluation after every epoch
+    eval_batch_size: PositiveInt = 8
+    checkpoint_every_steps: PositiveInt | None = None
+    seed: int = 42
+
+
+class ResourcesSpec(_Spec):
+    """What each trial asks Ray for."""
+
+    num_workers: PositiveInt = 1
+    use_gpu: bool | None = None  # None = use GPUs when the cluster has any
+    gpus_per_worker: PositiveFloat = 1.0  # below 1, trials share a GPU
+    cpus_per_worker: PositiveFloat = 1.0
+    trial_cpus: PositiveFloat = 0.5  # the Tune driver function; Ray rejects 0
+    max_concurrent_trials: PositiveInt = 1
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus_above_one(cls, gpus: float) -> float:
+        # Ray only hands out fractions of a single GPU.
+        if gpus > 1 and not gpus.is_integer():
+            raise ValueError(f"more than one GPU must be a whole number, got {gpus}")
+        return gpus
+
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> ResourcesSpec:
+        # Ray may place two workers of one trial on the same GPU, and NCCL refuses two ranks on one device.
+        if self.use_gpu is not False and self.num_workers > 1 and self.gpus_per_worker < 1:
+            raise _field_error(
+                "gpus_per_worker",
+                f"{self.num_workers} workers of one trial cannot share GPUs (NCCL needs one GPU per rank); "
+                "use a whole GPU per worker or num_workers: 1",
+                self.gpus_per_worker,
+            )
+        return self
+
+
+class Domain(_Spec):
+    """The values one searched field takes: exactly one of the keys, as in Ray Tune."""
+
+    grid: Annotated[list[Any], Field(min_length=1)] | None = None  # every value, in every sample
+    choice: Annotated[list[Any], Field(min_length=1)] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None  # [lo, hi), hi excluded as in tune.randint
+
+    @model_serializer(mode="wrap")
+    def _only_the_set_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {kind: values for kind, values in handler(self).items() if values is not None}
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in DOMAIN_KINDS if getattr(self, kind) is not None)
+
+    def candidates(self) -> list[Any]:
+        """The values a spec check tries: all of a grid or choice, the end points of a range."""
+        if self.kind in ("grid", "choice"):
+            return getattr(self, self.kind)
+        lo, hi = getattr(self, self.kind)
+        return [lo, hi - 1] if self.kind == "randint" else [lo, hi]
+
+    @model_validator(mode="after")
+    def _one_valid_kind(self) -> Domain:
+        kinds = [kind for kind in DOMAIN_KINDS if getattr(self, kind) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"set exactly one of {', '.join(DOMAIN_KINDS)}, got {kinds or 'none'}")
+        if kinds[0] in ("uniform", "loguniform", "randint"):
+            lo, hi = getattr(self, kinds[0])
+            if lo >= hi:
+                raise _field_error(kinds[0], f"needs lo < hi, got [{lo}, {hi}]", [lo, hi])
+            if kinds[0] == "loguniform" and lo <= 0:
+                raise _field_error(kinds[0], f"needs lo > 0, got {lo}", [lo, hi])
+        return self
+
+
+def _unsearchable(key: str) -> str | None:
+    """Why ``key`` cannot be searched, or None when it is a dotted path to a field trials may vary."""
+    section: type[BaseModel] | None = JobSpec
+    walked: list[str] = []
+    for part in key.split("."):
+        if section is None:
+            return f"{'.'.join(walked)} has no fields"
+        if part not in section.model_fields:
+            return "no such field"
+        walked.append(part)
+        annotation = section.model_fields[part].annotation
+        section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if walked[0] not in SEARCHABLE_SECTIONS:
+        return f"not searchable; trials vary only {', '.join(SEARCHABLE_SECTIONS)}"
+    return None
+
+
+class SearchSpec(_Spec):
+    """The sweep: what to optimise, how to sample trials and when to stop them."""
+
+    metric: str = "eval/accuracy"
+    mode: Literal["max", "min"] = "max"
+    num_samples: PositiveInt = 1
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    scheduler: Literal["asha", "fifo"] = "fifo"
+    grace_period: PositiveInt = 1  # ASHA, in reports (epochs or eval_every_steps)
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA
+    space: dict[str, Domain] = {}  # dotted path into the job spec -> its values, e.g. "training.lr"
+
+    @model_validator(mode="after")
+    def _searchable_space(self) -> SearchSpec:
+        for key, domain in self.space.items():
+            if reason := _unsearchable(key):
+                raise _field_error(("space", key), reason, key)
+            # Ray Tune expands grid values only in its basic (grid / random) search; optuna samples.
+            if domain.kind == "grid" and self.algorithm == "optuna":
+                raise _field_error(("space", key), "optuna cannot search a grid; use choice", domain.grid)
+            overlapping = [other for other in self.space if other.startswith(f"{key}.")]
+            if overlapping:
+                raise _field_error(("space", key), f"overlaps {overlapping[0]}; search one or the other", key)
+        return self
+
+
+class TrackingSpec(_Spec):
+    """Where MLflow records the sweep."""
+
+    uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite:///<sweep dir>/mlflow.db
+    experiment: str | None = None  # None = the job name
+
+
+class ExportSpec(_Spec):
+    """What happens to the best trial's adapter."""
+
+    dir: str | None = None  # None = <sweep dir>/export
+    merge: bool = False
+    register_model: bool = True  # in the MLflow model registry, with the alias "champion"
+    registered_model_name: str | None = None
+
+
+class JobSpec(_Spec):
+    """One sweep: a model, data, a fine-tuning method and how to search its hyperparameters."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"  # the sweep lives in <output_dir>/<name>
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    method: MethodSpec = MethodSpec()
+    training: TrainingSpec = TrainingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    search: SearchSpec = SearchSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    export: ExportSpec = ExportSpec()
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def with_overrides(self, values: Mapping[str, Any]) -> JobSpec:
+        """A validated copy with each dotted path in ``values`` set, e.g. a trial's sampled hyperparameters."""
+        data = self.model_dump()
+        for key, value in values.items():
+            _set_path(data, key, value, source="overrides")
+        return parse_job(data, source="overrides")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_relative_dir(cls, name: str) -> str:
+        if set(name) == {"."}:
+            raise ValueError(f"{name!r} would put the sweep outside output_dir")
+        return name
+
+    @model_validator(mode="after")
+    def _space_values_fit(self) -> JobSpec:
+        # Every value must be valid with the rest of the spec as written, so no trial fails on it. Combinations
+        # of searched values are not tried.
+        for key, domain in self.search.space.items():
+            for value in domain.candidates():
+                if reason := self._unfit(key, value, domain):
+                    raise _field_error(("search", "space", key), f"value {value!r} fails: {reason}", value)
+        return self
+
+    def _unfit(self, key: str, value: Any, domain: Domain) -> str | None:
+        """Why setting ``key`` to ``value`` breaks its section, or None. Only the section is revalidated, so
+        the check does not recurse into this validator."""
+        section_name, *path = key.split(".")
+        data = {section_name: getattr(self, section_name).model_dump()}
+        _set_path(data, key, value)
+        try:
+            section = type(getattr(self, section_name)).model_validate(data[section_name])
+        except ValidationError as error:
+            where, reason = _first_error(error)
+            where = ".".join([section_name, where] if where else [section_name])
+            return reason if where == key else f"{where}: {reason}"
+        if domain.kind in ("uniform", "loguniform") and isinstance(reduce(getattr, path, section), int):
+            return f"{domain.kind} draws floats and the field takes integers; use randint or choice"
+        return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _first_error(error: ValidationError) -> tuple[str, str]:
+    """The dotted location and message of the first error, without pydantic's "Value error, " prefix."""
+    first = error.errors(include_url=False)[0]
+    loc, reason = [str(part) for part in first["loc"]], first["msg"].removeprefix("Value error, ")
+    # A search space key is a dotted path itself, so a location inside its domain would read like a deeper field.
+    if loc[:2] == ["search", "space"] and len(loc) > 3:
+        loc, reason = loc[:3], f"{'.'.join(loc[3:])}: {reason}"
+    return ".".join(loc), reason
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any, source: str = "<spec>") -> None:
+    """Sets ``data["a"]["b"]["c"] = value`` for key ``"a.b.c"``, creating mappings where a level is missing."""
+    parts = key.split(".")
+    if not all(parts):
+        raise JobSpecError(key, "a key is dot-separated field names, e.g. training.lr", source)
+    if parts[:2] == ["search", "space"] and len(parts) > 2:
+        parts = [*parts[:2], ".".join(parts[2:])]  # a search space key is a dotted path itself
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise JobSpecError(where, f"is a {type(child).__name__}, not a section, so {key} cannot be set", source)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_job(data: Mapping[str, Any], source: str = "<spec>") -> JobSpec:
+    """Validates an already-loaded spec; ``source`` names it in :attr:`JobSpecError.source`."""
+    if not isinstance(data, Mapping):
+        raise JobSpecError(source, f"the spec must be a mapping, got {type(data).__name__}", source)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        where, reason = _first_error(error)
+        raise JobSpecError(where or "spec", reason, source) from error
+
+
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Reads a YAML job spec and applies ``overrides`` (``"training.lr=1e-4"``; values are parsed as YAML)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise JobSpecError(source, f"cannot read the job spec: {error.strerror}", source) from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise JobSpecError(source, f"invalid YAML: {_yaml_problem(error)}", source) from error
+    if not isinstance(data, dict):
+        raise JobSpecError(source, f"the spec must be a mapping, got {type(data).__name__}", source)
+    for override in overrides:
+        key, equals, text = override.partition("=")
+        if not equals or not key.strip():
+            raise JobSpecError(override, "an override must look like dotted.key=value", source)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise JobSpecError(override, f"invalid YAML value: {_yaml_problem(error)}", source) from error
+        _set_path(data, key.strip(), value, source)
+    return parse_job(data, source)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+__all__ = [
+    "JobSpec",
+    "JobSpecError",
+    "ModelSpec",
+    "DataSpec",
+    "MethodSpec",
+    "TrainingSpec",
+    "ResourcesSpec",
+    "SearchSpec",
+    "Domain",
+    "TrackingSpec",
+    "ExportSpec",
+    "load_job",
+    "parse_job",
+]
