@@ -218,9 +218,8 @@ class TrainingSpec(_Spec):
     weight_decay: NonNegativeFloat = 0.0
     grad_clip: PositiveFloat = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
-    eval_every_steps: PositiveInt | None = None  # besides the evaluation after every epoch
+    eval_every_steps: PositiveInt | None = None  # evaluate and checkpoint this often, besides after every epoch
     eval_batch_size: PositiveInt = 8
-    checkpoint_every_steps: PositiveInt | None = None
     seed: int = 42
 
 
@@ -386,6 +385,14 @@ class JobSpec(_Spec):
         if set(name) == {"."}:
             raise ValueError(f"{name!r} would put the sweep outside output_dir")
         return name
+
+    @model_validator(mode="after")
+    def _zero3_only_for_full(self) -> JobSpec:
+        # ZeRO-3 empties each parameter outside its owner's forward; the weight-space adapters read their base
+        # tensors (A_log, x_proj, out_proj) whole and the sparse groups outside any module forward.
+        if self.training.zero_stage == 3 and self.method.name != "full":
+            raise _field_error(("training", "zero_stage"), "ZeRO-3 is not supported with adapters; use stage 0, 1 or 2", 3)
+        return self
 
     @model_validator(mode="after")
     def _space_values_fit(self) -> JobSpec:

@@ -1,9 +1,22 @@
-"""Base models: which kernel path transformers picked, so a slow fallback on CUDA is never silent."""
+"""Base models: loading a job's base (checkpoint, fresh architecture or the builtin digits base) in its compute
+dtype, and which kernel path transformers picked, so a slow fallback on CUDA is never silent."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+from collections.abc import Callable
+from importlib.util import find_spec
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import sdt
+from pipeline.config import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 # The kernel entry points each architecture's modeling module routes through mamba-ssm / causal-conv1d.
 KERNEL_FUNCTIONS = {
@@ -26,3 +39,112 @@ def kernel_paths(model_type: str) -> dict[str, str]:
         package = implementation.__module__.split(".")[0]
         paths[name] = "pytorch" if package == "transformers" else package
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading the base model of a job
+
+# Weights of an `architecture` model are drawn under this seed, so every Ray worker builds the same model.
+ARCHITECTURE_SEED = 0
+KERNEL_INSTALL_HINT = 'pip install --no-build-isolation ".[cuda]"'
+
+
+def compute_dtype(spec: ModelSpec, device: torch.device | str) -> torch.dtype:
+    """``spec.dtype`` as a torch dtype; "auto" is bf16 on CUDA and fp32 elsewhere."""
+    if spec.dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[spec.dtype]
+
+
+def load_base_model(
+    spec: ModelSpec, device: torch.device | str, log: Callable[[str], Any] = logger.info
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model and tokenizer of ``spec``, cast to :func:`compute_dtype` (A_log and D stay fp32) on ``device``.
+
+    * ``name_or_path``: ``from_pretrained`` in fp32 (cast afterwards, so A_log never passes through bf16);
+      tokenizer from ``spec.tokenizer`` or the same path.
+    * ``architecture``: ``AutoConfig.for_model(architecture, **spec.config)`` with weights drawn under a fixed seed
+      (:data:`ARCHITECTURE_SEED`): every call builds the same model. The tokenizer is ``spec.tokenizer`` if given,
+      else the digits tokenizer; unless ``spec.config`` sets them, ``vocab_size`` defaults to the tokenizer's
+      length and bos / eos / pad ids to the tokenizer's.
+    * ``builtin: digits``: the cached pretrained digits base (:func:`pipeline.pretrain.ensure_digits_base`,
+      pretrained on first use).
+
+    Remote code runs only when ``spec.trust_remote_code`` is set. A tokenizer longer than ``model.config.vocab_size``
+    is a ValueError. Logs the kernel path the model will run through ``log``; on CUDA a reference-PyTorch fallback
+    is also a WARNING on this module's logger.
+    """
+    from pipeline.data import digits_tokenizer  # pipeline.data imports datasets; keep `kernel_paths` light
+    from pipeline.pretrain import ensure_digits_base
+
+    device = torch.device(device)
+    trust = {"trust_remote_code": True} if spec.trust_remote_code else {}
+    if spec.architecture is not None:
+        tokenizer = (
+            AutoTokenizer.from_pretrained(spec.tokenizer, **trust) if spec.tokenizer else digits_tokenizer()
+        )
+        defaults = {"vocab_size": len(tokenizer)}
+        eos = tokenizer.eos_token_id
+        for key, value in (
+            ("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos),
+            ("eos_token_id", eos),
+            ("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
+        ):
+            if value is not None:
+                defaults[key] = value
+        config = AutoConfig.for_model(spec.architecture, **{**defaults, **spec.config})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ARCHITECTURE_SEED)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trust)
+        log(f"base model: fresh {spec.architecture} (seed {ARCHITECTURE_SEED}), {_size(model)}")
+    else:
+        if spec.builtin is not None:
+            if spec.builtin != "digits":
+                raise ValueError(f"unknown builtin base {spec.builtin!r}")
+            path = str(ensure_digits_base(log=log))
+        else:
+            path = spec.name_or_path
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **trust)
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or path, **trust)
+        log(f"base model: {path}, {_size(model)}")
+
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but model.config.vocab_size is {model.config.vocab_size}: "
+            "ids past the embedding would fail; set model.config.vocab_size to at least the tokenizer's length"
+        )
+    dtype = compute_dtype(spec, device)
+    sdt.to_compute_dtype(model, dtype)
+    model.to(device)
+    model.eval()
+    log_kernel_paths(model.config.model_type, device, log, getattr(model.config, "use_mambapy", False))
+    return model, tokenizer
+
+
+def log_kernel_paths(
+    model_type: str, device: torch.device | str, log: Callable[[str], Any] = logger.info, use_mambapy: bool = False
+) -> dict[str, str]:
+    """Log which implementation each kernel entry point of ``model_type`` runs; on CUDA, warn about fallbacks."""
+    if model_type not in KERNEL_FUNCTIONS:
+        log(f"kernel path for {model_type}: no mamba kernels (not a Mamba, Mamba-2 or Jamba model)")
+        return {}
+    paths = kernel_paths(model_type)
+    line = f"kernel path for {model_type}: " + ", ".join(f"{name}={package}" for name, package in paths.items())
+    if model_type == "mamba" and use_mambapy and paths["mamba_selective_scan"] == "pytorch" and find_spec("mambapy"):
+        line += " (selective scan through mambapy's parallel scan)"
+    log(line)
+    slow = [name for name, package in paths.items() if package == "pytorch"]
+    if slow and torch.device(device).type == "cuda":
+        message = (
+            f"{model_type} runs {', '.join(slow)} on the slow reference PyTorch path on CUDA (mamba-ssm / "
+            f"causal-conv1d kernels missing): install them with {KERNEL_INSTALL_HINT}"
+        )
+        logger.warning(message)
+        if log != logger.info:  # the caller's sink gets it too (bound methods compare equal, never identical)
+            log(f"WARNING: {message}")
+    return paths
+
+
+def _size(model: PreTrainedModel) -> str:
+    count = sum(p.numel() for p in model.parameters())
+    return f"{model.config.model_type}, {count / 1e6:.2f}M parameters"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -64,3 +66,22 @@ def load_base(tiny_model_dirs):
         return AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """A private sdtune cache holding the default digits base, pretrained once per test session.
+
+    Exported as SDTUNE_CACHE so that `sdtune` subprocesses and their Ray workers find it too.
+    """
+    from pipeline.pretrain import CACHE_ENV, ensure_digits_base
+
+    cache = tmp_path_factory.mktemp("sdtune-cache")
+    ensure_digits_base(cache, log=lambda _: None)
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous

@@ -37,9 +37,8 @@ training:
   lr: 1e-3
   warmup_lr: 1e-2
   weight_decay: 0.01
-  zero_stage: 3
+  zero_stage: 1
   eval_every_steps: 50
-  checkpoint_every_steps: 100
   seed: 7
 resources:
   num_workers: 2
@@ -194,6 +193,7 @@ MALFORMED = [
     (minimal(training={"lr": "nan"}), "training.lr"),
     (minimal(training={"lrr": 1e-3}), "training.lrr"),
     (minimal(training={"zero_stage": 4}), "training.zero_stage"),
+    (minimal(training={"zero_stage": 3}), "training.zero_stage"),
     (minimal(training={"max_steps": 0}), "training.max_steps"),
     (minimal(method={"lora_rank": 0}), "method.lora_rank"),
     (minimal(method={"lora_targets": ["q_proj"]}), "method.lora_targets"),

@@ -1,0 +1,56 @@
+"""Bad job specs: one line naming the field, exit code 2, before Ray starts."""
+
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+GOOD = {"name": "ok", "model": {"builtin": "digits"}, "data": {"task": "digits"}}
+
+BAD_SPECS = [
+    ({"name": "ok"}, "model"),
+    ({**GOOD, "model": {"builtin": "digits", "name_or_path": "x"}}, "model"),
+    ({**GOOD, "name": "a/b"}, "name"),
+    ({**GOOD, "training": {"lr": -1}}, "training.lr"),
+    ({**GOOD, "training": {"zero_stage": 3}}, "training.zero_stage"),
+    ({**GOOD, "training": {"epochs": 0}}, "training.epochs"),
+    ({**GOOD, "method": {"name": "adapter"}}, "method.name"),
+    ({**GOOD, "method": {"lora_rank": 0}}, "method.lora_rank"),
+    ({**GOOD, "method": {"channels_frozen": 1.5}}, "method.channels_frozen"),
+    ({**GOOD, "data": {"task": "glue"}}, "data.dataset"),
+    ({**GOOD, "data": {"task": "digits", "validation_fraction": 1.5}}, "data.validation_fraction"),
+    ({**GOOD, "resources": {"num_workers": 0}}, "resources.num_workers"),
+    ({**GOOD, "search": {"space": {"training.lrr": {"grid": [1e-3]}}}}, "search.space.training.lrr"),
+    ({**GOOD, "search": {"mode": "best"}}, "search.mode"),
+    ({**GOOD, "unknown_section": {}}, "unknown_section"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), BAD_SPECS)
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_bad_spec_names_the_field_and_exits_2(command, spec, field, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, [command, str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: {field}:"), result.output
+    assert not ray.is_initialized()
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    result = CliRunner().invoke(app, ["validate", str(path), "--set", "training.batch_size=0"])
+    assert result.exit_code == 2 and "training.batch_size" in result.output
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+
+
+def test_valid_spec(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0 and "valid (sdlora on digits" in result.output

@@ -1,0 +1,105 @@
+"""One trial end to end on CPU: `sdtune train` runs 2 DeepSpeed ZeRO-2 workers under Ray Train on the built-in
+digits task with SDLoRA from the pretrained tiny base; then a crashed trial resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.config import load_job
+from pipeline.data import evaluate, load_task
+from pipeline.models import load_base_model
+from pipeline.train import FAIL_AT_STEP_ENV
+
+JOB = {
+    "name": "digits-trial",
+    "model": {"builtin": "digits"},
+    "data": {"task": "digits", "max_train_samples": 480, "max_eval_samples": 120},
+    "method": {"name": "sdlora", "channels_frozen": 0.9, "warmup_steps": 10},
+    "training": {"epochs": 3, "batch_size": 8, "lr": 2e-2, "zero_stage": 2, "eval_batch_size": 32},
+    "resources": {"num_workers": 2, "cpus_per_worker": 1},
+}
+STEPS_PER_EPOCH = 480 // (8 * 2)
+
+
+@pytest.fixture(scope="module")
+def cache_env(digits_cache):
+    """The environment of the `sdtune` subprocesses: the session's digits cache, Ray without its auth token file."""
+    return {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled"}
+
+
+def sdtune_train(job_path: Path, env: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", str(job_path)],
+        env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=900,
+    )
+
+
+def printed(stdout: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
+
+
+def write_job(directory: Path, **changes) -> Path:
+    job = {**JOB, "output_dir": str(directory / "runs"), **changes}
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_trial(tmp_path_factory, cache_env):
+    directory = tmp_path_factory.mktemp("trial")
+    result = sdtune_train(write_job(directory), cache_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return directory, printed(result.stdout)
+
+
+def test_sdlora_trial_learns_and_checkpoints(finished_trial):
+    directory, metrics = finished_trial
+    assert int(metrics["step"]) == 3 * STEPS_PER_EPOCH
+    assert float(metrics["warmup/steps"]) == 10
+    checkpoint = Path(metrics["checkpoint"])
+    assert checkpoint.is_dir()
+
+    # the frozen pretrained base, scored by the same code on the same validation split
+    spec = load_job(directory / "job.yaml")
+    base, tokenizer = load_base_model(spec.model, torch.device("cpu"))
+    frozen = evaluate(base, load_task(spec.data, tokenizer), "validation", tokenizer, spec.data, batch_size=32)
+    tuned_accuracy, tuned_loss = float(metrics["eval/accuracy"]), float(metrics["eval/loss"])
+    assert tuned_accuracy >= frozen["accuracy"] + 0.3, (frozen, metrics)
+    assert tuned_loss < 0.5 * frozen["loss"], (frozen, metrics)
+
+    # the checkpoint holds the adapter with its selection, and where to resume
+    adapter = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    assert any(k.startswith("sdt_selection.") for k in adapter)
+    assert "sdt_sparse.A_log.delta" in adapter
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 3 * STEPS_PER_EPOCH
+    assert (checkpoint / "engine" / "state").is_dir()
+
+
+def test_crashed_trial_resumes_from_its_checkpoint(finished_trial, tmp_path, cache_env):
+    _, reference = finished_trial
+    job = write_job(tmp_path)
+    fail_at = STEPS_PER_EPOCH + 3  # after the first epoch's checkpoint
+    crashed = sdtune_train(job, cache_env, {FAIL_AT_STEP_ENV: str(fail_at)})
+    assert crashed.returncode != 0 and "injected failure" in crashed.stdout + crashed.stderr
+
+    resumed = sdtune_train(job, cache_env, {FAIL_AT_STEP_ENV: str(fail_at)})  # the hook only fires on fresh runs
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    metrics = printed(resumed.stdout)
+    assert int(metrics["step"]) == int(reference["step"]) == 3 * STEPS_PER_EPOCH
+    # every checkpoint of the run, the one written before the crash included, holds the same selection
+    adapters = [load_file(p) for p in sorted((tmp_path / "runs").glob("**/adapter/adapter_model.safetensors"))]
+    assert len(adapters) >= 2
+    selection_keys = [k for k in adapters[0] if k.startswith("sdt_selection.")]
+    assert selection_keys and all(torch.equal(a[k], adapters[0][k]) for a in adapters for k in selection_keys)
+    assert "warmup/loss" in metrics  # carried over from the crashed run's checkpoint, not recomputed
