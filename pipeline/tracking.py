@@ -1,0 +1,461 @@
+"""MLflow tracking of a sweep: one parent run per sweep, one child run per trial, found again on resume.
+
+Runs are found by tags, never remembered only in memory, so a resumed sweep (a new process, a restored Tuner)
+reuses its parent and the children of its trials instead of duplicating them:
+
+- parent: ``sdtune.role = sweep`` and ``sdtune.sweep_dir = <resolved sweep dir>``;
+- child: ``mlflow.parentRunId = <parent>`` and ``sdtune.trial_id = <Ray Tune trial id>`` (and ``sdtune.role = trial``).
+
+Everything goes through an :class:`mlflow.MlflowClient` bound to :func:`tracking_uri`; nothing here touches
+MLflow's fluent, process-global state (``mlflow.set_experiment`` / ``start_run`` would set ``MLFLOW_EXPERIMENT_ID``
+and steer other code in the driver).
+
+:class:`MLflowSweepCallback` drives a :class:`SweepTracker` from the Ray Tune driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import posixpath
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray.tune import Callback
+
+from pipeline.config import JobSpec
+
+logger = logging.getLogger(__name__)
+
+ROLE_TAG = "sdtune.role"
+SWEEP_DIR_TAG = "sdtune.sweep_dir"
+TRIAL_ID_TAG = "sdtune.trial_id"
+JOB_NAME_TAG = "sdtune.job_name"
+PARENT_TAG = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": the UI nests children under it
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+JOB_ARTIFACT = "job.yaml"
+TRIAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow's limits (mlflow.utils.validation, 3.17): key 250 characters, param value 6000, 100 params / 1000 metrics
+# per log_batch call. Values over the limit are truncated here rather than left to MLFLOW_TRUNCATE_LONG_VALUES.
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+_BAD_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")  # MLflow allows alphanumerics, _ . / - space and colon
+
+
+def tracking_uri(spec: JobSpec) -> str:
+    """``spec.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the sweep directory."""
+    if spec.tracking.uri:
+        return spec.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return default_tracking_uri(spec)
+
+
+def default_tracking_uri(spec: JobSpec) -> str:
+    return f"sqlite:///{spec.sweep_dir.resolve()}/{DB_FILE}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute), or None for other URIs and in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c.d": 2}`` -> ``{"a.b": 1, "c.d": 2}``; lists and empty mappings are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def clean_key(key: str) -> str:
+    """A param or metric key MLflow accepts: odd characters become ``_``, and the key must read as a normalised
+    relative path (MLflow rejects ``a//b``, ``/a``, ``..``), capped at 250 characters."""
+    key = _BAD_KEY_CHARACTERS.sub("_", str(key))[:MAX_KEY_LENGTH]
+    if posixpath.normpath(key) != key or key in ("", ".") or key.startswith(("/", "..")):
+        key = key.replace("/", "_")
+        if key in ("", ".") or key.startswith(".."):
+            key = "_" + key
+    return key[:MAX_KEY_LENGTH]
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: ``str`` of scalars, JSON of lists and mappings, at most 6000 characters."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list | tuple | Mapping):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    if len(text) > MAX_PARAM_VALUE_LENGTH:
+        logger.warning("param value of %d characters truncated to %d", len(text), MAX_PARAM_VALUE_LENGTH)
+        text = text[:MAX_PARAM_VALUE_LENGTH]
+    return text
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _quoted(value: str) -> str | None:
+    """``value`` as a string literal of MLflow's filter syntax, or None when it cannot be written as one."""
+    if "\\" in value:
+        return None
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+class SweepTracker:
+    """The MLflow runs of one sweep. Safe to build again in a new process: runs are found by their tags.
+
+    Picklable (Ray Tune pickles the RunConfig, and with it the callbacks, into ``tuner.pkl``): the client is
+    rebuilt on first use after unpickling.
+    """
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.sweep_dir = spec.sweep_dir.resolve()
+        self.uri = tracking_uri(spec)
+        self.experiment_name = spec.tracking.experiment or spec.name
+        self.parent_run_id: str | None = None
+        self._trial_runs: dict[str, str] = {}  # trial id -> child run id
+        self._open: set[str] = set()  # trials whose child this process set RUNNING and has not terminated
+        self._client: MlflowClient | None = None
+        db_file = sqlite_path(self.uri)
+        if db_file is not None:
+            db_file.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        self.experiment_id = self._experiment()
+
+    # -- pickling ---------------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None  # holds a SQLAlchemy engine / HTTP session
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # -- experiment and lookups -------------------------------------------------------------------------------
+
+    def _experiment(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location())
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(self.experiment_name)  # created meanwhile
+                assert experiment is not None
+        if experiment.lifecycle_stage == "deleted":
+            logger.warning("restoring the deleted MLflow experiment %r", self.experiment_name)
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts: beside the database for SQLite (``<sweep dir>/mlartifacts``
+        for the default store), under the sweep directory for other database URIs, and the tracking server's or
+        file store's own choice otherwise.
+
+        A database store left to itself puts new experiments' artifacts in ``./mlruns`` of the working directory
+        of whichever process created them (``--default-artifact-root`` is a server option only)."""
+        scheme = urlparse(self.uri).scheme
+        if scheme in ("", "file", "http", "https") or scheme.startswith(("databricks", "uc")):
+            return None
+        db_file = sqlite_path(self.uri)
+        root = db_file.parent if db_file is not None else self.sweep_dir
+        return (root / ARTIFACTS_DIR).as_uri()
+
+    def _search(self, tags: Mapping[str, str]) -> list[Run]:
+        """Active runs of the experiment carrying all ``tags``, oldest first."""
+        clauses, unquotable = [], {}
+        for key, value in tags.items():
+            literal = _quoted(value)
+            if literal is None:
+                unquotable[key] = value  # filtered below instead
+            else:
+                clauses.append(f"tags.`{key}` = {literal}")
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                experiment_ids=[self.experiment_id],
+                filter_string=" AND ".join(clauses),
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
+            runs.extend(run for run in page if all(run.data.tags.get(k) == v for k, v in unquotable.items()))
+            token = page.token
+            if not token:
+                return runs
+
+    def _find_one(self, tags: Mapping[str, str], what: str) -> Run | None:
+        runs = self._search(tags)
+        if len(runs) > 1:
+            logger.warning("%d MLflow runs for %s; using the oldest, %s", len(runs), what, runs[0].info.run_id)
+        return runs[0] if runs else None
+
+    def _reopen(self, run: Run) -> None:
+        if run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+
+    def _log_params(self, run: Run, params: Mapping[str, Any]) -> None:
+        """Logs the params ``run`` does not have yet. MLflow params are immutable: an existing param with another
+        value is kept, with a warning."""
+        existing = run.data.params
+        new: dict[str, str] = {}
+        for raw_key, raw_value in params.items():
+            key, value = clean_key(raw_key), param_value(raw_value)
+            if key in existing:
+                if existing[key] != value:
+                    logger.warning(
+                        "MLflow run %s keeps param %s=%r (params are immutable); not logging %r",
+                        run.info.run_id, key, existing[key], value,
+                    )
+                continue
+            new[key] = value
+        params_list = [Param(key, value) for key, value in new.items()]
+        for chunk in _chunks(params_list, PARAMS_PER_BATCH):
+            self.client.log_batch(run.info.run_id, params=chunk)
+
+    # -- the sweep --------------------------------------------------------------------------------------------
+
+    def _parent_tags(self) -> dict[str, str]:
+        return {ROLE_TAG: "sweep", SWEEP_DIR_TAG: str(self.sweep_dir)}
+
+    def find_sweep(self) -> str | None:
+        """The parent run id of this sweep directory, without creating one."""
+        if self.parent_run_id is None:
+            run = self._find_one(self._parent_tags(), f"sweep {self.sweep_dir}")
+            self.parent_run_id = run.info.run_id if run else None
+        return self.parent_run_id
+
+    def start_sweep(self) -> str:
+        """The parent run (created, or reused and set RUNNING again), with the flattened spec as params and the
+        job YAML as the ``job.yaml`` artifact."""
+        run = self._find_one(self._parent_tags(), f"sweep {self.sweep_dir}")
+        if run is None:
+            tags = {**self._parent_tags(), JOB_NAME_TAG: self.spec.name}
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.spec.name)
+        else:
+            self._reopen(run)
+        self.parent_run_id = run.info.run_id
+        self._log_params(run, flatten(self.spec.model_dump(mode="json")))
+        self.client.log_text(self.parent_run_id, self.spec.to_yaml(), JOB_ARTIFACT)
+        return self.parent_run_id
+
+    def finish_sweep(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None:
+        """Terminates the parent, first marking KILLED any child still RUNNING (so none is left open)."""
+        status = self._status(status, TRIAL_STATUSES)
+        parent = self.find_sweep()
+        if parent is None:
+            logger.warning("no MLflow run for sweep %s to finish", self.sweep_dir)
+            return
+        for run in self.child_runs():
+            if run.info.status in ("RUNNING", "SCHEDULED"):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+        self._open.clear()
+        self.client.set_terminated(parent, status)
+
+    def child_runs(self) -> list[Run]:
+        """The children of this sweep's parent run, oldest first (none before :meth:`start_sweep`)."""
+        parent = self.find_sweep()
+        return self._search({PARENT_TAG: parent}) if parent else []
+
+    # -- trials -----------------------------------------------------------------------------------------------
+
+    def _child_tags(self, trial_id: str) -> dict[str, str]:
+        parent = self.find_sweep() or self.start_sweep()
+        return {PARENT_TAG: parent, TRIAL_ID_TAG: trial_id}
+
+    def trial_run(self, trial_id: str, params: Mapping[str, Any]) -> str:
+        """The child run of ``trial_id`` (created, or reused and set RUNNING again), with ``params`` flattened
+        to dotted keys. Starts the sweep first if it has not been."""
+        tags = self._child_tags(trial_id)
+        run = self._find_one(tags, f"trial {trial_id}")
+        if run is None:
+            run = self.client.create_run(
+                self.experiment_id, tags={**tags, ROLE_TAG: "trial"}, run_name=f"trial-{trial_id}"
+            )
+        else:
+            self._reopen(run)
+        self._trial_runs[trial_id] = run.info.run_id
+        self._open.add(trial_id)
+        self._log_params(run, flatten(params))
+        return run.info.run_id
+
+    def _trial_run_id(self, trial_id: str) -> str:
+        if trial_id not in self._trial_runs:
+            run = self._find_one(self._child_tags(trial_id), f"trial {trial_id}")
+            self._trial_runs[trial_id] = run.info.run_id if run else self.trial_run(trial_id, {})
+        return self._trial_runs[trial_id]
+
+    def log_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        """Logs the finite numbers among ``metrics`` at ``step``; anything else is skipped."""
+        timestamp = int(time.time() * 1000)
+        batch = [
+            Metric(clean_key(key), float(value), timestamp, int(step))
+            for key, value in metrics.items()
+            if is_finite_number(value)
+        ]
+        if not batch:
+            return
+        run_id = self._trial_run_id(trial_id)
+        for chunk in _chunks(batch, METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def log_artifacts(self, trial_id: str, local_dir: str | Path, artifact_path: str = "adapter") -> None:
+        self.client.log_artifacts(self._trial_run_id(trial_id), str(local_dir), artifact_path)
+
+    def finish_trial(self, trial_id: str, status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
+        status = self._status(status, TRIAL_STATUSES)
+        self.client.set_terminated(self._trial_run_id(trial_id), status)
+        self._open.discard(trial_id)
+
+    def finish_open_trials(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "KILLED") -> list[str]:
+        """Terminates the children this tracker set RUNNING and has not terminated; returns their trial ids."""
+        trial_ids = sorted(self._open)
+        for trial_id in trial_ids:
+            self.finish_trial(trial_id, status)
+        return trial_ids
+
+    @staticmethod
+    def _status(status: str, allowed: Iterable[str]) -> str:
+        allowed = tuple(allowed)
+        if status not in allowed:
+            raise ValueError(f"status must be one of {', '.join(allowed)}, got {status!r}")
+        return status
+
+
+class MLflowSweepCallback(Callback):
+    """Ray Tune callback (runs in the Tune driver) that mirrors trials into a :class:`SweepTracker`.
+
+    - ``setup``: starts (or reuses) the parent run.
+    - ``on_trial_start``: the trial's child run, with the flattened ``trial.config`` as params.
+    - ``on_trial_result``: the training metrics of the result (:meth:`is_metric`) at ``result["step"]``, else at
+      ``training_iteration``.
+    - ``on_trial_complete``: FINISHED, after logging the ``adapter/`` folder of the trial's latest checkpoint
+      (``result["checkpoint_path"]`` as Train V2's TuneReportCallback adds it, or ``trial.checkpoint``) when it
+      is a local directory. An ASHA-stopped trial completes normally in Tune, so it is FINISHED too.
+    - ``on_trial_error``: FAILED. A trial that Tune retries (``on_trial_recover``) stays RUNNING.
+    - ``on_experiment_end``: KILLED for every child still open. Tune calls it after an interrupted run (Ctrl+C,
+      SIGUSR1) or an exception in the loop, and by then it has already set the stopped trials' status to
+      TERMINATED, so the callback goes by the runs it opened, not by ``trial.status``. With ``finish_sweep`` it
+      also terminates the parent: KILLED when trials were cut short, else FINISHED.
+
+    A second Ctrl+C (a KeyboardInterrupt) or a killed driver skips ``on_experiment_end``: the caller should call
+    ``tracker.finish_sweep("KILLED")`` in its own ``except KeyboardInterrupt``, and a resumed sweep reopens and
+    reuses every run anyway.
+
+    Tracking must not end a long sweep: errors are logged and swallowed unless ``strict``.
+    """
+
+    METRIC_PREFIXES = ("eval/", "train/", "warmup/")
+    METRIC_NAMES = frozenset({"tokens_per_s", "peak_memory_gib", "trainable_parameters", "epoch"})
+    CHECKPOINT_KEY = "checkpoint_path"
+
+    def __init__(self, tracker: SweepTracker, finish_sweep: bool = False, strict: bool = False):
+        self.tracker = tracker
+        self.finish_sweep = finish_sweep
+        self.strict = strict
+        self._checkpoints: dict[str, str] = {}  # trial id -> latest reported checkpoint path
+
+    @classmethod
+    def is_metric(cls, key: str) -> bool:
+        return key.startswith(cls.METRIC_PREFIXES) or key in cls.METRIC_NAMES
+
+    def _guard(self, what: str, action, *args) -> Any:
+        try:
+            return action(*args)
+        except Exception:
+            if self.strict:
+                raise
+            logger.exception("MLflow tracking failed (%s); the sweep goes on", what)
+            return None
+
+    def setup(self, **info) -> None:
+        self._guard("start sweep", self.tracker.start_sweep)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._guard(f"start trial {trial.trial_id}", self.tracker.trial_run, trial.trial_id, dict(trial.config or {}))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if result.get(self.CHECKPOINT_KEY):
+            self._checkpoints[trial.trial_id] = str(result[self.CHECKPOINT_KEY])
+        metrics = {key: value for key, value in result.items() if self.is_metric(key)}
+        step = result.get("step")
+        step = result.get("training_iteration", iteration) if step is None else step
+        self._guard(f"metrics of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, step)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        adapter = self._adapter_dir(trial)
+        if adapter is not None:
+            self._guard(f"artifacts of trial {trial.trial_id}", self.tracker.log_artifacts, trial.trial_id, adapter)
+        self._guard(f"finish trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._guard(f"fail trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FAILED")
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        killed = self._guard("kill open trials", self.tracker.finish_open_trials, "KILLED")
+        if killed:
+            logger.warning("MLflow runs of trials %s marked KILLED: the sweep ended before they did", killed)
+        if self.finish_sweep:
+            self._guard("finish sweep", self.tracker.finish_sweep, "KILLED" if killed else "FINISHED")
+
+    def _adapter_dir(self, trial) -> Path | None:
+        """The ``adapter/`` folder of the trial's latest checkpoint, when that is a local directory."""
+        candidates = [self._checkpoints.get(trial.trial_id), (trial.last_result or {}).get(self.CHECKPOINT_KEY)]
+        checkpoint = getattr(trial, "checkpoint", None)
+        if checkpoint is not None:
+            candidates.append(getattr(checkpoint, "path", None))
+        for path in filter(None, candidates):
+            adapter = Path(str(path).removeprefix("file://")) / "adapter"
+            if adapter.is_dir():
+                return adapter
+        return None
+
+
+__all__ = [
+    "MLflowSweepCallback",
+    "SweepTracker",
+    "clean_key",
+    "default_tracking_uri",
+    "flatten",
+    "param_value",
+    "sqlite_path",
+    "tracking_uri",
+]

@@ -1,0 +1,106 @@
+"""The sweep: Ray Tune over the spec's search space; each trial builds and fits a Ray Train worker group.
+
+Ray Train V2 style: Tune runs a function trainable that builds the trial's ``TorchTrainer``; the Train→Tune
+``TuneReportCallback`` forwards each report (and its ``checkpoint_path``) to Tune, and MLflow follows from the
+Tune driver (:class:`pipeline.tracking.MLflowSweepCallback`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from pipeline.config import Domain, JobSpec, parse_job
+from pipeline.tracking import MLflowSweepCallback, SweepTracker
+from pipeline.train import build_trainer
+
+TUNE_DIR = "tune"
+
+
+def to_tune_domain(domain: Domain) -> Any:
+    low_high = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}
+    if domain.kind == "grid":
+        return tune.grid_search(domain.grid)
+    if domain.kind == "choice":
+        return tune.choice(domain.choice)
+    return low_high[domain.kind](*getattr(domain, domain.kind))
+
+
+def search_space(spec: JobSpec) -> dict[str, Any]:
+    """Tune's param space: the spec's dotted keys (``training.lr``...) with their Tune domains."""
+    return {key: to_tune_domain(domain) for key, domain in spec.search.space.items()}
+
+
+def trial_driver(config: dict[str, Any], job: dict[str, Any]) -> None:
+    """One trial: the job with this trial's sampled values, run as a Ray Train worker group."""
+    spec = parse_job(job, source="sweep").with_overrides(config)
+    trial_id = tune.get_context().get_trial_id()
+    build_trainer(spec, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]).fit()
+
+
+def make_trainable(spec: JobSpec):
+    job = spec.model_dump(mode="json")
+    return tune.with_resources(tune.with_parameters(trial_driver, job=job), {"cpu": spec.resources.trial_cpus})
+
+
+def make_tuner(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
+    search = spec.search
+    if search.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=spec.training.epochs,
+            grace_period=search.grace_period,
+            reduction_factor=search.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch()
+    return tune.Tuner(
+        make_trainable(spec),
+        param_space=search_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            num_samples=search.num_samples,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            max_concurrent_trials=spec.resources.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(spec.sweep_dir.resolve()),
+            callbacks=[MLflowSweepCallback(tracker)],
+        ),
+    )
+
+
+def run_sweep(spec: JobSpec) -> tune.ResultGrid:
+    """Run (or, when its Tune directory exists, resume) the sweep of ``spec``."""
+    tracker = SweepTracker(spec)
+    tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
+    if tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=make_trainable(spec), resume_errored=True)
+    else:
+        tuner = make_tuner(spec, tracker)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        tracker.finish_sweep("KILLED")
+        raise
+    tracker.finish_sweep("FINISHED")
+    return results
+
+
+def sweep_dir_spec(run_dir: str | Path) -> JobSpec:
+    """The spec a sweep was started with, from ``<run dir>/job.yaml``."""
+    import yaml
+
+    return parse_job(yaml.safe_load((Path(run_dir) / "job.yaml").read_text()), source=str(Path(run_dir) / "job.yaml"))

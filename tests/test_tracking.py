@@ -1,0 +1,292 @@
+"""MLflow tracking of a sweep, against real SQLite stores; the last test drives it from a tiny real Ray Tune run."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+from ray import cloudpickle
+
+from pipeline.config import parse_job
+from pipeline.tracking import (
+    PARENT_TAG,
+    TRIAL_ID_TAG,
+    MLflowSweepCallback,
+    SweepTracker,
+    default_tracking_uri,
+    tracking_uri,
+)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow database. Creating one runs MLflow's migrations (4-8 s on 2 cores), so each
+    test copies this file instead (MLflow's SQLite store does not use a WAL: the file is the whole store)."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def clean_cwd(tmp_path, monkeypatch):
+    """Every test runs in an empty working directory that must stay empty (no stray ./mlruns)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield cwd
+    assert not list(cwd.iterdir()), "nothing (./mlruns) may appear in the working directory"
+
+
+def make_spec(tmp_path: Path, name: str = "sweep", uri: str | None = None, **sections):
+    data = {
+        "name": name,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"builtin": "digits"},
+        "search": {"space": {"training.lr": {"loguniform": [1e-4, 1e-2]}}},
+        "tracking": {"uri": uri},
+        **sections,
+    }
+    return parse_job(data)
+
+
+@pytest.fixture
+def store(tmp_path, template_db) -> str:
+    """A fresh tracking URI (a copy of the migrated template)."""
+    path = tmp_path / "store" / "mlflow.db"
+    path.parent.mkdir()
+    shutil.copy(template_db, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def spec(tmp_path, store):
+    return make_spec(tmp_path, uri=store)
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = make_spec(tmp_path)
+    assert tracking_uri(spec) == f"sqlite:///{(tmp_path / 'runs' / 'sweep').resolve()}/mlflow.db"
+    assert tracking_uri(spec) == default_tracking_uri(spec)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/env.db")
+    assert tracking_uri(spec) == "sqlite:////elsewhere/env.db"
+    assert tracking_uri(make_spec(tmp_path, uri="http://127.0.0.1:5000")) == "http://127.0.0.1:5000"
+
+
+def test_default_store_and_artifacts_live_in_the_sweep_dir(tmp_path, template_db, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = make_spec(tmp_path, name="default-store", tracking={"experiment": "my-exp"})
+    sweep_dir = spec.sweep_dir.resolve()
+    sweep_dir.mkdir(parents=True)
+    shutil.copy(template_db, sweep_dir / "mlflow.db")
+
+    tracker = SweepTracker(spec)
+    parent = tracker.start_sweep()
+
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.name == "my-exp"
+    assert experiment.artifact_location == (sweep_dir / "mlartifacts").as_uri()
+    assert tracker.client.get_run(parent).data.tags["sdtune.sweep_dir"] == str(sweep_dir)
+    job_yaml = Path(tracker.client.download_artifacts(parent, "job.yaml", str(tmp_path)))
+    assert job_yaml.read_text() == spec.to_yaml()
+    assert list((sweep_dir / "mlartifacts").rglob("job.yaml")), "artifacts belong beside the database"
+
+
+def test_parent_and_children_are_reused_never_duplicated(spec, store):
+    tracker = SweepTracker(spec)
+    parent = tracker.start_sweep()
+    assert tracker.start_sweep() == parent
+    client = MlflowClient(tracking_uri=store)
+    params = client.get_run(parent).data.params
+    assert params["training.lr"] == "0.001"
+    assert params["search.metric"] == "eval/accuracy"
+    assert params["search.space.training.lr.loguniform"] == "[0.0001, 0.01]"
+    assert client.get_run(parent).data.tags["sdtune.role"] == "sweep"
+
+    first = tracker.trial_run("t_00000", {"training": {"lr": 1e-3}, "method.lora_rank": 4})
+    second = tracker.trial_run("t_00001", {"training": {"lr": 1e-2}, "method.lora_rank": 8})
+    assert tracker.trial_run("t_00000", {"training": {"lr": 1e-3}, "method.lora_rank": 4}) == first
+    tracker.finish_trial("t_00000", "FAILED")
+    tracker.finish_sweep("KILLED")
+
+    # A resumed sweep: a new process, a new tracker on the same sweep directory.
+    resumed = SweepTracker(spec)
+    assert resumed.start_sweep() == parent
+    assert client.get_run(parent).info.status == "RUNNING"
+    assert resumed.trial_run("t_00000", {"training": {"lr": 1e-3}, "method.lora_rank": 4}) == first
+    assert client.get_run(first).info.status == "RUNNING"
+    assert resumed.trial_run("t_00002", {}) not in (first, second)
+
+    children = resumed.child_runs()
+    by_trial = {}
+    for run in children:
+        by_trial.setdefault(run.data.tags[TRIAL_ID_TAG], []).append(run.info.run_id)
+        assert run.data.tags[PARENT_TAG] == parent
+    assert by_trial == {"t_00000": [first], "t_00001": [second], "t_00002": [by_trial["t_00002"][0]]}
+    assert client.get_run(first).data.params == {"training.lr": "0.001", "method.lora_rank": "4"}
+    runs = client.search_runs([resumed.experiment_id])
+    assert len(runs) == 4, "one parent and three children in the experiment"
+
+
+def test_changed_params_warn_instead_of_failing(spec, caplog):
+    tracker = SweepTracker(spec)
+    run_id = tracker.trial_run("t", {"lr": 0.1, "note": "x" * 7000, "odd key{}": 1})
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        assert tracker.trial_run("t", {"lr": 0.2, "extra": [1, 2]}) == run_id
+    assert "lr" in caplog.text and "immutable" in caplog.text
+    params = tracker.client.get_run(run_id).data.params
+    assert params["lr"] == "0.1" and params["extra"] == "[1, 2]" and params["odd key__"] == "1"
+    assert len(params["note"]) == 6000
+
+
+def test_metrics_read_back_with_steps(spec):
+    tracker = SweepTracker(spec)
+    run_id = tracker.trial_run("t", {})
+    for step, accuracy in [(0, 0.25), (10, 0.5), (20, 0.75)]:
+        tracker.log_metrics(
+            "t",
+            {"eval/accuracy": accuracy, "train/loss": math.nan, "tokens_per_s": math.inf, "label": "x", "ok": True},
+            step=step,
+        )
+    tracker.log_metrics("t", {"trainable_parameters": 1234}, step=20)
+    history = tracker.client.get_metric_history(run_id, "eval/accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.25), (10, 0.5), (20, 0.75)]
+    assert set(tracker.client.get_run(run_id).data.metrics) == {"eval/accuracy", "trainable_parameters"}
+
+    # A tracker rebuilt from scratch (or unpickled) finds the child by its tags.
+    again = cloudpickle.loads(cloudpickle.dumps(tracker))
+    again.log_metrics("t", {"eval/accuracy": 0.9}, step=30)
+    assert len(again.client.get_metric_history(run_id, "eval/accuracy")) == 4
+    assert len(again.child_runs()) == 1
+
+
+def test_statuses_and_artifacts(spec, tmp_path):
+    tracker = SweepTracker(spec)
+    parent = tracker.start_sweep()
+    adapter = tmp_path / "ckpt" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    runs = {trial: tracker.trial_run(trial, {}) for trial in ("done", "broken", "stopped", "open")}
+    tracker.log_artifacts("done", adapter)
+    tracker.finish_trial("done", "FINISHED")
+    tracker.finish_trial("broken", "FAILED")
+    tracker.finish_trial("stopped", "KILLED")
+    with pytest.raises(ValueError, match="status"):
+        tracker.finish_trial("open", "DONE")
+    with pytest.raises(ValueError, match="status"):
+        tracker.finish_sweep("RUNNING")
+    tracker.finish_sweep()
+
+    client = tracker.client
+    status = {trial: client.get_run(run_id).info.status for trial, run_id in runs.items()}
+    assert status == {"done": "FINISHED", "broken": "FAILED", "stopped": "KILLED", "open": "KILLED"}
+    assert client.get_run(parent).info.status == "FINISHED"
+    listed = sorted(info.path for info in client.list_artifacts(runs["done"], "adapter"))
+    assert listed == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    # A SQLite store named in the spec keeps its artifacts beside its database file, not in ./mlruns.
+    assert list((tmp_path / "store" / "mlartifacts").rglob("adapter_model.safetensors"))
+
+
+def fake_trial(trial_id: str, config: dict | None = None, last_result: dict | None = None):
+    return SimpleNamespace(trial_id=trial_id, config=config or {}, last_result=last_result or {}, checkpoint=None)
+
+
+def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
+    """Tune's interrupt path (Ctrl+C): trials are stopped without on_trial_complete, then on_experiment_end."""
+    checkpoint = tmp_path / "trial-a" / "checkpoint_000001"
+    (checkpoint / "adapter").mkdir(parents=True)
+    (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+    callback = MLflowSweepCallback(SweepTracker(spec), finish_sweep=True, strict=True)
+    callback = cloudpickle.loads(cloudpickle.dumps(callback))  # as Tune stores it in tuner.pkl
+    callback.setup()
+    a, b = fake_trial("a", {"lr": 0.1}), fake_trial("b", {"lr": 0.2})
+    for trial in (a, b):
+        callback.on_trial_start(iteration=1, trials=[a, b], trial=trial)
+    result = {"eval/accuracy": 0.5, "step": 0, "training_iteration": 1, "checkpoint_path": str(checkpoint),
+              "time_total_s": 3.0, "config": {"lr": 0.1}, "warmup/loss": 1.5, "epoch": 1}
+    callback.on_trial_result(iteration=2, trials=[a, b], trial=a, result=result)
+    callback.on_trial_result(iteration=2, trials=[a, b], trial=b, result={"eval/accuracy": 0.1, "training_iteration": 3})
+    callback.on_trial_complete(iteration=3, trials=[a, b], trial=a)
+    callback.on_experiment_end(trials=[a, b])
+
+    tracker = callback.tracker
+    runs = {run.data.tags[TRIAL_ID_TAG]: run for run in tracker.child_runs()}
+    assert {trial: run.info.status for trial, run in runs.items()} == {"a": "FINISHED", "b": "KILLED"}
+    assert set(runs["a"].data.metrics) == {"eval/accuracy", "warmup/loss", "epoch"}
+    assert [m.step for m in tracker.client.get_metric_history(runs["b"].info.run_id, "eval/accuracy")] == [3]
+    listed = [info.path for info in tracker.client.list_artifacts(runs["a"].info.run_id, "adapter")]
+    assert listed == ["adapter/adapter_model.safetensors"]
+    assert tracker.client.get_run(tracker.parent_run_id).info.status == "KILLED"
+
+
+# ---- a real Ray Tune run ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_tune_run_gives_one_child_per_trial(ray_session, spec, tmp_path):
+    from ray import tune
+
+    def trainable(config):
+        import tempfile
+
+        for i in range(3):
+            if config["x"] == 3 and i == 2:
+                raise RuntimeError("this trial fails")
+            metrics = {"eval/accuracy": config["x"] * (i + 1) / 10, "step": 10 * i, "train/loss": 1.0, "junk": 1}
+            if i == 2:  # a final checkpoint with an adapter/ folder, as pipeline.train writes
+                with tempfile.TemporaryDirectory() as tmp:
+                    os.makedirs(os.path.join(tmp, "adapter"))
+                    with open(os.path.join(tmp, "adapter", "adapter_config.json"), "w") as f:
+                        f.write("{}")
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                tune.report(metrics)
+
+    tracker = SweepTracker(spec)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0.5}),
+        param_space={"x": tune.grid_search([1, 2, 3]), "nested": {"lr": 0.01}},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(
+            name="tiny",
+            storage_path=str(tmp_path / "ray"),
+            callbacks=[MLflowSweepCallback(tracker, strict=True)],
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    assert sum(result.error is not None for result in results) == 1
+
+    children = tracker.child_runs()
+    assert len(children) == 3 == len({run.data.tags[TRIAL_ID_TAG] for run in children})
+    client = tracker.client
+    by_x = {run.data.params["x"]: run for run in children}
+    assert set(by_x) == {"1", "2", "3"}
+    assert all(run.data.params["nested.lr"] == "0.01" for run in children)
+    assert {x: run.info.status for x, run in by_x.items()} == {"1": "FINISHED", "2": "FINISHED", "3": "FAILED"}
+    for x, run in by_x.items():
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/accuracy"))
+        steps = [0, 10, 20] if x != "3" else [0, 10]
+        assert history == [(step, pytest.approx(int(x) * (step // 10 + 1) / 10)) for step in steps]
+        assert "junk" not in run.data.metrics
+    assert [info.path for info in client.list_artifacts(by_x["1"].info.run_id, "adapter")] == [
+        "adapter/adapter_config.json"
+    ]
+    assert client.get_run(tracker.parent_run_id).info.status == "RUNNING"  # the caller finishes the sweep
