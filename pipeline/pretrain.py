@@ -135,7 +135,10 @@ def pretrain_digits_base(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = MambaForCausalLM(model_config).float()
-    model.train()
+    # Where mamba-ssm is installed, transformers routes every Mamba through its CUDA kernels, which refuse CPU
+    # tensors: on such a machine the base must train on the GPU (its weights then differ in the last digits).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.steps // 20)
 
@@ -145,7 +148,7 @@ def pretrain_digits_base(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     losses = []
     for step, batch in enumerate(_batches(len(train), config.batch, config.steps, config.seed)):
-        tokens = train[batch]
+        tokens = train[batch].to(device)
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
