@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,9 @@ def write_atomically(directory: str | os.PathLike, write: Any) -> Path:
     """Call ``write(tmp_dir)`` and then move ``tmp_dir`` to ``directory``, replacing what was there."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # Not tempfile.mkdtemp: its 0700 mode would outlive the rename and hide the result from other users.
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         write(staging)
         if target.exists():
