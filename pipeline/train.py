@@ -2,9 +2,10 @@
 
 warmup (``method.warmup_steps`` optimizer steps) -> select -> restore the base, fresh adapters, a new engine with a
 new optimizer and schedule -> train for ``training.epochs`` -> evaluate every epoch (and every
-``training.eval_every_steps``) -> ``ray.train.report(metrics, checkpoint)``. A checkpoint holds the adapter (with
+``training.eval_every_steps``; the test split at the end) -> ``ray.train.report(metrics, checkpoint)``. A checkpoint holds the adapter (with
 its selection), the engine's optimizer and schedule state, and the data position; a restarted trial resumes at
-that optimizer step with the same selection. Warmup is short and is redone if a trial dies inside it.
+that optimizer step with the same selection. Warmup is short and is redone if a trial dies inside it; trials
+whose warmups would be identical share one (:mod:`pipeline.warmup`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sdt
 from pipeline.config import JobSpec, parse_job
 from pipeline.data import Example, TaskData, collate, evaluate, load_task, pad_token_id
 from pipeline.models import load_base_model
+from pipeline.warmup import WarmupStore, shared_warmup, warmup_key
 
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
@@ -128,19 +130,23 @@ def save_checkpoint(directory: Path, engine, tuner: sdt.Tuner, state: dict, rank
 
 
 def restore(checkpoint_dir: Path, model: torch.nn.Module, spec: JobSpec, total_steps: int):
-    state = json.loads((checkpoint_dir / TRAINER_STATE).read_text())
     tuner = sdt.load(model, checkpoint_dir / ADAPTER_DIR)
     engine = make_engine(tuner, spec, spec.training.lr, total_steps)
     engine.load_checkpoint(str(checkpoint_dir / ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False)
-    return tuner, engine, state
+    return tuner, engine
 
 
-def evaluation_metrics(engine, task: TaskData, tokenizer, spec: JobSpec, rank: int) -> dict[str, float]:
-    """Rank 0 evaluates on the validation split (Ray keeps only rank 0's metrics); the others report none."""
+def evaluation_metrics(engine, task: TaskData, tokenizer, spec: JobSpec, rank: int, final: bool) -> dict[str, float]:
+    """Rank 0 scores the validation split (Ray keeps only rank 0's metrics; the others report none) and, at the end
+    of training, the test split too. Trials are compared on validation only; test is there to be reported."""
     if rank != 0:
         return {}
-    scores = evaluate(engine.module, task, "validation", tokenizer, spec.data, batch_size=spec.training.eval_batch_size)
-    return {f"eval/{name}": value for name, value in scores.items()}
+    splits = {"eval": "validation", **({"test": "test"} if final and task.test else {})}
+    metrics = {}
+    for prefix, split in splits.items():
+        scores = evaluate(engine.module, task, split, tokenizer, spec.data, batch_size=spec.training.eval_batch_size)
+        metrics.update({f"{prefix}/{name}": value for name, value in scores.items()})
+    return metrics
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -165,12 +171,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     warmup_metrics: dict[str, float] = {}
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
-            tuner, engine, state = restore(Path(checkpoint_dir), model, spec, total_steps)
+            state = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text())
+            if state["step"] >= total_steps or state["epoch"] >= training.epochs:
+                # Finished, but the sweep driver died before Tune recorded it: hand Tune the final report again.
+                ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+                return
+            tuner, engine = restore(Path(checkpoint_dir), model, spec, total_steps)
     else:
         tuner = sdt.apply(model, spec.method.to_sdt_config(seed=training.seed))
         if tuner.phase == "warmup":
-            warmup_metrics = run_warmup(tuner, spec, batches, device, total_steps)
-            tuner.start_training(tuner.select())
+            updates, warmup_metrics = shared_warmup(
+                WarmupStore(spec.sweep_dir),
+                warmup_key(spec, total_steps, world, device),
+                rank,
+                trial_name=context.get_experiment_name(),
+                compute=lambda: run_warmup(tuner, spec, batches, device, total_steps),
+                updates_of=tuner.warmup_updates,
+            )
+            tuner.start_training(tuner.select(updates))
         engine = make_engine(tuner, spec, training.lr, total_steps)
         state = {"step": 0, "epoch": 0, "next_batch": 0, "warmup": warmup_metrics}
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if not checkpoint else 0
@@ -179,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def report(epoch: int, next_batch: int) -> None:
+    def report(epoch: int, next_batch: int, final: bool = False) -> None:
         nonlocal losses, tokens, started
         elapsed = time.perf_counter() - started
         metrics = {
@@ -188,13 +206,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train/loss": sum(losses) / len(losses) if losses else math.nan,
             "tokens_per_s": tokens * world / elapsed if elapsed > 0 else 0.0,
             "trainable_parameters": tuner.num_trainable_parameters(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             **state["warmup"],
-            **evaluation_metrics(engine, task, tokenizer, spec, rank),
+            **evaluation_metrics(engine, task, tokenizer, spec, rank, final),
         }
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         with tempfile.TemporaryDirectory() as tmp:
             position = {"step": step, "epoch": epoch, "next_batch": next_batch, "warmup": state["warmup"]}
+            position["metrics"] = metrics  # what to report again if the trial is restarted once finished
             save_checkpoint(Path(tmp), engine, tuner, position, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         losses, tokens, started = [], 0, time.perf_counter()
@@ -216,8 +236,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += boundary
             if boundary and training.eval_every_steps and step % training.eval_every_steps == 0:
                 report(epoch, index + 1)
-        report(epoch + 1, 0)
-        if step >= total_steps:
+        finished = epoch + 1 == training.epochs or step >= total_steps
+        report(epoch + 1, 0, final=finished)
+        if finished:
             break
 
 

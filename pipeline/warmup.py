@@ -1,0 +1,156 @@
+"""The SDT warmup, computed once per sweep for every trial that would compute the same one.
+
+A warmup's result (the dense per-layer updates that SDT ranks) depends on the base model, the data, the seed, the
+batch, the warmup length, its learning rate and schedule, the world size, the LoRA that trains beside it, and the
+compute dtype; it does not depend on the channel / state ratios, which act only in the selection afterwards. So
+trials that differ only in ratios (or in the training-phase lr) share one warmup: :func:`warmup_key` lists those
+inputs, its hash names ``<sweep dir>/warmup/<hash>/`` (``updates.safetensors`` + ``warmup.json``), and
+
+- the first trial to take that key's lock runs the warmup and publishes it atomically (temp dir, then rename);
+- a trial that finds it published loads it instead; one that arrives while another computes it waits on the lock.
+
+Only rank 0 of a trial touches the store, and it broadcasts the updates to the other ranks, so the ranks of one
+trial need not share a filesystem with each other (trials of one sweep share the sweep dir, as Ray Train's
+checkpoints already require).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import sdt
+from pipeline import __version__
+from pipeline.config import JobSpec
+
+WARMUP_DIR = "warmup"
+UPDATES_FILE = "updates.safetensors"
+INFO_FILE = "warmup.json"
+# Bump when the warmup loop changes what the same inputs produce.
+RECIPE_VERSION = 1
+# SDTConfig fields that act only after the warmup, in the selection.
+SELECTION_ONLY_FIELDS = ("channels_frozen", "states_frozen", "inputs_frozen")
+
+Updates = dict[str, dict[str, torch.Tensor]]  # mixer prefix -> warmup tensor key -> dense update
+
+
+def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.device) -> dict[str, Any]:
+    """Everything the warmup's result depends on, and nothing else."""
+    from pipeline.models import compute_dtype
+
+    sdt_config = spec.method.to_sdt_config(seed=spec.training.seed).to_dict()
+    training = spec.training
+    return {
+        "recipe": RECIPE_VERSION,
+        "sdtune": __version__,
+        "model": spec.model.model_dump(mode="json"),
+        "data": spec.data.model_dump(mode="json"),
+        "method": {k: v for k, v in sdt_config.items() if k not in SELECTION_ONLY_FIELDS},
+        "seed": training.seed,
+        "batch_size": training.batch_size,
+        "gradient_accumulation": training.gradient_accumulation,
+        "lr": training.warmup_lr or training.lr,
+        "weight_decay": training.weight_decay,
+        "grad_clip": training.grad_clip,
+        "zero_stage": training.zero_stage,
+        # The warmup's lr decays linearly over the whole run, as in the official code.
+        "schedule_steps": total_steps,
+        "world_size": world_size,
+        "device": device.type,
+        "dtype": str(compute_dtype(spec.model, device)),
+    }
+
+
+def key_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class WarmupStore:
+    """Published warmups under ``<sweep dir>/warmup``, one folder per key hash."""
+
+    def __init__(self, sweep_dir: Path):
+        self.root = Path(sweep_dir) / WARMUP_DIR
+
+    def entry(self, digest: str) -> Path:
+        return self.root / digest
+
+    @contextmanager
+    def lock(self, digest: str) -> Iterator[None]:
+        """Held while one trial looks up and, if need be, computes the warmup of ``digest``; the OS releases it
+        if that trial dies, and the next waiter computes it instead."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{digest}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def load(self, digest: str) -> tuple[Updates, dict[str, Any]] | None:
+        entry = self.entry(digest)
+        if not (entry / INFO_FILE).is_file():
+            return None
+        info = json.loads((entry / INFO_FILE).read_text())
+        updates: Updates = {}
+        for name, tensor in load_file(str(entry / UPDATES_FILE)).items():
+            prefix, key = name.rsplit("/", 1)
+            updates.setdefault(prefix, {})[key] = tensor
+        return updates, info
+
+    def publish(self, digest: str, updates: Updates, info: dict[str, Any]) -> Path:
+        tensors = {f"{prefix}/{key}": t.contiguous() for prefix, by_key in updates.items() for key, t in by_key.items()}
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / UPDATES_FILE))
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+        return sdt.write_atomically(self.entry(digest), write)
+
+    def computed(self) -> list[dict[str, Any]]:
+        """The ``warmup.json`` of every published warmup."""
+        return [json.loads(p.read_text()) for p in sorted(self.root.glob(f"*/{INFO_FILE}"))]
+
+
+def _broadcast(value: Any, rank: int) -> Any:
+    """``value`` of rank 0 on every rank (a no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shared_warmup(
+    store: WarmupStore,
+    key: dict[str, Any],
+    rank: int,
+    trial_name: str,
+    compute: Callable[[], dict[str, float]],
+    updates_of: Callable[[], Updates],
+) -> tuple[Updates, dict[str, float]]:
+    """The warmup updates of ``key`` and its metrics: published ones when they exist, else ``compute()`` on every
+    rank (then ``updates_of()`` reads them) and publish them. ``warmup/shared`` is 1 for a reused warmup."""
+    digest = key_hash(key)
+    with store.lock(digest) if rank == 0 else nullcontext():
+        found = store.load(digest) if rank == 0 else None
+        found = _broadcast(found, rank)
+        if found is not None:
+            updates, info = found
+            return updates, {**info["metrics"], "warmup/shared": 1}
+        metrics = compute()
+        # Selected from CPU copies on both paths, so a reused warmup ranks exactly as the computed one did.
+        updates = {prefix: {k: t.cpu() for k, t in by_key.items()} for prefix, by_key in updates_of().items()}
+        if rank == 0:
+            info = {"key": key, "hash": digest, "computed_by": trial_name, "metrics": metrics}
+            store.publish(digest, updates, info)
+    return updates, {**metrics, "warmup/shared": 0}
+
