@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from importlib.metadata import version
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pipeline import __version__
 from pipeline.config import JobSpec, JobSpecError, load_job
 
 app = typer.Typer(help="Sweep SDT + LoRA fine-tuning of Mamba, Mamba-2 and Jamba models.", no_args_is_help=True)
@@ -53,7 +54,7 @@ def prepare_builtin_base(spec: JobSpec) -> None:
 @app.command("version")
 def show_version() -> None:
     """Print the installed sdtune version."""
-    typer.echo(version("sdtune"))
+    typer.echo(__version__)
 
 
 @app.command()
@@ -88,32 +89,85 @@ def train(job: Path, overrides: SetOption = None, address: AddressOption = None)
 
 @app.command()
 def sweep(job: Path, overrides: SetOption = None, address: AddressOption = None) -> None:
-    """Run the sweep of a job spec: Ray Tune trials, each a Ray Train worker group; MLflow tracks it."""
+    """Run the sweep of a job spec (Ray Tune trials, each a Ray Train worker group; MLflow tracks it), then export
+    the best trial's adapter and write the report."""
     spec = load_or_exit(job, overrides)
     spec.sweep_dir.mkdir(parents=True, exist_ok=True)
     (spec.sweep_dir / "job.yaml").write_text(spec.to_yaml())
-    run_and_print(spec, address)
+    run_and_finish(spec, address)
 
 
 @app.command()
 def resume(run_dir: Path, address: AddressOption = None) -> None:
-    """Continue an interrupted sweep; finished trials are not run again."""
+    """Continue an interrupted sweep (finished trials are not run again), then export and report."""
+    run_and_finish(spec_of_run(run_dir), address)
+
+
+@app.command()
+def export(
+    run_dir: Path,
+    out: Annotated[Path | None, typer.Option(help="Default: the spec's export.dir, else RUN_DIR/export")] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write merged/ (default: the spec's export.merge)")] = None,
+) -> None:
+    """(Re)export the best trial of a sweep: adapter, trial.json, job.yaml, model card, optionally a merged model."""
+    from pipeline.export import export_best
+
+    export_best(spec_of_run(run_dir), out=out, merge=merge, log=typer.echo)
+
+
+@app.command()
+def report(run_dir: Path) -> None:
+    """Plot the metric against each searched hyperparameter and tabulate the best arm against the baselines."""
+    from pipeline.report import write_report
+
+    write_report(spec_of_run(run_dir), log=typer.echo)
+
+
+@app.command()
+def ui(
+    run_dir: Path,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the runs")] = "127.0.0.1",
+    port: int = 5000,
+) -> None:
+    """Serve a sweep's MLflow store (runs, metrics, artifacts, registry) with `mlflow server`."""
+    from pipeline.tracking import ARTIFACTS_DIR, tracking_uri
+
+    spec = spec_of_run(run_dir)
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", tracking_uri(spec),
+        "--default-artifact-root", (spec.sweep_dir.resolve() / ARTIFACTS_DIR).as_uri(),
+        "--host", host, "--port", str(port),
+    ]
+    typer.echo(f"MLflow UI for {spec.sweep_dir} on http://{host}:{port}", err=True)
+    os.execv(sys.executable, command)
+
+
+def spec_of_run(run_dir: Path) -> JobSpec:
+    """The spec a sweep was started with (``RUN_DIR/job.yaml``); no such sweep: exit 2."""
     from pipeline.tune import sweep_dir_spec
 
-    run_and_print(sweep_dir_spec(run_dir), address)
+    if not (run_dir / "job.yaml").is_file():
+        typer.echo(f"{run_dir}: not a sweep directory (no job.yaml); give runs/<job name>", err=True)
+        raise typer.Exit(2)
+    try:
+        return sweep_dir_spec(run_dir)
+    except JobSpecError as error:
+        typer.echo(f"{run_dir / 'job.yaml'}: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
-def run_and_print(spec: JobSpec, address: str | None) -> None:
+def run_and_finish(spec: JobSpec, address: str | None) -> None:
     prepare_builtin_base(spec)
     start_ray(address)
+    from pipeline.export import export_best
+    from pipeline.report import write_report
     from pipeline.tune import run_sweep
 
     results = run_sweep(spec)
-    best = results.get_best_result()
     typer.echo(f"trials: {len(results)} ({results.num_errors} failed)")
-    typer.echo(f"best trial: {best.path}")
-    for key in sorted(k for k in best.metrics if k.startswith(("eval/", "train/")) or k in ("step", "checkpoint_path")):
-        typer.echo(f"{key}: {best.metrics[key]}")
+    export_best(spec, log=typer.echo)
+    write_report(spec, log=typer.echo)
 
 
 if __name__ == "__main__":

@@ -297,9 +297,19 @@ class SweepTracker:
 
     # -- trials -----------------------------------------------------------------------------------------------
 
-    def _child_tags(self, trial_id: str) -> dict[str, str]:
-        parent = self.find_sweep() or self.start_sweep()
+    def _child_tags(self, trial_id: str, parent: str | None = None) -> dict[str, str]:
+        parent = parent or self.find_sweep() or self.start_sweep()
         return {PARENT_TAG: parent, TRIAL_ID_TAG: trial_id}
+
+    def find_trial_run(self, trial_id: str) -> str | None:
+        """The child run id of ``trial_id``, without creating it (or the parent run) when missing."""
+        if trial_id not in self._trial_runs:
+            parent = self.find_sweep()
+            run = self._find_one(self._child_tags(trial_id, parent), f"trial {trial_id}") if parent else None
+            if run is None:
+                return None
+            self._trial_runs[trial_id] = run.info.run_id
+        return self._trial_runs[trial_id]
 
     def trial_run(self, trial_id: str, params: Mapping[str, Any]) -> str:
         """The child run of ``trial_id`` (created, or reused and set RUNNING again), with ``params`` flattened
@@ -383,7 +393,7 @@ class MLflowSweepCallback(Callback):
     Tracking must not end a long sweep: errors are logged and swallowed unless ``strict``.
     """
 
-    METRIC_PREFIXES = ("eval/", "train/", "warmup/")
+    METRIC_PREFIXES = ("eval/", "test/", "train/", "warmup/")
     METRIC_NAMES = frozenset({"tokens_per_s", "peak_memory_gib", "trainable_parameters", "epoch"})
     CHECKPOINT_KEY = "checkpoint_path"
 

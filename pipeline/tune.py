@@ -7,18 +7,24 @@ Tune driver (:class:`pipeline.tracking.MLflowSweepCallback`).
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipeline.config import Domain, JobSpec, parse_job
+from pipeline.results import TUNE_DIR
 from pipeline.tracking import MLflowSweepCallback, SweepTracker
 from pipeline.train import build_trainer
 
-TUNE_DIR = "tune"
+# Fault injection for the resume test: SIGKILL the sweep driver once this many trials have finished.
+KILL_AFTER_TRIALS_ENV = "SDTUNE_TEST_KILL_DRIVER_AFTER_TRIALS"
 
 
 def to_tune_domain(domain: Domain) -> Any:
@@ -47,12 +53,35 @@ def make_trainable(spec: JobSpec):
     return tune.with_resources(tune.with_parameters(trial_driver, job=job), {"cpu": spec.resources.trial_cpus})
 
 
-def make_tuner(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
+class KillDriverAfterTrials(Callback):
+    """Kills this driver process, as a crash would, once Tune's experiment state *on disk* (it writes it in the
+    background) records ``KILL_AFTER_TRIALS_ENV`` finished trials. The variable is read at every step, so a
+    restored sweep without it runs on."""
+
+    def __init__(self, tune_dir: Path):
+        self.tune_dir = tune_dir
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        limit = int(os.environ.get(KILL_AFTER_TRIALS_ENV, 0))
+        if limit and self.finished_on_disk() >= limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finished_on_disk(self) -> int:
+        try:
+            state = json.loads(max(self.tune_dir.glob("experiment_state-*.json")).read_text())
+        except (ValueError, OSError):  # none yet, or caught mid-copy
+            return 0
+        return sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in state["trial_data"])
+
+
+def tune_config(spec: JobSpec) -> tune.TuneConfig:
+    """The spec's metric, sampling, scheduler and concurrency as Tune's config."""
     search = spec.search
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=spec.training.epochs,
+            time_attr="training_iteration",  # reports: one per epoch, plus one per eval_every_steps
+            # A trial's last report ends it anyway; the bound only matters in that ASHA stops trials reaching it.
+            max_t=spec.training.epochs if spec.training.eval_every_steps is None else 10**9,
             grace_period=search.grace_period,
             reduction_factor=search.reduction_factor,
         )
@@ -63,27 +92,38 @@ def make_tuner(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch()
+    return tune.TuneConfig(
+        metric=search.metric,
+        mode=search.mode,
+        num_samples=search.num_samples,
+        search_alg=search_alg,
+        scheduler=scheduler,
+        max_concurrent_trials=spec.resources.max_concurrent_trials,
+    )
+
+
+def make_tuner(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
     return tune.Tuner(
         make_trainable(spec),
         param_space=search_space(spec),
-        tune_config=tune.TuneConfig(
-            metric=search.metric,
-            mode=search.mode,
-            num_samples=search.num_samples,
-            search_alg=search_alg,
-            scheduler=scheduler,
-            max_concurrent_trials=spec.resources.max_concurrent_trials,
-        ),
+        tune_config=tune_config(spec),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(spec.sweep_dir.resolve()),
-            callbacks=[MLflowSweepCallback(tracker)],
+            callbacks=[
+                MLflowSweepCallback(tracker),
+                *([KillDriverAfterTrials(spec.sweep_dir.resolve() / TUNE_DIR)] if KILL_AFTER_TRIALS_ENV in os.environ else []),
+            ],
         ),
     )
 
 
 def run_sweep(spec: JobSpec) -> tune.ResultGrid:
     """Run (or, when its Tune directory exists, resume) the sweep of ``spec``."""
+    # Tune saves its experiment state at most every 10 s by default: a driver dying in that window would run the
+    # trials that finished in it again on resume (each then only re-reports its final checkpoint, see
+    # pipeline.train). The state is small; save it at every step.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     tracker = SweepTracker(spec)
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
     if tune.Tuner.can_restore(str(tune_dir)):

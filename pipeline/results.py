@@ -1,0 +1,73 @@
+"""What a sweep produced, read back from its directory with no Ray cluster running: every trial's sampled values,
+status, reports and latest checkpoint, and the best trial by the spec's metric and mode.
+
+A trial's score is its *last* report (Ray Tune's default scope), whose checkpoint is the trial's final adapter:
+with ASHA that is where the trial was stopped, otherwise the end of training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import JobSpec
+
+TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
+CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneReportCallback
+FINISHED = "TERMINATED"
+
+
+class NoUsableTrialError(RuntimeError):
+    """No trial of the sweep finished with a finite value of the metric."""
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    trial_id: str
+    status: str  # Ray Tune's: TERMINATED (finished, or stopped early by the scheduler), ERROR, RUNNING, PENDING
+    config: dict[str, Any]  # the sampled values, by dotted spec key ("training.lr": 0.01)
+    metrics: dict[str, Any]  # the last report
+    history: list[dict[str, Any]] = field(default_factory=list)  # every report, oldest first
+
+    @property
+    def checkpoint(self) -> Path | None:
+        path = self.metrics.get(CHECKPOINT_KEY)
+        return Path(str(path).removeprefix("file://")) if path else None
+
+    def score(self, metric: str) -> float | None:
+        """The trial's value of ``metric``, or None when it failed, never reported it, or reported a non-number."""
+        value = self.metrics.get(metric)
+        if self.status != FINISHED or isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value) if math.isfinite(value) else None
+
+
+def load_trials(spec: JobSpec) -> list[TrialOutcome]:
+    """Every trial recorded in ``<sweep dir>/tune``, in Tune's trial order."""
+    from ray.tune import ExperimentAnalysis
+
+    tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
+    if not tune_dir.is_dir():
+        raise FileNotFoundError(f"{spec.sweep_dir}: no sweep here (missing {TUNE_DIR}/); run `sdtune sweep` first")
+    analysis = ExperimentAnalysis(str(tune_dir))
+    histories = analysis.trial_dataframes
+    outcomes = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        frame = histories.get(trial.trial_id)
+        history = frame.to_dict("records") if frame is not None else []
+        outcomes.append(TrialOutcome(trial.trial_id, trial.status, dict(trial.config), dict(trial.last_result or {}), history))
+    return outcomes
+
+
+def best_trial(spec: JobSpec, trials: list[TrialOutcome]) -> TrialOutcome:
+    """The finished trial with the best finite ``search.metric`` (``search.mode``); failed and NaN trials never win."""
+    metric, mode = spec.search.metric, spec.search.mode
+    scored = [(trial.score(metric), trial) for trial in trials]
+    usable = [(score, trial) for score, trial in scored if score is not None and trial.checkpoint is not None]
+    if not usable:
+        states = ", ".join(f"{t.trial_id} {t.status} {metric}={t.metrics.get(metric)!r}" for t in trials) or "no trials"
+        raise NoUsableTrialError(f"no finished trial with a finite {metric} and a checkpoint ({states})")
+    pick = max if mode == "max" else min
+    return pick(usable, key=lambda pair: pair[0])[1]

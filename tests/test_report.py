@@ -1,0 +1,196 @@
+"""The sweep report from hand-built trials (no Ray): plots, the best-vs-baselines table and its MLflow artifacts."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.config import parse_job
+from pipeline.report import write_report
+from pipeline.results import TrialOutcome
+from pipeline.tracking import SweepTracker
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LORA_R2 = {"name": "lora", "lora_rank": 2, "lora_targets": ["out_proj", "x_proj"]}
+LORA_R8 = {"name": "lora", "lora_rank": 8, "lora_targets": ["out_proj", "x_proj"]}
+SDLORA = {"name": "sdlora"}
+
+# (method, lr) -> validation and test accuracy of seeds 0, 1, 2. The test accuracy of the settings that lose on
+# validation is high on purpose: a report that chose by test would pick them.
+VALIDATION = {
+    ("lora", 1e-3): [0.70, 0.72, 0.74],
+    ("lora", 1e-2): [0.76, 0.78, 0.80],  # lora's best on validation
+    ("sdlora", 1e-3): [0.84, 0.86, 0.88],  # sdlora's best on validation
+    ("sdlora", 1e-2): [0.85, math.nan, 0.99],  # seed 1 reports NaN, seed 2 fails: 0.85 alone, below 0.86
+}
+TEST = {
+    ("lora", 1e-3): [0.95, 0.95, 0.95],
+    ("lora", 1e-2): [0.75, 0.77, 0.79],
+    ("sdlora", 1e-3): [0.80, 0.83, 0.86],
+    ("sdlora", 1e-2): [0.99, 0.99, 0.99],
+}
+TRAINABLE = {"lora": 1000, "sdlora": 600}
+FAILED_TRIAL = ("sdlora", 1e-2, 2)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow database, copied by each test: migrating one takes seconds on 2 cores."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def clean_cwd(tmp_path, monkeypatch):
+    """Nothing (an ./mlruns) may appear in the working directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield
+    assert not list(cwd.iterdir())
+
+
+@pytest.fixture
+def store(tmp_path, template_db) -> str:
+    path = tmp_path / "store" / "mlflow.db"
+    path.parent.mkdir()
+    shutil.copy(template_db, path)
+    return f"sqlite:///{path}"
+
+
+def make_spec(tmp_path: Path, store: str, space: dict):
+    return parse_job({
+        "name": "report",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"builtin": "digits"},
+        "search": {"metric": "eval/accuracy", "mode": "max", "space": space},
+        "tracking": {"uri": store},
+    })
+
+
+def trial(number: int, status: str, config: dict, metrics: dict) -> TrialOutcome:
+    last = {"step": 20, "epoch": 2, "train/loss": 0.5, **metrics}
+    return TrialOutcome(f"t{number:02d}", status, config, last, [last])
+
+
+def method_lr_seed_trials() -> list[TrialOutcome]:
+    trials = []
+    for (method, lr), accuracies in VALIDATION.items():
+        for seed, accuracy in enumerate(accuracies):
+            metrics = {
+                "eval/accuracy": accuracy,
+                "test/accuracy": TEST[method, lr][seed],
+                "trainable_parameters": TRAINABLE[method],
+                "tokens_per_s": 100.0 + 10 * seed,
+            }
+            status = "ERROR" if (method, lr, seed) == FAILED_TRIAL else "TERMINATED"
+            config = {"method.name": method, "training.lr": lr, "training.seed": seed}
+            trials.append(trial(len(trials), status, config, metrics))
+    return trials
+
+
+def read_rows(folder: Path) -> dict[str, dict[str, str]]:
+    with (folder / "summary.csv").open(newline="") as file:
+        return {row["arm"]: row for row in csv.DictReader(file)}
+
+
+def assert_plots(folder: Path, keys: list[str]) -> None:
+    for key in keys:
+        png = (folder / f"{key}.png").read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 1000, key
+
+
+def test_best_setting_per_arm_with_seeds_as_repetitions(tmp_path, store):
+    space = {
+        "method.name": {"grid": ["lora", "sdlora"]},
+        "training.lr": {"grid": [1e-3, 1e-2]},
+        "training.seed": {"grid": [0, 1, 2]},
+    }
+    spec = make_spec(tmp_path, store, space)
+    parent = SweepTracker(spec).start_sweep()
+    logged: list[str] = []
+
+    folder = write_report(spec, method_lr_seed_trials(), log=logged.append)
+
+    assert folder == spec.sweep_dir.resolve() / "report"
+    assert_plots(folder, list(space))
+    rows = read_rows(folder)
+    assert set(rows) == {"lora", "sdlora"}
+    lora, sdlora = rows["lora"], rows["sdlora"]
+    # lora: lr 1e-2 wins on validation (0.78 > 0.72), although lr 1e-3 has the better test accuracy.
+    assert float(lora["training.lr"]) == 1e-2
+    assert float(lora["eval/accuracy mean"]) == pytest.approx(0.78, abs=1e-12)
+    assert float(lora["eval/accuracy std"]) == pytest.approx(0.02, abs=1e-12)
+    assert float(lora["test/accuracy mean"]) == pytest.approx(0.77, abs=1e-12)
+    assert float(lora["test/accuracy std"]) == pytest.approx(0.02, abs=1e-12)
+    # sdlora: lr 1e-3 (0.86) wins, since lr 1e-2 counts only seed 0 (0.85): its NaN and failed 0.99 are left out.
+    assert float(sdlora["training.lr"]) == 1e-3
+    assert float(sdlora["eval/accuracy mean"]) == pytest.approx(0.86, abs=1e-12)
+    assert float(sdlora["eval/accuracy std"]) == pytest.approx(0.02, abs=1e-12)
+    assert float(sdlora["test/accuracy mean"]) == pytest.approx(0.83, abs=1e-12)
+    assert float(sdlora["test/accuracy std"]) == pytest.approx(0.03, abs=1e-12)
+    for row, method in ((lora, "lora"), (sdlora, "sdlora")):
+        assert row["seeds"] == "3"
+        assert float(row["trainable_parameters"]) == TRAINABLE[method]
+        assert float(row["tokens_per_s"]) == pytest.approx(110.0)
+    assert (sdlora["best"], lora["best"]) == ("True", "False")
+
+    summary = (folder / "summary.md").read_text()
+    assert "10 of 12 trials; excluded: 1 failed, 1 without a finite eval/accuracy" in summary
+    assert "| **sdlora** (best) | 3 | 0.86 ± 0.02 | 0.83 ± 0.03 | 600 | 110 | training.lr=0.001 |" in summary
+    pooled = math.sqrt((2 * 0.03**2 + 2 * 0.02**2) / 4)
+    verdict = (
+        "SDLoRA beats the best LoRA arm (lora) on test/accuracy: 0.83 ± 0.03 (n=3) vs 0.77 ± 0.02 (n=3), "
+        f"a difference of +0.06, {0.06 / pooled:.2g} pooled standard deviations."
+    )
+    assert verdict in summary
+    assert any(verdict in line for line in logged) and str(folder) in logged[0]
+
+    # trials.csv: every trial, the failed and NaN ones too, with its status and numbers
+    with (folder / "trials.csv").open(newline="") as file:
+        listed = list(csv.DictReader(file))
+    assert len(listed) == 12 and sum(row["status"] == "ERROR" for row in listed) == 1
+    first = listed[0]
+    assert (first["method.name"], float(first["eval/accuracy"]), float(first["tokens_per_s"])) == (
+        "lora", VALIDATION["lora", 1e-3][0], 100.0
+    )
+
+    artifacts = MlflowClient(tracking_uri=store).list_artifacts(parent, "report")
+    assert {"report/summary.md", "report/summary.csv", "report/training.lr.png"} <= {a.path for a in artifacts}
+
+
+def test_searched_method_mappings_are_distinct_arms(tmp_path, store, caplog):
+    space = {"method": {"grid": [LORA_R2, LORA_R8, SDLORA]}, "training.seed": {"grid": [0, 1]}}
+    spec = make_spec(tmp_path, store, space)
+    accuracies = [(LORA_R2, [0.70, 0.74]), (LORA_R8, [0.80, 0.82]), (SDLORA, [0.76, 0.78])]
+    trials = [
+        trial(2 * arm + seed, "TERMINATED", {"method": method, "training.seed": seed}, {"eval/accuracy": accuracy})
+        for arm, (method, values) in enumerate(accuracies)
+        for seed, accuracy in enumerate(values)
+    ]
+    out = tmp_path / "elsewhere"
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+        folder = write_report(spec, trials, out=out, log=lambda _: None)
+
+    assert folder == out
+    assert_plots(folder, list(space))
+    rows = read_rows(folder)
+    assert list(rows) == ["lora r8 out_proj+x_proj", "sdlora", "lora r2 out_proj+x_proj"]  # best first
+    assert [row["method"] for row in rows.values()] == ["lora", "sdlora", "lora"]
+    assert float(rows["lora r2 out_proj+x_proj"]["eval/accuracy mean"]) == pytest.approx(0.72, abs=1e-12)
+    assert float(rows["lora r2 out_proj+x_proj"]["eval/accuracy std"]) == pytest.approx(math.sqrt(8e-4), abs=1e-12)
+    assert rows["lora r8 out_proj+x_proj"]["best"] == "True"
+    assert all(row["test/accuracy mean"] == "" for row in rows.values())
+    # No test metric: the comparison falls back to validation, against the better LoRA arm.
+    summary = (folder / "summary.md").read_text()
+    assert "SDLoRA does not beat the best LoRA arm (lora r8 out_proj+x_proj) on eval/accuracy: " in summary
+    assert "a difference of -0.04, 2.8 pooled standard deviations." in summary
+    assert "no MLflow run for sweep" in caplog.text
