@@ -1,68 +1,207 @@
-"""`sdtune sweep` on CPU with real Ray Tune, Ray Train, DeepSpeed and MLflow: two concurrent trials under ASHA
-(SDLoRA against a LoRA baseline), one MLflow child per trial; `sdtune resume` of a finished sweep reruns nothing."""
+"""`sdtune sweep jobs/quickstart.yaml` end to end on CPU, with real Ray Tune, Ray Train, DeepSpeed and MLflow.
+
+The quickstart's six trials (two SDLoRA arms and a LoRA baseline, two learning rates each; ASHA, two at a time)
+run on reduced data. The sweep driver is killed (SIGKILL) once two trials have finished, and `sdtune resume`
+finishes it. Then a real `mlflow server` (`sdtune ui`) is asked over its REST API for the runs, the export
+directory is checked file by file, and the merged model is scored again by plain transformers.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import signal
+import socket
 import subprocess
 import sys
+import urllib.request
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from mlflow import MlflowClient
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-JOB = {
-    "name": "sweep",
-    "model": {"builtin": "digits"},
-    "data": {"task": "digits", "max_train_samples": 160, "max_eval_samples": 40},
-    "method": {"name": "sdlora", "channels_frozen": 0.9, "warmup_steps": 4},
-    "training": {"epochs": 2, "batch_size": 8, "lr": 2e-2, "zero_stage": 2, "eval_batch_size": 40},
-    "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0.25, "max_concurrent_trials": 2},
-    "search": {"metric": "eval/accuracy", "mode": "max", "scheduler": "asha", "space": {"method.name": {"grid": ["sdlora", "lora"]}}},
-}
+from pipeline.config import load_job
+from pipeline.data import evaluate, load_task
+from pipeline.results import load_trials
+from pipeline.tune import KILL_AFTER_TRIALS_ENV
+from pipeline.warmup import WARMUP_DIR, WarmupStore
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+TRIALS = 6
+SMALL = ["data.max_train_samples=160", "data.max_eval_samples=40", "training.epochs=2", "training.batch_size=8",
+         "training.eval_batch_size=40"]  # fmt: skip
+EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "trial.json", "job.yaml", "README.md", "merged"}
 
 
-def sdtune(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True, timeout=900)
+def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], env={**env, **extra_env}, capture_output=True, text=True,
+        timeout=1200,
+    )
 
 
-def child_runs(sweep_dir):
-    client = MlflowClient(f"sqlite:///{sweep_dir}/mlflow.db")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    return [r for r in runs if r.data.tags.get("sdtune.role") == "trial"], [r for r in runs if r.data.tags.get("sdtune.role") == "sweep"]
+def failure(result: subprocess.CompletedProcess) -> str:
+    return result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def checkpoints(sweep_dir: Path, trial_id: str) -> list[str]:
+    return sorted(p.name for p in (sweep_dir / f"trial-{trial_id}").glob("checkpoint_*"))
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, digits_cache):
-    directory = tmp_path_factory.mktemp("sweep")
-    job = directory / "job.yaml"
-    job.write_text(yaml.safe_dump({**JOB, "output_dir": str(directory / "runs")}))
-    env = {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled"}
-    result = sdtune("sweep", str(job), env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return directory / "runs" / "sweep", result.stdout, env
+def env(digits_cache):
+    import os
+
+    return {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled"}
 
 
-def test_sweep_runs_every_trial_and_tracks_them(sweep):
-    sweep_dir, stdout, _ = sweep
-    assert "trials: 2 (0 failed)" in stdout
-    assert "best trial: " in stdout and "eval/accuracy: " in stdout
-    children, parents = child_runs(sweep_dir)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(r.data.params["method.name"] for r in children) == ["lora", "sdlora"]
-    for run in children:
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert 0.0 <= run.data.metrics["eval/accuracy"] <= 1.0
-    assert (sweep_dir / "job.yaml").is_file()
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, env):
+    """The quickstart, killed after two finished trials and resumed: (sweep dir, spec, the trials finished before
+    the kill with their checkpoints then, resume's stdout)."""
+    output = tmp_path_factory.mktemp("quickstart")
+    overrides = [arg for item in [*SMALL, f"output_dir={output}"] for arg in ("--set", item)]
+    killed = sdtune("sweep", str(QUICKSTART), *overrides, env=env, **{KILL_AFTER_TRIALS_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, failure(killed)
+    sweep_dir = output / "quickstart"
+    spec = load_job(sweep_dir / "job.yaml")
+    finished_before = {t.trial_id: checkpoints(sweep_dir, t.trial_id) for t in load_trials(spec) if t.status == "TERMINATED"}
+    assert len(finished_before) >= 2
+
+    resumed = sdtune("resume", str(sweep_dir), env=env)
+    assert resumed.returncode == 0, failure(resumed)
+    return sweep_dir, spec, finished_before, resumed.stdout
 
 
-def test_resuming_a_finished_sweep_reruns_nothing(sweep):
-    sweep_dir, _, env = sweep
-    before = sorted((sweep_dir).glob("trial-*/checkpoint_*"))
-    result = sdtune("resume", str(sweep_dir), env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "trials: 2 (0 failed)" in result.stdout
-    assert sorted((sweep_dir).glob("trial-*/checkpoint_*")) == before  # no trial trained again
-    children, parents = child_runs(sweep_dir)
-    assert len(children) == 2 and len(parents) == 1
+def test_resume_finishes_the_sweep_without_rerunning_finished_trials(sweep):
+    sweep_dir, spec, finished_before, stdout = sweep
+    assert f"trials: {TRIALS} (0 failed)" in stdout
+    trials = load_trials(spec)
+    assert len(trials) == TRIALS and all(t.status == "TERMINATED" for t in trials)
+    for trial_id, before in finished_before.items():
+        assert checkpoints(sweep_dir, trial_id) == before  # not trained again
+    methods = sorted(t.config["method"]["name"] for t in trials)
+    assert methods == ["lora"] * 2 + ["sdlora"] * 4
+    assert spec.search.scheduler == "asha" and spec.resources.max_concurrent_trials == 2
+
+
+def test_shared_warmup_ran_once_per_key(sweep):
+    sweep_dir, spec, _, _ = sweep
+    sdlora = [t for t in load_trials(spec) if t.config["method"]["name"] == "sdlora"]
+    # the two SDLoRA arms differ only in their ratios, and the warmup lr is fixed: one warmup key for all four
+    published = WarmupStore(sweep_dir).computed()
+    assert len(published) == 1
+    assert sorted(t.metrics["warmup/shared"] for t in sdlora) == [0, 1, 1, 1]
+    computed_by = [t for t in sdlora if t.metrics["warmup/shared"] == 0]
+    assert published[0]["computed_by"] == f"trial-{computed_by[0].trial_id}"
+
+
+def test_reused_warmup_selects_as_a_recomputed_one(sweep, env, tmp_path):
+    """A trial that reused the shared warmup, run again alone in an empty directory (so it computes its own):
+    the same warmup key, bit-identical updates, the same selection."""
+    sweep_dir, spec, _, _ = sweep
+    reused = next(t for t in load_trials(spec) if t.metrics.get("warmup/shared") == 1)
+    alone = spec.with_overrides({**reused.config, "output_dir": str(tmp_path), "name": "alone"})
+    job = tmp_path / "alone.yaml"
+    job.write_text(alone.to_yaml())
+    result = sdtune("train", str(job), env=env)
+    assert result.returncode == 0, failure(result)
+
+    [shared_entry] = (sweep_dir / WARMUP_DIR).glob("*/updates.safetensors")
+    [own_entry] = (tmp_path / "alone" / WARMUP_DIR).glob("*/updates.safetensors")
+    assert own_entry.parent.name == shared_entry.parent.name
+    shared, own = load_file(shared_entry), load_file(own_entry)
+    assert shared.keys() == own.keys() and all(torch.equal(shared[k], own[k]) for k in shared)
+
+    def selection(checkpoint: Path) -> dict[str, torch.Tensor]:
+        tensors = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+        return {k: v for k, v in tensors.items() if k.startswith("sdt_selection.")}
+
+    from_sweep = selection(reused.checkpoint)
+    recomputed = selection(Path(dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)["checkpoint"]))
+    assert from_sweep and from_sweep.keys() == recomputed.keys()
+    assert all(torch.equal(from_sweep[k], recomputed[k]) for k in from_sweep)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(sweep, env):
+    """`sdtune ui` (a real `mlflow server` on 127.0.0.1) over the sweep's store; its base URL."""
+    sweep_dir = sweep[0]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "ui", str(sweep_dir), "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in server.stdout:  # blocks until the server says it serves
+            if "Application startup complete" in line:
+                break
+        else:
+            pytest.fail(f"mlflow server exited with {server.wait()}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def rest(base: str, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_server):
+    _, spec, _, _ = sweep
+    experiments = rest(mlflow_server, "experiments/search", {"max_results": 100})["experiments"]
+    [experiment] = [e for e in experiments if e["name"] == spec.name]
+    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    [parent] = [run for run, tag in zip(runs, tags) if tag.get("sdtune.role") == "sweep"]
+    children = [run for run, tag in zip(runs, tags) if tag.get("sdtune.role") == "trial"]
+    assert parent["info"]["status"] == "FINISHED"
+    assert len(children) == TRIALS
+    trial_ids = {tag["sdtune.trial_id"] for tag in tags if tag.get("sdtune.role") == "trial"}
+    assert trial_ids == {t.trial_id for t in load_trials(spec)}  # exactly one child per trial, none duplicated
+    for child, tag in ((r, t) for r, t in zip(runs, tags) if t.get("sdtune.role") == "trial"):
+        assert child["info"]["status"] == "FINISHED"
+        assert tag["mlflow.parentRunId"] == parent["info"]["run_id"]
+        metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and metrics["train/loss"] > 0
+    # the first two trials ran at the same time (max_concurrent_trials: 2)
+    first = sorted((c["info"]["start_time"], c["info"]["end_time"]) for c in children)[:2]
+    assert first[1][0] < first[0][1]
+
+
+def test_export_holds_the_contract_and_the_merged_model_reproduces_the_metric(sweep):
+    sweep_dir, spec, _, stdout = sweep
+    export = sweep_dir / "export"
+    assert f"{export}" in stdout
+    assert {p.name for p in export.iterdir()} == EXPORT_FILES
+    trial = json.loads((export / "trial.json").read_text())
+    trials = {t.trial_id: t for t in load_trials(spec)}
+    best = max((t for t in trials.values()), key=lambda t: t.metrics["eval/accuracy"])
+    assert trial["metrics"]["eval/accuracy"] == best.metrics["eval/accuracy"]
+    assert trials[trial["trial_id"]].metrics["eval/accuracy"] == best.metrics["eval/accuracy"]
+
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["sdt"]["method"] == trials[trial["trial_id"]].config["method"]["name"]
+    winner = load_job(export / "job.yaml")
+    assert winner.training.lr == trials[trial["trial_id"]].config["training.lr"]
+
+    merged = AutoModelForCausalLM.from_pretrained(export / "merged", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(export / "merged")
+    scores = evaluate(merged, load_task(winner.data, tokenizer), "validation", tokenizer, winner.data,
+                      batch_size=winner.training.eval_batch_size)  # fmt: skip
+    assert scores["accuracy"] == pytest.approx(trial["metrics"]["eval/accuracy"], abs=1e-9)
+    assert yaml.safe_load((export / "job.yaml").read_text())["name"] == spec.name
