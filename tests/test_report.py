@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,9 @@ from pipeline.config import parse_job
 from pipeline.report import write_report
 from pipeline.results import TrialOutcome
 from pipeline.tracking import SweepTracker
+
+# Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
+pytestmark = pytest.mark.usefixtures("clean_cwd")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LORA_R2 = {"name": "lora", "lora_rank": 2, "lora_targets": ["out_proj", "x_proj"]}
@@ -37,32 +39,6 @@ TEST = {
 }
 TRAINABLE = {"lora": 1000, "sdlora": 600}
 FAILED_TRIAL = ("sdlora", 1e-2, 2)
-
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow database, copied by each test: migrating one takes seconds on 2 cores."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def clean_cwd(tmp_path, monkeypatch):
-    """Nothing (an ./mlruns) may appear in the working directory."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield
-    assert not list(cwd.iterdir())
-
-
-@pytest.fixture
-def store(tmp_path, template_db) -> str:
-    path = tmp_path / "store" / "mlflow.db"
-    path.parent.mkdir()
-    shutil.copy(template_db, path)
-    return f"sqlite:///{path}"
 
 
 def make_spec(tmp_path: Path, store: str, space: dict):

@@ -23,24 +23,8 @@ from pipeline.tracking import (
     tracking_uri,
 )
 
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow database. Creating one runs MLflow's migrations (4-8 s on 2 cores), so each
-    test copies this file instead (MLflow's SQLite store does not use a WAL: the file is the whole store)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def clean_cwd(tmp_path, monkeypatch):
-    """Every test runs in an empty working directory that must stay empty (no stray ./mlruns)."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield cwd
-    assert not list(cwd.iterdir()), "nothing (./mlruns) may appear in the working directory"
+# Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
+pytestmark = pytest.mark.usefixtures("clean_cwd")
 
 
 def make_spec(tmp_path: Path, name: str = "sweep", uri: str | None = None, **sections):
@@ -53,15 +37,6 @@ def make_spec(tmp_path: Path, name: str = "sweep", uri: str | None = None, **sec
         **sections,
     }
     return parse_job(data)
-
-
-@pytest.fixture
-def store(tmp_path, template_db) -> str:
-    """A fresh tracking URI (a copy of the migrated template)."""
-    path = tmp_path / "store" / "mlflow.db"
-    path.parent.mkdir()
-    shutil.copy(template_db, path)
-    return f"sqlite:///{path}"
 
 
 @pytest.fixture
@@ -79,12 +54,12 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking_uri(make_spec(tmp_path, uri="http://127.0.0.1:5000")) == "http://127.0.0.1:5000"
 
 
-def test_default_store_and_artifacts_live_in_the_sweep_dir(tmp_path, template_db, monkeypatch):
+def test_default_store_and_artifacts_live_in_the_sweep_dir(tmp_path, mlflow_template_db, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec = make_spec(tmp_path, name="default-store", tracking={"experiment": "my-exp"})
     sweep_dir = spec.sweep_dir.resolve()
     sweep_dir.mkdir(parents=True)
-    shutil.copy(template_db, sweep_dir / "mlflow.db")
+    shutil.copy(mlflow_template_db, sweep_dir / "mlflow.db")
 
     tracker = SweepTracker(spec)
     parent = tracker.start_sweep()
