@@ -11,6 +11,7 @@ import typer
 
 from pipeline import __version__
 from pipeline.config import JobSpec, JobSpecError, load_job
+from pipeline.results import JOB_FILE, sweep_spec
 
 app = typer.Typer(help="Sweep SDT + LoRA fine-tuning of Mamba, Mamba-2 and Jamba models.", no_args_is_help=True)
 
@@ -93,7 +94,7 @@ def sweep(job: Path, overrides: SetOption = None, address: AddressOption = None)
     the best trial's adapter and write the report."""
     spec = load_or_exit(job, overrides)
     spec.sweep_dir.mkdir(parents=True, exist_ok=True)
-    (spec.sweep_dir / "job.yaml").write_text(spec.to_yaml())
+    (spec.sweep_dir / JOB_FILE).write_text(spec.to_yaml())
     run_and_finish(spec, address)
 
 
@@ -107,53 +108,58 @@ def resume(run_dir: Path, address: AddressOption = None) -> None:
 def export(
     run_dir: Path,
     out: Annotated[Path | None, typer.Option(help="Default: the spec's export.dir, else RUN_DIR/export")] = None,
-    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write merged/ (default: the spec's export.merge)")] = None,
+    merge: Annotated[
+        bool | None, typer.Option("--merge/--no-merge", help="Also write merged/ (default: the spec's export.merge)")
+    ] = None,
 ) -> None:
     """(Re)export the best trial of a sweep: adapter, trial.json, job.yaml, model card, optionally a merged model."""
+    spec = spec_of_run(run_dir)
     from pipeline.export import export_best
 
-    export_best(spec_of_run(run_dir), out=out, merge=merge, log=typer.echo)
+    export_best(spec, out=out, merge=merge, log=typer.echo)
 
 
 @app.command()
 def report(run_dir: Path) -> None:
     """Plot the metric against each searched hyperparameter and tabulate the best arm against the baselines."""
+    spec = spec_of_run(run_dir)
     from pipeline.report import write_report
 
-    write_report(spec_of_run(run_dir), log=typer.echo)
+    write_report(spec, log=typer.echo)
 
 
 @app.command()
 def ui(
-    run_dir: Path,
+    run_dir: Annotated[Path | None, typer.Argument(help="A sweep directory; default: $MLFLOW_TRACKING_URI")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the runs")] = "127.0.0.1",
     port: int = 5000,
 ) -> None:
     """Serve a sweep's MLflow store (runs, metrics, artifacts, registry) with `mlflow server`."""
     from pipeline.tracking import ARTIFACTS_DIR, tracking_uri
 
-    spec = spec_of_run(run_dir)
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", tracking_uri(spec),
-        "--default-artifact-root", (spec.sweep_dir.resolve() / ARTIFACTS_DIR).as_uri(),
-        "--host", host, "--port", str(port),
-    ]
-    typer.echo(f"MLflow UI for {spec.sweep_dir} on http://{host}:{port}", err=True)
+    if run_dir is not None:
+        spec = spec_of_run(run_dir)
+        store = ["--backend-store-uri", tracking_uri(spec)]
+        store += ["--default-artifact-root", (spec.sweep_dir.resolve() / ARTIFACTS_DIR).as_uri()]
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        store = ["--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"]]
+    else:
+        typer.echo("give a sweep directory (runs/<job name>) or set MLFLOW_TRACKING_URI", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"MLflow UI on http://{host}:{port}", err=True)
+    command = [sys.executable, "-m", "mlflow", "server", *store, "--host", host, "--port", str(port)]
     os.execv(sys.executable, command)
 
 
 def spec_of_run(run_dir: Path) -> JobSpec:
     """The spec a sweep was started with (``RUN_DIR/job.yaml``); no such sweep: exit 2."""
-    from pipeline.tune import sweep_dir_spec
-
-    if not (run_dir / "job.yaml").is_file():
+    if not (run_dir / JOB_FILE).is_file():
         typer.echo(f"{run_dir}: not a sweep directory (no job.yaml); give runs/<job name>", err=True)
         raise typer.Exit(2)
     try:
-        return sweep_dir_spec(run_dir)
+        return sweep_spec(run_dir)
     except JobSpecError as error:
-        typer.echo(f"{run_dir / 'job.yaml'}: {error}", err=True)
+        typer.echo(f"{run_dir / JOB_FILE}: {error}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import JobSpec
+from pipeline.config import JobSpec, load_job
 
 TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
+JOB_FILE = "job.yaml"  # the resolved spec, under the sweep dir
 CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneReportCallback
 FINISHED = "TERMINATED"
 
@@ -44,6 +45,11 @@ class TrialOutcome:
         return float(value) if math.isfinite(value) else None
 
 
+def sweep_spec(run_dir: str | Path) -> JobSpec:
+    """The spec a sweep was started with, from ``<run dir>/job.yaml`` (the resolved spec ``sdtune sweep`` wrote)."""
+    return load_job(Path(run_dir) / JOB_FILE)
+
+
 def load_trials(spec: JobSpec) -> list[TrialOutcome]:
     """Every trial recorded in ``<sweep dir>/tune``, in Tune's trial order."""
     from ray.tune import ExperimentAnalysis
@@ -57,7 +63,8 @@ def load_trials(spec: JobSpec) -> list[TrialOutcome]:
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         frame = histories.get(trial.trial_id)
         history = frame.to_dict("records") if frame is not None else []
-        outcomes.append(TrialOutcome(trial.trial_id, trial.status, dict(trial.config), dict(trial.last_result or {}), history))
+        last = dict(trial.last_result or {})
+        outcomes.append(TrialOutcome(trial.trial_id, trial.status, dict(trial.config), last, history))
     return outcomes
 
 

@@ -2,10 +2,10 @@
 
 warmup (``method.warmup_steps`` optimizer steps) -> select -> restore the base, fresh adapters, a new engine with a
 new optimizer and schedule -> train for ``training.epochs`` -> evaluate every epoch (and every
-``training.eval_every_steps``; the test split at the end) -> ``ray.train.report(metrics, checkpoint)``. A checkpoint holds the adapter (with
-its selection), the engine's optimizer and schedule state, and the data position; a restarted trial resumes at
-that optimizer step with the same selection. Warmup is short and is redone if a trial dies inside it; trials
-whose warmups would be identical share one (:mod:`pipeline.warmup`).
+``training.eval_every_steps``; the test split at the end) -> ``ray.train.report(metrics, checkpoint)``. A
+checkpoint holds the adapter (with its selection), the engine's optimizer and schedule state, and the data
+position; a restarted trial resumes at that optimizer step with the same selection. Warmup is short and is redone
+if a trial dies inside it; trials whose warmups would be identical share one (:mod:`pipeline.warmup`).
 """
 
 from __future__ import annotations

@@ -103,18 +103,15 @@ def tune_config(spec: JobSpec) -> tune.TuneConfig:
 
 
 def make_tuner(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
+    tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
+    callbacks = [MLflowSweepCallback(tracker)]
+    if KILL_AFTER_TRIALS_ENV in os.environ:
+        callbacks.append(KillDriverAfterTrials(tune_dir))
     return tune.Tuner(
         make_trainable(spec),
         param_space=search_space(spec),
         tune_config=tune_config(spec),
-        run_config=tune.RunConfig(
-            name=TUNE_DIR,
-            storage_path=str(spec.sweep_dir.resolve()),
-            callbacks=[
-                MLflowSweepCallback(tracker),
-                *([KillDriverAfterTrials(spec.sweep_dir.resolve() / TUNE_DIR)] if KILL_AFTER_TRIALS_ENV in os.environ else []),
-            ],
-        ),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(tune_dir.parent), callbacks=callbacks),
     )
 
 
@@ -138,9 +135,3 @@ def run_sweep(spec: JobSpec) -> tune.ResultGrid:
     tracker.finish_sweep("FINISHED")
     return results
 
-
-def sweep_dir_spec(run_dir: str | Path) -> JobSpec:
-    """The spec a sweep was started with, from ``<run dir>/job.yaml``."""
-    import yaml
-
-    return parse_job(yaml.safe_load((Path(run_dir) / "job.yaml").read_text()), source=str(Path(run_dir) / "job.yaml"))

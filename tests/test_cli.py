@@ -54,3 +54,17 @@ def test_valid_spec(tmp_path):
     path.write_text(yaml.safe_dump(GOOD))
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 0 and "valid (sdlora on digits" in result.output
+
+
+@pytest.mark.parametrize("command", ["resume", "export", "report", "ui"])
+def test_commands_on_a_sweep_dir_refuse_a_dir_that_is_not_one(command, tmp_path):
+    result = CliRunner().invoke(app, [command, str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"{tmp_path}: not a sweep directory (no job.yaml); give runs/<job name>"
+    assert not ray.is_initialized()
+
+
+def test_ui_needs_a_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(app, ["ui"])
+    assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
