@@ -219,6 +219,7 @@ class TrainingSpec(_Spec):
     grad_clip: PositiveFloat = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     eval_every_steps: PositiveInt | None = None  # evaluate and checkpoint this often, besides after every epoch
+    log_every_steps: PositiveInt = 10  # the train loss of every Nth optimizer step goes to MLflow (train/step_loss)
     eval_batch_size: PositiveInt = 8
     seed: int = 42
 

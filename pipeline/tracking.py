@@ -119,6 +119,11 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
+def is_series(value: Any) -> bool:
+    """``[[step, value], ...]``: how a report carries a metric measured more often than it reports."""
+    return isinstance(value, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in value)
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -334,13 +339,15 @@ class SweepTracker:
         return self._trial_runs[trial_id]
 
     def log_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
-        """Logs the finite numbers among ``metrics`` at ``step``; anything else is skipped."""
+        """Logs the finite numbers among ``metrics`` at ``step``, and each metric whose value is a series of
+        ``[step, value]`` pairs point by point at the points' own steps; anything else is skipped."""
         timestamp = int(time.time() * 1000)
-        batch = [
-            Metric(clean_key(key), float(value), timestamp, int(step))
+        points = [
+            (key, point, at)
             for key, value in metrics.items()
-            if is_finite_number(value)
+            for at, point in (value if is_series(value) else [(step, value)])
         ]
+        batch = [Metric(clean_key(key), float(v), timestamp, int(at)) for key, v, at in points if is_finite_number(v)]
         if not batch:
             return
         run_id = self._trial_run_id(trial_id)

@@ -194,16 +194,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if not checkpoint else 0
 
     step, losses, tokens, started, guarded = state["step"], [], 0, time.perf_counter(), bool(checkpoint)
+    step_losses: list[float] = []  # the micro-batch losses of the optimizer step in progress
+    loss_by_step: list[list[float]] = []  # [step, loss] every log_every_steps steps since the last report
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def report(epoch: int, next_batch: int, final: bool = False) -> None:
-        nonlocal losses, tokens, started
+        nonlocal losses, loss_by_step, tokens, started
         elapsed = time.perf_counter() - started
         metrics = {
             "step": step,
             "epoch": epoch,
             "train/loss": sum(losses) / len(losses) if losses else math.nan,
+            "train/step_loss": loss_by_step,  # a series: MLflow logs each point at its own step
             "tokens_per_s": tokens * world / elapsed if elapsed > 0 else 0.0,
             "trainable_parameters": tuner.num_trainable_parameters(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -217,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position["metrics"] = metrics  # what to report again if the trial is restarted once finished
             save_checkpoint(Path(tmp), engine, tuner, position, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        losses, tokens, started = [], 0, time.perf_counter()
+        losses, loss_by_step, tokens, started = [], [], 0, time.perf_counter()
 
     for epoch in range(state["epoch"], training.epochs):
         start = state["next_batch"] if epoch == state["epoch"] else 0
@@ -228,12 +231,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"{FAIL_AT_STEP_ENV}: injected failure before step {fail_at}")
             loss, boundary = train_micro_batch(engine, batch, device)
             losses.append(loss)
+            step_losses.append(loss)
             tokens += int(batch["input_ids"].numel())
             if boundary and not guarded:
                 tuner.check_gradients(grad_of=safe_get_full_grad)
                 guarded = True
             engine.step()
             step += boundary
+            if boundary:
+                if step % training.log_every_steps == 0:
+                    loss_by_step.append([step, sum(step_losses) / len(step_losses)])
+                step_losses = []
             if boundary and training.eval_every_steps and step % training.eval_every_steps == 0:
                 report(epoch, index + 1)
         finished = epoch + 1 == training.epochs or step >= total_steps

@@ -178,6 +178,12 @@ def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_se
         assert tag["mlflow.parentRunId"] == parent["info"]["run_id"]
         metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
         assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and metrics["train/loss"] > 0
+    # per optimizer step too: the train loss of every 10th step (20 steps an epoch), at its own step
+    run_id = children[0]["info"]["run_id"]
+    with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}"
+                                "&metric_key=train/step_loss", timeout=60) as response:  # fmt: skip
+        steps = {m["step"] for m in json.load(response)["metrics"]}
+    assert {10, 20} <= steps and steps <= {10, 20, 30, 40}
     # the first two trials ran at the same time (max_concurrent_trials: 2)
     first = sorted((c["info"]["start_time"], c["info"]["end_time"]) for c in children)[:2]
     assert first[1][0] < first[0][1]

@@ -132,7 +132,12 @@ def test_metrics_read_back_with_steps(spec):
     tracker.log_metrics("t", {"trainable_parameters": 1234}, step=20)
     history = tracker.client.get_metric_history(run_id, "eval/accuracy")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.25), (10, 0.5), (20, 0.75)]
-    assert set(tracker.client.get_run(run_id).data.metrics) == {"eval/accuracy", "trainable_parameters"}
+    # a series of [step, value] pairs (the per-step train loss of one report) lands at the points' own steps
+    tracker.log_metrics("t", {"train/step_loss": [[12, 2.0], [14, math.nan], [16, 1.5]], "empty": []}, step=20)
+    history = tracker.client.get_metric_history(run_id, "train/step_loss")
+    assert sorted((m.step, m.value) for m in history) == [(12, 2.0), (16, 1.5)]
+    metrics = {"eval/accuracy", "trainable_parameters", "train/step_loss"}
+    assert set(tracker.client.get_run(run_id).data.metrics) == metrics
 
     # A tracker rebuilt from scratch (or unpickled) finds the child by its tags.
     again = cloudpickle.loads(cloudpickle.dumps(tracker))
