@@ -35,7 +35,7 @@ from sdt.io import CONFIG_NAME, WEIGHTS_NAME
 from pipeline import __version__
 from pipeline.config import JobSpec
 from pipeline.models import load_base_model
-from pipeline.results import TrialOutcome, best_trial, load_trials
+from pipeline.results import JOB_FILE, TrialOutcome, best_trial, load_trials
 from pipeline.tracking import MLflowSweepCallback, SweepTracker, is_finite_number
 from pipeline.train import ADAPTER_DIR
 
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 EXPORT_DIR = "export"
 MERGED_DIR = "merged"
 TRIAL_FILE = "trial.json"
-JOB_FILE = "job.yaml"
 CARD_FILE = "README.md"
 ARTIFACT_PATH = "export"  # where the export lands among the trial run's MLflow artifacts
 CHAMPION_ALIAS = "champion"

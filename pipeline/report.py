@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 import sdt
 from pipeline.config import Domain, JobSpec, MethodSpec
-from pipeline.results import FINISHED, NoUsableTrialError, TrialOutcome, load_trials
+from pipeline.results import FAILED, FINISHED, NoUsableTrialError, TrialOutcome, load_trials
 from pipeline.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ TRIAL_COLUMNS = ("step", "epoch", "train/loss", "trainable_parameters", "tokens_
 SEED_KEY = "training.seed"
 METHOD_KEYS = ("method", "method.name")  # searched keys that pick the arm rather than a setting within it
 SDLORA, LORA = "sdlora", "lora"
-FAILED = "ERROR"
 LOG_SPAN = 10  # positive values spanning this factor or more are drawn on a log axis
 JITTER = 0.15  # half-width of the spread of points around a category, so repeated seeds do not hide each other
 # Method fields that tell arms apart, in label order, with their short prefix ("lora r2 out_proj+x_proj").

@@ -17,7 +17,8 @@ from pipeline.config import JobSpec, load_job
 TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
 JOB_FILE = "job.yaml"  # the resolved spec, under the sweep dir
 CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneReportCallback
-FINISHED = "TERMINATED"
+FINISHED = "TERMINATED"  # Ray Tune's trial statuses
+FAILED = "ERROR"
 
 
 class NoUsableTrialError(RuntimeError):

@@ -19,7 +19,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipeline.config import Domain, JobSpec, parse_job
-from pipeline.results import TUNE_DIR
+from pipeline.results import FINISHED, TUNE_DIR
 from pipeline.tracking import MLflowSweepCallback, SweepTracker
 from pipeline.train import build_trainer
 
@@ -71,7 +71,7 @@ class KillDriverAfterTrials(Callback):
             state = json.loads(max(self.tune_dir.glob("experiment_state-*.json")).read_text())
         except (ValueError, OSError):  # none yet, or caught mid-copy
             return 0
-        return sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in state["trial_data"])
+        return sum(json.loads(trial)["status"] == FINISHED for trial, _ in state["trial_data"])
 
 
 def tune_config(spec: JobSpec) -> tune.TuneConfig:
