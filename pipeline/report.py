@@ -246,6 +246,8 @@ def sdlora_verdict(spec: JobSpec, rows: Sequence[ArmSummary]) -> str:
         relative = "with no spread over seeds"
     else:
         relative = f"{abs(difference) / spread:.2g} pooled standard deviations"
+        if abs(difference) < spread:
+            relative += ": within the spread over seeds, not a clear difference"
     return (
         f"SDLoRA {'beats' if beats else 'does not beat'} the best LoRA arm ({lora.arm.label}) on {metric}: "
         f"{ours} (n={ours.n}) vs {theirs} (n={theirs.n}), a difference of {difference:+.4g}, {relative}."
@@ -364,8 +366,9 @@ def categorical_positions(spec: JobSpec, key: str, domain: Domain, values: Seque
     """x positions for a strip plot (category index plus jitter), labelling the categories on ``axes``."""
     categories = category_order(domain, values)
     index = {canonical(value): position for position, value in enumerate(categories)}
-    axes.set_xticks(range(len(categories)), [category_label(spec, key, value) for value in categories])
-    axes.tick_params(axis="x", labelrotation=15)
+    # Arm labels are long ("lora r6 out_proj+dt_proj lora_alpha=6"): slanted and anchored at their tick.
+    axes.set_xticks(range(len(categories)), [category_label(spec, key, value) for value in categories],
+                    rotation=25, ha="right", rotation_mode="anchor")  # fmt: skip
     axes.set_xlim(-0.5, len(categories) - 0.5)
     jitter = random.Random(0)  # the same picture on every run
     return [index[canonical(value)] + jitter.uniform(-JITTER, JITTER) for value in values]
@@ -391,7 +394,7 @@ def plot_hyperparameter(spec: JobSpec, key: str, domain: Domain, trials: Sequenc
         points = ([positions[i] for i in mine], [scored[i].score(metric) for i in mine])
         axes.scatter(*points, color=f"C{color}", alpha=0.75, edgecolors="black", linewidths=0.5, label=method)
     if len(methods) > 1:
-        axes.legend(title="method")
+        axes.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over points
     axes.set_xlabel(key)
     axes.set_ylabel(metric)
     axes.grid(alpha=0.3)

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import parse_job
-from pipeline.report import write_report
+from pipeline.report import Arm, ArmSummary, Stats, sdlora_verdict, write_report
 from pipeline.results import TrialOutcome
 from pipeline.tracking import SweepTracker
 
@@ -170,3 +170,16 @@ def test_searched_method_mappings_are_distinct_arms(tmp_path, store, caplog):
     assert "SDLoRA does not beat the best LoRA arm (lora r8 out_proj+x_proj) on eval/accuracy: " in summary
     assert "a difference of -0.04, 2.8 pooled standard deviations." in summary
     assert "no MLflow run for sweep" in caplog.text
+
+
+def test_a_difference_inside_the_seeds_spread_is_called_no_clear_difference(tmp_path, store):
+    spec = make_spec(tmp_path, store, {"method.name": {"grid": ["lora", "sdlora"]}})
+
+    def row(method: str, test: list[float]) -> ArmSummary:
+        return ArmSummary(Arm(method, method, method), {}, Stats.of([0.5, 0.6]), Stats.of(test), None, None)
+
+    close = sdlora_verdict(spec, [row("sdlora", [0.70, 0.74, 0.78]), row("lora", [0.69, 0.73, 0.77])])
+    assert close.startswith("SDLoRA beats the best LoRA arm (lora)")
+    assert close.endswith("0.25 pooled standard deviations: within the spread over seeds, not a clear difference.")
+    clear = sdlora_verdict(spec, [row("sdlora", [0.80, 0.81, 0.82]), row("lora", [0.69, 0.70, 0.71])])
+    assert clear.endswith("11 pooled standard deviations.")
