@@ -39,6 +39,8 @@ INFO_FILE = "warmup.json"
 RECIPE_VERSION = 1
 # SDTConfig fields that act only after the warmup, in the selection.
 SELECTION_ONLY_FIELDS = ("channels_frozen", "states_frozen", "inputs_frozen")
+# DataSpec fields that shape only the evaluation splits and their scoring, never the training batches.
+EVAL_ONLY_DATA_FIELDS = ("max_eval_samples", "scoring", "num_beams", "max_new_tokens")
 
 Updates = dict[str, dict[str, torch.Tensor]]  # mixer prefix -> warmup tensor key -> dense update
 
@@ -53,7 +55,7 @@ def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.d
         "recipe": RECIPE_VERSION,
         "sdtune": __version__,
         "model": spec.model.model_dump(mode="json"),
-        "data": spec.data.model_dump(mode="json"),
+        "data": spec.data.model_dump(mode="json", exclude=set(EVAL_ONLY_DATA_FIELDS)),
         "method": {k: v for k, v in sdt_config.items() if k not in SELECTION_ONLY_FIELDS},
         "seed": training.seed,
         "batch_size": training.batch_size,
