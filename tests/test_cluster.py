@@ -1,5 +1,5 @@
 """A sweep on a local two-node Ray cluster (`ray.cluster_utils.Cluster`): `sdtune sweep --address` places its trials
-on both nodes. Each node has room for one trial's worker only, and two trials run at once."""
+on both nodes. Each node has room for one trial's worker only, and two trials run at once. Optuna samples them."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ JOB = {
     "training": {"epochs": 1, "batch_size": 8, "lr": 2e-2, "eval_batch_size": 24},
     # A worker takes 0.9 of a one-CPU node, so no node holds two, wherever the two Tune drivers (0.05 each) sit.
     "resources": {"num_workers": 1, "cpus_per_worker": 0.9, "trial_cpus": 0.05, "max_concurrent_trials": 2},
-    "search": {"space": {"method.name": {"grid": ["sdlora", "lora"]}}},
+    # Optuna picks the trials, so this is also the suite's real Optuna sweep.
+    "search": {
+        "algorithm": "optuna",
+        "num_samples": 2,
+        "space": {"training.lr": {"loguniform": [1e-3, 3e-2]}, "method.name": {"choice": ["sdlora", "lora"]}},
+    },
     "export": {"register_model": False},
 }
 
@@ -49,3 +54,6 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path, digits_cache):
     assert len(trials) == 2 and all(t.status == "TERMINATED" for t in trials)
     nodes = {node.node_id for node in two_nodes.list_all_nodes()}
     assert {t.metrics["node_id"] for t in trials} == nodes
+    learning_rates = [t.config["training.lr"] for t in trials]
+    assert len(set(learning_rates)) == 2 and all(1e-3 <= lr <= 3e-2 for lr in learning_rates)
+    assert {t.config["method.name"] for t in trials} <= {"sdlora", "lora"}
