@@ -23,8 +23,11 @@ AddressOption = Annotated[
 
 def load_or_exit(job: Path, overrides: list[str] | None) -> JobSpec:
     """The validated spec, with relative paths made absolute (Ray workers run elsewhere); bad input: exit 2."""
+    from pipeline.models import check_method_fits
+
     try:
         spec = load_job(job, overrides or [])
+        check_method_fits(spec)
     except JobSpecError as error:
         typer.echo(f"{job}: {error}", err=True)
         raise typer.Exit(2) from None

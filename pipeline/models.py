@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import sdt
-from pipeline.config import ModelSpec
+from pipeline.config import JobSpec, JobSpecError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,46 @@ def load_base_model(
     model.eval()
     log_kernel_paths(model.config.model_type, device, log, getattr(model.config, "use_mambapy", False))
     return model, tokenizer
+
+
+def skeleton(spec: ModelSpec) -> PreTrainedModel | None:
+    """The base's architecture on the meta device (shapes, no weights, nothing downloaded but a hub config), or
+    None when its config cannot be read here (a hub id without a network)."""
+    from pipeline.pretrain import digits_base_config
+
+    trust = {"trust_remote_code": True} if spec.trust_remote_code else {}
+    if spec.builtin is not None:
+        config = digits_base_config()
+    elif spec.architecture is not None:
+        config = AutoConfig.for_model(spec.architecture, **spec.config)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(spec.name_or_path, **trust)
+        except OSError:
+            return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, **trust)
+
+
+def check_method_fits(spec: JobSpec) -> None:
+    """Every method the sweep can run selects at least one channel, state (and Mamba-2 input) per layer of the
+    base: the error the selection would raise after a trial's warmup, raised before Ray starts instead, as a
+    :class:`JobSpecError` naming the field (or the searched key and its value)."""
+    model = skeleton(spec.model)
+    if model is None:
+        return
+    candidates = [("method", None, spec)]
+    for key, domain in spec.search.space.items():
+        if key == "method" or key.startswith("method."):
+            candidates += [(key, value, spec.with_overrides({key: value})) for value in domain.candidates()]
+    for key, value, variant in candidates:
+        try:
+            sdt.check_counts(model, variant.method.to_sdt_config(seed=0))
+        except ValueError as error:
+            if value is None:
+                field, _, reason = str(error).partition(": ")
+                raise JobSpecError(f"method.{field}", reason) from None
+            raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
 
 
 def log_kernel_paths(

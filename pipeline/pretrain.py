@@ -62,6 +62,24 @@ class PretrainConfig:
 DIGITS_BASE = PretrainConfig()
 
 
+def digits_base_config(config: PretrainConfig = DIGITS_BASE) -> MambaConfig:
+    """The architecture of the digits base (before any training)."""
+    tokenizer = digits_tokenizer()
+    return MambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden,
+        num_hidden_layers=config.layers,
+        state_size=config.state,
+        # Pixel value 0 is token 0, MambaConfig's default bos / eos / pad: point them at the tokenizer's eos.
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # mambapy's parallel scan: ~3x faster than the sequential reference scan on CPU; a machine without it
+        # falls back to that scan with the same weights.
+        use_mambapy=find_spec("mambapy") is not None,
+    )
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$SDTUNE_CACHE``, else ``~/.cache/sdtune``."""
     if cache_dir is not None:
@@ -118,19 +136,7 @@ def pretrain_digits_base(
     if config.batch > len(train):
         raise ValueError(f"batch {config.batch} is larger than the {len(train)} training images")
 
-    model_config = MambaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden,
-        num_hidden_layers=config.layers,
-        state_size=config.state,
-        # Pixel value 0 is token 0, MambaConfig's default bos / eos / pad: point them at the tokenizer's eos.
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        # mambapy's parallel scan: ~3x faster than the sequential reference scan on CPU; a machine without it
-        # falls back to that scan with the same weights.
-        use_mambapy=find_spec("mambapy") is not None,
-    )
+    model_config = digits_base_config(config)
     # fork_rng: seed the init without touching the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

@@ -27,7 +27,7 @@ from .config import LORA_TARGETS, METHODS, PRESETS, SDT_TARGETS, SDTConfig, trai
 from .io import adapter_tensors, load, read_config, save, write_atomically
 from .model import AdapterCoverageError, Tuner, apply, to_compute_dtype
 from .selection import SelectionError, select_channels_and_states, select_heads_and_rows, top_indices
-from .targets import mixers
+from .targets import check_counts, mixers
 
 __all__ = [
     "SDTConfig",
@@ -50,4 +50,5 @@ __all__ = [
     "select_heads_and_rows",
     "top_indices",
     "mixers",
+    "check_counts",
 ]

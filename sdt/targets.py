@@ -80,9 +80,12 @@ class Mamba1Family:
     def warmup_specs(self, mixer: nn.Module) -> list[WarmupSpec]:
         return [WarmupSpec("A_log", mixer, "A_log")]
 
-    def select(self, prefix: str, mixer: nn.Module, updates: WarmupUpdates, config: SDTConfig) -> Selection:
+    def counts(self, prefix: str, mixer: nn.Module, config: SDTConfig) -> dict[str, int]:
         channels, states, _ = self._dims(mixer)
-        counts = _counts(config, prefix, channels=("channels_frozen", channels), states=("states_frozen", states))
+        return _counts(config, prefix, channels=("channels_frozen", channels), states=("states_frozen", states))
+
+    def select(self, prefix: str, mixer: nn.Module, updates: WarmupUpdates, config: SDTConfig) -> Selection:
+        counts = self.counts(prefix, mixer, config)
         return select_channels_and_states(updates["A_log"], counts["channels"], counts["states"], name=f"{prefix}.A_log")
 
     def sparse_specs(self, mixer: nn.Module, selection: Selection, targets: tuple[str, ...]) -> list[SparseSpec]:
@@ -125,15 +128,19 @@ class Mamba2Family:
     def warmup_specs(self, mixer: nn.Module) -> list[WarmupSpec]:
         return [WarmupSpec("A_log", mixer, "A_log"), WarmupSpec("BC", mixer.in_proj, "weight", self._bc_rows(mixer))]
 
-    def select(self, prefix: str, mixer: nn.Module, updates: WarmupUpdates, config: SDTConfig) -> Selection:
+    def counts(self, prefix: str, mixer: nn.Module, config: SDTConfig) -> dict[str, int]:
         d = self._dims(mixer)
-        counts = _counts(
+        return _counts(
             config,
             prefix,
             heads=("channels_frozen", d["heads"]),
             states=("states_frozen", d["states"]),
             inputs=("inputs_frozen", d["hidden"]),
         )
+
+    def select(self, prefix: str, mixer: nn.Module, updates: WarmupUpdates, config: SDTConfig) -> Selection:
+        d = self._dims(mixer)
+        counts = self.counts(prefix, mixer, config)
         delta_b, delta_c = updates["BC"].reshape(2, d["groups"], d["states"], d["hidden"])
         return select_heads_and_rows(
             updates["A_log"],
@@ -175,6 +182,15 @@ def family_of(model: nn.Module) -> Family:
     if model_type not in FAMILIES:
         raise ValueError(f"model: type {model_type!r} is not supported; sdt handles {', '.join(FAMILIES)}")
     return FAMILIES[model_type]
+
+
+def check_counts(model: nn.Module, config: SDTConfig) -> None:
+    """Raise the ValueError that the selection would raise after warmup (a ratio that trains no channel, state
+    or input of some layer), now. Reads only shapes, so a skeleton on the meta device will do."""
+    if config.uses_sdt:
+        family = family_of(model)
+        for prefix, mixer in mixers(model):
+            family.counts(prefix, mixer, config)
 
 
 def mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:

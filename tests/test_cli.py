@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 GOOD = {"name": "ok", "model": {"builtin": "digits"}, "data": {"task": "digits"}}
+MAMBA2 = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 8, "n_groups": 2}
 
 BAD_SPECS = [
     ({"name": "ok"}, "model"),
@@ -25,6 +26,9 @@ BAD_SPECS = [
     ({**GOOD, "search": {"space": {"training.lrr": {"grid": [1e-3]}}}}, "search.space.training.lrr"),
     ({**GOOD, "search": {"mode": "best"}}, "search.mode"),
     ({**GOOD, "unknown_section": {}}, "unknown_section"),
+    # the selection's counts, checked against the base's shapes before any warmup: 0.99 of 32 inputs trains none
+    ({**GOOD, "model": {"architecture": "mamba2", "config": MAMBA2}, "method": {"channels_frozen": 6}}, "method.inputs_frozen"),
+    ({**GOOD, "search": {"space": {"method.channels_frozen": {"grid": [0.5, 1.0]}}}}, "search.space.method.channels_frozen"),
 ]
 
 

@@ -75,3 +75,20 @@ def test_too_many_frozen_is_rejected():
     with pytest.raises(ValueError, match="channels_frozen: freezes 20 of only 16"):
         trainable_count(20, 16, field_name="channels_frozen")
     assert sdt.PRESETS["sdlora"] is not None
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "jamba"])
+def test_counts_are_checked_on_a_meta_skeleton_before_any_training(arch, tiny_model_dirs):
+    """check_counts raises the selection's error from shapes alone, on a model without weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dirs[arch]))
+    workable = {"channels_frozen": 2, "states_frozen": 0.5, "inputs_frozen": 0.5}
+    sdt.check_counts(skeleton, SDTConfig(**workable))
+    sdt.check_counts(skeleton, SDTConfig.preset("lora", channels_frozen=1.0))  # no SDT: nothing to select
+    with pytest.raises(ValueError, match=r"^channels_frozen: 1\.0 freezes all"):
+        sdt.check_counts(skeleton, SDTConfig(**{**workable, "channels_frozen": 1.0}))
+    with pytest.raises(ValueError, match=r"^states_frozen: 1\.0 freezes all"):
+        sdt.check_counts(skeleton, SDTConfig(**{**workable, "states_frozen": 1.0}))
