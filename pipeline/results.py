@@ -1,5 +1,5 @@
 """What a sweep produced, read back from its directory with no Ray cluster running: every trial's sampled values,
-status, reports and latest checkpoint, and the best trial by the spec's metric and mode.
+status, last report and latest checkpoint, and the best trial by the spec's metric and mode.
 
 A trial's score is its *last* report (Ray Tune's default scope), whose checkpoint is the trial's final adapter:
 with ASHA that is where the trial was stopped, otherwise the end of training.
@@ -8,7 +8,7 @@ with ASHA that is where the trial was stopped, otherwise the end of training.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class TrialOutcome:
     status: str  # Ray Tune's: TERMINATED (finished, or stopped early by the scheduler), ERROR, RUNNING, PENDING
     config: dict[str, Any]  # the sampled values, by dotted spec key ("training.lr": 0.01)
     metrics: dict[str, Any]  # the last report
-    history: list[dict[str, Any]] = field(default_factory=list)  # every report, oldest first
 
     @property
     def checkpoint(self) -> Path | None:
@@ -58,15 +57,8 @@ def load_trials(spec: JobSpec) -> list[TrialOutcome]:
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
     if not tune_dir.is_dir():
         raise FileNotFoundError(f"{spec.sweep_dir}: no sweep here (missing {TUNE_DIR}/); run `sdtune sweep` first")
-    analysis = ExperimentAnalysis(str(tune_dir))
-    histories = analysis.trial_dataframes
-    outcomes = []
-    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
-        frame = histories.get(trial.trial_id)
-        history = frame.to_dict("records") if frame is not None else []
-        last = dict(trial.last_result or {})
-        outcomes.append(TrialOutcome(trial.trial_id, trial.status, dict(trial.config), last, history))
-    return outcomes
+    trials = sorted(ExperimentAnalysis(str(tune_dir)).trials, key=lambda t: t.trial_id)
+    return [TrialOutcome(t.trial_id, t.status, dict(t.config), dict(t.last_result or {})) for t in trials]
 
 
 def best_trial(spec: JobSpec, trials: list[TrialOutcome]) -> TrialOutcome:

@@ -95,7 +95,7 @@ def outcome(trial_id: str, status: str, config: dict, accuracy: float, checkpoin
         "pid": 1234,  # Ray's bookkeeping, which trial.json leaves out
         "timestamp": 1700000000,
     }
-    return TrialOutcome(trial_id, status, config, report, [report])
+    return TrialOutcome(trial_id, status, config, report)
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def make_spec(tmp_path: Path, store: str, space: dict):
 
 def trial(number: int, status: str, config: dict, metrics: dict) -> TrialOutcome:
     last = {"step": 20, "epoch": 2, "train/loss": 0.5, **metrics}
-    return TrialOutcome(f"t{number:02d}", status, config, last, [last])
+    return TrialOutcome(f"t{number:02d}", status, config, last)
 
 
 def method_lr_seed_trials() -> list[TrialOutcome]:
