@@ -333,10 +333,7 @@ class SweepTracker:
         return run.info.run_id
 
     def _trial_run_id(self, trial_id: str) -> str:
-        if trial_id not in self._trial_runs:
-            run = self._find_one(self._child_tags(trial_id), f"trial {trial_id}")
-            self._trial_runs[trial_id] = run.info.run_id if run else self.trial_run(trial_id, {})
-        return self._trial_runs[trial_id]
+        return self.find_trial_run(trial_id) or self.trial_run(trial_id, {})
 
     def log_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
         """Logs the finite numbers among ``metrics`` at ``step``, and each metric whose value is a series of
