@@ -147,18 +147,19 @@ def check_method_fits(spec: JobSpec) -> None:
     model = skeleton(spec.model)
     if model is None:
         return
-    candidates = [("method", None, spec)]
+    try:
+        sdt.check_counts(model, spec.method.to_sdt_config(seed=0))
+    except ValueError as error:
+        field, _, reason = str(error).partition(": ")
+        raise JobSpecError(f"method.{field}", reason) from None
     for key, domain in spec.search.space.items():
-        if key == "method" or key.startswith("method."):
-            candidates += [(key, value, spec.with_overrides({key: value})) for value in domain.candidates()]
-    for key, value, variant in candidates:
-        try:
-            sdt.check_counts(model, variant.method.to_sdt_config(seed=0))
-        except ValueError as error:
-            if value is None:
-                field, _, reason = str(error).partition(": ")
-                raise JobSpecError(f"method.{field}", reason) from None
-            raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
+        if key != "method" and not key.startswith("method."):
+            continue
+        for value in domain.candidates():
+            try:
+                sdt.check_counts(model, spec.with_overrides({key: value}).method.to_sdt_config(seed=0))
+            except ValueError as error:
+                raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
 
 
 def log_kernel_paths(
