@@ -39,11 +39,11 @@ def build(mode: str, args) -> tuple[sdt.Tuner, torch.optim.Optimizer]:
     model = sdt.to_compute_dtype(MambaForCausalLM(config), torch.bfloat16).cuda().train()
     tuner = sdt.apply(model, MODES[mode])
     if tuner.phase == "warmup":  # a short real warmup, so the selection comes from real updates
-        optimizer = torch.optim.AdamW([p for _, p in tuner.trainable_parameters()], lr=1e-3, fused=True)
+        optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
         for step in range(2):
             step_once(tuner.model, optimizer, batch(args, step))
         tuner.start_training(tuner.select())
-    optimizer = torch.optim.AdamW([p for _, p in tuner.trainable_parameters()], lr=1e-3, fused=True)
+    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
     return tuner, optimizer
 
 

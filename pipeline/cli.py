@@ -31,12 +31,7 @@ def load_or_exit(job: Path, overrides: list[str] | None) -> JobSpec:
     except JobSpecError as error:
         typer.echo(f"{job}: {error}", err=True)
         raise typer.Exit(2) from None
-    changes = {"output_dir": str(Path(spec.output_dir).resolve())}
-    if spec.data.data_files:
-        changes["data.data_files"] = {k: str(Path(v).resolve()) for k, v in spec.data.data_files.items()}
-    if spec.model.name_or_path and Path(spec.model.name_or_path).exists():
-        changes["model.name_or_path"] = str(Path(spec.model.name_or_path).resolve())
-    return spec.with_overrides(changes)
+    return spec.with_absolute_paths()
 
 
 def start_ray(address: str | None) -> None:
@@ -50,7 +45,7 @@ def start_ray(address: str | None) -> None:
 def prepare_builtin_base(spec: JobSpec) -> None:
     """Pretrain the built-in base once, here, rather than in every Ray worker at the same time."""
     if spec.model.builtin == "digits":
-        from pipeline.pretrain import ensure_digits_base
+        from pipeline.digits import ensure_digits_base
 
         ensure_digits_base(log=typer.echo)
 
@@ -71,7 +66,7 @@ def validate(job: Path, overrides: SetOption = None) -> None:
 @app.command()
 def pretrain(cache_dir: Annotated[Path | None, typer.Option(help="Default: $SDTUNE_CACHE or ~/.cache/sdtune")] = None) -> None:
     """Pretrain (once; cached) the tiny base model that the built-in digits task fine-tunes."""
-    from pipeline.pretrain import ensure_digits_base
+    from pipeline.digits import ensure_digits_base
 
     typer.echo(f"digits base: {ensure_digits_base(cache_dir, log=typer.echo)}")
 
@@ -117,9 +112,11 @@ def export(
 ) -> None:
     """(Re)export the best trial of a sweep: adapter, trial.json, job.yaml, model card, optionally a merged model."""
     spec = spec_of_run(run_dir)
-    from pipeline.export import export_best
+    from pipeline.export import export_trials
+    from pipeline.results import load_trials
+    from pipeline.tracking import SweepTracker
 
-    export_best(spec, out=out, merge=merge, log=typer.echo)
+    export_trials(spec, load_trials(spec), SweepTracker(spec), out=out, merge=merge, log=typer.echo)
 
 
 @app.command()
@@ -127,8 +124,10 @@ def report(run_dir: Path) -> None:
     """Plot the metric against each searched hyperparameter and tabulate the best arm against the baselines."""
     spec = spec_of_run(run_dir)
     from pipeline.report import write_report
+    from pipeline.results import load_trials
+    from pipeline.tracking import SweepTracker
 
-    write_report(spec, log=typer.echo)
+    write_report(spec, load_trials(spec), SweepTracker(spec), log=typer.echo)
 
 
 @app.command()
@@ -169,14 +168,16 @@ def spec_of_run(run_dir: Path) -> JobSpec:
 def run_and_finish(spec: JobSpec, address: str | None) -> None:
     prepare_builtin_base(spec)
     start_ray(address)
-    from pipeline.export import export_best
+    from pipeline.export import export_trials
     from pipeline.report import write_report
+    from pipeline.tracking import SweepTracker
     from pipeline.tune import run_sweep
 
-    results = run_sweep(spec)
-    typer.echo(f"trials: {len(results)} ({results.num_errors} failed)")
-    export_best(spec, log=typer.echo)
-    write_report(spec, log=typer.echo)
+    tracker = SweepTracker(spec)
+    outcome = run_sweep(spec, tracker)
+    typer.echo(f"trials: {len(outcome.trials)} ({outcome.num_errors} failed)")
+    export_trials(spec, outcome.trials, tracker, log=typer.echo)
+    write_report(spec, outcome.trials, tracker, log=typer.echo)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,15 @@ from pydantic import (
     StrictInt,
     ValidationError,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from sdt import SDTConfig
+import sdt
+from sdt import SDTConfig, SDTConfigError
 
 DATA_SPLITS: tuple[str, ...] = ("train", "validation", "test")
 COLUMN_ROLES: tuple[str, ...] = ("text", "text_pair", "label", "target")
@@ -41,6 +43,7 @@ DATA_FILE_FORMATS: dict[str, str] = {".json": "json", ".jsonl": "json", ".csv": 
 # Trials may differ only in what they train; resources, tracking and export belong to the sweep as a whole.
 SEARCHABLE_SECTIONS: tuple[str, ...] = ("model", "data", "method", "training")
 DOMAIN_KINDS: tuple[str, ...] = ("grid", "choice", "uniform", "loguniform", "randint")
+TRIAL_CONTEXT = "trial"  # validation context flag: the spec of one trial (see parse_job)
 
 
 class JobSpecError(ValueError):
@@ -176,17 +179,20 @@ CountOrFraction = Annotated[StrictInt | StrictFloat | None, BeforeValidator(_cou
 
 
 class MethodSpec(_Spec):
-    """The fine-tuning method: an :class:`sdt.SDTConfig` preset; a field left at None keeps the preset's value."""
+    """The fine-tuning method: a preset of :class:`sdt.SDTConfig` (a name from ``sdt.METHODS``); a field left at
+    None keeps the preset's value. The fields mirror SDTConfig's (``name`` is its ``method``; ``seed`` comes from
+    ``training.seed``), and sdt owns every rule about them."""
 
-    name: Literal["sdlora", "sdt", "lora", "full"] = "sdlora"
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
+    name: str = "sdlora"
+    lora_rank: StrictInt | None = None
+    lora_alpha: StrictFloat | StrictInt | None = None
     lora_targets: list[str] | None = None
+    lora_variant: str | None = None
     sdt_targets: list[str] | None = None
     channels_frozen: CountOrFraction = None
     states_frozen: CountOrFraction = None
     inputs_frozen: CountOrFraction = None
-    warmup_steps: int | None = None
+    warmup_steps: StrictInt | None = None
 
     def to_sdt_config(self, seed: int) -> SDTConfig:
         overrides = self.model_dump(exclude={"name"}, exclude_none=True)
@@ -194,16 +200,17 @@ class MethodSpec(_Spec):
 
     @model_validator(mode="after")
     def _valid_sdt_config(self) -> MethodSpec:
-        # SDTConfig owns the rules; its messages start with the offending field's name, which we point at.
         try:
             self.to_sdt_config(seed=0)
-        except ValueError as error:
-            field, _, reason = str(error).partition(": ")
-            field = "name" if field == "method" else field  # SDTConfig calls the preset `method`
-            if field not in type(self).model_fields:
-                raise
-            raise _field_error(field, reason, getattr(self, field)) from None
+        except SDTConfigError as error:
+            field = method_field(error.field)
+            raise _field_error(field, error.reason, getattr(self, field)) from None
         return self
+
+
+def method_field(sdt_field: str) -> str:
+    """The :class:`MethodSpec` field of an :class:`sdt.SDTConfig` field (SDTConfig calls the name ``method``)."""
+    return "name" if sdt_field == "method" else sdt_field
 
 
 class TrainingSpec(_Spec):
@@ -370,12 +377,26 @@ class JobSpec(_Spec):
     def sweep_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    def with_absolute_paths(self) -> JobSpec:
+        """A copy whose relative paths (output_dir, data files, a local model) are resolved against the current
+        directory: Ray workers run elsewhere. Only paths change, so the copy is not validated again."""
+        data = self.data
+        if data.data_files:
+            data = data.model_copy(update={"data_files": {k: str(Path(v).resolve()) for k, v in data.data_files.items()}})
+        model = self.model
+        if model.name_or_path and Path(model.name_or_path).exists():
+            model = model.model_copy(update={"name_or_path": str(Path(model.name_or_path).resolve())})
+        return self.model_copy(update={"output_dir": str(Path(self.output_dir).resolve()), "data": data, "model": model})
+
     def with_overrides(self, values: Mapping[str, Any]) -> JobSpec:
-        """A validated copy with each dotted path in ``values`` set, e.g. a trial's sampled hyperparameters."""
+        """A validated copy with each dotted path in ``values`` set: a trial's spec from its sampled values. The
+        search space is not checked again (the sweep's spec was)."""
         data = self.model_dump()
         for key, value in values.items():
-            _set_path(data, key, value, source="overrides")
-        return parse_job(data, source="overrides")
+            # Ray Tune samples randint / choice values as numpy scalars; the spec's strict types want Python's.
+            plain = value.item() if hasattr(value, "item") and not isinstance(value, list | dict) else value
+            _set_path(data, key, plain, source="overrides")
+        return parse_job(data, source="overrides", trial=True)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -391,14 +412,16 @@ class JobSpec(_Spec):
     def _zero3_only_for_full(self) -> JobSpec:
         # ZeRO-3 empties each parameter outside its owner's forward; the weight-space adapters read their base
         # tensors (A_log, x_proj, out_proj) whole and the sparse groups outside any module forward.
-        if self.training.zero_stage == 3 and self.method.name != "full":
+        if self.training.zero_stage == 3 and not sdt.METHODS[self.method.name].trains_all_weights:
             raise _field_error(("training", "zero_stage"), "ZeRO-3 is not supported with adapters; use stage 0, 1 or 2", 3)
         return self
 
     @model_validator(mode="after")
-    def _space_values_fit(self) -> JobSpec:
+    def _space_values_fit(self, info: ValidationInfo) -> JobSpec:
         # Every value must be valid with the rest of the spec as written, so no trial fails on it. Combinations
-        # of searched values are not tried.
+        # of searched values are not tried. A trial's own spec (with_overrides) skips this: its sweep's spec passed.
+        if info.context and info.context.get(TRIAL_CONTEXT):
+            return self
         for key, domain in self.search.space.items():
             for value in domain.candidates():
                 if reason := self._unfit(key, value, domain):
@@ -455,12 +478,13 @@ def _set_path(data: dict[str, Any], key: str, value: Any, source: str = "<spec>"
     node[parts[-1]] = value
 
 
-def parse_job(data: Mapping[str, Any], source: str = "<spec>") -> JobSpec:
-    """Validates an already-loaded spec; ``source`` names it in :attr:`JobSpecError.source`."""
+def parse_job(data: Mapping[str, Any], source: str = "<spec>", trial: bool = False) -> JobSpec:
+    """Validates an already-loaded spec; ``source`` names it in :attr:`JobSpecError.source`. ``trial``: the spec of
+    one trial of a validated sweep, whose search space needs no second check."""
     if not isinstance(data, Mapping):
         raise JobSpecError(source, f"the spec must be a mapping, got {type(data).__name__}", source)
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(data, context={TRIAL_CONTEXT: trial})
     except ValidationError as error:
         where, reason = _first_error(error)
         raise JobSpecError(where or "spec", reason, source) from error

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,11 @@ from mlflow.exceptions import MlflowException
 from transformers import PreTrainedTokenizerBase
 
 import sdt
-from sdt.io import CONFIG_NAME, WEIGHTS_NAME
 from pipeline import __version__
 from pipeline.config import JobSpec
 from pipeline.models import load_base_model
-from pipeline.results import JOB_FILE, TrialOutcome, best_trial, load_trials
-from pipeline.tracking import MLflowSweepCallback, SweepTracker, is_finite_number
-from pipeline.train import ADAPTER_DIR
+from pipeline.results import ADAPTER_DIR, JOB_FILE, TrialOutcome, best_trial, is_metric
+from pipeline.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +52,10 @@ def export_path(spec: JobSpec) -> Path:
     return Path(spec.export.dir) if spec.export.dir else spec.sweep_dir / EXPORT_DIR
 
 
-def export_best(
-    spec: JobSpec, out: Path | None = None, merge: bool | None = None, log: Callable[[str], Any] = print
-) -> Path:
-    """Export the best trial of the sweep in ``spec.sweep_dir``; see :func:`export_trials`."""
-    return export_trials(spec, load_trials(spec), out, merge, log)
-
-
 def export_trials(
     spec: JobSpec,
     trials: list[TrialOutcome],
+    tracker: SweepTracker,
     out: Path | None = None,
     merge: bool | None = None,
     log: Callable[[str], Any] = print,
@@ -76,10 +67,9 @@ def export_trials(
     finished with a finite metric and a checkpoint.
     """
     trial = best_trial(spec, trials)
-    winner = spec.with_overrides(trial.config)
+    winner = trial.spec
     out = Path(out) if out is not None else export_path(spec)
     merge = spec.export.merge if merge is None else merge
-    tracker = SweepTracker(spec)
     run_id = tracker.find_trial_run(trial.trial_id)
     record = trial_record(spec, trial, run_id, tracker.find_sweep())
     # fp32 on CPU whatever the trial trained in: merged weights must not lose digits to a bf16 round trip.
@@ -112,12 +102,9 @@ def export_trials(
 
 def write_adapter(directory: Path, tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
     """``adapter_model.safetensors`` and ``adapter_config.json`` in ``directory``; returns the config."""
-    # sdt.save replaces its target directory whole, so it writes a subfolder whose two files then move up.
-    saved = sdt.save(tuner, directory / f".{ADAPTER_DIR}", metadata=adapter_metadata(tuner, spec))
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        os.replace(saved / name, directory / name)
-    saved.rmdir()
-    return sdt.read_config(directory)
+    description = sdt.io.describe(tuner, adapter_metadata(tuner, spec))
+    sdt.io.write_files(directory, tuner, description)
+    return description
 
 
 def adapter_metadata(tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
@@ -129,8 +116,14 @@ def adapter_metadata(tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
     digits base; ``base_model_source`` is how the job named it.
     """
     config = tuner.config
+    selected_counts = {
+        layer: {axis: int(indices.shape[-1]) for axis, indices in selection.items()}
+        for layer, selection in (tuner.selection or {}).items()
+    }
+    counts = list(selected_counts.values())
     return {
         "method": config.method,
+        "description": config.describe(counts[0] if counts and all(c == counts[0] for c in counts) else None),
         "ranks": {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha},
         "ratios": {
             "channels_frozen": config.channels_frozen,
@@ -138,10 +131,7 @@ def adapter_metadata(tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
             "inputs_frozen": config.inputs_frozen,
         },
         "targets": {"lora": list(config.lora_targets), "sdt": list(config.sdt_targets)},
-        "selected_counts": {
-            layer: {axis: int(indices.shape[-1]) for axis, indices in selection.items()}
-            for layer, selection in (tuner.selection or {}).items()
-        },
+        "selected_counts": selected_counts,
         "base_model_source": spec.model.model_dump(mode="json", exclude_defaults=True),
         "sdtune_version": __version__,
     }
@@ -167,7 +157,7 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     return {
         key: value
         for key, value in report.items()
-        if (MLflowSweepCallback.is_metric(key) or key in POSITION_KEYS) and is_finite_number(value)
+        if (is_metric(key) or key in POSITION_KEYS) and is_finite_number(value)
     }
 
 
@@ -203,7 +193,7 @@ def model_card(
         f"the sweep `{spec.name}`.",
         "",
         f"- base model: `{base}` ({source})" if base else f"- base model: built by sdtune ({source})",
-        f"- method: {describe_method(adapter_config)}",
+        f"- method: {adapter_config['description']}",
         f"- trainable parameters: {adapter_config['num_trainable_parameters']:,}",
         f"- {record['metric']}: {record['value']:.6g} ({record['mode']}), trial `{record['trial_id']}`"
         + "".join(f", {key} {record['metrics'][key]}" for key in POSITION_KEYS if key in record["metrics"]),
@@ -243,28 +233,6 @@ def model_card(
             "```",
         ]
     return "\n".join(lines) + "\n"
-
-
-def describe_method(adapter_config: Mapping[str, Any]) -> str:
-    """One line: what the adapter trains (LoRA where and how big; SDT on which tensors, how many entries)."""
-    targets, parts = adapter_config["targets"], [adapter_config["method"]]
-    if adapter_config["method"] == "full":
-        parts.append("every weight")
-    if targets["lora"]:
-        ranks = adapter_config["ranks"]
-        parts.append(f"LoRA rank {ranks['lora_rank']}, alpha {ranks['lora_alpha']:g} on {', '.join(targets['lora'])}")
-    if targets["sdt"]:
-        counts = list(adapter_config["selected_counts"].values())
-        axes = set().union(*counts) if counts else set()
-        # inputs_frozen only means something where the selection has inputs (Mamba-2)
-        ratios = ", ".join(
-            f"{key} {value}" for key, value in adapter_config["ratios"].items() if key.removesuffix("_frozen") in axes
-        )
-        kept = ""
-        if counts and all(count == counts[0] for count in counts):
-            kept = "; kept per layer: " + ", ".join(f"{axis} {n}" for axis, n in counts[0].items())
-        parts.append(f"SDT on {', '.join(targets['sdt'])} ({ratios}{kept})")
-    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import sdt
-from pipeline.config import JobSpec, JobSpecError, ModelSpec
+from pipeline.config import JobSpec, JobSpecError, ModelSpec, method_field
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def load_base_model(
     is a ValueError. Logs the kernel path the model will run through ``log``; on CUDA a reference-PyTorch fallback
     is also a WARNING on this module's logger.
     """
-    from pipeline.data import digits_tokenizer  # pipeline.data imports datasets; keep `kernel_paths` light
-    from pipeline.pretrain import ensure_digits_base
+    from pipeline.digits import digits_tokenizer, ensure_digits_base  # imports datasets; keep `kernel_paths` light
 
     device = torch.device(device)
     trust = {"trust_remote_code": True} if spec.trust_remote_code else {}
@@ -124,7 +123,7 @@ def load_base_model(
 def skeleton(spec: ModelSpec) -> PreTrainedModel | None:
     """The base's architecture on the meta device (shapes, no weights, nothing downloaded but a hub config), or
     None when its config cannot be read here (a hub id without a network)."""
-    from pipeline.pretrain import digits_base_config
+    from pipeline.digits import digits_base_config
 
     trust = {"trust_remote_code": True} if spec.trust_remote_code else {}
     if spec.builtin is not None:
@@ -149,16 +148,15 @@ def check_method_fits(spec: JobSpec) -> None:
         return
     try:
         sdt.check_counts(model, spec.method.to_sdt_config(seed=0))
-    except ValueError as error:
-        field, _, reason = str(error).partition(": ")
-        raise JobSpecError(f"method.{field}", reason) from None
+    except sdt.SDTConfigError as error:
+        raise JobSpecError(f"method.{method_field(error.field)}", error.reason) from None
     for key, domain in spec.search.space.items():
         if key != "method" and not key.startswith("method."):
             continue
         for value in domain.candidates():
             try:
                 sdt.check_counts(model, spec.with_overrides({key: value}).method.to_sdt_config(seed=0))
-            except ValueError as error:
+            except sdt.SDTConfigError as error:
                 raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
 
 

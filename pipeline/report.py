@@ -29,8 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import sdt
-from pipeline.config import Domain, JobSpec, MethodSpec
-from pipeline.results import FAILED, FINISHED, NoUsableTrialError, TrialOutcome, load_trials
+from pipeline.config import Domain, JobSpec
+from pipeline.results import TUNE_ERROR, TUNE_TERMINATED, NoUsableTrialError, TrialOutcome
 from pipeline.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
@@ -118,28 +118,13 @@ def method_label(name: str, method: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def method_name(spec: JobSpec, config: Mapping[str, Any]) -> str:
-    """The method a trial ran: its sampled ``method.name`` or ``method`` mapping, else the spec's."""
-    if "method.name" in config:
-        return str(config["method.name"])
-    if isinstance(config.get("method"), Mapping):
-        # A sampled mapping replaces the whole method section, so a missing name is MethodSpec's default.
-        return MethodSpec.model_validate(config["method"]).name
-    return spec.method.name
-
-
-def arm_of(spec: JobSpec, config: Mapping[str, Any]) -> Arm:
-    name = method_name(spec, config)
-    mapping = config.get("method")
+def arm_of(trial: TrialOutcome) -> Arm:
+    """The trial's arm: its method, or the whole method mapping it sampled when the sweep searches ``method``."""
+    name = trial.spec.method.name
+    mapping = trial.config.get("method")
     if isinstance(mapping, Mapping):
         return Arm(canonical(mapping), method_label(name, mapping), name)
     return Arm(name, name, name)
-
-
-def category_label(spec: JobSpec, key: str, value: Any) -> str:
-    if key == "method" and isinstance(value, Mapping):
-        return arm_of(spec, {key: value}).label
-    return value_label(value)
 
 
 def metric_on_test(metric: str) -> str:
@@ -150,8 +135,8 @@ def metric_on_test(metric: str) -> str:
 def exclusion_note(metric: str, trials: Sequence[TrialOutcome]) -> str:
     """``"10 of 12 trials; excluded: 1 failed, 1 without a finite eval/accuracy"``."""
     usable = sum(trial.score(metric) is not None for trial in trials)
-    failed = sum(trial.status == FAILED for trial in trials)
-    unfinished = sum(trial.status not in (FINISHED, FAILED) for trial in trials)
+    failed = sum(trial.status == TUNE_ERROR for trial in trials)
+    unfinished = sum(trial.status not in (TUNE_TERMINATED, TUNE_ERROR) for trial in trials)
     no_value = len(trials) - usable - failed - unfinished
     counts = [(failed, "failed"), (unfinished, "unfinished"), (no_value, f"without a finite {metric}")]
     excluded = ", ".join(f"{count} {why}" for count, why in counts if count)
@@ -202,7 +187,7 @@ def arm_summaries(spec: JobSpec, trials: Sequence[TrialOutcome]) -> list[ArmSumm
     for trial in trials:
         if trial.score(metric) is None:
             continue
-        arm = arm_of(spec, trial.config)
+        arm = arm_of(trial)
         arms.setdefault(arm.key, arm)
         setting = canonical([trial.config.get(key) for key in setting_keys(spec)])
         settings.setdefault(arm.key, {}).setdefault(setting, []).append(trial)
@@ -362,13 +347,17 @@ def category_order(domain: Domain, values: Sequence[Any]) -> list[Any]:
     return [value for key, value in ordered.items() if key in present]
 
 
-def categorical_positions(spec: JobSpec, key: str, domain: Domain, values: Sequence[Any], axes: Axes) -> list[float]:
-    """x positions for a strip plot (category index plus jitter), labelling the categories on ``axes``."""
+def categorical_positions(
+    key: str, domain: Domain, trials: Sequence[TrialOutcome], values: Sequence[Any], axes: Axes
+) -> list[float]:
+    """x positions for a strip plot (category index plus jitter) of ``trials`` at ``values``, labelling the
+    categories on ``axes`` (a searched ``method`` by its arm's label)."""
     categories = category_order(domain, values)
     index = {canonical(value): position for position, value in enumerate(categories)}
+    arm_labels = {canonical(value): arm_of(trial).label for trial, value in zip(trials, values)}
+    labels = [arm_labels[canonical(v)] if key == "method" else value_label(v) for v in categories]
     # Arm labels are long ("lora r6 out_proj+dt_proj lora_alpha=6"): slanted and anchored at their tick.
-    axes.set_xticks(range(len(categories)), [category_label(spec, key, value) for value in categories],
-                    rotation=25, ha="right", rotation_mode="anchor")  # fmt: skip
+    axes.set_xticks(range(len(categories)), labels, rotation=25, ha="right", rotation_mode="anchor")
     axes.set_xlim(-0.5, len(categories) - 0.5)
     jitter = random.Random(0)  # the same picture on every run
     return [index[canonical(value)] + jitter.uniform(-JITTER, JITTER) for value in values]
@@ -387,10 +376,10 @@ def plot_hyperparameter(spec: JobSpec, key: str, domain: Domain, trials: Sequenc
         if wants_log_axis(domain, positions):
             axes.set_xscale("log")
     else:
-        positions = categorical_positions(spec, key, domain, values, axes)
-    methods = sorted({method_name(spec, trial.config) for trial in scored})
+        positions = categorical_positions(key, domain, scored, values, axes)
+    methods = sorted({trial.spec.method.name for trial in scored})
     for color, method in enumerate(methods):
-        mine = [i for i, trial in enumerate(scored) if method_name(spec, trial.config) == method]
+        mine = [i for i, trial in enumerate(scored) if trial.spec.method.name == method]
         points = ([positions[i] for i in mine], [scored[i].score(metric) for i in mine])
         axes.scatter(*points, color=f"C{color}", alpha=0.75, edgecolors="black", linewidths=0.5, label=method)
     if len(methods) > 1:
@@ -405,8 +394,7 @@ def plot_hyperparameter(spec: JobSpec, key: str, domain: Domain, trials: Sequenc
 # -- the report -----------------------------------------------------------------------------------------------
 
 
-def log_to_parent_run(spec: JobSpec, folder: Path, log: Callable[[str], Any]) -> None:
-    tracker = SweepTracker(spec)
+def log_to_parent_run(spec: JobSpec, tracker: SweepTracker, folder: Path, log: Callable[[str], Any]) -> None:
     parent = tracker.find_sweep()
     if parent is None:
         logger.warning("no MLflow run for sweep %s: the report is not logged to MLflow", spec.sweep_dir)
@@ -417,14 +405,14 @@ def log_to_parent_run(spec: JobSpec, folder: Path, log: Callable[[str], Any]) ->
 
 def write_report(
     spec: JobSpec,
-    trials: list[TrialOutcome] | None = None,
+    trials: list[TrialOutcome],
+    tracker: SweepTracker,
     out: Path | None = None,
     log: Callable[[str], Any] = print,
 ) -> Path:
-    """Writes the report of ``spec``'s sweep (``trials``: read from its directory by default) to ``out``
-    (``<sweep dir>/report`` by default, replaced whole), logs it to the sweep's MLflow parent run when there is
-    one, and returns the folder. Raises :class:`NoUsableTrialError` when no trial finished with a finite metric."""
-    trials = load_trials(spec) if trials is None else trials
+    """Writes the report of the sweep's ``trials`` to ``out`` (``<sweep dir>/report`` by default, replaced whole),
+    logs it to the sweep's MLflow parent run when there is one, and returns the folder. Raises
+    :class:`NoUsableTrialError` when no trial finished with a finite metric."""
     out = spec.sweep_dir.resolve() / REPORT_DIR if out is None else Path(out)
     rows = arm_summaries(spec, trials)
     table, verdict = summary_table(spec, rows), sdlora_verdict(spec, rows)
@@ -439,7 +427,7 @@ def write_report(
     sdt.write_atomically(out, write)
     log(f"report written to {out}")
     log(f"{table}\n\n{verdict}")
-    log_to_parent_run(spec, out, log)
+    log_to_parent_run(spec, tracker, out, log)
     return out
 
 

@@ -8,9 +8,8 @@ reuses its parent and the children of its trials instead of duplicating them:
 
 Everything goes through an :class:`mlflow.MlflowClient` bound to :func:`tracking_uri`; nothing here touches
 MLflow's fluent, process-global state (``mlflow.set_experiment`` / ``start_run`` would set ``MLFLOW_EXPERIMENT_ID``
-and steer other code in the driver).
-
-:class:`MLflowSweepCallback` drives a :class:`SweepTracker` from the Ray Tune driver.
+and steer other code in the driver). :class:`pipeline.sweep_callbacks.MLflowSweepCallback` drives a
+:class:`SweepTracker` from the Ray Tune driver.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from ray.tune import Callback
 
 from pipeline.config import JobSpec
 
@@ -374,97 +372,7 @@ class SweepTracker:
         return status
 
 
-class MLflowSweepCallback(Callback):
-    """Ray Tune callback (runs in the Tune driver) that mirrors trials into a :class:`SweepTracker`.
-
-    - ``setup``: starts (or reuses) the parent run.
-    - ``on_trial_start``: the trial's child run, with the flattened ``trial.config`` as params.
-    - ``on_trial_result``: the training metrics of the result (:meth:`is_metric`) at ``result["step"]``, else at
-      ``training_iteration``.
-    - ``on_trial_complete``: FINISHED, after logging the ``adapter/`` folder of the trial's latest checkpoint
-      (``result["checkpoint_path"]`` as Train V2's TuneReportCallback adds it, or ``trial.checkpoint``) when it
-      is a local directory. An ASHA-stopped trial completes normally in Tune, so it is FINISHED too.
-    - ``on_trial_error``: FAILED. A trial that Tune retries (``on_trial_recover``) stays RUNNING.
-    - ``on_experiment_end``: KILLED for every child still open. Tune calls it after an interrupted run (Ctrl+C,
-      SIGUSR1) or an exception in the loop, and by then it has already set the stopped trials' status to
-      TERMINATED, so the callback goes by the runs it opened, not by ``trial.status``. With ``finish_sweep`` it
-      also terminates the parent: KILLED when trials were cut short, else FINISHED.
-
-    A second Ctrl+C (a KeyboardInterrupt) or a killed driver skips ``on_experiment_end``: the caller should call
-    ``tracker.finish_sweep("KILLED")`` in its own ``except KeyboardInterrupt``, and a resumed sweep reopens and
-    reuses every run anyway.
-
-    Tracking must not end a long sweep: errors are logged and swallowed unless ``strict``.
-    """
-
-    METRIC_PREFIXES = ("eval/", "test/", "train/", "warmup/")
-    METRIC_NAMES = frozenset({"tokens_per_s", "peak_memory_gib", "trainable_parameters", "epoch"})
-    CHECKPOINT_KEY = "checkpoint_path"
-
-    def __init__(self, tracker: SweepTracker, finish_sweep: bool = False, strict: bool = False):
-        self.tracker = tracker
-        self.finish_sweep = finish_sweep
-        self.strict = strict
-        self._checkpoints: dict[str, str] = {}  # trial id -> latest reported checkpoint path
-
-    @classmethod
-    def is_metric(cls, key: str) -> bool:
-        return key.startswith(cls.METRIC_PREFIXES) or key in cls.METRIC_NAMES
-
-    def _guard(self, what: str, action, *args) -> Any:
-        try:
-            return action(*args)
-        except Exception:
-            if self.strict:
-                raise
-            logger.exception("MLflow tracking failed (%s); the sweep goes on", what)
-            return None
-
-    def setup(self, **info) -> None:
-        self._guard("start sweep", self.tracker.start_sweep)
-
-    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._guard(f"start trial {trial.trial_id}", self.tracker.trial_run, trial.trial_id, dict(trial.config or {}))
-
-    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        if result.get(self.CHECKPOINT_KEY):
-            self._checkpoints[trial.trial_id] = str(result[self.CHECKPOINT_KEY])
-        metrics = {key: value for key, value in result.items() if self.is_metric(key)}
-        step = result.get("step")
-        step = result.get("training_iteration", iteration) if step is None else step
-        self._guard(f"metrics of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, step)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        adapter = self._adapter_dir(trial)
-        if adapter is not None:
-            self._guard(f"artifacts of trial {trial.trial_id}", self.tracker.log_artifacts, trial.trial_id, adapter)
-        self._guard(f"finish trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._guard(f"fail trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FAILED")
-
-    def on_experiment_end(self, trials: list, **info) -> None:
-        killed = self._guard("kill open trials", self.tracker.finish_open_trials, "KILLED")
-        if killed:
-            logger.warning("MLflow runs of trials %s marked KILLED: the sweep ended before they did", killed)
-        if self.finish_sweep:
-            self._guard("finish sweep", self.tracker.finish_sweep, "KILLED" if killed else "FINISHED")
-
-    def _adapter_dir(self, trial) -> Path | None:
-        """The ``adapter/`` folder of the trial's latest checkpoint, when that is a local directory."""
-        candidates = [self._checkpoints.get(trial.trial_id), (trial.last_result or {}).get(self.CHECKPOINT_KEY)]
-        checkpoint = getattr(trial, "checkpoint", None)
-        if checkpoint is not None:
-            candidates.append(getattr(checkpoint, "path", None))
-        for path in filter(None, candidates):
-            adapter = Path(str(path).removeprefix("file://")) / "adapter"
-            if adapter.is_dir():
-                return adapter
-        return None
-
-
 __all__ = [
-    "MLflowSweepCallback",
     "SweepTracker",
     "clean_key",
     "default_tracking_uri",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import tempfile
 import time
@@ -27,17 +26,17 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 import sdt
-from pipeline.config import JobSpec, parse_job
-from pipeline.data import Example, TaskData, collate, evaluate, load_task, pad_token_id
+from pipeline.config import JobSpec
+from pipeline.formatting import Example, collate, pad_token_id
+from pipeline.metrics import evaluate
 from pipeline.models import load_base_model
+from pipeline.results import ADAPTER_DIR
+from pipeline.tasks import TaskData, load_task
 from pipeline.warmup import WarmupStore, shared_warmup, warmup_key
 
 TRAINER_STATE = "trainer_state.json"
-ADAPTER_DIR = "adapter"
 ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
-# Fault injection for the resume test: raise before this optimizer step of the training phase (fresh runs only).
-FAIL_AT_STEP_ENV = "SDTUNE_TEST_FAIL_AT_STEP"
 
 
 class Batches:
@@ -79,10 +78,10 @@ def deepspeed_config(spec: JobSpec, full_bf16: bool) -> dict[str, Any]:
 
 def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
     """A fresh DeepSpeed engine: torch AdamW (no JIT-compiled optimizer), linear decay to zero, no LR warmup."""
-    params = [p for _, p in tuner.trainable_parameters()]
+    params = tuner.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.training.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
-    full_bf16 = tuner.config.method == "full" and params[0].dtype == torch.bfloat16
+    full_bf16 = tuner.config.trains_all_weights and params[0].dtype == torch.bfloat16
     engine, _, _, _ = deepspeed.initialize(
         model=tuner.model,
         model_parameters=params,
@@ -150,7 +149,7 @@ def evaluation_metrics(engine, task: TaskData, tokenizer, spec: JobSpec, rank: i
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    spec = parse_job(config["job"], source="trial")
+    spec: JobSpec = config["spec"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -191,7 +190,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tuner.start_training(tuner.select(updates))
         engine = make_engine(tuner, spec, training.lr, total_steps)
         state = {"step": 0, "epoch": 0, "next_batch": 0, "warmup": warmup_metrics}
-    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if not checkpoint else 0
 
     step, losses, tokens, started, guarded = state["step"], [], 0, time.perf_counter(), bool(checkpoint)
     step_losses: list[float] = []  # the micro-batch losses of the optimizer step in progress
@@ -227,8 +225,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for index, batch in batches.epoch(epoch, start=start):
             if step >= total_steps:
                 break
-            if fail_at and step + 1 == fail_at:
-                raise RuntimeError(f"{FAIL_AT_STEP_ENV}: injected failure before step {fail_at}")
             loss, boundary = train_micro_batch(engine, batch, device)
             losses.append(loss)
             step_losses.append(loss)
@@ -258,7 +254,7 @@ def build_trainer(spec: JobSpec, name: str, callbacks: list | None = None) -> ra
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": spec.model_dump(mode="json")},
+        train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),

@@ -16,11 +16,9 @@ checkpoints already require).
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +29,13 @@ from safetensors.torch import load_file, save_file
 import sdt
 from pipeline import __version__
 from pipeline.config import JobSpec
+from pipeline.storage import content_hash, file_lock
 
 WARMUP_DIR = "warmup"
 UPDATES_FILE = "updates.safetensors"
 INFO_FILE = "warmup.json"
 # Bump when the warmup loop changes what the same inputs produce.
 RECIPE_VERSION = 1
-# SDTConfig fields that act only after the warmup, in the selection.
-SELECTION_ONLY_FIELDS = ("channels_frozen", "states_frozen", "inputs_frozen")
 # DataSpec fields that shape only the evaluation splits and their scoring, never the training batches.
 EVAL_ONLY_DATA_FIELDS = ("max_eval_samples", "scoring", "num_beams", "max_new_tokens")
 
@@ -49,14 +46,13 @@ def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.d
     """Everything the warmup's result depends on, and nothing else."""
     from pipeline.models import compute_dtype
 
-    sdt_config = spec.method.to_sdt_config(seed=spec.training.seed).to_dict()
     training = spec.training
     return {
         "recipe": RECIPE_VERSION,
         "sdtune": __version__,
         "model": spec.model.model_dump(mode="json"),
         "data": spec.data.model_dump(mode="json", exclude=set(EVAL_ONLY_DATA_FIELDS)),
-        "method": {k: v for k, v in sdt_config.items() if k not in SELECTION_ONLY_FIELDS},
+        "method": spec.method.to_sdt_config(seed=training.seed).warmup_inputs(),
         "seed": training.seed,
         "batch_size": training.batch_size,
         "gradient_accumulation": training.gradient_accumulation,
@@ -72,10 +68,6 @@ def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.d
     }
 
 
-def key_hash(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class WarmupStore:
     """Published warmups under ``<sweep dir>/warmup``, one folder per key hash."""
 
@@ -85,17 +77,10 @@ class WarmupStore:
     def entry(self, digest: str) -> Path:
         return self.root / digest
 
-    @contextmanager
-    def lock(self, digest: str) -> Iterator[None]:
+    def lock(self, digest: str):
         """Held while one trial looks up and, if need be, computes the warmup of ``digest``; the OS releases it
         if that trial dies, and the next waiter computes it instead."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{digest}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return file_lock(self.root / f".{digest}.lock")
 
     def load(self, digest: str) -> tuple[Updates, dict[str, Any]] | None:
         entry = self.entry(digest)
@@ -117,10 +102,6 @@ class WarmupStore:
 
         return sdt.write_atomically(self.entry(digest), write)
 
-    def computed(self) -> list[dict[str, Any]]:
-        """The ``warmup.json`` of every published warmup."""
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob(f"*/{INFO_FILE}"))]
-
 
 def _broadcast(value: Any, rank: int) -> Any:
     """``value`` of rank 0 on every rank (a no-op without a process group)."""
@@ -141,7 +122,7 @@ def shared_warmup(
 ) -> tuple[Updates, dict[str, float]]:
     """The warmup updates of ``key`` and its metrics: published ones when they exist, else ``compute()`` on every
     rank (then ``updates_of()`` reads them) and publish them. ``warmup/shared`` is 1 for a reused warmup."""
-    digest = key_hash(key)
+    digest = content_hash(key)
     with store.lock(digest) if rank == 0 else nullcontext():
         found = store.load(digest) if rank == 0 else None
         found = _broadcast(found, rank)

@@ -9,7 +9,7 @@ or DeepSpeed.
 Typical use::
 
     import sdt
-    cfg = sdt.SDTConfig.preset("sdlora")              # or "sdt", "lora", "full"; fields as keyword overrides
+    cfg = sdt.SDTConfig.preset("sdlora")              # any of sdt.METHODS; fields as keyword overrides
     tuner = sdt.apply(model, cfg)                     # phase "warmup": dense ΔA_log + LoRA train
     ...  # cfg.warmup_steps optimizer steps on tuner.trainable_parameters()
     tuner.start_training(tuner.select())              # base restored, fresh LoRA, sparse deltas at the selection
@@ -23,18 +23,26 @@ Supported: ``MambaForCausalLM``, ``JambaForCausalLM`` (its mamba layers; attenti
 generalisation, not the paper's; see :mod:`sdt.targets`.
 """
 
-from .config import LORA_TARGETS, METHODS, PRESETS, SDT_TARGETS, SDTConfig, trainable_count
+from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SDTConfig, SDTConfigError, trainable_count
 from .io import adapter_tensors, load, read_config, save, write_atomically
+from .methods import METHODS, Method, register_method
 from .model import AdapterCoverageError, Tuner, apply, to_compute_dtype
 from .selection import SelectionError, select_channels_and_states, select_heads_and_rows, top_indices
 from .targets import check_counts, mixers
+from .variants import VARIANTS, LoraVariant, register_variant
 
 __all__ = [
     "SDTConfig",
-    "PRESETS",
+    "SDTConfigError",
     "METHODS",
+    "Method",
+    "register_method",
+    "VARIANTS",
+    "LoraVariant",
+    "register_variant",
     "SDT_TARGETS",
     "LORA_TARGETS",
+    "SELECTION_FIELDS",
     "trainable_count",
     "apply",
     "Tuner",

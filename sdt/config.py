@@ -1,15 +1,27 @@
-"""SDT configuration: one dataclass, four presets, and the spec's count rounding."""
+"""SDT configuration: one dataclass, the methods' presets from the registry, and the spec's count rounding."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Method = Literal["sdlora", "sdt", "lora", "full"]
-METHODS: tuple[str, ...] = ("sdlora", "sdt", "lora", "full")
+from .methods import METHODS, Method, get_method
+from .variants import VARIANTS, get_variant
+
 SDT_TARGETS: tuple[str, ...] = ("A_log", "B", "C")
 LORA_TARGETS: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
+# Fields that act only after the warmup, in the selection: trials differing only in them share one warmup.
+SELECTION_FIELDS: tuple[str, ...] = ("channels_frozen", "states_frozen", "inputs_frozen")
+
+
+class SDTConfigError(ValueError):
+    """A config that cannot work. ``field`` names the :class:`SDTConfig` field at fault (``"method"`` for the
+    method itself), ``reason`` says why; ``str()`` is ``"<field>: <reason>"``."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -22,11 +34,12 @@ class SDTConfig:
     freezes 1521 and trains 15.
     """
 
-    method: Method = "sdlora"
+    method: str = "sdlora"  # a name from sdt.METHODS
     # LoRA, in weight space. alpha/rank is the scale; the default 8/8 = 1 is the official SDLoRA setting.
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = ("out_proj",)
+    lora_variant: str = "lora"  # a name from sdt.VARIANTS: how the factors make a weight
     # SDT: A_log entries of the selected channels/states, and the B/C weights of the selected channels.
     sdt_targets: tuple[str, ...] = SDT_TARGETS
     channels_frozen: float | int = 0.99
@@ -39,43 +52,49 @@ class SDTConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        method = get_method(self.method)
+        get_variant(self.lora_variant)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "sdt_targets", tuple(self.sdt_targets))
         for name, allowed in (("lora_targets", LORA_TARGETS), ("sdt_targets", SDT_TARGETS)):
             unknown = [t for t in getattr(self, name) if t not in allowed]
             if unknown:
-                raise ValueError(f"{name}: {unknown} not among {', '.join(allowed)}")
+                raise SDTConfigError(name, f"{unknown} not among {', '.join(allowed)}")
         if self.lora_targets and self.lora_rank < 1:
-            raise ValueError(f"lora_rank: must be >= 1, got {self.lora_rank}")
+            raise SDTConfigError("lora_rank", f"must be >= 1, got {self.lora_rank}")
+        if self.lora_targets and self.lora_alpha <= 0:
+            raise SDTConfigError("lora_alpha", f"must be > 0 (alpha/rank scales the update), got {self.lora_alpha}")
         if self.uses_sdt and self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps: SDT needs at least one warmup step, got {self.warmup_steps}")
-        for name in ("channels_frozen", "states_frozen", "inputs_frozen"):
+            raise SDTConfigError("warmup_steps", f"SDT needs at least one warmup step, got {self.warmup_steps}")
+        for name in SELECTION_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name}: expected a float fraction or an int count, got {value!r}")
+                raise SDTConfigError(name, f"expected a float fraction or an int count, got {value!r}")
             if value < 0 or (isinstance(value, float) and value > 1):
-                raise ValueError(f"{name}: a fraction must lie in [0, 1] and a count be >= 0, got {value!r}")
-        if self.method == "full" and (self.lora_targets or self.sdt_targets):
-            raise ValueError("method: 'full' trains every weight and takes no lora_targets or sdt_targets")
-        if self.method in ("sdlora", "sdt") and not self.sdt_targets:
-            raise ValueError(f"sdt_targets: method {self.method!r} needs at least one of {', '.join(SDT_TARGETS)}")
-        if self.method == "sdt" and self.lora_targets:
-            raise ValueError("lora_targets: method 'sdt' has no LoRA; use 'sdlora'")
-        if self.method == "lora" and (self.sdt_targets or not self.lora_targets):
-            raise ValueError("lora_targets: method 'lora' needs LoRA targets and no sdt_targets")
+                raise SDTConfigError(name, f"a fraction must lie in [0, 1] and a count be >= 0, got {value!r}")
+        _check_method(method, self)
+
+    @property
+    def method_info(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def trains_all_weights(self) -> bool:
+        return self.method_info.trains_all_weights
 
     @property
     def uses_sdt(self) -> bool:
         return bool(self.sdt_targets)
 
+    @property
+    def uses_lora(self) -> bool:
+        return bool(self.lora_targets)
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SDTConfig:
-        """One of ``sdlora`` (the paper's default), ``sdt``, ``lora`` or ``full``, with fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"method: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        """The registered method ``name`` (``sdlora``, the paper's default, ``sdt``, ``lora``, ``full``, ...) with
+        fields overridden."""
+        return cls(**{**get_method(name).defaults, **overrides, "method": name})
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
@@ -85,23 +104,61 @@ class SDTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def warmup_inputs(self) -> dict[str, Any]:
+        """The fields a warmup's result depends on: all but :data:`SELECTION_FIELDS`, which act after it."""
+        return {k: v for k, v in self.to_dict().items() if k not in SELECTION_FIELDS}
 
-PRESETS: dict[str, SDTConfig] = {
-    # Spec 0.1: SDT on A_log and the B/C parts of x_proj, LoRA r=8 alpha=8 on out_proj, 500 warmup steps.
-    "sdlora": SDTConfig(),
-    "sdt": SDTConfig(method="sdt", lora_targets=()),
-    # The spec's matched-budget baselines (5.2) use ranks 2/3/5 on these modules; r=8 is the common default.
-    "lora": SDTConfig(method="lora", lora_targets=("x_proj", "dt_proj", "out_proj"), sdt_targets=()),
-    "full": SDTConfig(method="full", lora_targets=(), sdt_targets=()),
-}
+    def describe(self, kept_per_layer: dict[str, int] | None = None) -> str:
+        """One line: what the adapter trains (LoRA where and how big; SDT on which tensors, how many entries).
+        ``kept_per_layer``: the selection's count per axis, when every layer keeps the same."""
+        parts = [f"{self.method} ({self.method_info.summary})"]
+        if self.uses_lora:
+            variant = "" if self.lora_variant == "lora" else f" ({self.lora_variant}: {VARIANTS[self.lora_variant].summary})"
+            parts.append(
+                f"LoRA{variant} rank {self.lora_rank}, alpha {self.lora_alpha:g} on {', '.join(self.lora_targets)}"
+            )
+        if self.uses_sdt:
+            axes = set(kept_per_layer or ()) | {"channels", "states"}
+            ratios = ", ".join(
+                f"{name} {getattr(self, name)}" for name in SELECTION_FIELDS if name.removesuffix("_frozen") in axes
+            )
+            kept = "; kept per layer: " + ", ".join(f"{a} {n}" for a, n in kept_per_layer.items()) if kept_per_layer else ""
+            parts.append(f"SDT on {', '.join(self.sdt_targets)} ({ratios}{kept})")
+        return "; ".join(parts)
+
+
+def _check_method(method: Method, config: SDTConfig) -> None:
+    """What the method needs and forbids, each error naming the field."""
+    name = method.name
+    if method.trains_all_weights and (config.lora_targets or config.sdt_targets):
+        raise SDTConfigError("method", f"{name!r} trains every weight and takes no lora_targets or sdt_targets")
+    for field, need, used in (
+        ("sdt_targets", method.sdt, config.uses_sdt),
+        ("lora_targets", method.lora, config.uses_lora),
+    ):
+        kind = "SDT" if field == "sdt_targets" else "LoRA"
+        allowed = SDT_TARGETS if field == "sdt_targets" else LORA_TARGETS
+        if need == "required" and not used:
+            raise SDTConfigError(field, f"method {name!r} needs at least one of {', '.join(allowed)}")
+        if need == "none" and used:
+            alternatives = [m for m, info in METHODS.items() if info.lora != "none" and info.sdt != "none"]
+            hint = f"; {' or '.join(repr(a) for a in alternatives)} trains both" if alternatives else ""
+            raise SDTConfigError(field, f"method {name!r} trains no {kind}{hint}")
 
 
 def trainable_count(frozen: float | int, size: int, *, field_name: str = "count") -> int:
     """How many of ``size`` entries train when ``frozen`` of them are frozen (spec section 3 rounding)."""
     n_frozen = int(round(frozen * size)) if isinstance(frozen, float) else int(frozen)
     if n_frozen > size:
-        raise ValueError(f"{field_name}: freezes {n_frozen} of only {size}")
+        raise SDTConfigError(field_name, f"freezes {n_frozen} of only {size}")
     return size - n_frozen
 
 
-__all__ = ["SDTConfig", "PRESETS", "METHODS", "SDT_TARGETS", "LORA_TARGETS", "trainable_count", "Method"]
+__all__ = [
+    "SDTConfig",
+    "SDTConfigError",
+    "SDT_TARGETS",
+    "LORA_TARGETS",
+    "SELECTION_FIELDS",
+    "trainable_count",
+]

@@ -34,7 +34,7 @@ def adapter_tensors(tuner: Tuner) -> dict[str, torch.Tensor]:
     """Every tensor that defines the adapter (the full method: every weight), keyed by its name in the model."""
     if tuner.merged:
         raise RuntimeError("adapter_tensors: the adapter was merged into the model already")
-    if tuner.config.method == "full":
+    if tuner.config.trains_all_weights:
         return {name: p.detach() for name, p in tuner.model.named_parameters()}
     adapter_names = {f"{name}." for name, _ in P.adapters(tuner.model)}
     return {
@@ -66,13 +66,10 @@ def write_atomically(directory: str | os.PathLike, write: Any) -> Path:
     return target
 
 
-def save(tuner: Tuner, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapter of ``tuner`` (any phase) to ``directory``."""
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_tensors(tuner).items()}
-    for prefix, selected in (tuner.selection or {}).items():
-        tensors.update({f"{SELECTION_PREFIX}{prefix}.{key}": v.contiguous().cpu() for key, v in selected.items()})
+def describe(tuner: Tuner, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of ``adapter_config.json`` for ``tuner``, with ``metadata`` added."""
     model_config = getattr(tuner.model, "config", None)
-    description = {
+    return {
         "format_version": FORMAT_VERSION,
         "phase": tuner.phase,
         "model_type": getattr(model_config, "model_type", None),
@@ -83,11 +80,20 @@ def save(tuner: Tuner, directory: str | os.PathLike, metadata: dict[str, Any] | 
         **(metadata or {}),
     }
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sdtune_format": str(FORMAT_VERSION)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
 
-    return write_atomically(directory, write)
+def write_files(directory: Path, tuner: Tuner, description: dict[str, Any]) -> None:
+    """Write the adapter's two files into the existing ``directory`` (in place: :func:`save` is the atomic one)."""
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_tensors(tuner).items()}
+    for prefix, selected in (tuner.selection or {}).items():
+        tensors.update({f"{SELECTION_PREFIX}{prefix}.{key}": v.contiguous().cpu() for key, v in selected.items()})
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "sdtune_format": str(FORMAT_VERSION)})
+    (directory / CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+
+
+def save(tuner: Tuner, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the adapter of ``tuner`` (any phase) to ``directory``, replacing it atomically."""
+    description = describe(tuner, metadata)
+    return write_atomically(directory, lambda tmp: write_files(tmp, tuner, description))
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -118,7 +124,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> Tuner:
         raise ValueError(f"{directory}: adapter does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     device = next(model.parameters()).device
     state = {k: v.to(device) for k, v in tensors.items()}
-    if config.method == "full":
+    if config.trains_all_weights:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(state[name])

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from . import parametrize as P
-from .config import SDTConfig
-from .targets import Selection, family_of, mixers
+from .config import SDTConfig, SDTConfigError
+from .targets import Selection, check_counts, family_of, mixers
+from .variants import get_variant
 
 Phase = Literal["warmup", "train"]
 
@@ -55,7 +56,7 @@ class Tuner:
         self.mixers = mixers(model)
         self.selection: dict[str, Selection] | None = None
         self.merged = False
-        if config.method == "full":
+        if config.trains_all_weights:
             model.requires_grad_(True)
             self.phase: Phase = "train"
             return
@@ -77,10 +78,11 @@ class Tuner:
         self._require_phase("warmup")
         updates = {}
         for prefix, mixer in self.mixers:
-            updates[prefix] = {
-                spec.key: spec.module.parametrizations[spec.tensor][0].delta.detach().clone()
-                for spec in self.family.warmup_specs(mixer)
-            }
+            updates[prefix] = {}
+            for spec in self.family.warmup_specs(mixer):
+                # Found by type: a LoRA on the same tensor (Mamba-2's in_proj) may sit before it in the chain.
+                (dense,) = [p for p in spec.module.parametrizations[spec.tensor] if isinstance(p, P.DenseDelta)]
+                updates[prefix][spec.key] = dense.delta.detach().clone()
         return updates
 
     def select(self, updates: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Selection]:
@@ -116,15 +118,16 @@ class Tuner:
         cfg = self.config
         unsupported = [t for t in cfg.lora_targets if t not in self.family.lora_modules]
         if unsupported:
-            raise ValueError(
-                f"lora_targets: {unsupported} do not exist in {self.family.mixer_class}; "
-                f"choose among {', '.join(self.family.lora_modules)}"
+            raise SDTConfigError(
+                "lora_targets",
+                f"{unsupported} do not exist in {self.family.mixer_class}; choose among {', '.join(self.family.lora_modules)}",
             )
+        variant = get_variant(cfg.lora_variant)
         generator = torch.Generator().manual_seed(seed)
         for _, mixer in self.mixers:
             for target in cfg.lora_targets:
                 module = getattr(mixer, target)
-                P.attach(module, "weight", P.LowRankDelta(module.weight, cfg.lora_rank, cfg.lora_alpha, generator))
+                P.attach(module, "weight", variant.build(module.weight, cfg.lora_rank, cfg.lora_alpha, generator))
 
     def _require_phase(self, phase: Phase) -> None:
         if self.merged or self.phase != phase:
@@ -136,12 +139,16 @@ class Tuner:
 
     # -- parameters and checks ------------------------------------------------------------------------------
 
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """What the optimizer gets: adapter tensors only (the full method: every weight)."""
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of what trains: adapter tensors only (a method that trains all weights: every weight)."""
         return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer gets, as torch's ``parameters()`` gives it."""
+        return [p for _, p in self.named_trainable_parameters()]
+
     def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for _, p in self.trainable_parameters())
+        return sum(p.numel() for p in self.trainable_parameters())
 
     def check_gradients(self, grad_of: Callable[[nn.Parameter], torch.Tensor | None] | None = None) -> None:
         """Coverage guard: call after the first backward; raises naming every adapter tensor with no gradient.
@@ -151,7 +158,7 @@ class Tuner:
         ``lora_B`` is still all zero, as at the first step (B = 0 by init), but it must not be missing.
         """
         grad_of = grad_of or (lambda p: p.grad)
-        names = {id(p): name for name, p in self.trainable_parameters()}
+        names = {id(p): name for name, p in self.named_trainable_parameters()}
         problems = []
         for _, adapter in P.adapters(self.model):
             for param_name, param in adapter.named_parameters(recurse=False):
@@ -167,11 +174,13 @@ class Tuner:
                     if part is None:
                         problems.append(f"{part_name}: no gradient")
                     elif not torch.count_nonzero(part):
-                        excused = param_name == "lora_A" and not torch.count_nonzero(adapter.lora_B.detach())
+                        # dL/dA = B^T(...) vanishes while B is still all zero, as at the first step (B = 0 by init).
+                        lora_b = getattr(adapter, "lora_B", None)
+                        excused = param_name == "lora_A" and lora_b is not None and not torch.count_nonzero(lora_b.detach())
                         if not excused:
                             problems.append(f"{part_name}: all-zero gradient")
-        if self.config.method == "full":
-            problems += [f"{name}: no gradient" for name, p in self.trainable_parameters() if grad_of(p) is None]
+        if self.config.trains_all_weights:
+            problems += [f"{name}: no gradient" for name, p in self.named_trainable_parameters() if grad_of(p) is None]
         if problems:
             raise AdapterCoverageError(
                 f"{len(problems)} adapter tensor(s) got no gradient: {', '.join(problems)}. A kernel probably reads "
@@ -190,5 +199,8 @@ class Tuner:
 
 
 def apply(model: nn.Module, config: SDTConfig | None = None) -> Tuner:
-    """Attach the adapters of ``config`` (default: the ``sdlora`` preset) to ``model``."""
-    return Tuner(model, config or SDTConfig())
+    """Attach the adapters of ``config`` (default: the ``sdlora`` preset) to ``model``. A ratio that would select
+    nothing in some layer fails here (:class:`SDTConfigError`), not after the warmup."""
+    config = config or SDTConfig()
+    check_counts(model, config)
+    return Tuner(model, config)

@@ -11,39 +11,49 @@ and only then cast to the compute dtype, so small updates accumulate in the adap
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 
-class LowRankDelta(nn.Module):
-    """LoRA in weight space: W0 + (alpha / rank) · B @ A, with A kaiming-uniform and B zero (PEFT's init).
+class Adapter(nn.Module):
+    """Base of every weight-space adapter: what :func:`adapters` finds, saves and checks for gradients."""
+
+
+class LowRankDelta(Adapter):
+    """LoRA in weight space: W0 + scaling · B @ A, with A kaiming-uniform and B zero (PEFT's init).
 
     Dropout on the LoRA input cannot exist in weight space; the official p=0.1 is therefore dropped.
     """
 
-    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> None:
+    def __init__(self, weight: torch.Tensor, rank: int, scaling: float, generator: torch.Generator) -> None:
         super().__init__()
         out_features, in_features = weight.shape
         lora_a = torch.empty(rank, in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(lora_a.to(weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=weight.device))
-        self.scaling = alpha / rank
+        self.scaling = scaling
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + (self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
 
 
-class SparseDeltaGroup(nn.Module):
+class SparseDeltaGroup(Adapter):
     """SDT's training-phase adapter for one kind of tensor across all layers (e.g. every mixer's A_log).
 
     Holds one fp32 delta per selected entry and writes all layers' entries with a single gather-add-scatter into
     the stacked base tensors. Doing that per layer costs about a dozen small kernels and Python dispatches per
     layer and step; on the fused path, where a mamba-130m step is bound by launch overhead, that alone made SDLoRA
-    about 8% slower than LoRA (docs/benchmarks.md). Within one forward of the model the stacked result is computed
-    once and shared by the layers (see :func:`attach_sparse_groups`); any other read recomputes it.
+    about 8% slower than LoRA (docs/benchmarks.md).
+
+    The stacked result is computed once per forward of the model, *before* its first layer runs (the model's
+    forward pre-hook, see :func:`attach_sparse_groups`), and every read of a layer's tensor until the delta changes
+    returns its slice. Computing it up front, outside every layer, is what makes gradient checkpointing work: a
+    recomputed layer reads the same tensor as its original forward did, so both record the same graph. A read
+    after an in-place update of the delta (the optimizer's step) computes a fresh result.
 
     ``index`` holds flat (row-major) positions into the stacked tensors; it is a buffer, so it follows ``.to()``
     and lands in the state dict. ``base`` is a non-persistent copy of the frozen base tensors.
@@ -59,23 +69,49 @@ class SparseDeltaGroup(nn.Module):
         self.delta = nn.Parameter(torch.zeros(self.index.numel(), dtype=torch.float32, device=base.device))
         self.names = names
         self.sizes = [i.numel() for i in indices]
-        self.sharing = False
         self._shared: tuple[torch.Tensor, ...] | None = None
+        self._shared_key: tuple | None = None
+
+    def _key(self) -> tuple:
+        # Changes when the optimizer steps (in-place update), when the tensors move, and between grad modes.
+        return (self.delta._version, self.delta.data_ptr(), self.base.data_ptr(), torch.is_grad_enabled())
 
     def effective(self) -> tuple[torch.Tensor, ...]:
-        """The effective tensor of every layer. ``unbind`` rather than one slice per layer: its backward is a
-        single stack of the layers' gradients instead of a zero-filled full-size gradient per layer."""
-        if self._shared is not None:
+        """The effective tensor of every layer: the shared result while it is current, else a fresh one."""
+        if self._shared is not None and self._shared_key == self._key():
             return self._shared
-        flat = self.base.reshape(-1)
-        values = (flat[self.index].float() + self.delta).to(flat.dtype)
-        layers = flat.index_put((self.index,), values).view_as(self.base).unbind(0)
-        if self.sharing:
-            self._shared = layers
-        return layers
+        return self._compute()
 
-    def set_sharing(self, sharing: bool) -> None:
-        self.sharing, self._shared = sharing, None
+    def refresh(self) -> None:
+        """Compute the result that the reads of the coming forward share."""
+        self._shared, self._shared_key = self._compute(), self._key()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The shared result is a graph output; a copy (deepcopy, pickle) computes its own on its first read.
+        return {**super().__getstate__(), "_shared": None, "_shared_key": None}
+
+    def _compute(self) -> tuple[torch.Tensor, ...]:
+        # ``unbind`` rather than one slice per layer: its backward is a single stack of the layers' gradients
+        # instead of a zero-filled full-size gradient per layer.
+        return _ScatterDelta.apply(self.base, self.index, self.delta).unbind(0)
+
+
+class _ScatterDelta(torch.autograd.Function):
+    """``base`` with ``base[index] + delta`` written at the flat positions ``index`` (the sum formed in fp32).
+
+    Its backward keeps nothing that autograd frees, so it can run once per reader: reentrant gradient
+    checkpointing back-propagates each recomputed layer through the shared result on its own.
+    """
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        flat = base.reshape(-1)
+        ctx.index = index  # an attribute, not save_for_backward: it must outlive a first backward
+        return flat.index_put((index,), (flat[index].float() + delta).to(flat.dtype)).view_as(base)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        return None, None, grad.reshape(-1)[ctx.index].float()
 
 
 class SparseDeltaView(nn.Module):
@@ -91,7 +127,7 @@ class SparseDeltaView(nn.Module):
         return self.group.effective()[self.position]
 
 
-class DenseDelta(nn.Module):
+class DenseDelta(Adapter):
     """SDT's warmup adapter: a dense fp32 delta over the whole tensor or over the rows ``[start, stop)``."""
 
     def __init__(self, weight: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
@@ -108,8 +144,16 @@ class DenseDelta(nn.Module):
         return torch.cat([weight[:start], block, weight[stop:]])
 
 
-ADAPTER_TYPES = (LowRankDelta, SparseDeltaGroup, DenseDelta)
 SPARSE_GROUPS = "sdt_sparse"  # where the sparse groups hang on the model
+
+
+class SparseGroups(nn.ModuleDict):
+    """The model's sparse-delta groups, by tensor kind. Its :meth:`refresh` is the model's forward pre-hook, a
+    bound method rather than a closure, so that ``copy.deepcopy(model)`` gives the copy hooks on its own groups."""
+
+    def refresh(self, module: nn.Module, args: Any) -> None:
+        for group in self.values():
+            group.refresh()
 
 
 def attach_sparse_groups(model: nn.Module, groups: dict[str, list[tuple[nn.Module, str, torch.Tensor, str]]]) -> None:
@@ -118,7 +162,7 @@ def attach_sparse_groups(model: nn.Module, groups: dict[str, list[tuple[nn.Modul
     Must come before any other adapter on the same tensors: a view returns the group's result, which is built
     from the stacked base tensors, not from its input.
     """
-    container = nn.ModuleDict()
+    container = SparseGroups()
     for kind, members in groups.items():
         for module, tensor, _, _ in members:
             if parametrize.is_parametrized(module, tensor):
@@ -132,16 +176,8 @@ def attach_sparse_groups(model: nn.Module, groups: dict[str, list[tuple[nn.Modul
         for position, (module, tensor, _, _) in enumerate(members):
             attach(module, tensor, SparseDeltaView(group, position))
     model.add_module(SPARSE_GROUPS, container)
-
-    def share(sharing: bool) -> None:
-        for group in container.values():
-            group.set_sharing(sharing)
-
-    # One scatter per forward of the model, not one per read: reads inside a forward share the result.
-    container.hooks = [
-        model.register_forward_pre_hook(lambda module, args: share(True)),
-        model.register_forward_hook(lambda module, args, output: share(False), always_call=True),
-    ]
+    # One scatter per forward of the model, not one per read, computed before any layer runs.
+    model.register_forward_pre_hook(container.refresh)
 
 
 def attach(module: nn.Module, name: str, adapter: nn.Module) -> None:
@@ -153,17 +189,23 @@ def attach(module: nn.Module, name: str, adapter: nn.Module) -> None:
 
 def detach_all(model: nn.Module, *, merge: bool) -> None:
     """Remove every parametrization; ``merge`` bakes the effective tensors in, otherwise W0 comes back as it was."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                with torch.no_grad():
+    with torch.no_grad():
+        if merge and hasattr(model, SPARSE_GROUPS):
+            # From the deltas as they are now: an optimizer may have written them behind autograd's back (.data).
+            getattr(model, SPARSE_GROUPS).refresh(model, ())
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module):
+                for name in list(module.parametrizations.keys()):
                     parametrize.remove_parametrizations(module, name, leave_parametrized=merge)
     if hasattr(model, SPARSE_GROUPS):
-        for hook in getattr(model, SPARSE_GROUPS).hooks:
-            hook.remove()
+        container = getattr(model, SPARSE_GROUPS)
+        # No RemovableHandle is kept: a deep copy of one would still point at the original model's hooks.
+        hooks = model._forward_pre_hooks
+        for key in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is container]:
+            del hooks[key]
         delattr(model, SPARSE_GROUPS)
 
 
-def adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
     """Every adapter in ``model`` with its qualified name, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Adapter)]

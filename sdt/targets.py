@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import SDTConfig, trainable_count
+from .config import SDTConfig, SDTConfigError, trainable_count
 from .selection import select_channels_and_states, select_heads_and_rows
 
 # (module, tensor name) -> dense warmup update of that tensor (or of its row block)
@@ -55,9 +55,10 @@ def _counts(config: SDTConfig, prefix: str, **axes: tuple[str, int]) -> dict[str
     for axis, (field_name, size) in axes.items():
         k = trainable_count(getattr(config, field_name), size, field_name=field_name)
         if k == 0:
-            raise ValueError(
-                f"{field_name}: {getattr(config, field_name)!r} freezes all {size} {axis} of {prefix}; "
-                f"lower it or pass an int count of frozen {axis}"
+            raise SDTConfigError(
+                field_name,
+                f"{getattr(config, field_name)!r} freezes all {size} {axis} of {prefix}; "
+                f"lower it or pass an int count of frozen {axis}",
             )
         counts[axis] = k
     return counts
@@ -185,8 +186,8 @@ def family_of(model: nn.Module) -> Family:
 
 
 def check_counts(model: nn.Module, config: SDTConfig) -> None:
-    """Raise the ValueError that the selection would raise after warmup (a ratio that trains no channel, state
-    or input of some layer), now. Reads only shapes, so a skeleton on the meta device will do."""
+    """Raise the :class:`SDTConfigError` that the selection would raise after warmup (a ratio that trains no
+    channel, state or input of some layer), now. Reads only shapes, so a skeleton on the meta device will do."""
     if config.uses_sdt:
         family = family_of(model)
         for prefix, mixer in mixers(model):

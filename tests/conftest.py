@@ -76,7 +76,7 @@ def digits_cache(tmp_path_factory):
 
     Exported as SDTUNE_CACHE so that `sdtune` subprocesses and their Ray workers find it too.
     """
-    from pipeline.pretrain import CACHE_ENV, ensure_digits_base
+    from pipeline.digits import CACHE_ENV, ensure_digits_base
 
     cache = tmp_path_factory.mktemp("sdtune-cache")
     ensure_digits_base(cache, log=lambda _: None)

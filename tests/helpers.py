@@ -15,7 +15,7 @@ def random_tokens(batch: int = 4, length: int = 12, seed: int = 0) -> torch.Tens
 
 def train(tuner: sdt.Tuner, steps: int, lr: float = 1e-2, seed: int = 0, check_first: bool = True) -> float:
     """``steps`` AdamW steps of next-token loss on random tokens; returns the last loss."""
-    optimizer = torch.optim.AdamW([p for _, p in tuner.trainable_parameters()], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=lr, weight_decay=0.0)
     tuner.model.train()
     for step in range(steps):
         tokens = random_tokens(seed=seed + step)

@@ -66,15 +66,15 @@ def test_bad_configs_name_the_field(kwargs, field):
         SDTConfig(**kwargs)
 
 
-def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset"):
+def test_unknown_method_names_the_field():
+    with pytest.raises(sdt.SDTConfigError, match="^method: 'qlora' is not one of sdlora, sdt, lora, full") as error:
         SDTConfig.preset("qlora")
+    assert error.value.field == "method"
 
 
 def test_too_many_frozen_is_rejected():
     with pytest.raises(ValueError, match="channels_frozen: freezes 20 of only 16"):
         trainable_count(20, 16, field_name="channels_frozen")
-    assert sdt.PRESETS["sdlora"] is not None
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2", "jamba"])
@@ -92,3 +92,49 @@ def test_counts_are_checked_on_a_meta_skeleton_before_any_training(arch, tiny_mo
         sdt.check_counts(skeleton, SDTConfig(**{**workable, "channels_frozen": 1.0}))
     with pytest.raises(ValueError, match=r"^states_frozen: 1\.0 freezes all"):
         sdt.check_counts(skeleton, SDTConfig(**{**workable, "states_frozen": 1.0}))
+
+
+# -- the method registry is the one vocabulary --------------------------------------------------------------
+
+
+def test_the_pipeline_accepts_exactly_the_registered_methods():
+    """Every method and LoRA variant name the job spec accepts comes from sdt's registries, and nothing else."""
+    from pipeline.config import JobSpecError, parse_job
+
+    def accepted(method: dict) -> bool:
+        try:
+            parse_job({"name": "m", "model": {"builtin": "digits"}, "method": method})
+        except JobSpecError as error:
+            assert error.where.startswith("method."), error
+            return False
+        return True
+
+    for name, method in sdt.METHODS.items():
+        defaults = SDTConfig.preset(name)
+        assert accepted({"name": name}), name
+        assert isinstance(method.summary, str) and method.summary
+        assert defaults.trains_all_weights == method.trains_all_weights
+    for name in sdt.VARIANTS:
+        assert accepted({"name": "lora", "lora_variant": name}), name
+    assert not accepted({"name": "qlora"}) and not accepted({"name": "lora", "lora_variant": "vera"})
+
+
+def test_method_spec_mirrors_the_sdt_config():
+    """MethodSpec's fields are SDTConfig's: ``name`` is its ``method``, the seed comes from training.seed."""
+    import dataclasses
+
+    from pipeline.config import MethodSpec
+
+    sdt_fields = {field.name for field in dataclasses.fields(SDTConfig)} - {"method", "seed"}
+    assert set(MethodSpec.model_fields) - {"name"} == sdt_fields
+
+
+def test_sdt_config_errors_carry_the_field_as_data():
+    from pipeline.config import JobSpecError, parse_job
+
+    with pytest.raises(sdt.SDTConfigError) as error:
+        SDTConfig.preset("lora", lora_targets=())
+    assert (error.value.field, error.value.reason) == ("lora_targets", "method 'lora' needs at least one of in_proj, x_proj, dt_proj, out_proj")
+    with pytest.raises(JobSpecError) as spec_error:
+        parse_job({"name": "m", "model": {"builtin": "digits"}, "method": {"name": "sdt", "lora_targets": ["out_proj"]}})
+    assert spec_error.value.where == "method.lora_targets"

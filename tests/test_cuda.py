@@ -27,7 +27,7 @@ def tokens(seed, batch=4, length=256):
 
 def run_phase(tuner, steps, seed, lr=1e-2):
     """Train ``steps`` steps; the coverage guard runs after the first backward."""
-    optimizer = torch.optim.AdamW([p for _, p in tuner.trainable_parameters()], lr=lr, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=lr, weight_decay=0.0, fused=True)
     tuner.model.train()
     for step in range(steps):
         batch = tokens(seed + step)
@@ -48,7 +48,7 @@ def sdlora_cycle(model, config):
     selection = tuner.select()
     tuner.start_training(selection)
     run_phase(tuner, 5, seed=100)
-    for name, param in tuner.trainable_parameters():
+    for name, param in tuner.named_trainable_parameters():
         assert param.dtype == torch.float32, name
     num_trainable = tuner.num_trainable_parameters()
     merged = {k: v.detach().clone() for k, v in tuner.merge().state_dict().items()}

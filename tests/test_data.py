@@ -1,4 +1,5 @@
-"""pipeline.data: tasks, prompt format, splits, collation, and metrics checked against hand-computed values."""
+"""pipeline.tasks, .formatting and .metrics: tasks, prompt format, splits, collation, and metrics checked against
+hand-computed values."""
 
 from __future__ import annotations
 
@@ -24,15 +25,10 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutput
 
 from pipeline.config import DataSpec
-from pipeline.data import (
-    Example,
-    collate,
-    digits_pixel_sequences,
-    digits_tokenizer,
-    evaluate,
-    load_task,
-    pad_token_id,
-)
+from pipeline.digits import digits_pixel_sequences, digits_tokenizer
+from pipeline.formatting import Example, collate, pad_token_id
+from pipeline.metrics import evaluate
+from pipeline.tasks import load_task
 
 DATA = Path(__file__).parent / "data"
 RTE = {"train": str(DATA / "rte" / "train.jsonl"), "validation": str(DATA / "rte" / "validation.jsonl")}

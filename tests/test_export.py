@@ -21,13 +21,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import sdt
 from pipeline import export
 from pipeline.config import JobSpec, parse_job
-from pipeline.data import digits_pixel_sequences, digits_tokenizer
+from pipeline.digits import digits_pixel_sequences, digits_tokenizer
 from pipeline.export import CHAMPION_ALIAS, export_trials
 from pipeline.models import load_base_model
-from pipeline.pretrain import digits_base_dir
+from pipeline.digits import digits_base_dir
 from pipeline.results import NoUsableTrialError, TrialOutcome
 from pipeline.tracking import SweepTracker, tracking_uri
-from pipeline.train import ADAPTER_DIR, ENGINE_DIR, TRAINER_STATE
+from pipeline.results import ADAPTER_DIR
+from pipeline.train import ENGINE_DIR, TRAINER_STATE
 
 CONTRACT = {"adapter_model.safetensors", "adapter_config.json", "trial.json", "job.yaml", "README.md"}
 WINNER = "t_best"
@@ -62,7 +63,7 @@ def fp32_base(spec: JobSpec) -> torch.nn.Module:
 
 def optimizer_steps(tuner: sdt.Tuner, steps: int, lr: float) -> None:
     pixels = torch.tensor(digits_pixel_sequences("train")[:8])
-    optimizer = torch.optim.AdamW([p for _, p in tuner.trainable_parameters()], lr=lr)
+    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=lr)
     tuner.model.train()
     for _ in range(steps):
         tuner.model(input_ids=pixels, labels=pixels).loss.backward()
@@ -85,7 +86,9 @@ def write_checkpoint(spec: JobSpec, config: dict, directory: Path) -> Path:
     return directory
 
 
-def outcome(trial_id: str, status: str, config: dict, accuracy: float, checkpoint: Path) -> TrialOutcome:
+def outcome(
+    spec: JobSpec, trial_id: str, status: str, config: dict, accuracy: float, checkpoint: Path
+) -> TrialOutcome:
     report = {
         "eval/accuracy": accuracy,
         "train/loss": 0.5,
@@ -95,7 +98,7 @@ def outcome(trial_id: str, status: str, config: dict, accuracy: float, checkpoin
         "pid": 1234,  # Ray's bookkeeping, which trial.json leaves out
         "timestamp": 1700000000,
     }
-    return TrialOutcome(trial_id, status, config, report)
+    return TrialOutcome(trial_id, status, config, report, spec.with_overrides(config))
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +110,24 @@ def sweep(digits_cache, tmp_path_factory) -> SimpleNamespace:
     low_checkpoint = write_checkpoint(spec, low, root / "checkpoints" / "t_low")
     best_checkpoint = write_checkpoint(spec, best, root / "checkpoints" / WINNER)
     trials = [
-        outcome("t_low", "TERMINATED", low, 0.55, low_checkpoint),
-        outcome(WINNER, "TERMINATED", best, 0.8, best_checkpoint),
-        outcome("t_nan", "TERMINATED", low, math.nan, low_checkpoint),
-        outcome("t_failed", "ERROR", low, 0.99, low_checkpoint),
+        ("t_low", "TERMINATED", low, 0.55, low_checkpoint),
+        (WINNER, "TERMINATED", best, 0.8, best_checkpoint),
+        ("t_nan", "TERMINATED", low, math.nan, low_checkpoint),
+        ("t_failed", "ERROR", low, 0.99, low_checkpoint),
     ]
     tracker = SweepTracker(spec)
     parent = tracker.start_sweep()
-    runs = {trial.trial_id: tracker.trial_run(trial.trial_id, trial.config) for trial in trials}
-    return SimpleNamespace(root=root, trials=trials, runs=runs, parent=parent, best_checkpoint=best_checkpoint)
+    runs = {trial_id: tracker.trial_run(trial_id, config) for trial_id, _, config, _, _ in trials}
+    return SimpleNamespace(root=root, raw_trials=trials, runs=runs, parent=parent, best_checkpoint=best_checkpoint)
+
+
+def trials_of(sweep: SimpleNamespace, spec: JobSpec) -> list[TrialOutcome]:
+    """The sweep's trials as a sweep with ``spec`` (whose export section the test chose) records them."""
+    return [outcome(spec, *raw) for raw in sweep.raw_trials]
+
+
+def run_export(spec: JobSpec, trials: list[TrialOutcome], **options) -> Path:
+    return export_trials(spec, trials, SweepTracker(spec), log=options.pop("log", silent), **options)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -125,7 +137,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def test_export_writes_the_contract(sweep, digits_cache):
     spec = make_spec(sweep.root, registered_model_name="digits-adapter")
     lines: list[str] = []
-    out = export_trials(spec, sweep.trials, merge=True, log=lines.append)
+    out = run_export(spec, trials_of(sweep, spec), merge=True, log=lines.append)
 
     assert out == spec.sweep_dir / "export"
     assert {path.name for path in out.iterdir()} == CONTRACT | {"merged"}
@@ -196,10 +208,10 @@ def test_a_new_export_replaces_the_old_and_a_failed_one_leaves_it(sweep, monkeyp
     exports = sweep.root / "exports"
     spec = make_spec(sweep.root, dir=str(exports / "champion"), registered_model_name="digits-replaced")
     client = MlflowClient(tracking_uri(spec))
-    out = export_trials(spec, sweep.trials, merge=True, log=silent)
+    out = run_export(spec, trials_of(sweep, spec), merge=True)
     (out / "stale.txt").write_text("from an older export")
 
-    assert export_trials(spec, sweep.trials, merge=False, log=silent) == out
+    assert run_export(spec, trials_of(sweep, spec), merge=False) == out
     assert {path.name for path in out.iterdir()} == CONTRACT  # merged/ and the stale file are gone
     assert int(client.get_model_version_by_alias("digits-replaced", CHAMPION_ALIAS).version) == 2
 
@@ -210,7 +222,7 @@ def test_a_new_export_replaces_the_old_and_a_failed_one_leaves_it(sweep, monkeyp
 
     monkeypatch.setattr(export, "save_merged", broken_merge)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_trials(spec, sweep.trials, merge=True, log=silent)
+        run_export(spec, trials_of(sweep, spec), merge=True)
     assert snapshot(out) == before
     assert [path.name for path in exports.iterdir()] == ["champion"]  # no staging directory left behind
     assert int(client.get_model_version_by_alias("digits-replaced", CHAMPION_ALIAS).version) == 2
@@ -218,9 +230,9 @@ def test_a_new_export_replaces_the_old_and_a_failed_one_leaves_it(sweep, monkeyp
 
 def test_no_usable_trial_exports_nothing(sweep):
     spec = make_spec(sweep.root, dir=str(sweep.root / "never"))
-    unusable = [trial for trial in sweep.trials if trial.trial_id in ("t_nan", "t_failed")]
+    unusable = [trial for trial in trials_of(sweep, spec) if trial.trial_id in ("t_nan", "t_failed")]
     with pytest.raises(NoUsableTrialError):
-        export_trials(spec, unusable, log=silent)
+        run_export(spec, unusable)
     assert not (sweep.root / "never").exists()
 
 
@@ -230,7 +242,7 @@ def test_without_a_trial_run_the_export_is_not_registered(sweep, caplog):
         registered_model_name="digits-unregistered",
     )
     with caplog.at_level(logging.WARNING, logger="pipeline.export"):
-        out = export_trials(spec, sweep.trials, log=silent)
+        out = run_export(spec, trials_of(sweep, spec))
 
     assert {path.name for path in out.iterdir()} == CONTRACT
     assert json.loads((out / "trial.json").read_text())["mlflow"] == {

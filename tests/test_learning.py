@@ -47,7 +47,7 @@ def distillation_loss(student, teacher, tokens):
 
 
 def run_phase(tuner, teacher, steps, lr, data):
-    optimizer = torch.optim.AdamW([p for _, p in tuner.trainable_parameters()], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
         loss = distillation_loss(tuner.model, teacher, next(data))
         loss.backward()
@@ -71,6 +71,6 @@ def test_sdlora_learns_the_teacher():
     with torch.no_grad():
         tuned_loss = distillation_loss(tuner.model, teacher, eval_tokens).item()
     assert tuned_loss < 0.1 * frozen_loss, (frozen_loss, tuned_loss)
-    deltas = {n: p for n, p in tuner.trainable_parameters() if n.endswith(".delta")}
+    deltas = {n: p for n, p in tuner.named_trainable_parameters() if n.endswith(".delta")}
     assert set(deltas) == {"sdt_sparse.A_log.delta", "sdt_sparse.x_proj_weight.delta"}
     assert all(torch.count_nonzero(p) == p.numel() for p in deltas.values())

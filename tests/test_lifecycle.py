@@ -73,9 +73,9 @@ def test_warmup_trains_a_dense_delta_and_restart_restores_the_base(load_base):
     base = {k: v.clone() for k, v in model.state_dict().items()}
     tuner = sdt.apply(model, CONFIGS["mamba"])
     # warmup trains the dense fp32 delta on A_log plus LoRA; B/C stay frozen (spec section 2)
-    names = [n for n, _ in tuner.trainable_parameters()]
+    names = [n for n, _ in tuner.named_trainable_parameters()]
     assert all(("A_log" in n and n.endswith(".delta")) or "lora_" in n for n in names)
-    warmup_lora_a = dict(tuner.trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
+    warmup_lora_a = dict(tuner.named_trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
     warmup_lora_a = warmup_lora_a.detach().clone()
     train(tuner, 3)
     updates = tuner.warmup_updates()
@@ -89,10 +89,10 @@ def test_warmup_trains_a_dense_delta_and_restart_restores_the_base(load_base):
         module_name, _, tensor = name.rpartition(".")
         assert torch.equal(getattr(model.get_submodule(module_name), tensor), value), name
     # fresh LoRA, not warmup's
-    fresh = dict(tuner.trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
+    fresh = dict(tuner.named_trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
     assert not torch.equal(fresh, warmup_lora_a)
     assert not any("parametrizations.A_log.0.delta" in n and p.numel() == delta.numel()
-                   for n, p in tuner.trainable_parameters())
+                   for n, p in tuner.named_trainable_parameters())
 
 
 def test_lora_and_full_presets(load_base):
@@ -118,11 +118,12 @@ def test_lora_on_a_module_mamba2_lacks(load_base):
         sdt.apply(load_base("mamba2"), SDTConfig.preset("lora"))
 
 
-def test_ratio_that_freezes_every_channel_names_the_field(load_base):
-    tuner = sdt.apply(load_base("mamba"), SDTConfig())  # 0.99 of 32 channels freezes all 32
-    train(tuner, 1)
-    with pytest.raises(ValueError, match="^channels_frozen: 0.99 freezes all 32 channels"):
-        tuner.select()
+def test_ratio_that_freezes_every_channel_names_the_field_before_any_warmup(load_base):
+    model = load_base("mamba")
+    with pytest.raises(sdt.SDTConfigError, match="^channels_frozen: 0.99 freezes all 32 channels") as error:
+        sdt.apply(model, SDTConfig())  # 0.99 of 32 channels freezes all 32
+    assert error.value.field == "channels_frozen"
+    assert not any(p.requires_grad is False for p in model.parameters())  # nothing was attached
 
 
 def test_to_compute_dtype_keeps_a_log_and_d_in_fp32(load_base):

@@ -1,4 +1,4 @@
-"""pipeline.pretrain and pipeline.models: the pretrained digits base and loading a job's base model on CPU.
+"""pipeline.digits and pipeline.models: the pretrained digits base and loading a job's base model on CPU.
 
 One test pretrains the real default base (~40 s on 2 cores); the rest use a reduced config or tiny models.
 """
@@ -21,9 +21,9 @@ from transformers import (
 )
 
 from pipeline.config import ModelSpec
-from pipeline.data import digits_pixel_sequences, digits_tokenizer
+from pipeline.digits import digits_pixel_sequences, digits_tokenizer
 from pipeline.models import compute_dtype, load_base_model, log_kernel_paths
-from pipeline.pretrain import (
+from pipeline.digits import (
     DIGITS_BASE,
     PretrainConfig,
     digits_base_dir,
@@ -105,7 +105,7 @@ def test_ensure_digits_base_caches_by_config(tmp_path, monkeypatch):
 
 def test_publish_keeps_a_base_that_appeared_meanwhile(tmp_path):
     """A worker that finishes training after another published keeps the published copy."""
-    from pipeline.pretrain import _publish
+    from pipeline.digits import _publish
 
     target = tmp_path / "digits-base-x"
     _publish(target, lambda tmp: (tmp / "pretrain.json").write_text("first"))

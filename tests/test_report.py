@@ -51,12 +51,12 @@ def make_spec(tmp_path: Path, store: str, space: dict):
     })
 
 
-def trial(number: int, status: str, config: dict, metrics: dict) -> TrialOutcome:
+def trial(spec, number: int, status: str, config: dict, metrics: dict) -> TrialOutcome:
     last = {"step": 20, "epoch": 2, "train/loss": 0.5, **metrics}
-    return TrialOutcome(f"t{number:02d}", status, config, last)
+    return TrialOutcome(f"t{number:02d}", status, config, last, spec.with_overrides(config))
 
 
-def method_lr_seed_trials() -> list[TrialOutcome]:
+def method_lr_seed_trials(spec) -> list[TrialOutcome]:
     trials = []
     for (method, lr), accuracies in VALIDATION.items():
         for seed, accuracy in enumerate(accuracies):
@@ -68,7 +68,7 @@ def method_lr_seed_trials() -> list[TrialOutcome]:
             }
             status = "ERROR" if (method, lr, seed) == FAILED_TRIAL else "TERMINATED"
             config = {"method.name": method, "training.lr": lr, "training.seed": seed}
-            trials.append(trial(len(trials), status, config, metrics))
+            trials.append(trial(spec, len(trials), status, config, metrics))
     return trials
 
 
@@ -93,7 +93,7 @@ def test_best_setting_per_arm_with_seeds_as_repetitions(tmp_path, store):
     parent = SweepTracker(spec).start_sweep()
     logged: list[str] = []
 
-    folder = write_report(spec, method_lr_seed_trials(), log=logged.append)
+    folder = write_report(spec, method_lr_seed_trials(spec), SweepTracker(spec), log=logged.append)
 
     assert folder == spec.sweep_dir.resolve() / "report"
     assert_plots(folder, list(space))
@@ -147,14 +147,14 @@ def test_searched_method_mappings_are_distinct_arms(tmp_path, store, caplog):
     spec = make_spec(tmp_path, store, space)
     accuracies = [(LORA_R2, [0.70, 0.74]), (LORA_R8, [0.80, 0.82]), (SDLORA, [0.76, 0.78])]
     trials = [
-        trial(2 * arm + seed, "TERMINATED", {"method": method, "training.seed": seed}, {"eval/accuracy": accuracy})
+        trial(spec, 2 * arm + seed, "TERMINATED", {"method": method, "training.seed": seed}, {"eval/accuracy": accuracy})
         for arm, (method, values) in enumerate(accuracies)
         for seed, accuracy in enumerate(values)
     ]
     out = tmp_path / "elsewhere"
 
     with caplog.at_level(logging.WARNING, logger="pipeline.report"):
-        folder = write_report(spec, trials, out=out, log=lambda _: None)
+        folder = write_report(spec, trials, SweepTracker(spec), out=out, log=lambda _: None)
 
     assert folder == out
     assert_plots(folder, list(space))

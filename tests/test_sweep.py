@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import load_job
-from pipeline.data import evaluate, load_task
+from pipeline.metrics import evaluate
+from pipeline.tasks import load_task
 from pipeline.results import load_trials
-from pipeline.tune import KILL_AFTER_TRIALS_ENV
-from pipeline.warmup import WARMUP_DIR, WarmupStore
+from pipeline.warmup import INFO_FILE, WARMUP_DIR
+from processes import finished_on_disk, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -64,9 +65,16 @@ def sweep(tmp_path_factory, env):
     the kill with their checkpoints then, resume's stdout)."""
     output = tmp_path_factory.mktemp("quickstart")
     overrides = [arg for item in [*SMALL, f"output_dir={output}"] for arg in ("--set", item)]
-    killed = sdtune("sweep", str(QUICKSTART), *overrides, env=env, **{KILL_AFTER_TRIALS_ENV: "2"})
-    assert killed.returncode == -signal.SIGKILL, failure(killed)
     sweep_dir = output / "quickstart"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "sweep", str(QUICKSTART), *overrides],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: finished_on_disk(sweep_dir / "tune") >= 2, timeout=900, what="two finished trials on disk")
+    finally:
+        driver.send_signal(signal.SIGKILL)  # as a crash would: no cleanup of any kind
+        driver.wait()
     spec = load_job(sweep_dir / "job.yaml")
     finished_before = {t.trial_id: checkpoints(sweep_dir, t.trial_id) for t in load_trials(spec) if t.status == "TERMINATED"}
     assert len(finished_before) >= 2
@@ -92,7 +100,7 @@ def test_shared_warmup_ran_once_per_key(sweep):
     sweep_dir, spec, _, _ = sweep
     sdlora = [t for t in load_trials(spec) if t.config["method"]["name"] == "sdlora"]
     # the two SDLoRA arms differ only in their ratios, and the warmup lr is fixed: one warmup key for all four
-    published = WarmupStore(sweep_dir).computed()
+    published = [json.loads(path.read_text()) for path in (sweep_dir / WARMUP_DIR).glob(f"*/{INFO_FILE}")]
     assert len(published) == 1
     assert sorted(t.metrics["warmup/shared"] for t in sdlora) == [0, 1, 1, 1]
     computed_by = [t for t in sdlora if t.metrics["warmup/shared"] == 0]

@@ -14,14 +14,8 @@ from mlflow import MlflowClient
 from ray import cloudpickle
 
 from pipeline.config import parse_job
-from pipeline.tracking import (
-    PARENT_TAG,
-    TRIAL_ID_TAG,
-    MLflowSweepCallback,
-    SweepTracker,
-    default_tracking_uri,
-    tracking_uri,
-)
+from pipeline.sweep_callbacks import MLflowSweepCallback
+from pipeline.tracking import PARENT_TAG, TRIAL_ID_TAG, SweepTracker, default_tracking_uri, tracking_uri
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
 pytestmark = pytest.mark.usefixtures("clean_cwd")

@@ -1,5 +1,6 @@
 """One trial end to end on CPU: `sdtune train` runs 2 DeepSpeed ZeRO-2 workers under Ray Train on the built-in
-digits task with SDLoRA from the pretrained tiny base; then a crashed trial resumes from its checkpoint."""
+digits task with SDLoRA from the pretrained tiny base; then a trial whose worker is killed resumes from its
+checkpoint."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.config import load_job
-from pipeline.data import evaluate, load_task
+from pipeline.metrics import evaluate
+from pipeline.tasks import load_task
 from pipeline.models import load_base_model
-from pipeline.train import FAIL_AT_STEP_ENV
+from processes import train_workers, wait_for
 
 JOB = {
     "name": "digits-trial",
@@ -89,11 +91,17 @@ def test_sdlora_trial_learns_and_checkpoints(finished_trial):
 def test_crashed_trial_resumes_from_its_checkpoint(finished_trial, tmp_path, cache_env):
     _, reference = finished_trial
     job = write_job(tmp_path)
-    fail_at = STEPS_PER_EPOCH + 3  # after the first epoch's checkpoint
-    crashed = sdtune_train(job, cache_env, {FAIL_AT_STEP_ENV: str(fail_at)})
-    assert crashed.returncode != 0 and "injected failure" in crashed.stdout + crashed.stderr
+    trial = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", str(job)], env=cache_env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    # After the first epoch's checkpoint, a worker dies as an out-of-memory kill would take it.
+    wait_for(lambda: list((tmp_path / "runs").glob("**/adapter/adapter_model.safetensors")), 600, "a checkpoint")
+    for worker in wait_for(lambda: train_workers(trial.pid), 60, "the train workers"):
+        worker.kill()
+    assert trial.wait(timeout=600) != 0
 
-    resumed = sdtune_train(job, cache_env, {FAIL_AT_STEP_ENV: str(fail_at)})  # the hook only fires on fresh runs
+    resumed = sdtune_train(job, cache_env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     metrics = printed(resumed.stdout)
     assert int(metrics["step"]) == int(reference["step"]) == 3 * STEPS_PER_EPOCH

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import parse_job
-from pipeline.warmup import WarmupStore, key_hash, shared_warmup, warmup_key
+import json
+
+from pipeline.storage import content_hash
+from pipeline.warmup import INFO_FILE, WarmupStore, shared_warmup, warmup_key
 
 BASE = {
     "name": "w",
@@ -18,7 +21,7 @@ CPU = torch.device("cpu")
 
 def digest(total_steps: int = 100, world: int = 1, **sections) -> str:
     job = {**BASE, **{k: {**BASE.get(k, {}), **v} if isinstance(v, dict) else v for k, v in sections.items()}}
-    return key_hash(warmup_key(parse_job(job), total_steps, world, CPU))
+    return content_hash(warmup_key(parse_job(job), total_steps, world, CPU))
 
 
 def test_the_key_ignores_what_acts_after_the_warmup():
@@ -60,5 +63,6 @@ def test_a_published_warmup_is_loaded_not_recomputed(tmp_path):
     assert first[1] == {"warmup/loss": 1.5, "warmup/shared": 0} and second[1] == {"warmup/loss": 1.5, "warmup/shared": 1}
     loaded = second[0]["backbone.layers.0.mixer"]["A_log"]
     assert torch.equal(loaded, updates["backbone.layers.0.mixer"]["A_log"])
-    [info] = store.computed()
-    assert info["computed_by"] == "trial-a" and info["hash"] == key_hash(key)
+    [info_file] = store.root.glob(f"*/{INFO_FILE}")
+    info = json.loads(info_file.read_text())
+    assert info["computed_by"] == "trial-a" and info["hash"] == content_hash(key)

@@ -151,7 +151,7 @@ def run(method: str, cfg: dict, frozen: MambaForCausalLM, target: MambaForCausal
     if tuner.phase == "warmup":
         fit(
             student,
-            [p for _, p in tuner.trainable_parameters()],
+            tuner.trainable_parameters(),
             target,
             args.warmup_steps,
             args,
@@ -161,7 +161,7 @@ def run(method: str, cfg: dict, frozen: MambaForCausalLM, target: MambaForCausal
     if method == "full":
         student.backbone.embeddings.requires_grad_(False)  # frozen in every arm (and tied to the head)
     losses = fit(
-        student, [p for _, p in tuner.trainable_parameters()], target, args.iterations, args, tuner.check_gradients
+        student, tuner.trainable_parameters(), target, args.iterations, args, tuner.check_gradients
     )
     return student, tuner.num_trainable_parameters(), losses
 

@@ -1,6 +1,9 @@
-"""The tiny base model of the built-in ``digits`` task, pretrained here because no weights can be downloaded.
+"""The built-in ``digits`` task and its tiny base model, in one place: no download anywhere.
 
-Fine-tuning has to start from a model that knows something, so :func:`ensure_digits_base` trains a small
+The task: scikit-learn's bundled 8x8 digits as sequences of 64 pixel tokens (``digits_tokenizer``), images
+[0, 1500) shuffled (``split_seed``) into train / validation, [1500, 1797) the fixed test set.
+
+The base: fine-tuning has to start from a model that knows something, so :func:`ensure_digits_base` trains a small
 ``MambaForCausalLM`` on *next-pixel modelling* of the digits training images (the 64 pixel tokens of each image of
 ``digits_pixel_sequences("train")``, default split: no labels, no prompt, no validation or test images) and caches
 it as a plain transformers directory (``save_pretrained`` + tokenizer + ``pretrain.json``) under
@@ -18,8 +21,6 @@ workers sharing the cache wait for one pretraining instead of each running their
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import json
 import math
 import os
@@ -27,18 +28,72 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
-from transformers import MambaConfig, MambaForCausalLM, PreTrainedModel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import MambaConfig, MambaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 import sdt
 from sdt.io import FORMAT_VERSION
-from pipeline.data import digits_pixel_sequences, digits_tokenizer
+from pipeline.config import DATA_SPLITS
+from pipeline.formatting import EOS, SEP
+from pipeline.storage import content_hash, file_lock
+
+# Digits: images [0, 1500) are shuffled (split_seed) into train/validation, [1500, 1797) are the test set (297).
+# A fixed test set keeps test numbers comparable across split seeds and validation fractions.
+DIGITS_POOL = 1500
+DIGITS_MAX_PIXEL = 16  # load_digits pixel values are 0..16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task
+
+
+def digits_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over whitespace-separated pixel values for the ``digits`` and ``synthetic`` tasks.
+
+    Ids: pixel value v is id v (0..16), then "###" (17), "<|endoftext|>" (18, eos and pad) and "<unk>" (19).
+    "###" is the sep token, so it is one token even when written against a number ("16###").
+    """
+    vocab = {str(value): value for value in range(DIGITS_MAX_PIXEL + 1)}
+    for token in (SEP, EOS, "<unk>"):
+        vocab[token] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS, pad_token=EOS, unk_token="<unk>", sep_token=SEP
+    )
+
+
+def digits_splits(validation_fraction: float, split_seed: int) -> dict[str, datasets.Dataset]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = digits.data.astype(int).tolist()
+    # The trailing space makes the prompt "... 0 ###", so "###" stays its own token for any tokenizer.
+    table = datasets.Dataset.from_dict(
+        {"pixels": pixels, "text": [" ".join(map(str, row)) + " " for row in pixels], "label": digits.target.tolist()}
+    )
+    pool = table.select(range(DIGITS_POOL)).train_test_split(test_size=validation_fraction, seed=split_seed)
+    return {"train": pool["train"], "validation": pool["test"], "test": table.select(range(DIGITS_POOL, len(table)))}
+
+
+def digits_pixel_sequences(split: str, split_seed: int = 123, validation_fraction: float = 0.2) -> list[list[int]]:
+    """The 64 pixel token ids of each digits image of ``split`` (in the order `load_task` uses), without the
+    instruction, separator or label: data for next-pixel pretraining. Ids are those of `digits_tokenizer`, where
+    pixel value v has id v. Pass the job's split_seed / validation_fraction to get the job's train split."""
+    if split not in DATA_SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {', '.join(DATA_SPLITS)}")
+    return list(digits_splits(validation_fraction, split_seed)[split]["pixels"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The base model
 
 # Bump when the training code changes what a config produces (loss, schedule, data order): old caches go stale.
 RECIPE_VERSION = 1
@@ -88,8 +143,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def config_hash(config: PretrainConfig = DIGITS_BASE) -> str:
-    key = {"config": dataclasses.asdict(config), "recipe": RECIPE_VERSION, "format_version": FORMAT_VERSION}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return content_hash({"config": dataclasses.asdict(config), "recipe": RECIPE_VERSION, "format_version": FORMAT_VERSION}, 12)
 
 
 def digits_base_dir(cache_dir: str | os.PathLike | None = None, config: PretrainConfig = DIGITS_BASE) -> Path:
@@ -110,7 +164,7 @@ def ensure_digits_base(
     target = digits_base_dir(cache_dir, config)
     if is_complete(target):
         return target
-    with _lock(target.with_name(f".{target.name}.lock")):
+    with file_lock(target.with_name(f".{target.name}.lock")):
         if is_complete(target):  # another worker finished it while we waited for the lock
             log(f"digits base: using {target}, pretrained by another process")
             return target
@@ -221,18 +275,6 @@ def _batches(size: int, batch: int, steps: int, seed: int):
                 return
             yield order[start : start + batch]
             emitted += 1
-
-
-@contextmanager
-def _lock(path: Path):
-    """An exclusive advisory lock on ``path`` (created if missing), held for the ``with`` block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _publish(target: Path, write: Callable[[Path], Any]) -> Path:

@@ -1,0 +1,13 @@
+"""SDT alone: the sparse SSM deltas of SDLoRA without any LoRA."""
+
+from . import Method, register_method
+
+register_method(
+    Method(
+        name="sdt",
+        summary="SDT on the most-updated SSM channels and states only",
+        lora="none",
+        sdt="required",
+        defaults={"lora_targets": ()},
+    )
+)

@@ -1,0 +1,47 @@
+"""Real faults for the tests that need them: wait for a sweep's state on disk, then kill a driver or a worker.
+
+No product code knows about these: the tests kill processes from outside, as a crash or an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+POLL_S = 0.1  # how often a condition on files or processes is looked at again (an event wait, not a delay)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str):
+    """``condition()``'s first truthy value, looked at every POLL_S seconds; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(POLL_S)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def finished_on_disk(tune_dir: Path) -> int:
+    """How many trials Ray Tune's experiment state on disk records as finished (TERMINATED)."""
+    try:
+        state = json.loads(max(tune_dir.glob("experiment_state-*.json")).read_text())
+    except (ValueError, OSError):  # none yet, or caught mid-write
+        return 0
+    return sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in state["trial_data"])
+
+
+def train_workers(driver_pid: int) -> list[psutil.Process]:
+    """The Ray Train worker processes started by the Ray instance of the driver ``driver_pid``."""
+    workers = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
