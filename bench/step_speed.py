@@ -39,7 +39,12 @@ ARCHS = {
     # a small Jamba: hidden 1024, 8 layers (attention at 4), MoE on every other layer with 4 experts
     "jamba": {"hidden": 1024, "layers": 8, "sdt": {}},
 }
-KERNEL_ENTRY = {"mamba": "mamba_inner_fn", "mamba2": "mamba2_split_conv1d_scan_combined", "jamba": "mamba_selective_scan"}
+# the kernel entry point whose implementation says whether transformers' path runs on mamba-ssm
+KERNEL_ENTRY = {
+    "mamba": "mamba_inner_fn",
+    "mamba2": "mamba2_split_conv1d_scan_combined",
+    "jamba": "mamba_selective_scan",
+}
 
 
 def method_config(method: str, arch: str) -> sdt.SDTConfig:
@@ -56,7 +61,7 @@ def parse_mode(mode: str, arch: str) -> tuple[str, str]:
     method, _, path = mode.partition(":")
     path = path or "hf"
     if method not in ("full", "lora-out", "sdlora", "sdt") or path not in PATHS:
-        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD in full, lora-out, sdlora, sdt, PATH in hf, fused")
+        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD full|lora-out|sdlora|sdt, PATH hf|fused")
     if path == "fused" and arch == "mamba2":
         raise SystemExit(f"mode {mode!r}: the fused path covers Mamba-1 mixers (mamba, jamba), not Mamba-2")
     return method, path
@@ -200,7 +205,8 @@ def main() -> None:
             "step_peak_gib": peak_memory[mode],
             "timed_steps": len(times),
         }
-    print(f"{'mode':14} {'trainable':>13} {'median ms':>10} {'range ms':>15} {'host ms':>8} {'tokens/s':>10} {'step GiB':>9}")
+    header = f"{'mode':14} {'trainable':>13} {'median ms':>10} {'range ms':>15} {'host ms':>8} {'tokens/s':>10}"
+    print(f"{header} {'step GiB':>9}")
     for mode, r in results["modes"].items():
         print(
             f"{mode:14} {r['trainable_parameters']:>13,} {r['median_ms']:>10.1f} "

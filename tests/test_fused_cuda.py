@@ -29,7 +29,10 @@ METHODS = {
     "full": sdt.SDTConfig.preset("full"),
 }
 # mamba-130m (all 24 layers) and mamba-1.4b (4 of its 48 layers)
-SHAPES = {"130m": {"hidden_size": 768, "num_hidden_layers": 24}, "1.4b": {"hidden_size": 2048, "num_hidden_layers": 4}}
+SHAPES = {
+    "130m": {"hidden_size": 768, "num_hidden_layers": 24},
+    "1.4b": {"hidden_size": 2048, "num_hidden_layers": 4},
+}
 
 
 def fresh_tokens(batch: int = 2, length: int = 512, vocab: int = VOCAB) -> tuple[torch.Tensor, int]:

@@ -3,8 +3,9 @@
 Only a training forward that starts from no state is taken over: no cache, or a cache that holds nothing yet for
 this layer (Jamba builds one in every forward, training included, since its config says ``use_cache``); the
 forward then records the conv and SSM states in it as transformers does. Evaluation, generation steps that
-continue from a state and any call this forward does not recognise go to the class's own forward, unchanged. The adapters are read at every call (see
-:mod:`.projections`), so the path stays right when the tuner swaps them (warmup -> training, merge).
+continue from a state and any call this forward does not recognise go to the class's own forward, unchanged.
+The adapters are read at every call (see :mod:`.projections`), so the path stays right when the tuner swaps
+them (warmup -> training, merge).
 """
 
 from __future__ import annotations
