@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from .kernels import MambaKernels, load_cuda_kernels
 from .mixer import KERNELS_ATTRIBUTE, forward
-from .projections import describe, describe_small, projection
+from .projections import describe, describe_small, kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def install_fused_path(
         name
         for _, m in mixers
         for name in ("in_proj", "out_proj")
-        if parametrize.is_parametrized(getattr(m, name), "weight") and projection(getattr(m, name)).kind == "weight"
+        if parametrize.is_parametrized(getattr(m, name), "weight") and kind_of(getattr(m, name)) == "weight"
     })
     if unknown:
         line += f" (unrecognised adapters on {', '.join(unknown)} train through their full weight gradient)"

@@ -27,29 +27,34 @@ Kind = Literal["frozen", "lora", "weight"]
 
 
 class Projection(NamedTuple):
-    kind: Kind
     weight: torch.Tensor  # the frozen base for "frozen" / "lora", the effective weight for "weight"
     bias: torch.Tensor | None
     lora: LowRankDelta | None
 
 
-def projection(linear: nn.Linear) -> Projection:
+def kind_of(linear: nn.Linear) -> Kind:
     if not parametrize.is_parametrized(linear, "weight"):
-        weight = linear.weight
-        return Projection("weight" if weight.requires_grad else "frozen", weight, linear.bias, None)
+        return "weight" if linear.weight.requires_grad else "frozen"
     chain = linear.parametrizations.weight
     # `type(...) is`, not isinstance: a subclass may change what the delta is, so it gets the safe treatment
     if len(chain) == 1 and type(chain[0]) is LowRankDelta and not chain.original.requires_grad:
-        return Projection("lora", chain.original, linear.bias, chain[0])
-    return Projection("weight", linear.weight, linear.bias, None)
+        return "lora"
+    return "weight"
+
+
+def projection(linear: nn.Linear) -> Projection:
+    if kind_of(linear) == "lora":
+        chain = linear.parametrizations.weight
+        return Projection(chain.original, linear.bias, chain[0])
+    return Projection(linear.weight, linear.bias, None)
 
 
 def describe(linear: nn.Linear) -> str:
-    """One word or two for the log line: ``frozen``, ``lora r8``, ``weight-grad (full)``, ``weight-grad (X, Y)``."""
-    plan = projection(linear)
-    if plan.kind == "lora":
-        return f"lora r{plan.lora.lora_A.shape[0]}"
-    if plan.kind == "frozen":
+    """For the log line: ``frozen``, ``lora r8``, ``weight-grad (full)`` or ``weight-grad (<adapter classes>)``."""
+    kind = kind_of(linear)
+    if kind == "lora":
+        return f"lora r{linear.parametrizations.weight[0].lora_A.shape[0]}"
+    if kind == "frozen":
         return "frozen"
     if not parametrize.is_parametrized(linear, "weight"):
         return "weight-grad (full)"
