@@ -2,13 +2,17 @@
 
 Run on a CUDA machine: ``python -m pytest -m cuda tests/test_fused_cuda.py -v -s`` (``-s`` prints each case's
 largest gradient error). Skipped elsewhere (conftest). Every case draws a fresh random batch (its seed is in the
-messages) and compares the loss and every trainable tensor's gradient with transformers' path on the same model:
-relative error ‖g − g_ref‖ / ‖g_ref‖ ≤ 1e-2 per tensor; the coverage guard must pass on the fused path, and the
-merged model must give the logits of the adapted one.
+messages) and compares the loss and every trainable tensor's gradient with transformers' path on the same bf16
+model: relative error ‖g − g_hf‖ / ‖g_hf‖ ≤ 1e-2 per tensor. Two bf16 implementations of a deep model can drift
+apart by about that much through rounding alone, so a tensor above it still passes when the fused path is no
+further from the exact function than transformers' path is: both are also compared with the same model in fp32
+(the bf16 weights widened, transformers' path), and the fused path's error there may be at most 1.25× the other's.
+The coverage guard must pass on the fused path, and the merged model must give the logits of the adapted one.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -64,6 +68,22 @@ def training_tuner(model: torch.nn.Module, method: str, vocab: int = VOCAB) -> s
     return tuner
 
 
+def twin_tuners(model_class, config, method: str, vocab: int = VOCAB) -> tuple[sdt.Tuner, sdt.Tuner]:
+    """(bf16 tuner, fp32 tuner) with the same weights and adapter values; the fp32 model is the bf16 weights
+    widened, so it computes exactly the function that both bf16 paths approximate."""
+    model = bf16_model(model_class, config)
+    model32 = copy.deepcopy(model).float()
+    tuner = training_tuner(model, method, vocab)
+    sdt_config = METHODS[method]
+    selection = tuner.selection if sdt_config.uses_sdt else None
+    tuner32 = sdt.Tuner(model32, sdt_config, selection=selection)
+    values = dict(tuner.trainable_parameters())
+    with torch.no_grad():
+        for name, p in tuner32.trainable_parameters():
+            p.copy_(values[name])
+    return tuner, tuner32
+
+
 def loss_and_grads(tuner: sdt.Tuner, tokens: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     tuner.model.zero_grad(set_to_none=True)
     loss = tuner.model(input_ids=tokens, labels=tokens).loss
@@ -71,23 +91,37 @@ def loss_and_grads(tuner: sdt.Tuner, tokens: torch.Tensor) -> tuple[float, dict[
     return loss.item(), {name: p.grad.float() for name, p in tuner.trainable_parameters()}
 
 
-def compare_with_transformers_path(tuner: sdt.Tuner, label: str, vocab: int = VOCAB) -> None:
+def relative_error(g: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((g - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: str, vocab: int = VOCAB) -> None:
     tokens, seed = fresh_tokens(vocab=vocab)
     context = f"{label}, batch seed {seed}"
+    loss32, grads32 = loss_and_grads(tuner32, tokens)
     uninstall_fused_path(tuner.model)
-    loss_ref, grads_ref = loss_and_grads(tuner, tokens)
+    loss_hf, grads_hf = loss_and_grads(tuner, tokens)
     line = install_fused_path(tuner.model)
     assert CudaKernels.name in line, line
     loss, grads = loss_and_grads(tuner, tokens)
     tuner.check_gradients()
-    errors = {
-        name: ((grads[name] - ref).norm() / ref.norm()).item() for name, ref in grads_ref.items() if ref.norm() > 0
+    errors = {  # name: (fused vs transformers' bf16, fused vs fp32, transformers' bf16 vs fp32)
+        name: (relative_error(g, grads_hf[name]), relative_error(g, exact), relative_error(grads_hf[name], exact))
+        for name, g in grads.items()
+        if (exact := grads32[name]).norm() > 0
     }
-    worst = max(errors, key=errors.get)
-    print(f"\n{context}: loss {loss:.5f} vs {loss_ref:.5f}; worst gradient {worst} {errors[worst]:.2e}; {line}")
-    assert abs(loss - loss_ref) <= 2e-3 * abs(loss_ref), context
-    bad = {name: f"{e:.2e}" for name, e in errors.items() if e > BF16_TOLERANCE}
-    assert not bad, f"{context}: gradients off by more than {BF16_TOLERANCE}: {bad}"
+    worst = max(errors, key=lambda name: errors[name][0])
+    print(
+        f"\n{context}: loss fused {loss:.5f}, transformers {loss_hf:.5f}, fp32 {loss32:.5f}; worst gradient {worst}: "
+        "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e}); {}".format(*errors[worst], line)
+    )
+    assert abs(loss - loss_hf) <= 2e-3 * abs(loss_hf), context
+    bad = {
+        name: "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e})".format(*e)
+        for name, e in errors.items()
+        if e[0] > BF16_TOLERANCE and e[1] > 1.25 * e[2]
+    }
+    assert not bad, f"{context}: gradients off: {bad}"
 
 
 def assert_merge_keeps_logits(tuner: sdt.Tuner, vocab: int = VOCAB) -> None:
@@ -110,9 +144,9 @@ def assert_merge_keeps_logits(tuner: sdt.Tuner, vocab: int = VOCAB) -> None:
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("method", list(METHODS))
 def test_mamba_fused_path_matches_transformers_fused_path(shape, method):
-    model = bf16_model(MambaForCausalLM, MambaConfig(vocab_size=VOCAB, state_size=16, **SHAPES[shape]))
-    tuner = training_tuner(model, method)
-    compare_with_transformers_path(tuner, f"mamba {shape} {method}")
+    config = MambaConfig(vocab_size=VOCAB, state_size=16, **SHAPES[shape])
+    tuner, tuner32 = twin_tuners(MambaForCausalLM, config, method)
+    compare_with_transformers_path(tuner, tuner32, f"mamba {shape} {method}")
     if method != "full":
         assert_merge_keeps_logits(tuner)
 
@@ -124,8 +158,8 @@ def test_jamba_fused_path_matches_transformers_kernel_path(method):
         expert_layer_period=2, expert_layer_offset=1, num_experts=2, intermediate_size=2048,
         num_attention_heads=8, num_key_value_heads=2, mamba_d_state=16,
     )
-    tuner = training_tuner(bf16_model(JambaForCausalLM, config), method, vocab=4096)
-    compare_with_transformers_path(tuner, f"jamba {method}", vocab=4096)
+    tuner, tuner32 = twin_tuners(JambaForCausalLM, config, method, vocab=4096)
+    compare_with_transformers_path(tuner, tuner32, f"jamba {method}", vocab=4096)
     if method != "full":
         assert_merge_keeps_logits(tuner, vocab=4096)
 
