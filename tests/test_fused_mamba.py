@@ -223,7 +223,7 @@ def test_install_without_kernels_keeps_transformers_path_and_says_so(load_base):
     sdt.apply(model, METHODS["lora"])
     logged = []
     line = install_fused_path(model, log=logged.append)
-    assert logged == [line] and line.startswith("fused path: off (model not on a CUDA device)")
+    assert logged == [line] and line.startswith("fused path: off (no CUDA device)")
     assert all("forward" not in m.__dict__ for _, m in mamba1_mixers(model))
     assert install_fused_path(load_base("mamba2"), kernels=KERNELS).startswith("fused path: off")
 
@@ -262,3 +262,19 @@ def test_a_fresh_cache_gets_the_states_transformers_records(load_base, monkeypat
     for (conv, ssm), (conv_ref, ssm_ref) in zip(states[1], states[0]):
         torch.testing.assert_close(conv, conv_ref)
         torch.testing.assert_close(ssm.to(ssm_ref.dtype), ssm_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_off_the_kernels_device_runs_transformers_forward(load_base, monkeypatch):
+    """Installed while the model is elsewhere (e.g. adapters attached before .cuda()): the forward checks the
+    device at every call."""
+    tuner = training_tuner(load_base("mamba"), "lora")
+
+    class CudaOnly(ReferenceKernels):
+        device_type = "cuda"
+
+    line = install_fused_path(tuner.model, kernels=CudaOnly())
+    assert "the model is on cpu now: it takes the path once on cuda" in line
+    calls = count_fused_calls(monkeypatch)
+    tokens, _ = fresh_batch()
+    loss_and_grads(tuner, tokens)
+    assert not calls

@@ -55,17 +55,19 @@ def install_fused_path(
     """Route the training forward of every Mamba-1 mixer of ``model`` through :class:`~.inner.MambaInnerFn`.
 
     Call after the adapters are attached and whenever they change; calling it again is harmless. ``kernels``
-    defaults to the CUDA kernels; where they cannot run (no CUDA device, mamba-ssm or causal-conv1d missing, the
-    model off the GPU, a mixer configuration the kernels do not support) the mixers keep transformers' path.
-    Returns the line it logs through ``log``; on a CUDA model that cannot take the path it also warns.
+    defaults to the CUDA kernels; where they cannot run (no CUDA device, mamba-ssm or causal-conv1d missing, a
+    mixer configuration the kernels do not support) the mixers keep transformers' path, and a call with the
+    model elsewhere than on the kernels' device goes to transformers' forward. Returns the line it logs through
+    ``log``; on a CUDA model that cannot take the path it also warns.
     """
     mixers = mamba1_mixers(model)
     if not mixers:
         return _report(f"fused path: off, {type(model).__name__} has no Mamba-1 mixer", log, warn=False)
-    on_cuda = next(mixers[0][1].parameters()).device.type == "cuda"
+    device_type = next(mixers[0][1].parameters()).device.type
+    on_cuda = device_type == "cuda"
     reason = ""
     if kernels is None:
-        kernels, reason = load_cuda_kernels() if on_cuda else (None, "model not on a CUDA device")
+        kernels, reason = load_cuda_kernels()
     if kernels is not None:
         reason = "; ".join(f"{name}: {why}" for name, m in mixers if (why := _unsupported(m)))
     if reason:
@@ -86,6 +88,8 @@ def install_fused_path(
     })
     if unknown:
         line += f" (unrecognised adapters on {', '.join(unknown)} train through their full weight gradient)"
+    if kernels.device_type not in (None, device_type):  # the forward checks the device at every call
+        line += f" (the model is on {device_type} now: it takes the path once on {kernels.device_type})"
     return _report(line, log, warn=on_cuda and bool(unknown))
 
 
