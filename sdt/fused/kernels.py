@@ -126,5 +126,5 @@ def load_cuda_kernels() -> tuple[CudaKernels | None, str]:
         return None, "no CUDA device"
     try:
         return CudaKernels(), ""
-    except ImportError as error:
+    except (ImportError, OSError) as error:  # missing, or built against another torch / CUDA
         return None, f"mamba-ssm / causal-conv1d kernels not importable ({error}); pip install '.[cuda]'"
