@@ -141,29 +141,6 @@ def assert_merge_keeps_logits(tuner: sdt.Tuner, vocab: int = VOCAB) -> None:
     torch.testing.assert_close(merged, adapted, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("method", list(METHODS))
-def test_mamba_fused_path_matches_transformers_fused_path(shape, method):
-    config = MambaConfig(vocab_size=VOCAB, state_size=16, **SHAPES[shape])
-    tuner, tuner32 = twin_tuners(MambaForCausalLM, config, method)
-    compare_with_transformers_path(tuner, tuner32, f"mamba {shape} {method}")
-    if method != "full":
-        assert_merge_keeps_logits(tuner)
-
-
-@pytest.mark.parametrize("method", ["lora", "sdlora", "full"])
-def test_jamba_fused_path_matches_transformers_kernel_path(method):
-    config = JambaConfig(
-        vocab_size=4096, hidden_size=1024, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=1,
-        expert_layer_period=2, expert_layer_offset=1, num_experts=2, intermediate_size=2048,
-        num_attention_heads=8, num_key_value_heads=2, mamba_d_state=16,
-    )
-    tuner, tuner32 = twin_tuners(JambaForCausalLM, config, method, vocab=4096)
-    compare_with_transformers_path(tuner, tuner32, f"jamba {method}", vocab=4096)
-    if method != "full":
-        assert_merge_keeps_logits(tuner, vocab=4096)
-
-
 def test_cuda_kernels_keep_the_reference_kernels_contract():
     """MambaInnerFn on the CUDA kernels against the pure-PyTorch reference kernels the CPU tests use, in fp32 on
     the GPU, with LoRA on out_proj and a padding mask: the seam's layouts, buffers and dtypes (sdt/fused/kernels.py)
@@ -203,3 +180,26 @@ def compare_kernels(kernels, reference, device: str) -> None:
     for name, g, g_ref in zip(leaves, grads, grads_ref):
         error = ((g - g_ref).norm() / g_ref.norm()).item()
         assert error < 1e-4, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_mamba_fused_path_matches_transformers_fused_path(shape, method):
+    config = MambaConfig(vocab_size=VOCAB, state_size=16, **SHAPES[shape])
+    tuner, tuner32 = twin_tuners(MambaForCausalLM, config, method)
+    compare_with_transformers_path(tuner, tuner32, f"mamba {shape} {method}")
+    if method != "full":
+        assert_merge_keeps_logits(tuner)
+
+
+@pytest.mark.parametrize("method", ["lora", "sdlora", "full"])
+def test_jamba_fused_path_matches_transformers_kernel_path(method):
+    config = JambaConfig(
+        vocab_size=4096, hidden_size=1024, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=1, num_experts=2, intermediate_size=2048,
+        num_attention_heads=8, num_key_value_heads=2, mamba_d_state=16,
+    )
+    tuner, tuner32 = twin_tuners(JambaForCausalLM, config, method, vocab=4096)
+    compare_with_transformers_path(tuner, tuner32, f"jamba {method}", vocab=4096)
+    if method != "full":
+        assert_merge_keeps_logits(tuner, vocab=4096)
