@@ -1,12 +1,18 @@
-"""Training-step throughput of SDLoRA against weight-space LoRA (and full fine-tuning) on the fused CUDA path.
+"""Training-step throughput of SDLoRA against weight-space LoRA and full fine-tuning, on transformers' CUDA path
+and on sdt's fused path.
 
-    python bench/step_speed.py --out speed.json              # mamba-130m shape, bf16, batch 8 x 1024
+    python bench/step_speed.py --out speed.json                       # mamba-130m shape, bf16, batch 8 x 1024
+    python bench/step_speed.py --hidden 2048 --layers 48 --modes sdlora:fused sdlora full lora-out:fused
+    python bench/step_speed.py --arch mamba2 --modes lora-out sdlora  # 130m-like Mamba-2 (state 128, 24 heads)
+    python bench/step_speed.py --arch jamba --modes lora-out sdlora sdlora:fused
 
+A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt; PATH ``hf`` (default: transformers' own
+mixer forward on the mamba-ssm kernels) or ``fused`` (``sdt.fused.install_fused_path``; Mamba and Jamba only).
 Every mode trains the same randomly initialised model shape: forward + loss + backward + fused AdamW step, timed
 with CUDA synchronisation around each step. The modes take turns step by step, so that clock changes, garbage
 collection and other drift hit all of them alike. ``host_ms`` is the time until the step's Python code has
 returned (all work enqueued): when it is close to the step time, the step is bound by the host, not the GPU.
-Results in docs/benchmarks.md.
+``step GiB`` is the peak memory of one step beyond what is resident before it. Results in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,34 +23,85 @@ import statistics
 import time
 
 import torch
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import sdt
 from pipeline.models import kernel_paths
+from sdt.fused import install_fused_path
 
-MODES = {
-    "full": sdt.SDTConfig.preset("full"),
-    "lora-out": sdt.SDTConfig.preset("lora", lora_targets=("out_proj",)),
-    "sdlora": sdt.SDTConfig.preset("sdlora"),
-    "sdt": sdt.SDTConfig.preset("sdt"),
+PATHS = ("hf", "fused")
+# per architecture: the shape's defaults (overridable), how to build it, and the SDT counts that fit it
+ARCHS = {
+    # mamba-130m: hidden 768, 24 layers, state 16, expand 2
+    "mamba": {"hidden": 768, "layers": 24, "sdt": {}},
+    # a 130m-like Mamba-2: 24 heads of 64, state 128, one group. 0.99 of 24 heads trains none: train 2 per layer
+    "mamba2": {"hidden": 768, "layers": 24, "sdt": {"channels_frozen": 22}},
+    # a small Jamba: hidden 1024, 8 layers (attention at 4), MoE on every other layer with 4 experts
+    "jamba": {"hidden": 1024, "layers": 8, "sdt": {}},
+}
+# the kernel entry point whose implementation says whether transformers' path runs on mamba-ssm
+KERNEL_ENTRY = {
+    "mamba": "mamba_inner_fn",
+    "mamba2": "mamba2_split_conv1d_scan_combined",
+    "jamba": "mamba_selective_scan",
 }
 
 
-def build(mode: str, args) -> tuple[sdt.Tuner, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    config = MambaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, state_size=16, expand=2,
-        conv_kernel=4, tie_word_embeddings=True,
+def method_config(method: str, arch: str) -> sdt.SDTConfig:
+    sdt_counts = ARCHS[arch]["sdt"]
+    return {
+        "full": lambda: sdt.SDTConfig.preset("full"),
+        "lora-out": lambda: sdt.SDTConfig.preset("lora", lora_targets=("out_proj",)),
+        "sdlora": lambda: sdt.SDTConfig.preset("sdlora", **sdt_counts),
+        "sdt": lambda: sdt.SDTConfig.preset("sdt", **sdt_counts),
+    }[method]()
+
+
+def parse_mode(mode: str, arch: str) -> tuple[str, str]:
+    method, _, path = mode.partition(":")
+    path = path or "hf"
+    if method not in ("full", "lora-out", "sdlora", "sdt") or path not in PATHS:
+        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD full|lora-out|sdlora|sdt, PATH hf|fused")
+    if path == "fused" and arch == "mamba2":
+        raise SystemExit(f"mode {mode!r}: the fused path covers Mamba-1 mixers (mamba, jamba), not Mamba-2")
+    return method, path
+
+
+def model_config(args):
+    common = {"vocab_size": args.vocab, "hidden_size": args.hidden, "num_hidden_layers": args.layers}
+    if args.arch == "mamba":
+        return MambaForCausalLM, MambaConfig(**common, state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True)
+    if args.arch == "mamba2":
+        heads = 2 * args.hidden // 64
+        return Mamba2ForCausalLM, Mamba2Config(
+            **common, state_size=128, num_heads=heads, head_dim=64, n_groups=1, expand=2, chunk_size=256,
+            tie_word_embeddings=True,
+        )
+    return JambaForCausalLM, JambaConfig(
+        **common, attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=4, num_experts_per_tok=2, intermediate_size=4 * args.hidden, num_attention_heads=16,
+        num_key_value_heads=4, mamba_d_state=16, tie_word_embeddings=True,
     )
-    model = sdt.to_compute_dtype(MambaForCausalLM(config), torch.bfloat16).cuda().train()
-    tuner = sdt.apply(model, MODES[mode])
+
+
+def build(mode: str, args) -> tuple[sdt.Tuner, torch.optim.Optimizer, str]:
+    method, path = parse_mode(mode, args.arch)
+    torch.manual_seed(0)
+    model_class, config = model_config(args)
+    with torch.device("cuda"):  # initialised on the GPU: a 1.4b model takes minutes to initialise on the host
+        model = model_class(config)
+    model = sdt.to_compute_dtype(model, torch.bfloat16).train()
+    tuner = sdt.apply(model, method_config(method, args.arch))
     if tuner.phase == "warmup":  # a short real warmup, so the selection comes from real updates
         optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
         for step in range(2):
             step_once(tuner.model, optimizer, batch(args, step))
         tuner.start_training(tuner.select())
+    line = install_fused_path(model) if path == "fused" else "transformers' path"
+    if line.startswith("fused path: off"):
+        raise SystemExit(f"{mode}: {line}; refusing to time a fallback")
     optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
-    return tuner, optimizer
+    return tuner, optimizer, line
 
 
 def batch(args, seed: int) -> torch.Tensor:
@@ -73,46 +130,57 @@ def profile(tuner, optimizer, args) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    for step in range(2):  # a mode that is only profiled was not warmed up with the timed ones
+        step_once(tuner.model, optimizer, batch(args, 9_000 + step))
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for step in range(3):
             step_once(tuner.model, optimizer, batch(args, 10_000 + step))
         torch.cuda.synchronize()
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    table = events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
     return f"CUDA kernel launches per step: {kernels / 3:.0f}\n{table}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=["lora-out", "sdlora", "full"], choices=list(MODES))
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--arch", choices=list(ARCHS), default="mamba")
+    parser.add_argument("--modes", nargs="+", default=["lora-out", "sdlora", "full"], help="METHOD[:PATH]")
+    parser.add_argument("--hidden", type=int, help="default: the architecture's (see ARCHS)")
+    parser.add_argument("--layers", type=int, help="default: the architecture's (see ARCHS)")
     parser.add_argument("--vocab", type=int, default=50280)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps per mode")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
-    parser.add_argument("--profile", nargs="*", default=[], choices=list(MODES), help="print a kernel profile")
+    parser.add_argument("--profile", nargs="*", default=[], help="modes to print a kernel profile of")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    args.hidden = args.hidden or ARCHS[args.arch]["hidden"]
+    args.layers = args.layers or ARCHS[args.arch]["layers"]
+    for mode in args.modes + args.profile:
+        parse_mode(mode, args.arch)
 
-    paths = kernel_paths("mamba")
+    paths = kernel_paths(args.arch)
     print("kernel paths:", paths, flush=True)
-    if paths["mamba_inner_fn"] != "mamba_ssm":
-        raise SystemExit("the fused mamba-ssm path is not active; refusing to time a fallback")
-    runs = {mode: build(mode, args) for mode in args.modes}
-    for mode, (tuner, optimizer) in runs.items():
+    if paths[KERNEL_ENTRY[args.arch]] != "mamba_ssm":
+        raise SystemExit("transformers' mamba-ssm path is not active; refusing to time a fallback")
+    runs = {mode: build(mode, args) for mode in dict.fromkeys(args.modes + args.profile)}
+    for mode, (_, _, line) in runs.items():
+        print(f"{mode}: {line}", flush=True)
+    for mode in args.modes:
+        tuner, optimizer, _ = runs[mode]
         for step in range(args.warmup_steps):
             step_once(tuner.model, optimizer, batch(args, step))
     timings = {mode: [] for mode in args.modes}
-    torch.cuda.reset_peak_memory_stats()
     for step in range(args.steps):
-        for mode, (tuner, optimizer) in runs.items():
+        for mode in args.modes:
+            tuner, optimizer, _ = runs[mode]
             timings[mode].append(timed_step(tuner, optimizer, batch(args, 1000 + step)))
     # every model is resident during the timing, so peak memory is measured per mode once more, alone
     peak_memory = {}
-    for mode, (tuner, optimizer) in runs.items():
+    for mode in args.modes:
+        tuner, optimizer, _ = runs[mode]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step_once(tuner.model, optimizer, batch(args, 0))
@@ -129,6 +197,7 @@ def main() -> None:
         times = [t for t, _ in pairs]
         median = statistics.median(times)
         results["modes"][mode] = {
+            "path_line": runs[mode][2],
             "trainable_parameters": runs[mode][0].num_trainable_parameters(),
             "median_ms": 1000 * median,
             "min_ms": 1000 * min(times),
@@ -138,20 +207,27 @@ def main() -> None:
             "step_peak_gib": peak_memory[mode],
             "timed_steps": len(times),
         }
-    print(f"{'mode':10} {'trainable':>11} {'median ms':>10} {'range ms':>15} {'host ms':>8} {'tokens/s':>10} {'step GiB':>9}")
+    header = f"{'mode':14} {'trainable':>13} {'median ms':>10} {'range ms':>15} {'host ms':>8} {'tokens/s':>10}"
+    print(f"{header} {'step GiB':>9}")
     for mode, r in results["modes"].items():
         print(
-            f"{mode:10} {r['trainable_parameters']:>11,} {r['median_ms']:>10.1f} "
+            f"{mode:14} {r['trainable_parameters']:>13,} {r['median_ms']:>10.1f} "
             f"{r['min_ms']:>7.1f}-{r['max_ms']:<7.1f} {r['host_median_ms']:>8.1f} {r['tokens_per_s']:>10,.0f} "
             f"{r['step_peak_gib']:>9.2f}"
         )
-    if "lora-out" in results["modes"]:
-        base = results["modes"]["lora-out"]["tokens_per_s"]
-        for mode, r in results["modes"].items():
-            r["vs_lora_out"] = r["tokens_per_s"] / base
-            print(f"{mode} / lora-out tokens/s: {r['vs_lora_out']:.3f}")
+    # every mode against each baseline that ran: LoRA on out_proj and full fine-tuning on transformers' path,
+    # and each method's own transformers-path run
+    baselines = [b for b in ("lora-out", "full") if b in results["modes"]]
+    for mode, r in results["modes"].items():
+        method = mode.partition(":")[0]
+        ratios = {f"vs_{b}": r["tokens_per_s"] / results["modes"][b]["tokens_per_s"] for b in baselines if b != mode}
+        if mode != method and method in results["modes"] and method not in baselines:
+            ratios["vs_own_hf_path"] = r["tokens_per_s"] / results["modes"][method]["tokens_per_s"]
+        r.update(ratios)
+        if ratios:
+            print(f"{mode} tokens/s " + ", ".join(f"{k.removeprefix('vs_')}: {v:.3f}x" for k, v in ratios.items()))
     for mode in args.profile:
-        print(f"\n== profile: {mode}\n{profile(*runs[mode], args)}")
+        print(f"\n== profile: {mode}\n{profile(*runs[mode][:2], args)}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import parametrize as P
 from .config import SDTConfig, SDTConfigError
+from .fused import install_fused_path, uninstall_fused_path
 from .targets import Selection, check_counts, family_of, mixers
 from .variants import get_variant
 
@@ -47,6 +48,9 @@ class Tuner:
     * ``lora`` and ``full`` start in ``train``.
 
     Passing ``selection`` starts directly in ``train`` with that selection (loading an adapter, resuming).
+
+    On CUDA with mamba-ssm, Mamba-1 mixers train through :mod:`sdt.fused` (only the gradients the adapters need);
+    :attr:`kernel_path` is the line that says which path runs.
     """
 
     def __init__(self, model: nn.Module, config: SDTConfig, selection: dict[str, Selection] | None = None) -> None:
@@ -59,17 +63,18 @@ class Tuner:
         if config.trains_all_weights:
             model.requires_grad_(True)
             self.phase: Phase = "train"
-            return
-        model.requires_grad_(False)
-        if selection is not None or not config.uses_sdt:
+        elif selection is not None or not config.uses_sdt:
+            model.requires_grad_(False)
             self._attach_training_adapters(selection)
         else:
+            model.requires_grad_(False)
             self.phase = "warmup"
             self._attach_lora(seed=config.seed)
             for _, mixer in self.mixers:
                 for spec in self.family.warmup_specs(mixer):
                     weight = getattr(spec.module, spec.tensor)
                     P.attach(spec.module, spec.tensor, P.DenseDelta(weight, spec.rows))
+        self.kernel_path = install_fused_path(model)
 
     # -- phases ---------------------------------------------------------------------------------------------
 
@@ -97,6 +102,7 @@ class Tuner:
         self._require_phase("warmup")
         P.detach_all(self.model, merge=False)
         self._attach_training_adapters(selection)
+        self.kernel_path = install_fused_path(self.model)  # the projections' treatment changed with the adapters
 
     def _attach_training_adapters(self, selection: dict[str, Selection] | None) -> None:
         self.phase = "train"
@@ -193,6 +199,7 @@ class Tuner:
         """Bake the adapters into plain weights and return the (now adapter-free) model."""
         if self.phase != "train":
             raise RuntimeError("merge: only a training-phase adapter can be merged, not a warmup one")
+        uninstall_fused_path(self.model)  # a merged model is a plain transformers model
         P.detach_all(self.model, merge=True)
         self.merged = True
         return self.model

@@ -1,0 +1,29 @@
+"""The fused PEFT training path for Mamba-1 mixers (transformers' ``MambaMixer`` and ``JambaMambaMixer``).
+
+transformers' CUDA path hands the effective weights to mamba-ssm's ``mamba_inner_fn``, whose backward computes the
+full gradients of x_proj, dt_proj and out_proj whatever trains, around layout copies that take about a quarter of
+the step (issue 14). :func:`install_fused_path` routes each mixer's training forward through
+:class:`~.inner.MambaInnerFn` instead: the same kernels, called in the layouts they want, and only the gradients
+that some trainable tensor needs (LoRA on in_proj / out_proj in activation space). The adapters stay in weight
+space: merge, save and the coverage guard see no difference, and everything but a cache-free training forward
+(evaluation, generation, a CPU model) runs transformers' own forward.
+
+    tuner = sdt.apply(model, cfg)
+    install_fused_path(model)          # logs e.g. "fused path: 48 MambaMixers on sdt.fused.MambaInnerFn (...)"
+    ...
+    uninstall_fused_path(model)        # before merging, or to compare with transformers' path
+"""
+
+from .inner import MambaInnerFn
+from .install import install_fused_path, mamba1_mixers, uninstall_fused_path
+from .kernels import CudaKernels, MambaKernels, load_cuda_kernels
+
+__all__ = [
+    "install_fused_path",
+    "uninstall_fused_path",
+    "mamba1_mixers",
+    "MambaInnerFn",
+    "MambaKernels",
+    "CudaKernels",
+    "load_cuda_kernels",
+]

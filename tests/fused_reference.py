@@ -1,0 +1,74 @@
+"""Pure-PyTorch stand-ins for the CUDA kernels behind ``sdt.fused`` (its ``MambaKernels`` protocol), for CPU tests.
+
+Same contract as ``sdt.fused.CudaKernels``: outputs are allocated the way the CUDA kernels allocate them
+(``empty_like`` of the same input, so the Function's no-copy layout assumptions are exercised), backward writes
+into the buffers it is given, arithmetic is fp32 with results in the input dtype. Backward recomputes the forward
+and differentiates it with ``torch.autograd.grad``. The scan is a per-step loop: fine for the tiny test models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    width = weight.shape[-1]
+    y = F.conv1d(
+        x.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), padding=width - 1,
+        groups=x.shape[1],
+    )
+    return F.silu(y[..., : x.shape[-1]])
+
+
+def _scan(u, delta, A, B, C, D, z, delta_bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y + D·u, (y + D·u) · SiLU(z), last state) in fp32; u, delta, z (b, d, l), B, C (b, 1, n, l)."""
+    dt = F.softplus(delta.float() + delta_bias.float()[:, None])
+    b_t, c_t = B[:, 0].float().transpose(1, 2), C[:, 0].float().transpose(1, 2)  # (b, l, n)
+    decay = torch.exp(dt[..., None] * A[:, None, :])  # (b, d, l, n)
+    drive = dt[..., None] * b_t[:, None] * u.float()[..., None]
+    state = torch.zeros_like(decay[:, :, 0])
+    ys = []
+    for t in range(u.shape[-1]):
+        state = decay[:, :, t] * state + drive[:, :, t]
+        ys.append((state * c_t[:, None, t]).sum(-1))
+    out = torch.stack(ys, dim=-1) + u.float() * D[:, None]
+    return out, out * F.silu(z.float()), state
+
+
+def _like(template: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(template).copy_(value)
+
+
+class ReferenceKernels:
+    device_type = None
+    name = "pure-PyTorch reference kernels (tests)"
+
+    def conv1d_fwd(self, x, weight, bias):
+        return _like(x, _conv(x, weight, bias))
+
+    def conv1d_bwd(self, x, weight, bias, dout, dx):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
+            out = _conv(*leaves, None) if bias is None else _conv(*leaves)
+            grads = torch.autograd.grad(out, leaves, dout.float())
+        dx.copy_(grads[0])
+        return grads[1], (None if bias is None else grads[2])
+
+    def scan_fwd(self, u, delta, A, B, C, D, z, delta_bias):
+        out, out_z, last_state = _scan(u, delta, A, B, C, D, z, delta_bias)
+        return _like(delta, out), last_state, _like(z, out_z)
+
+    def last_state(self, saved):
+        return saved
+
+    def scan_bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, saved, out, dz):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
+            _, out_z, _ = _scan(*leaves)
+            du, ddelta, dA, dB, dC, dD, dz_value, ddelta_bias = torch.autograd.grad(out_z, leaves, dout.float())
+        dz.copy_(dz_value)
+        return (
+            _like(u, du), _like(delta, ddelta), dA, _like(B, dB), _like(C, dC), dD, ddelta_bias,
+            _like(out, out_z.detach()),
+        )

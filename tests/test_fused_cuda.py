@@ -1,0 +1,205 @@
+"""The fused PEFT path (sdt.fused) on the GPU, against transformers' current CUDA path, in bf16.
+
+Run on a CUDA machine: ``python -m pytest -m cuda tests/test_fused_cuda.py -v -s`` (``-s`` prints each case's
+largest gradient error). Skipped elsewhere (conftest). Every case draws a fresh random batch (its seed is in the
+messages) and compares the loss and every trainable tensor's gradient with transformers' path on the same bf16
+model: relative error ‖g − g_hf‖ / ‖g_hf‖ ≤ 1e-2 per tensor. Two bf16 implementations of a deep model can drift
+apart by about that much through rounding alone, so a tensor above it still passes when the fused path is no
+further from the exact function than transformers' path is: both are also compared with the same model in fp32
+(the bf16 weights widened, transformers' path), and the fused path's error there may be at most 1.25× the other's.
+The coverage guard must pass on the fused path, and the merged model must give the logits of the adapted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from fused_reference import ReferenceKernels
+from transformers import JambaConfig, JambaForCausalLM, MambaConfig, MambaForCausalLM
+
+import sdt
+from sdt.fused import CudaKernels, MambaInnerFn, install_fused_path, mamba1_mixers, uninstall_fused_path
+
+pytestmark = pytest.mark.cuda
+VOCAB = 50280
+BF16_TOLERANCE = 1e-2
+METHODS = {
+    "lora": sdt.SDTConfig.preset("lora", lora_targets=("in_proj", "x_proj", "dt_proj", "out_proj")),
+    "sdlora": sdt.SDTConfig.preset("sdlora", warmup_steps=2),
+    "sdt": sdt.SDTConfig.preset("sdt", warmup_steps=2),
+    "full": sdt.SDTConfig.preset("full"),
+}
+# mamba-130m (all 24 layers) and mamba-1.4b (4 of its 48 layers)
+SHAPES = {
+    "130m": {"hidden_size": 768, "num_hidden_layers": 24},
+    "1.4b": {"hidden_size": 2048, "num_hidden_layers": 4},
+}
+
+
+def fresh_tokens(batch: int = 2, length: int = 512, vocab: int = VOCAB) -> tuple[torch.Tensor, int]:
+    seed = random.randrange(2**31)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator).cuda(), seed
+
+
+def bf16_model(model_class, config) -> torch.nn.Module:
+    torch.manual_seed(random.randrange(2**31))
+    return sdt.to_compute_dtype(model_class(config), torch.bfloat16).cuda().train()
+
+
+def training_tuner(model: torch.nn.Module, method: str, vocab: int = VOCAB) -> sdt.Tuner:
+    """Training phase, every adapter tensor moved off its init (LoRA's B = 0 would hide A's gradient path)."""
+    tuner = sdt.apply(model, METHODS[method])
+    if tuner.phase == "warmup":  # real warmup steps on transformers' path, so the selection ranks real updates
+        optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-2)
+        for _ in range(METHODS[method].warmup_steps):
+            tokens, _ = fresh_tokens(vocab=vocab)
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        tuner.start_training(tuner.select())
+    if method != "full":
+        with torch.no_grad():
+            for p in tuner.trainable_parameters():
+                p.normal_(0, 0.02)
+    return tuner
+
+
+def twin_tuners(model_class, config, method: str, vocab: int = VOCAB) -> tuple[sdt.Tuner, sdt.Tuner]:
+    """(bf16 tuner, fp32 tuner) with the same weights and adapter values; the fp32 model is the bf16 weights
+    widened, so it computes exactly the function that both bf16 paths approximate."""
+    model = bf16_model(model_class, config)
+    model32 = copy.deepcopy(model).float()
+    tuner = training_tuner(model, method, vocab)
+    sdt_config = METHODS[method]
+    selection = tuner.selection if sdt_config.uses_sdt else None
+    tuner32 = sdt.Tuner(model32, sdt_config, selection=selection)
+    values = dict(tuner.named_trainable_parameters())
+    with torch.no_grad():
+        for name, p in tuner32.named_trainable_parameters():
+            p.copy_(values[name])
+    return tuner, tuner32
+
+
+def loss_and_grads(tuner: sdt.Tuner, tokens: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    tuner.model.zero_grad(set_to_none=True)
+    loss = tuner.model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    return loss.item(), {name: p.grad.float() for name, p in tuner.named_trainable_parameters()}
+
+
+def relative_error(g: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((g - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: str, vocab: int = VOCAB) -> None:
+    tokens, seed = fresh_tokens(vocab=vocab)
+    context = f"{label}, batch seed {seed}"
+    loss32, grads32 = loss_and_grads(tuner32, tokens)
+    uninstall_fused_path(tuner.model)
+    loss_hf, grads_hf = loss_and_grads(tuner, tokens)
+    line = install_fused_path(tuner.model)
+    assert CudaKernels.name in line, line
+    loss, grads = loss_and_grads(tuner, tokens)
+    tuner.check_gradients()
+    errors = {  # name: (fused vs transformers' bf16, fused vs fp32, transformers' bf16 vs fp32)
+        name: (relative_error(g, grads_hf[name]), relative_error(g, exact), relative_error(grads_hf[name], exact))
+        for name, g in grads.items()
+        if (exact := grads32[name]).norm() > 0
+    }
+    worst = max(errors, key=lambda name: errors[name][0])
+    print(
+        f"\n{context}: loss fused {loss:.5f}, transformers {loss_hf:.5f}, fp32 {loss32:.5f}; worst gradient {worst}: "
+        "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e}); {}".format(*errors[worst], line)
+    )
+    assert abs(loss - loss_hf) <= 2e-3 * abs(loss_hf), context
+    bad = {
+        name: "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e})".format(*e)
+        for name, e in errors.items()
+        if e[0] > BF16_TOLERANCE and e[1] > 1.25 * e[2]
+    }
+    assert not bad, f"{context}: gradients off: {bad}"
+
+
+def assert_merge_keeps_logits(tuner: sdt.Tuner, vocab: int = VOCAB) -> None:
+    """A few optimizer steps on the fused path, then the merged model gives the adapted model's logits."""
+    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3)
+    for _ in range(3):
+        tokens, _ = fresh_tokens(vocab=vocab)
+        tuner.model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    tokens, _ = fresh_tokens(vocab=vocab)
+    tuner.model.eval()
+    with torch.no_grad():
+        adapted = tuner.model(input_ids=tokens).logits.float()
+        uninstall_fused_path(tuner.model)
+        merged = tuner.merge()(input_ids=tokens).logits.float()
+    torch.testing.assert_close(merged, adapted, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_kernels_keep_the_reference_kernels_contract():
+    """MambaInnerFn on the CUDA kernels against the pure-PyTorch reference kernels the CPU tests use, in fp32 on
+    the GPU, with LoRA on out_proj and a padding mask: the seam's layouts, buffers and dtypes (sdt/fused/kernels.py)
+    hold for the real kernels."""
+    compare_kernels(CudaKernels(), ReferenceKernels(), "cuda")
+
+
+def compare_kernels(kernels, reference, device: str) -> None:
+    torch.manual_seed(random.randrange(2**31))
+    config = MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1, state_size=16)
+    mixer = mamba1_mixers(MambaForCausalLM(config).to(device))[0][1]
+    batch, length, inner, rank = 2, 128, mixer.intermediate_size, 8
+    hidden = torch.randn(batch * length, 64, device=device)
+    xz = (mixer.in_proj.weight @ hidden.t()).view(2 * inner, batch, length).transpose(0, 1)
+    mask = torch.ones(batch, 1, length, device=device)
+    mask[0, :, :7] = 0
+    differentiable = {
+        "xz": xz, "conv_weight": mixer.conv1d.weight, "conv_bias": mixer.conv1d.bias,
+        "x_proj_weight": mixer.x_proj.weight, "dt_proj_weight": mixer.dt_proj.weight,
+        "dt_bias": mixer.dt_proj.bias.float(), "A": -torch.exp(mixer.A_log.float()), "D": mixer.D.float(),
+        "out_weight": mixer.out_proj.weight, "lora_A": 0.02 * torch.randn(rank, inner, device=device),
+        "lora_B": 0.02 * torch.randn(64, rank, device=device),
+    }
+    leaves = {name: t.detach().requires_grad_() for name, t in differentiable.items()}
+    gradient = torch.randn(batch, length, 64, device=device)
+    results = []
+    for k in (kernels, reference):
+        l = leaves
+        out = MambaInnerFn.apply(
+            l["xz"], l["conv_weight"], l["conv_bias"], l["x_proj_weight"], l["dt_proj_weight"], l["dt_bias"], l["A"],
+            l["D"], l["out_weight"], None, l["lora_A"], l["lora_B"], 1.0, None, None, None, (0.0, 0.0, 0.0), mask,
+            None, k,
+        )
+        results.append((out, torch.autograd.grad(out, list(leaves.values()), gradient)))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    for name, g, g_ref in zip(leaves, grads, grads_ref):
+        error = ((g - g_ref).norm() / g_ref.norm()).item()
+        assert error < 1e-4, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_mamba_fused_path_matches_transformers_fused_path(shape, method):
+    config = MambaConfig(vocab_size=VOCAB, state_size=16, **SHAPES[shape])
+    tuner, tuner32 = twin_tuners(MambaForCausalLM, config, method)
+    compare_with_transformers_path(tuner, tuner32, f"mamba {shape} {method}")
+    if method != "full":
+        assert_merge_keeps_logits(tuner)
+
+
+@pytest.mark.parametrize("method", ["lora", "sdlora", "full"])
+def test_jamba_fused_path_matches_transformers_kernel_path(method):
+    config = JambaConfig(
+        vocab_size=4096, hidden_size=1024, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=1, num_experts=2, intermediate_size=2048,
+        num_attention_heads=8, num_key_value_heads=2, mamba_d_state=16,
+    )
+    tuner, tuner32 = twin_tuners(JambaForCausalLM, config, method, vocab=4096)
+    compare_with_transformers_path(tuner, tuner32, f"jamba {method}", vocab=4096)
+    if method != "full":
+        assert_merge_keeps_logits(tuner, vocab=4096)
