@@ -27,7 +27,7 @@ from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForC
 
 import sdt
 from pipeline.models import kernel_paths
-from sdt.fused import install_fused_path
+from sdt.fused import uninstall_fused_path
 
 PATHS = ("hf", "fused")
 # per architecture: the shape's defaults (overridable), how to build it, and the SDT counts that fit it
@@ -97,7 +97,12 @@ def build(mode: str, args) -> tuple[sdt.Tuner, torch.optim.Optimizer, str]:
         for step in range(2):
             step_once(tuner.model, optimizer, batch(args, step))
         tuner.start_training(tuner.select())
-    line = install_fused_path(model) if path == "fused" else "transformers' path"
+    # sdt.Tuner puts the fused path on by itself wherever it can run: the hf modes take it off again.
+    if path == "fused":
+        line = tuner.kernel_path
+    else:
+        uninstall_fused_path(model)
+        line = "transformers' path"
     if line.startswith("fused path: off"):
         raise SystemExit(f"{mode}: {line}; refusing to time a fallback")
     optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)

@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 import sdt
+from pipeline import spec_yaml
 from sdt import SDTConfig, SDTConfigError
 
 DATA_SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -54,10 +55,14 @@ class JobSpecError(ValueError):
         self.where, self.reason, self.source = where, _one_line(reason), source
         super().__init__(f"{where}: {self.reason}")
 
+    def __reduce__(self):  # picklable, so a failure inside a Ray task reaches the driver as itself
+        return type(self), (self.where, self.reason, self.source)
+
 
 class _Spec(BaseModel):
-    # A misspelt key must fail loudly, not leave its setting at the default; NaN and inf are never meant.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # A misspelt key must fail loudly, not leave its setting at the default; NaN and inf are never meant; and a
+    # value of the wrong type is an error, not coerced (`epochs: true` is not 1, `lr: "0.1"` not a number).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 def _field_error(loc: str | tuple[str, ...], reason: str, value: Any) -> ValidationError:
@@ -267,9 +272,10 @@ class Domain(_Spec):
 
     grid: Annotated[list[Any], Field(min_length=1)] | None = None  # every value, in every sample
     choice: Annotated[list[Any], Field(min_length=1)] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None  # [lo, hi), hi excluded as in tune.randint
+    # YAML gives lists: a pair is taken from a list of two (strict mode would want a tuple).
+    uniform: tuple[float, float] | None = Field(None, strict=False)
+    loguniform: tuple[float, float] | None = Field(None, strict=False)
+    randint: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)  # [lo, hi), hi excluded as in tune.randint
 
     @model_serializer(mode="wrap")
     def _only_the_set_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -327,6 +333,9 @@ class SearchSpec(_Spec):
     scheduler: Literal["asha", "fifo"] = "fifo"
     grace_period: PositiveInt = 1  # ASHA, in reports (epochs or eval_every_steps)
     reduction_factor: float = Field(2.0, gt=1)  # ASHA
+    # Trials whose SDT warmups would be identical compute it once (pipeline.warmup); off, every trial computes its
+    # own (to measure what sharing saves).
+    share_warmup: bool = True
     space: dict[str, Domain] = {}  # dotted path into the job spec -> its values, e.g. "training.lr"
 
     @model_validator(mode="after")
@@ -362,7 +371,7 @@ class ExportSpec(_Spec):
 class JobSpec(_Spec):
     """One sweep: a model, data, a fine-tuning method and how to search its hyperparameters."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)  # a directory and an MLflow experiment name
     output_dir: str = "runs"  # the sweep lives in <output_dir>/<name>
     model: ModelSpec
     data: DataSpec = DataSpec()
@@ -429,18 +438,16 @@ class JobSpec(_Spec):
         return self
 
     def _unfit(self, key: str, value: Any, domain: Domain) -> str | None:
-        """Why setting ``key`` to ``value`` breaks its section, or None. Only the section is revalidated, so
-        the check does not recurse into this validator."""
-        section_name, *path = key.split(".")
-        data = {section_name: getattr(self, section_name).model_dump()}
+        """Why setting ``key`` to ``value`` breaks the spec (its section, or a rule across sections such as
+        ZeRO-3 with adapters), or None. Validated as a trial's spec, so the check does not recurse."""
+        data = self.model_dump()
         _set_path(data, key, value)
         try:
-            section = type(getattr(self, section_name)).model_validate(data[section_name])
+            trial = JobSpec.model_validate(data, context={TRIAL_CONTEXT: True})
         except ValidationError as error:
             where, reason = _first_error(error)
-            where = ".".join([section_name, where] if where else [section_name])
             return reason if where == key else f"{where}: {reason}"
-        if domain.kind in ("uniform", "loguniform") and isinstance(reduce(getattr, path, section), int):
+        if domain.kind in ("uniform", "loguniform") and isinstance(reduce(getattr, key.split("."), trial), int):
             return f"{domain.kind} draws floats and the field takes integers; use randint or choice"
         return None
 
@@ -494,13 +501,15 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
     """Reads a YAML job spec and applies ``overrides`` (``"training.lr=1e-4"``; values are parsed as YAML)."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as error:
         raise JobSpecError(source, f"cannot read the job spec: {error.strerror}", source) from error
+    except UnicodeDecodeError as error:
+        raise JobSpecError(source, f"not a UTF-8 text file (byte {error.start}): a job spec is YAML", source) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise JobSpecError(source, f"invalid YAML: {_yaml_problem(error)}", source) from error
+        data = spec_yaml.load(text)
+    except spec_yaml.SpecYAMLError as error:
+        raise JobSpecError(source, f"invalid YAML: {error}", source) from None
     if not isinstance(data, dict):
         raise JobSpecError(source, f"the spec must be a mapping, got {type(data).__name__}", source)
     for override in overrides:
@@ -508,17 +517,11 @@ def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
         if not equals or not key.strip():
             raise JobSpecError(override, "an override must look like dotted.key=value", source)
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise JobSpecError(override, f"invalid YAML value: {_yaml_problem(error)}", source) from error
+            value = spec_yaml.load(text)
+        except spec_yaml.SpecYAMLError as error:
+            raise JobSpecError(override, f"invalid YAML value: {error}", source) from None
         _set_path(data, key.strip(), value, source)
     return parse_job(data, source)
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 __all__ = [

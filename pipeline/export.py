@@ -47,6 +47,10 @@ CHAMPION_ALIAS = "champion"
 POSITION_KEYS = ("step", "epoch")  # where in training the last report was made
 
 
+class ExportRefused(RuntimeError):
+    """The export target is a directory that sdtune did not write: it is never replaced."""
+
+
 def export_path(spec: JobSpec) -> Path:
     """``export.dir``, else ``<sweep dir>/export``."""
     return Path(spec.export.dir) if spec.export.dir else spec.sweep_dir / EXPORT_DIR
@@ -63,13 +67,24 @@ def export_trials(
     """Write the export directory of the best of ``trials`` to ``out`` (default :func:`export_path`), with
     ``merged/`` when ``merge`` (default ``export.merge``), registered when ``export.register_model``.
 
-    Returns the export path. Raises :class:`pipeline.results.NoUsableTrialError`, writing nothing, when no trial
-    finished with a finite metric and a checkpoint.
+    An export of the same trial from the same checkpoint is left as it is (and not registered again). Raises,
+    writing nothing, :class:`pipeline.results.NoUsableTrialError` when no trial finished with a finite metric and
+    a checkpoint, and :class:`ExportRefused` when ``out`` is a directory that is not an sdtune export.
     """
     trial = best_trial(spec, trials)
     winner = trial.spec
     out = Path(out) if out is not None else export_path(spec)
     merge = spec.export.merge if merge is None else merge
+    if out.exists():
+        previous = out / TRIAL_FILE
+        if not previous.is_file():
+            raise ExportRefused(f"{out} exists and is not an sdtune export: choose another --out / export.dir")
+        earlier = json.loads(previous.read_text())
+        same = (earlier.get("trial_id"), earlier.get("checkpoint")) == (trial.trial_id, str(trial.checkpoint))
+        if same and (out / MERGED_DIR).is_dir() == merge:
+            log(f"best trial {trial.trial_id}: {spec.search.metric} = {trial.score(spec.search.metric):.6g}; "
+                f"its export is up to date: {out}")  # fmt: skip
+            return out
     run_id = tracker.find_trial_run(trial.trial_id)
     record = trial_record(spec, trial, run_id, tracker.find_sweep())
     # fp32 on CPU whatever the trial trained in: merged weights must not lose digits to a bf16 round trip.
@@ -268,7 +283,10 @@ def register_export(tracker: SweepTracker, run_id: str, directory: Path, name: s
     # The artifacts' resolved location, as MLflow's own examples pass it (RunsArtifactRepository.get_underlying_uri):
     # the version then loads from its source without the tracking store resolving a runs:/ URI.
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
-    model_version = client.create_model_version(name, source=source, run_id=run_id)
+    # The same trial exported again is the same model: its version is reused, not a new one made.
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    same = [v for v in versions if v.name == name and v.source == source]
+    model_version = same[0] if same else client.create_model_version(name, source=source, run_id=run_id)
     client.set_registered_model_alias(name, CHAMPION_ALIAS, model_version.version)
     return {"name": name, "version": model_version.version, "alias": CHAMPION_ALIAS, "source": source}
 

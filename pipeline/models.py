@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import sdt
-from pipeline.config import JobSpec, JobSpecError, ModelSpec, method_field
+from pipeline.config import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def load_base_model(
 
     * ``name_or_path``: ``from_pretrained`` in fp32 (cast afterwards, so A_log never passes through bf16);
       tokenizer from ``spec.tokenizer`` or the same path.
-    * ``architecture``: ``AutoConfig.for_model(architecture, **spec.config)`` with weights drawn under a fixed seed
-      (:data:`ARCHITECTURE_SEED`): every call builds the same model. The tokenizer is ``spec.tokenizer`` if given,
+    * ``architecture``: ``AutoConfig.for_model(architecture, **spec.config)`` with weights drawn on ``device`` under a
+      fixed seed (:data:`ARCHITECTURE_SEED`): every call on that kind of device builds the same model. The tokenizer is ``spec.tokenizer`` if given,
       else the digits tokenizer; unless ``spec.config`` sets them, ``vocab_size`` defaults to the tokenizer's
       length and bos / eos / pad ids to the tokenizer's.
     * ``builtin: digits``: the cached pretrained digits base (:func:`pipeline.pretrain.ensure_digits_base`,
@@ -92,7 +92,9 @@ def load_base_model(
             if value is not None:
                 defaults[key] = value
         config = AutoConfig.for_model(spec.architecture, **{**defaults, **spec.config})
-        with torch.random.fork_rng(devices=[]):
+        # Built where it will run: initialising a 1.4b model on the host takes minutes of the trial's GPU time.
+        # The weights then come from that device's generator: the same on every call, not across device types.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(ARCHITECTURE_SEED)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trust)
         log(f"base model: fresh {spec.architecture} (seed {ARCHITECTURE_SEED}), {_size(model)}")
@@ -118,46 +120,6 @@ def load_base_model(
     model.eval()
     log_kernel_paths(model.config.model_type, device, log, getattr(model.config, "use_mambapy", False))
     return model, tokenizer
-
-
-def skeleton(spec: ModelSpec) -> PreTrainedModel | None:
-    """The base's architecture on the meta device (shapes, no weights, nothing downloaded but a hub config), or
-    None when its config cannot be read here (a hub id without a network)."""
-    from pipeline.digits import digits_base_config
-
-    trust = {"trust_remote_code": True} if spec.trust_remote_code else {}
-    if spec.builtin is not None:
-        config = digits_base_config()
-    elif spec.architecture is not None:
-        config = AutoConfig.for_model(spec.architecture, **spec.config)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(spec.name_or_path, **trust)
-        except OSError:
-            return None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, **trust)
-
-
-def check_method_fits(spec: JobSpec) -> None:
-    """Every method the sweep can run selects at least one channel, state (and Mamba-2 input) per layer of the
-    base: the error the selection would raise after a trial's warmup, raised before Ray starts instead, as a
-    :class:`JobSpecError` naming the field (or the searched key and its value)."""
-    model = skeleton(spec.model)
-    if model is None:
-        return
-    try:
-        sdt.check_counts(model, spec.method.to_sdt_config(seed=0))
-    except sdt.SDTConfigError as error:
-        raise JobSpecError(f"method.{method_field(error.field)}", error.reason) from None
-    for key, domain in spec.search.space.items():
-        if key != "method" and not key.startswith("method."):
-            continue
-        for value in domain.candidates():
-            try:
-                sdt.check_counts(model, spec.with_overrides({key: value}).method.to_sdt_config(seed=0))
-            except sdt.SDTConfigError as error:
-                raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
 
 
 def log_kernel_paths(

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 import sdt
 from pipeline.config import Domain, JobSpec
-from pipeline.results import TUNE_ERROR, TUNE_TERMINATED, NoUsableTrialError, TrialOutcome
+from pipeline.results import COST_PARTS, TUNE_ERROR, TUNE_TERMINATED, NoUsableTrialError, TrialOutcome
 from pipeline.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def summary_table(spec: JobSpec, rows: Sequence[ArmSummary]) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(spec: JobSpec, trials: Sequence[TrialOutcome], table: str, verdict: str) -> str:
+def summary_markdown(spec: JobSpec, trials: Sequence[TrialOutcome], table: str, verdict: str, cost: str) -> str:
     metric, mode = spec.search.metric, spec.search.mode
     plots = "\n".join(f"![{key}]({plot_name(key)})" for key in spec.search.space)
     return (
@@ -281,8 +281,42 @@ def summary_markdown(spec: JobSpec, trials: Sequence[TrialOutcome], table: str, 
         f"Per arm, the setting of the searched hyperparameters with the best mean `{metric}` over seeds; mean ± "
         f"sample standard deviation over its seeds ({MISSING} for one seed), and `{metric_on_test(metric)}` of that "
         "setting.\n\n"
-        f"{table}\n\n{verdict}\n\n## Plots\n\n{plots}\n"
+        f"{table}\n\n{verdict}\n\n## Where the GPU time went\n\n{cost}\n\n## Plots\n\n{plots}\n"
     )
+
+
+# -- the GPU-time breakdown -----------------------------------------------------------------------------------
+
+
+def cost_totals(trials: Sequence[TrialOutcome]) -> dict[str, float]:
+    """Seconds per part summed over the trials that have a cost record, weighted by the GPUs each held (device
+    seconds; plain seconds when the trials held no GPU), and ``wall``, the trials' summed wall time so weighted."""
+    recorded = [trial.cost for trial in trials if trial.cost]
+    totals = {part: 0.0 for part in ("wall", *COST_PARTS)}
+    for cost in recorded:
+        weight = cost["gpus"] or 1.0
+        for part in totals:
+            totals[part] += cost.get(part, 0.0) * weight
+    return totals
+
+
+def cost_table(trials: Sequence[TrialOutcome]) -> str:
+    """One row per trial with a cost record (seconds per part) and a total row with each part's share."""
+    recorded = [trial for trial in trials if trial.cost]
+    if not recorded:
+        return "No trial of this sweep has a cost record (the sweep driver writes one per trial as it ends)."
+    unit = "GPU-s" if any(trial.cost["gpus"] for trial in recorded) else "s"
+    header = ["trial", "arm", "GPUs", "wall s", *(f"{part} s" for part in COST_PARTS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for trial in recorded:
+        cost = trial.cost
+        cells = [trial.trial_id, arm_of(trial).label, f"{cost['gpus']:g}", f"{cost['wall']:.1f}"]
+        cells += [f"{cost.get(part, 0.0):.1f}" for part in COST_PARTS]
+        lines.append("| " + " | ".join(cells) + " |")
+    totals = cost_totals(recorded)
+    shares = [f"{totals[part]:.0f} ({totals[part] / totals['wall']:.0%})" for part in COST_PARTS]
+    lines.append("| " + " | ".join([f"**total ({unit})**", "", "", f"{totals['wall']:.0f}", *shares]) + " |")
+    return "\n".join(lines)
 
 
 def csv_cell(value: Any) -> Any:
@@ -394,12 +428,19 @@ def plot_hyperparameter(spec: JobSpec, key: str, domain: Domain, trials: Sequenc
 # -- the report -----------------------------------------------------------------------------------------------
 
 
-def log_to_parent_run(spec: JobSpec, tracker: SweepTracker, folder: Path, log: Callable[[str], Any]) -> None:
+def log_to_parent_run(
+    spec: JobSpec, tracker: SweepTracker, folder: Path, costs: Mapping[str, float], log: Callable[[str], Any]
+) -> None:
+    """The report as the parent run's ``report/`` artifacts, and the GPU-time totals as its ``cost/*`` metrics."""
     parent = tracker.find_sweep()
     if parent is None:
         logger.warning("no MLflow run for sweep %s: the report is not logged to MLflow", spec.sweep_dir)
         return
     tracker.client.log_artifacts(parent, str(folder), REPORT_DIR)
+    if costs["wall"] > 0:
+        metrics = {f"cost/total_{part}_s": seconds for part, seconds in costs.items()}
+        metrics.update({f"cost/{part}_fraction": costs[part] / costs["wall"] for part in COST_PARTS})
+        tracker.log_run_metrics(parent, metrics)
     log(f"logged as {REPORT_DIR}/ of MLflow run {parent}")
 
 
@@ -415,19 +456,19 @@ def write_report(
     :class:`NoUsableTrialError` when no trial finished with a finite metric."""
     out = spec.sweep_dir.resolve() / REPORT_DIR if out is None else Path(out)
     rows = arm_summaries(spec, trials)
-    table, verdict = summary_table(spec, rows), sdlora_verdict(spec, rows)
+    table, verdict, cost = summary_table(spec, rows), sdlora_verdict(spec, rows), cost_table(trials)
 
     def write(folder: Path) -> None:
         for key, domain in spec.search.space.items():
             plot_hyperparameter(spec, key, domain, trials, folder / plot_name(key))
-        (folder / SUMMARY_MD).write_text(summary_markdown(spec, trials, table, verdict))
+        (folder / SUMMARY_MD).write_text(summary_markdown(spec, trials, table, verdict, cost))
         write_csv(spec, rows, folder / SUMMARY_CSV)
         write_trials_csv(spec, trials, folder / TRIALS_CSV)
 
     sdt.write_atomically(out, write)
     log(f"report written to {out}")
-    log(f"{table}\n\n{verdict}")
-    log_to_parent_run(spec, tracker, out, log)
+    log(f"{table}\n\n{verdict}\n\nWhere the GPU time went:\n{cost}")
+    log_to_parent_run(spec, tracker, out, cost_totals(trials), log)
     return out
 
 

@@ -8,8 +8,9 @@ with ASHA that is where the trial was stopped, otherwise the end of training.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
 JOB_FILE = "job.yaml"  # the resolved spec, under the sweep dir
 CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneReportCallback
 ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selection (sdt.save)
+TRIAL_PREFIX = "trial-"  # <sweep dir>/trial-<trial id>: Ray Train's storage of one trial
+COST_FILE = "cost.json"  # in a trial's directory: where its wall time went (written by the sweep driver)
+# Where a trial's wall time goes: the worker measures the middle four, the driver the ends (pipeline.train).
+COST_PARTS = ("startup", "warmup", "training", "evaluation", "checkpointing", "teardown", "other")
 # Ray Tune's trial statuses (not MLflow's run statuses, which are FINISHED / FAILED / KILLED).
 TUNE_TERMINATED = "TERMINATED"  # finished, or stopped early by the scheduler
 TUNE_ERROR = "ERROR"
@@ -44,6 +49,7 @@ class TrialOutcome:
     config: dict[str, Any]  # the sampled values, by dotted spec key ("training.lr": 0.01)
     metrics: dict[str, Any]  # the last report
     spec: JobSpec  # the sweep's spec with the sampled values applied: what the trial ran
+    cost: dict[str, float] | None = None  # trial_cost of its last run, when the sweep driver recorded one
 
     @property
     def checkpoint(self) -> Path | None:
@@ -58,12 +64,44 @@ class TrialOutcome:
         return float(value) if math.isfinite(value) else None
 
 
+def trial_dir(spec: JobSpec, trial_id: str) -> Path:
+    return spec.sweep_dir.resolve() / f"{TRIAL_PREFIX}{trial_id}"
+
+
+def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: float) -> dict[str, float]:
+    """Where the wall time of one trial run (``started`` to ``ended``, epoch seconds) went, in seconds:
+
+    - ``startup``: from the trial's placement to its first training step, warmup excluded (Ray's worker group,
+      imports, model and data loading, the DeepSpeed engines);
+    - ``warmup``, ``training``, ``evaluation``, ``checkpointing`` (all but the last report's): as the worker
+      measured them, up to its last report;
+    - ``teardown``: from the last report to the trial's end (its checkpoint, the worker group's shutdown);
+    - ``other``: what none of these covers (the remainder; near zero when the accounting is complete).
+
+    ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``.
+    """
+    parts = {
+        "startup": report["time/worker_start"] - started + report.get("time/setup", 0.0),
+        "warmup": report.get("time/warmup", 0.0),
+        "training": report.get("time/train", 0.0),
+        "evaluation": report.get("time/eval", 0.0),
+        "checkpointing": report.get("time/checkpoint", 0.0),
+        "teardown": ended - report["time/report_at"],
+    }
+    parts["other"] = ended - started - sum(parts.values())
+    return {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": gpus, **parts}
+
+
 def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:
     """Ray Tune's ``Trial`` objects as outcomes, in trial-id order; each trial's spec is resolved here, once."""
-    return [
-        TrialOutcome(t.trial_id, t.status, dict(t.config), dict(t.last_result or {}), spec.with_overrides(t.config))
-        for t in sorted(trials, key=lambda t: t.trial_id)
-    ]
+    result = []
+    for t in sorted(trials, key=lambda t: t.trial_id):
+        cost_file = trial_dir(spec, t.trial_id) / COST_FILE
+        cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
+        result.append(
+            TrialOutcome(t.trial_id, t.status, dict(t.config), dict(t.last_result or {}), spec.with_overrides(t.config), cost)
+        )
+    return result
 
 
 def sweep_spec(run_dir: str | Path) -> JobSpec:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,3 +34,32 @@ def content_hash(value: Any, length: int = 16) -> str:
 def local_path(uri: str | Path) -> Path:
     """A local path from a path or a ``file://`` URI, as Ray reports checkpoint locations."""
     return Path(str(uri).removeprefix("file://"))
+
+
+LOCK_FILE = ".sdtune.lock"  # in a sweep directory: held by the one command working on it
+
+
+class DirectoryBusy(RuntimeError):
+    """Another process holds the directory (its pid in the message)."""
+
+
+@contextmanager
+def claim_directory(directory: Path) -> Iterator[None]:
+    """Hold ``directory`` for this process, or raise :class:`DirectoryBusy` at once if another one does. An
+    advisory lock released by the OS when its holder dies, so a crashed sweep never blocks its resume."""
+    path = Path(directory) / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise DirectoryBusy(f"another sdtune command (pid {holder}) is working on it; wait for it to end") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

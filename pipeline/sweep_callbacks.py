@@ -3,39 +3,114 @@ command that started the sweep."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from pipeline.results import ADAPTER_DIR, CHECKPOINT_KEY, is_metric
+from pipeline.config import JobSpec
+from pipeline.results import ADAPTER_DIR, CHECKPOINT_KEY, COST_FILE, COST_PARTS, is_metric, trial_cost, trial_dir
 from pipeline.storage import local_path
 from pipeline.tracking import SweepTracker
 
 logger = logging.getLogger(__name__)
 
 
+def guarded(what: str, action, *args, strict: bool = False) -> Any:
+    """``action(*args)``; tracking must not end a long sweep, so an error is logged and swallowed unless
+    ``strict``."""
+    try:
+        return action(*args)
+    except Exception:
+        if strict:
+            raise
+        logger.exception("MLflow tracking failed (%s); the sweep goes on", what)
+        return None
+
+
+class TrialCostCallback(Callback):
+    """Where each trial's wall time went (:func:`pipeline.results.trial_cost`): the driver notes when a trial
+    starts and ends, the worker's last report says how long it spent in each phase. Written to
+    ``<trial dir>/cost.json`` and logged as ``cost/<part>_s`` metrics on the trial's MLflow run."""
+
+    def __init__(self, spec: JobSpec, tracker: SweepTracker, gpus_per_trial: float):
+        self.spec, self.tracker, self.gpus_per_trial = spec, tracker, gpus_per_trial
+        self._started: dict[str, float] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._started[trial.trial_id] = time.time()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._record(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._record(trial)
+
+    def _record(self, trial) -> None:
+        started, ended = self._started.pop(trial.trial_id, None), time.time()
+        if started is None:  # it started in an earlier run of the driver: its start is unknown
+            return
+        report = trial.last_result or {}
+        if report.get("time/report_at", 0.0) >= started:
+            cost = trial_cost(started, ended, report, self.gpus_per_trial)
+        else:  # no report of this run (it failed before its first, or re-sent an earlier run's last)
+            cost = {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": self.gpus_per_trial,
+                    "other": ended - started}  # fmt: skip
+        directory = trial_dir(self.spec, trial.trial_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / COST_FILE).write_text(json.dumps(cost, indent=2, sort_keys=True) + "\n")
+        metrics = {f"cost/{part}_s": cost[part] for part in ("wall", *COST_PARTS) if part in cost}
+        guarded(f"cost of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, report.get("step", 0))
+
+
+@dataclass(frozen=True)
+class Ledger:
+    trials: list  # Ray Tune's Trial objects, as they stand at the experiment's end
+    started: bool  # whether any trial started in this run of the driver
+    unfinished: bool  # whether a trial that started in this run, or one still pending, did not end
+
+
 class TrialLedger(Callback):
     """Hands Ray Tune's trials of a sweep, as they stand at its end, to the command that ran it (in memory, not
-    read back from disk).
+    read back from disk), with whether the run left any trial unfinished.
 
     A restored sweep runs the callbacks pickled with it, not ones the resuming command creates, so the ledger
-    keeps the trials in a class-level table under the sweep directory: :meth:`take` finds them whichever instance
-    recorded them.
+    keeps its record in a class-level table under the sweep directory: :meth:`take` finds it whichever instance
+    recorded it.
     """
 
-    _ended: dict[str, list] = {}
+    _ended: dict[str, Ledger] = {}
 
     def __init__(self, sweep_dir: Path):
         self.sweep_dir = str(sweep_dir)
+        self._started: set[str] = set()
+        self._ended_trials: set[str] = set()
+
+    def setup(self, **info) -> None:  # a restored copy carries the sets of the run it was pickled in
+        self._started, self._ended_trials = set(), set()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._started.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended_trials.add(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended_trials.add(trial.trial_id)
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        TrialLedger._ended[self.sweep_dir] = list(trials)
+        pending = any(trial.status == "PENDING" for trial in trials)
+        TrialLedger._ended[self.sweep_dir] = Ledger(
+            list(trials), bool(self._started), bool(self._started - self._ended_trials) or pending
+        )
 
     @classmethod
-    def take(cls, sweep_dir: Path) -> list:
-        """The trials of the sweep in ``sweep_dir`` that ended in this process."""
+    def take(cls, sweep_dir: Path) -> Ledger:
+        """The record of the sweep in ``sweep_dir`` that ended in this process."""
         return cls._ended.pop(str(sweep_dir))
 
 
@@ -69,13 +144,7 @@ class MLflowSweepCallback(Callback):
         self._checkpoints: dict[str, str] = {}  # trial id -> latest reported checkpoint path
 
     def _guard(self, what: str, action, *args) -> Any:
-        try:
-            return action(*args)
-        except Exception:
-            if self.strict:
-                raise
-            logger.exception("MLflow tracking failed (%s); the sweep goes on", what)
-            return None
+        return guarded(what, action, *args, strict=self.strict)
 
     def setup(self, **info) -> None:
         self._guard("start sweep", self.tracker.start_sweep)

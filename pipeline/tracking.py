@@ -334,8 +334,12 @@ class SweepTracker:
         return self.find_trial_run(trial_id) or self.trial_run(trial_id, {})
 
     def log_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
-        """Logs the finite numbers among ``metrics`` at ``step``, and each metric whose value is a series of
-        ``[step, value]`` pairs point by point at the points' own steps; anything else is skipped."""
+        """Logs the finite numbers among ``metrics`` on the trial's run at ``step``, and each metric whose value is
+        a series of ``[step, value]`` pairs point by point at the points' own steps; anything else is skipped."""
+        self.log_run_metrics(self._trial_run_id(trial_id), metrics, step)
+
+    def log_run_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """:meth:`log_metrics` on any run of the sweep (the parent's, say)."""
         timestamp = int(time.time() * 1000)
         points = [
             (key, point, at)
@@ -345,7 +349,6 @@ class SweepTracker:
         batch = [Metric(clean_key(key), float(v), timestamp, int(at)) for key, v, at in points if is_finite_number(v)]
         if not batch:
             return
-        run_id = self._trial_run_id(trial_id)
         for chunk in _chunks(batch, METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
 

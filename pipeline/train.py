@@ -6,6 +6,11 @@ new optimizer and schedule -> train for ``training.epochs`` -> evaluate every ep
 checkpoint holds the adapter (with its selection), the engine's optimizer and schedule state, and the data
 position; a restarted trial resumes at that optimizer step with the same selection. Warmup is short and is redone
 if a trial dies inside it; trials whose warmups would be identical share one (:mod:`pipeline.warmup`).
+
+The loop never waits for the GPU inside a step: losses stay on the device and are read every
+``training.log_every_steps`` steps, and batches are copied to the device ahead of their step. Every report carries
+the seconds the worker spent per phase (``time/*``), from which the sweep's GPU-time breakdown is built
+(:func:`pipeline.results.trial_cost`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import random
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ from pipeline.metrics import evaluate
 from pipeline.models import load_base_model
 from pipeline.results import ADAPTER_DIR
 from pipeline.tasks import TaskData, load_task
-from pipeline.warmup import WarmupStore, shared_warmup, warmup_key
+from pipeline.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
 TRAINER_STATE = "trainer_state.json"
 ENGINE_DIR = "engine"
@@ -53,12 +59,22 @@ class Batches:
         if self.per_epoch == 0:
             raise ValueError(f"training.batch_size: {batch_size} x {world} workers exceeds the {len(examples)} examples")
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def epoch(self, epoch: int, device: torch.device, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """The epoch's micro-batches on ``device``, each copied there while the step before it still runs."""
         order = list(range(len(self.examples)))
         random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        pending = None
         for index in range(start, self.per_epoch):
             first = (index * self.world + self.rank) * self.batch_size
-            yield index, collate([self.examples[i] for i in order[first : first + self.batch_size]], self.pad_id)
+            batch = collate([self.examples[i] for i in order[first : first + self.batch_size]], self.pad_id)
+            if device.type == "cuda":  # pinned memory: the copy is asynchronous and overlaps the GPU's work
+                batch = {key: tensor.pin_memory() for key, tensor in batch.items()}
+            upcoming = (index, {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()})
+            if pending is not None:
+                yield pending
+            pending = upcoming
+        if pending is not None:
+            yield pending
 
 
 def deepspeed_config(spec: JobSpec, full_bf16: bool) -> dict[str, Any]:
@@ -73,13 +89,16 @@ def deepspeed_config(spec: JobSpec, full_bf16: bool) -> dict[str, Any]:
         # model is the one case that needs it.
         "bf16": {"enabled": full_bf16},
         "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
     }
 
 
 def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
-    """A fresh DeepSpeed engine: torch AdamW (no JIT-compiled optimizer), linear decay to zero, no LR warmup."""
+    """A fresh DeepSpeed engine: torch AdamW (no JIT-compiled optimizer; fused on CUDA), linear decay to zero, no
+    LR warmup."""
     params = tuner.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.training.weight_decay)
+    fused = {"fused": True} if params[0].is_cuda else {}
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.training.weight_decay, **fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
     full_bf16 = tuner.config.trains_all_weights and params[0].dtype == torch.bfloat16
     engine, _, _, _ = deepspeed.initialize(
@@ -94,30 +113,104 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
     return engine
 
 
-def train_micro_batch(engine, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, bool]:
-    """Forward and backward of one micro-batch; returns (loss, whether this backward ends an optimizer step)."""
-    outputs = engine(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device))
+class LossLog:
+    """The training loss, kept on the device. Reading a loss (``.item()``) makes the host wait for the GPU to
+    finish the step, so losses are summed where they are and read every ``log_every_steps`` optimizer steps.
+
+    A loss that is not finite (or above ``bound``) ends the trial: :class:`DivergedError` is raised at the next read.
+    """
+
+    def __init__(self, device: torch.device, log_every_steps: int) -> None:
+        self.device, self.log_every_steps = device, log_every_steps
+        self.step_sum = torch.zeros((), device=device)  # the micro-batch losses of the step in progress
+        self.step_count = 0
+        self.report_sum = torch.zeros((), device=device)  # every micro-batch loss since the last report
+        self.report_count = 0
+        self.logged: list[tuple[int, torch.Tensor]] = []  # (step, mean loss) every log_every_steps steps
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self.step_sum += loss
+        self.report_sum += loss
+        self.step_count += 1
+        self.report_count += 1
+
+    def end_step(self, step: int) -> None:
+        if step % self.log_every_steps == 0:
+            self.logged.append((step, self.step_sum / self.step_count))
+            check_finite(self.logged[-1][1], step)
+        self.step_sum = torch.zeros((), device=self.device)
+        self.step_count = 0
+
+    def take(self) -> tuple[float, list[list[float]]]:
+        """(mean loss since the last report, [step, loss] points since it); starts the next report's count."""
+        mean = (self.report_sum / self.report_count).item() if self.report_count else math.nan
+        points = [[step, value.item()] for step, value in self.logged]
+        self.report_sum, self.report_count, self.logged = torch.zeros((), device=self.device), 0, []
+        return mean, points
+
+
+class DivergedError(RuntimeError):
+    """The training loss stopped being a finite number: the trial cannot recover, so it ends now."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    value = float(loss)
+    if not math.isfinite(value):
+        raise DivergedError(f"diverged: the training loss is {value} at optimizer step {step}")
+
+
+class PhaseClock:
+    """Wall-clock seconds this worker spends per phase (setup, warmup, train, eval, checkpoint), for the sweep's
+    GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.worker_start = time.time()
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to ``phase``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.mark
+        self.mark = now
+
+    def metrics(self) -> dict[str, float]:
+        return {"time/worker_start": self.worker_start, **{f"time/{k}": v for k, v in self.seconds.items()}}
+
+
+def train_micro_batch(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Forward and backward of one micro-batch (already on the device); returns (loss on the device, whether this
+    backward ends an optimizer step)."""
+    outputs = engine(input_ids=batch["input_ids"], labels=batch["labels"])
     engine.backward(outputs.loss)
-    return outputs.loss.item(), engine.is_gradient_accumulation_boundary()
+    return outputs.loss, engine.is_gradient_accumulation_boundary()
 
 
 def run_warmup(tuner: sdt.Tuner, spec: JobSpec, batches: Batches, device: torch.device, total_steps: int) -> dict:
     """SDT warmup: the dense deltas and LoRA train for ``warmup_steps`` optimizer steps; the engine is then dropped."""
     engine = make_engine(tuner, spec, spec.training.warmup_lr or spec.training.lr, total_steps)
-    steps, losses, epoch = 0, [], 0
+    losses = LossLog(device, log_every_steps=spec.training.log_every_steps)
+    steps, epoch = 0, 0
     while steps < tuner.config.warmup_steps:
-        for _, batch in batches.epoch(epoch):
-            loss, boundary = train_micro_batch(engine, batch, device)
-            losses.append(loss)
+        for _, batch in batches.epoch(epoch, device):
+            loss, boundary = train_micro_batch(engine, batch)
+            losses.add(loss)
             if boundary and steps == 0:
                 tuner.check_gradients(grad_of=safe_get_full_grad)
             engine.step()
             steps += boundary
+            if boundary:
+                losses.end_step(steps)
             if steps >= tuner.config.warmup_steps:
                 break
         epoch += 1
     engine.destroy()
-    return {"warmup/loss": sum(losses[-10:]) / len(losses[-10:]), "warmup/steps": steps}
+    mean, _ = losses.take()
+    return {"warmup/loss": mean, "warmup/steps": steps}
 
 
 def save_checkpoint(directory: Path, engine, tuner: sdt.Tuner, state: dict, rank: int) -> None:
@@ -153,11 +246,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    clock = PhaseClock(device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(spec.training.seed)
 
-    model, tokenizer = load_base_model(spec.model, device)
+    model, tokenizer = load_base_model(spec.model, device, log=print)
     task = load_task(spec.data, tokenizer)
     training = spec.training
     batches = Batches(task.train, training.batch_size, training.seed, rank, world, pad_token_id(tokenizer))
@@ -179,55 +273,70 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         tuner = sdt.apply(model, spec.method.to_sdt_config(seed=training.seed))
         if tuner.phase == "warmup":
-            updates, warmup_metrics = shared_warmup(
-                WarmupStore(spec.sweep_dir),
-                warmup_key(spec, total_steps, world, device),
-                rank,
-                trial_name=context.get_experiment_name(),
-                compute=lambda: run_warmup(tuner, spec, batches, device, total_steps),
-                updates_of=tuner.warmup_updates,
-            )
+            clock.lap("setup")
+            compute = lambda: run_warmup(tuner, spec, batches, device, total_steps)  # noqa: E731
+            if spec.search.share_warmup:
+                updates, warmup_metrics = shared_warmup(
+                    WarmupStore(spec.sweep_dir),
+                    warmup_key(spec, total_steps, world, device),
+                    rank,
+                    trial_name=context.get_experiment_name(),
+                    compute=compute,
+                    updates_of=tuner.warmup_updates,
+                )
+            else:
+                warmup_metrics = {**compute(), "warmup/shared": 0}
+                updates = on_cpu(tuner.warmup_updates())
+            clock.lap("warmup")
             tuner.start_training(tuner.select(updates))
         engine = make_engine(tuner, spec, training.lr, total_steps)
         state = {"step": 0, "epoch": 0, "next_batch": 0, "warmup": warmup_metrics}
+    print(tuner.kernel_path, flush=True)
 
-    step, losses, tokens, started, guarded = state["step"], [], 0, time.perf_counter(), bool(checkpoint)
-    step_losses: list[float] = []  # the micro-batch losses of the optimizer step in progress
-    loss_by_step: list[list[float]] = []  # [step, loss] every log_every_steps steps since the last report
+    step, tokens, guarded = state["step"], 0, bool(checkpoint)
+    losses = LossLog(device, training.log_every_steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    clock.lap("setup")
+    trained_before = 0.0  # training seconds up to the last report
 
     def report(epoch: int, next_batch: int, final: bool = False) -> None:
-        nonlocal losses, loss_by_step, tokens, started
-        elapsed = time.perf_counter() - started
+        nonlocal tokens, trained_before
+        clock.lap("train")
+        train_seconds, trained_before = clock.seconds["train"] - trained_before, clock.seconds["train"]
+        mean_loss, points = losses.take()
+        if not math.isfinite(mean_loss):
+            raise DivergedError(f"diverged: the mean training loss up to optimizer step {step} is {mean_loss}")
         metrics = {
             "step": step,
             "epoch": epoch,
-            "train/loss": sum(losses) / len(losses) if losses else math.nan,
-            "train/step_loss": loss_by_step,  # a series: MLflow logs each point at its own step
-            "tokens_per_s": tokens * world / elapsed if elapsed > 0 else 0.0,
+            "train/loss": mean_loss,
+            "train/step_loss": points,  # a series: MLflow logs each point at its own step
+            "tokens_per_s": tokens * world / train_seconds if train_seconds > 0 else 0.0,
             "trainable_parameters": tuner.num_trainable_parameters(),
             "node_id": ray.get_runtime_context().get_node_id(),
             **state["warmup"],
-            **evaluation_metrics(engine, task, tokenizer, spec, rank, final),
         }
+        metrics.update(evaluation_metrics(engine, task, tokenizer, spec, rank, final))
+        clock.lap("eval")
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        metrics.update({**clock.metrics(), "time/report_at": time.time()})
         with tempfile.TemporaryDirectory() as tmp:
             position = {"step": step, "epoch": epoch, "next_batch": next_batch, "warmup": state["warmup"]}
             position["metrics"] = metrics  # what to report again if the trial is restarted once finished
             save_checkpoint(Path(tmp), engine, tuner, position, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        losses, loss_by_step, tokens, started = [], [], 0, time.perf_counter()
+        clock.lap("checkpoint")
+        tokens = 0
 
     for epoch in range(state["epoch"], training.epochs):
         start = state["next_batch"] if epoch == state["epoch"] else 0
-        for index, batch in batches.epoch(epoch, start=start):
+        for index, batch in batches.epoch(epoch, device, start=start):
             if step >= total_steps:
                 break
-            loss, boundary = train_micro_batch(engine, batch, device)
-            losses.append(loss)
-            step_losses.append(loss)
+            loss, boundary = train_micro_batch(engine, batch)
+            losses.add(loss)
             tokens += int(batch["input_ids"].numel())
             if boundary and not guarded:
                 tuner.check_gradients(grad_of=safe_get_full_grad)
@@ -235,35 +344,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.step()
             step += boundary
             if boundary:
-                if step % training.log_every_steps == 0:
-                    loss_by_step.append([step, sum(step_losses) / len(step_losses)])
-                step_losses = []
-            if boundary and training.eval_every_steps and step % training.eval_every_steps == 0:
+                losses.end_step(step)
+            # An evaluation that falls on the epoch's (or the run's) last step is the epoch's report below.
+            epoch_ends = index + 1 == batches.per_epoch or step >= total_steps
+            if boundary and training.eval_every_steps and step % training.eval_every_steps == 0 and not epoch_ends:
                 report(epoch, index + 1)
         finished = epoch + 1 == training.epochs or step >= total_steps
         report(epoch + 1, 0, final=finished)
         if finished:
             break
-
-
-def build_trainer(spec: JobSpec, name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
-    """The Ray Train worker group of one trial: ``resources.num_workers`` DeepSpeed ranks, checkpoints under
-    ``<sweep dir>/<name>``; running it again with the same name resumes from the latest checkpoint."""
-    resources = spec.resources
-    use_gpu = torch.cuda.is_available() if resources.use_gpu is None else resources.use_gpu
-    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
-    return ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(spec.sweep_dir.resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=0),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
-        ),
-        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
-    )

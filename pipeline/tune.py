@@ -8,18 +8,18 @@ Tune driver (:class:`pipeline.sweep_callbacks.MLflowSweepCallback`).
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipeline.config import Domain, JobSpec
 from pipeline.results import TUNE_DIR, TUNE_ERROR, TrialOutcome, outcomes
-from pipeline.sweep_callbacks import MLflowSweepCallback, TrialLedger
+from pipeline.sweep_callbacks import MLflowSweepCallback, TrialCostCallback, TrialLedger
 from pipeline.tracking import SweepTracker
-from pipeline.train import build_trainer
+from pipeline.trial import trial_driver, trial_gpus
 
 
 def to_tune_domain(domain: Domain) -> Any:
@@ -34,13 +34,6 @@ def to_tune_domain(domain: Domain) -> Any:
 def search_space(spec: JobSpec) -> dict[str, Any]:
     """Tune's param space: the spec's dotted keys (``training.lr``...) with their Tune domains."""
     return {key: to_tune_domain(domain) for key, domain in spec.search.space.items()}
-
-
-def trial_driver(config: dict[str, Any], spec: JobSpec) -> None:
-    """One trial: the sweep's spec with this trial's sampled values, run as a Ray Train worker group."""
-    trial_spec = spec.with_overrides(config)
-    trial_id = tune.get_context().get_trial_id()
-    build_trainer(trial_spec, name=f"trial-{trial_id}", callbacks=[TuneReportCallback()]).fit()
 
 
 def make_trainable(spec: JobSpec):
@@ -77,13 +70,42 @@ def tune_config(spec: JobSpec) -> tune.TuneConfig:
 
 @dataclass(frozen=True)
 class SweepOutcome:
-    """What a sweep run ended with, handed to export and report in memory."""
+    """What a sweep run ended with, handed to export and report in memory. ``interrupted``: stopped by a signal
+    before every trial ended (resume it); ``trained``: whether this run trained anything (a sweep resumed after
+    it had finished trains nothing)."""
 
     trials: list[TrialOutcome]
+    interrupted: bool
+    trained: bool
 
     @property
     def num_errors(self) -> int:
         return sum(trial.status == TUNE_ERROR for trial in self.trials)
+
+
+class StopSignals:
+    """SIGINT (Ctrl+C) and SIGTERM stop the sweep the way Ray Tune's own SIGUSR1 does: no new trial starts, the
+    experiment state is saved, the running trials are stopped (and ``sdtune resume`` continues them). The first
+    signal is remembered, so the caller can tell an interrupted sweep from a finished one; a second one raises
+    KeyboardInterrupt at once. Tune's own SIGINT handler is switched off: it forgets that it was interrupted."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def __enter__(self) -> StopSignals:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, sig: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = sig
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends its loop, saves its state and stops the trials
 
 
 def make_experiment(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
@@ -95,13 +117,18 @@ def make_experiment(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(tune_dir.parent),
-            callbacks=[MLflowSweepCallback(tracker), TrialLedger(spec.sweep_dir.resolve())],
+            callbacks=[
+                MLflowSweepCallback(tracker),
+                TrialCostCallback(spec, tracker, trial_gpus(spec)),
+                TrialLedger(spec.sweep_dir.resolve()),
+            ],
         ),
     )
 
 
 def run_sweep(spec: JobSpec, tracker: SweepTracker) -> SweepOutcome:
-    """Run (or, when its Tune directory exists, resume) the sweep of ``spec``."""
+    """Run (or, when its Tune directory exists, resume) the sweep of ``spec``. The MLflow parent run is left
+    RUNNING: what it ends as depends on what the caller does next (export, or a failure)."""
     # Tune saves its experiment state at most every 10 s by default: a driver dying in that window would run the
     # trials that finished in it again on resume (each then only re-reports its final checkpoint, see
     # pipeline.train). The state is small; save it at every step.
@@ -112,10 +139,8 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker) -> SweepOutcome:
         experiment = tune.Tuner.restore(str(tune_dir), trainable=make_trainable(spec), resume_errored=True)
     else:
         experiment = make_experiment(spec, tracker)
-    try:
+    with StopSignals() as signals:
         experiment.fit()
-    except KeyboardInterrupt:
-        tracker.finish_sweep("KILLED")
-        raise
-    tracker.finish_sweep("FINISHED")
-    return SweepOutcome(outcomes(spec, TrialLedger.take(spec.sweep_dir.resolve())))
+    ledger = TrialLedger.take(spec.sweep_dir.resolve())
+    interrupted = signals.received is not None or ledger.unfinished
+    return SweepOutcome(outcomes(spec, ledger.trials), interrupted=bool(interrupted), trained=ledger.started)

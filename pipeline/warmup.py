@@ -103,6 +103,12 @@ class WarmupStore:
         return sdt.write_atomically(self.entry(digest), write)
 
 
+def on_cpu(updates: Updates) -> Updates:
+    """CPU copies of warmup updates. Selection always ranks CPU copies, so a reused warmup (loaded on the CPU)
+    ranks exactly as the computed one did."""
+    return {prefix: {k: t.cpu() for k, t in by_key.items()} for prefix, by_key in updates.items()}
+
+
 def _broadcast(value: Any, rank: int) -> Any:
     """``value`` of rank 0 on every rank (a no-op without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -130,8 +136,7 @@ def shared_warmup(
             updates, info = found
             return updates, {**info["metrics"], "warmup/shared": 1}
         metrics = compute()
-        # Selected from CPU copies on both paths, so a reused warmup ranks exactly as the computed one did.
-        updates = {prefix: {k: t.cpu() for k, t in by_key.items()} for prefix, by_key in updates_of().items()}
+        updates = on_cpu(updates_of())
         if rank == 0:
             info = {"key": key, "hash": digest, "computed_by": trial_name, "metrics": metrics}
             store.publish(digest, updates, info)

@@ -64,7 +64,9 @@ def test_valid_spec(tmp_path):
 def test_commands_on_a_sweep_dir_refuse_a_dir_that_is_not_one(command, tmp_path):
     result = CliRunner().invoke(app, [command, str(tmp_path)])
     assert result.exit_code == 2
-    assert result.output.strip() == f"{tmp_path}: not a sweep directory (no job.yaml); give runs/<job name>"
+    assert result.output.strip() == (
+        f"{tmp_path}: not a sweep directory (no job.yaml); run `sdtune sweep JOB.yaml` first, or give runs/<job name>"
+    )
     assert not ray.is_initialized()
 
 

@@ -149,13 +149,15 @@ def test_overrides_parse_values_as_yaml_and_create_sections(tmp_path):
 
 def test_with_overrides_returns_a_validated_copy():
     spec = parse_job(searching({"training.lr": {"choice": [1e-4, 1e-3]}}))
-    trial = spec.with_overrides({"training.lr": "1e-4", "method.lora_rank": 2, "method.states_frozen": 3})
+    trial = spec.with_overrides({"training.lr": 1e-4, "method.lora_rank": 2, "method.states_frozen": 3})
     assert trial.training.lr == 1e-4
     assert (trial.method.lora_rank, trial.method.states_frozen) == (2, 3)
     assert spec.training.lr == 1e-3 and spec.method.lora_rank is None  # the original is untouched
     assert trial.search == spec.search
     with pytest.raises(JobSpecError, match=r"^training\.lr: Input should be greater than 0"):
         spec.with_overrides({"training.lr": -1.0})
+    with pytest.raises(JobSpecError, match=r"^training\.lr: Input should be a valid number"):
+        spec.with_overrides({"training.lr": "1e-4"})  # strict: a string is not a number (YAML's 1e-4 is a float)
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,23 @@ def test_reused_warmup_selects_as_a_recomputed_one(sweep, env, tmp_path):
     assert all(torch.equal(from_sweep[k], recomputed[k]) for k in from_sweep)
 
 
+def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
+    """Every trial the resumed driver ran has a cost record whose measured parts (the worker's phases and the
+    driver's ends) account for its wall time to within 5%; the report shows the breakdown."""
+    sweep_dir, spec, finished_before, _ = sweep
+    trials = load_trials(spec)
+    resumed = [t for t in trials if t.trial_id not in finished_before]
+    assert resumed and all(t.cost for t in resumed)
+    for trial in (t for t in trials if t.cost):
+        cost = trial.cost
+        assert cost["gpus"] == 0  # a CPU sweep
+        assert all(cost[part] >= 0 for part in ("startup", "training", "evaluation", "checkpointing", "teardown"))
+        assert cost["training"] > 0 and cost["startup"] > 0
+        assert abs(cost["other"]) <= 0.05 * cost["wall"], (trial.trial_id, cost)
+    summary = (sweep_dir / "report" / "summary.md").read_text()
+    assert "## Where the GPU time went" in summary and "**total (s)**" in summary
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -186,6 +203,7 @@ def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_se
         assert tag["mlflow.parentRunId"] == parent["info"]["run_id"]
         metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
         assert 0.0 <= metrics["eval/accuracy"] <= 1.0 and metrics["train/loss"] > 0
+        assert metrics["cost/wall_s"] > metrics["cost/training_s"] > 0  # the GPU-time breakdown, per trial
     # per optimizer step too: the train loss of every 10th step (20 steps an epoch), at its own step
     run_id = children[0]["info"]["run_id"]
     with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}"

@@ -1,0 +1,222 @@
+"""Everything about a job that can be checked against the world before Ray starts: files and model paths exist,
+the base model can be built and every searched method selects something in it, the batch fits the data, the
+metric is one the task reports, the tracking server answers, and a trial fits the cluster.
+
+:mod:`pipeline.config` checks the spec as a document; this module checks it against the machine, in seconds,
+writing nothing. Every problem is a :class:`~pipeline.config.JobSpecError` naming the field, so a sweep never
+starts only to fail in its trials over something knowable up front.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+import sdt
+from pipeline.config import DATA_FILE_FORMATS, JobSpec, JobSpecError, load_job, method_field
+from pipeline.tasks import CLASSIFICATION_METRICS, GENERATION_METRICS
+
+HUB_TIMEOUT_S = 5
+TRACKING_TIMEOUT_S = 3
+
+
+def load_checked(job: str | Path, overrides: Sequence[str] = (), local_cluster: bool = True) -> JobSpec:
+    """The validation entry point: the spec of ``job`` with ``overrides``, its relative paths made absolute (Ray
+    workers run elsewhere), checked against this machine; with ``local_cluster`` (Ray will start here) a trial's
+    resources are checked against this machine's too. Raises :class:`JobSpecError`."""
+    spec = load_job(job, overrides).with_absolute_paths()
+    check(spec)
+    if local_cluster:
+        check_resources(spec, *local_resources())
+    return spec
+
+
+def check(spec: JobSpec) -> None:
+    """All of the checks below that need no Ray cluster; the first failure raises."""
+    check_paths(spec)
+    check_metric(spec)
+    check_method_fits(spec, skeleton(spec))
+    check_data_size(spec)
+    check_tracking(spec)
+
+
+def check_paths(spec: JobSpec) -> None:
+    output = Path(spec.output_dir)
+    if output.exists() and not output.is_dir():
+        raise JobSpecError("output_dir", f"{output} is a file, not a directory")
+    if spec.sweep_dir.exists() and not spec.sweep_dir.is_dir():
+        raise JobSpecError("name", f"{spec.sweep_dir} is a file, not a sweep directory")
+    for split, path in (spec.data.data_files or {}).items():
+        if not Path(path).is_file():
+            raise JobSpecError(f"data.data_files.{split}", f"no such file: {path}")
+    if spec.model.name_or_path and _looks_local(spec.model.name_or_path) and not Path(spec.model.name_or_path).is_dir():
+        raise JobSpecError("model.name_or_path", f"no such directory: {spec.model.name_or_path}")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, relative to here or home, or deeper than org/name."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def check_metric(spec: JobSpec) -> None:
+    """``search.metric`` is a validation metric the task reports (or the training loss)."""
+    kind = "generation" if spec.data.task == "generation" or spec.data.kind == "generation" else "classification"
+    names = GENERATION_METRICS if kind == "generation" else CLASSIFICATION_METRICS
+    allowed = [f"eval/{name}" for name in names] + ["train/loss"]
+    metric = spec.search.metric
+    if metric.startswith("test/"):
+        raise JobSpecError("search.metric", f"{metric}: the test split never picks trials (it is scored once, at the "
+                                            f"end); use {metric.replace('test/', 'eval/', 1)}")  # fmt: skip
+    if metric not in allowed:
+        raise JobSpecError("search.metric", f"{metric!r} is not reported by a {kind} task; choose one of {', '.join(allowed)}")
+
+
+def skeleton(spec: JobSpec) -> PreTrainedModel:
+    """The base's architecture on the meta device: shapes, no weights, nothing downloaded but a hub config."""
+    from pipeline.digits import digits_base_config
+
+    model = spec.model
+    trust = {"trust_remote_code": True} if model.trust_remote_code else {}
+    try:
+        if model.builtin is not None:
+            config = digits_base_config()
+        elif model.architecture is not None:
+            config = AutoConfig.for_model(model.architecture, **model.config)
+        else:
+            config = hub_config(model.name_or_path, trust)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **trust)
+    except JobSpecError:
+        raise
+    except Exception as error:  # a config transformers cannot build: hidden_size -4, an unknown key's type, ...
+        where = "model.config" if model.architecture is not None else "model"
+        raise JobSpecError(where, f"cannot build the model: {type(error).__name__}: {error}") from None
+
+
+def hub_config(name: str, trust: dict) -> object:
+    """The config of a local directory, of a model in the Hugging Face cache, or (asked once, briefly) of one on
+    the hub; a hub that cannot be reached is an error here rather than six retries and a failed sweep later."""
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True, **trust)
+    except OSError:
+        pass
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(name, timeout=HUB_TIMEOUT_S)
+    except Exception as error:
+        raise JobSpecError(
+            "model.name_or_path",
+            f"{name!r} is not a local directory or in the Hugging Face cache, and the hub did not answer "
+            f"({type(error).__name__}); download it where there is a network, or give a local path",
+        ) from None
+    return AutoConfig.from_pretrained(name, **trust)
+
+
+def check_method_fits(spec: JobSpec, model: PreTrainedModel) -> None:
+    """Every method the sweep can run selects at least one channel, state (and Mamba-2 input) per layer of the
+    base: the error the selection would raise after a trial's warmup, raised now, naming the field (or the
+    searched key and its value)."""
+    try:
+        sdt.check_counts(model, spec.method.to_sdt_config(seed=0))
+    except sdt.SDTConfigError as error:
+        raise JobSpecError(f"method.{method_field(error.field)}", error.reason) from None
+    for key, domain in spec.search.space.items():
+        if key != "method" and not key.startswith("method."):
+            continue
+        for value in domain.candidates():
+            try:
+                sdt.check_counts(model, spec.with_overrides({key: value}).method.to_sdt_config(seed=0))
+            except sdt.SDTConfigError as error:
+                raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
+
+
+def train_examples(spec: JobSpec) -> int | None:
+    """How many training examples the task will have, where that is known without downloading (the built-in
+    tasks, local files); None for a Hugging Face dataset."""
+    from pipeline.digits import DIGITS_POOL
+    from pipeline.tasks import SYNTHETIC_POOL
+
+    data = spec.data
+    if data.task in ("digits", "synthetic"):
+        pool = DIGITS_POOL if data.task == "digits" else SYNTHETIC_POOL
+        rows = pool - math.ceil(pool * data.validation_fraction)
+    elif data.data_files:
+        rows = _rows(Path(data.data_files["train"]))
+        # validation is carved from train unless both other splits are given (GLUE's test split never counts)
+        if data.task == "glue" or not {"validation", "test"} <= set(data.data_files):
+            rows -= math.ceil(rows * data.validation_fraction)
+    else:
+        return None
+    return min(rows, data.max_train_samples or rows)
+
+
+def _rows(path: Path) -> int:
+    kind = DATA_FILE_FORMATS[path.suffix.lower()]
+    if kind == "parquet":
+        import pyarrow.parquet
+
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    with path.open("rb") as file:
+        lines = sum(1 for line in file if line.strip())
+    return lines - 1 if kind == "csv" else lines  # a CSV's header
+
+
+def check_data_size(spec: JobSpec) -> None:
+    rows = train_examples(spec)
+    needed = spec.training.batch_size * spec.resources.num_workers
+    if rows is not None and rows < needed:
+        raise JobSpecError(
+            "training.batch_size",
+            f"{spec.training.batch_size} x {spec.resources.num_workers} workers needs {needed} training examples "
+            f"for one step; the data has {rows}",
+        )
+
+
+def check_tracking(spec: JobSpec) -> None:
+    """An MLflow tracking server named by ``tracking.uri`` (or $MLFLOW_TRACKING_URI) answers its health check."""
+    from pipeline.tracking import tracking_uri
+
+    uri = tracking_uri(spec)
+    if not uri.startswith(("http://", "https://")):
+        return
+    field = "tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI"
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=TRACKING_TIMEOUT_S) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise JobSpecError(field, f"the MLflow server at {uri} did not answer within {TRACKING_TIMEOUT_S} s ({reason})") from None
+
+
+def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
+    """One trial (its Tune driver and its workers) fits in ``cpus`` / ``gpus``: otherwise Ray would wait for
+    resources forever."""
+    resources = spec.resources
+    needs_cpus = resources.trial_cpus + resources.num_workers * resources.cpus_per_worker
+    if needs_cpus > cpus:
+        raise JobSpecError(
+            "resources.cpus_per_worker",
+            f"a trial needs {needs_cpus:g} CPUs ({resources.num_workers} workers x {resources.cpus_per_worker:g} + "
+            f"{resources.trial_cpus:g} for its driver); the cluster has {cpus:g}",
+        )
+    if resources.use_gpu:
+        needs_gpus = resources.num_workers * resources.gpus_per_worker
+        if needs_gpus > gpus:
+            raise JobSpecError(
+                "resources.use_gpu",
+                f"a trial needs {needs_gpus:g} GPUs ({resources.num_workers} workers x {resources.gpus_per_worker:g}); "
+                f"the cluster has {gpus:g}",
+            )
+
+
+def local_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the Ray instance ``sdtune`` would start on this machine."""
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count())

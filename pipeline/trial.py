@@ -1,0 +1,70 @@
+"""One trial as Ray sees it: a Ray Train worker group (``build_trainer``) and, in a sweep, the Tune function that
+builds and fits it (``trial_driver``).
+
+This module stays light on purpose. Ray runs the Tune function and the Train controller in fresh processes, and
+what they import is start-up time during which the trial's GPU idles: they import this module (Ray, pydantic,
+the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod:`pipeline.train`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray import tune
+
+from pipeline.config import JobSpec
+from pipeline.results import TRIAL_PREFIX
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The worker entry point: imports the training code in the worker only."""
+    from pipeline.train import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def trial_gpus(spec: JobSpec) -> float:
+    """The GPUs one trial holds."""
+    return spec.resources.num_workers * spec.resources.gpus_per_worker if uses_gpu(spec) else 0.0
+
+
+def uses_gpu(spec: JobSpec) -> bool:
+    """``resources.use_gpu``, or (None) whether the Ray cluster has any GPU."""
+    if spec.resources.use_gpu is not None:
+        return spec.resources.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_trainer(spec: JobSpec, name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    """The Ray Train worker group of one trial: ``resources.num_workers`` DeepSpeed ranks, checkpoints under
+    ``<sweep dir>/<name>``; running it again with the same name resumes from the latest checkpoint."""
+    resources = spec.resources
+    use_gpu = uses_gpu(spec)
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
+    return ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(spec.sweep_dir.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+
+
+def trial_driver(config: dict[str, Any], spec: JobSpec) -> None:
+    """One Tune trial: the sweep's spec with this trial's sampled values, run as a Ray Train worker group."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_spec = spec.with_overrides(config)
+    trial_id = tune.get_context().get_trial_id()
+    build_trainer(trial_spec, name=f"{TRIAL_PREFIX}{trial_id}", callbacks=[TuneReportCallback()]).fit()
