@@ -37,19 +37,19 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_or_exit(job: Path, overrides: list[str] | None, address: str | None = None) -> JobSpec:
+def load_or_exit(job: Path, overrides: list[str] | None, address: str | None = None, in_sweep: bool = True) -> JobSpec:
     """The validated spec, its relative paths made absolute (Ray workers run elsewhere), checked against this
     machine (files, model, data, metric, tracking server; a trial's resources when Ray will start here); bad
     input: one line naming the field, exit 2."""
     from pipeline.preflight import load_checked
 
     try:
-        return load_checked(job, overrides or [], local_cluster=address is None)
+        return load_checked(job, overrides or [], local_cluster=address is None, in_sweep=in_sweep)
     except JobSpecError as error:
         raise fail(f"{job}: {error}") from None
 
 
-def start_ray(spec: JobSpec, address: str | None) -> None:
+def start_ray(spec: JobSpec, address: str | None, in_sweep: bool = True) -> None:
     """A local Ray instance, or the cluster at ``address`` (whose resources must fit a trial: exit 2)."""
     import ray
 
@@ -61,7 +61,7 @@ def start_ray(spec: JobSpec, address: str | None) -> None:
     if address is not None:
         resources = ray.cluster_resources()
         try:
-            check_resources(spec, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+            check_resources(spec, resources.get("CPU", 0.0), resources.get("GPU", 0.0), in_sweep=in_sweep)
         except JobSpecError as error:
             ray.shutdown()
             raise fail(f"{address}: {error}") from None
@@ -109,12 +109,16 @@ def pretrain(cache_dir: Annotated[Path | None, typer.Option(help="Default: $SDTU
 @app.command()
 def train(job: Path, overrides: SetOption = None, address: AddressOption = None) -> None:
     """Run one trial (no Tune) through Ray Train, for debugging; rerun it to resume from its last checkpoint."""
-    spec = load_or_exit(job, overrides, address)
+    spec = load_or_exit(job, overrides, address, in_sweep=False)
     prepare_builtin_base(spec)
-    start_ray(spec, address)
-    from pipeline.trial import build_trainer
+    start_ray(spec, address, in_sweep=False)
+    from pipeline.trial import TrialDiverged, build_trainer, raise_if_diverged
 
     result = build_trainer(spec, name="train").fit()
+    try:
+        raise_if_diverged(spec, "train")
+    except TrialDiverged as diverged:
+        raise fail(f"trial failed: {diverged}", 1) from None
     for key, value in sorted((result.metrics or {}).items()):
         typer.echo(f"{key}: {value}")
     typer.echo(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")

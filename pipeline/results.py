@@ -24,6 +24,7 @@ CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneRe
 ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selection (sdt.save)
 TRIAL_PREFIX = "trial-"  # <sweep dir>/trial-<trial id>: Ray Train's storage of one trial
 COST_FILE = "cost.json"  # in a trial's directory: where its wall time went (written by the sweep driver)
+DIVERGED_FILE = "diverged.json"  # in a trial's directory: why its training loss stopped being finite
 # Where a trial's wall time goes: the worker measures the middle four, the driver the ends (pipeline.train).
 COST_PARTS = ("startup", "warmup", "training", "evaluation", "checkpointing", "teardown", "other")
 # Ray Tune's trial statuses (not MLflow's run statuses, which are FINISHED / FAILED / KILLED).
@@ -50,6 +51,7 @@ class TrialOutcome:
     metrics: dict[str, Any]  # the last report
     spec: JobSpec  # the sweep's spec with the sampled values applied: what the trial ran
     cost: dict[str, float] | None = None  # trial_cost of its last run, when the sweep driver recorded one
+    error: str | None = None  # why it failed, in one line (ERROR only)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -98,10 +100,17 @@ def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:
     for t in sorted(trials, key=lambda t: t.trial_id):
         cost_file = trial_dir(spec, t.trial_id) / COST_FILE
         cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
-        result.append(
-            TrialOutcome(t.trial_id, t.status, dict(t.config), dict(t.last_result or {}), spec.with_overrides(t.config), cost)
-        )
+        error = error_line(t.get_error()) if t.status == TUNE_ERROR else None
+        config, report = dict(t.config), dict(t.last_result or {})
+        result.append(TrialOutcome(t.trial_id, t.status, config, report, spec.with_overrides(config), cost, error))
     return result
+
+
+def error_line(error: BaseException | None) -> str:
+    """The line of a trial's error that says what went wrong: Ray wraps it in tracebacks, and the last line of
+    the message is the original exception's ``Type: message``."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
 
 
 def sweep_spec(run_dir: str | Path) -> JobSpec:

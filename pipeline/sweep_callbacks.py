@@ -13,9 +13,18 @@ from typing import Any
 from ray.tune import Callback
 
 from pipeline.config import JobSpec
-from pipeline.results import ADAPTER_DIR, CHECKPOINT_KEY, COST_FILE, COST_PARTS, is_metric, trial_cost, trial_dir
+from pipeline.results import (
+    ADAPTER_DIR,
+    CHECKPOINT_KEY,
+    COST_FILE,
+    COST_PARTS,
+    error_line,
+    is_metric,
+    trial_cost,
+    trial_dir,
+)
 from pipeline.storage import local_path
-from pipeline.tracking import SweepTracker
+from pipeline.tracking import ERROR_TAG, SweepTracker
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +176,8 @@ class MLflowSweepCallback(Callback):
         self._guard(f"finish trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        reason = error_line(trial.get_error())
+        self._guard(f"error of trial {trial.trial_id}", self.tracker.tag_trial, trial.trial_id, {ERROR_TAG: reason})
         self._guard(f"fail trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FAILED")
 
     def on_experiment_end(self, trials: list, **info) -> None:

@@ -40,6 +40,7 @@ ROLE_TAG = "sdtune.role"
 SWEEP_DIR_TAG = "sdtune.sweep_dir"
 TRIAL_ID_TAG = "sdtune.trial_id"
 JOB_NAME_TAG = "sdtune.job_name"
+ERROR_TAG = "sdtune.error"  # on a FAILED trial's run: why, in one line (MLflow drops NaN metrics, so it is a tag)
 PARENT_TAG = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": the UI nests children under it
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -351,6 +352,11 @@ class SweepTracker:
             return
         for chunk in _chunks(batch, METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
+
+    def tag_trial(self, trial_id: str, tags: Mapping[str, str]) -> None:
+        run_id = self._trial_run_id(trial_id)
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
 
     def log_artifacts(self, trial_id: str, local_dir: str | Path, artifact_path: str = "adapter") -> None:
         self.client.log_artifacts(self._trial_run_id(trial_id), str(local_dir), artifact_path)

@@ -26,7 +26,7 @@ generalisation, not the paper's; see :mod:`sdt.targets`.
 from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SDTConfig, SDTConfigError, trainable_count
 from .io import adapter_tensors, load, read_config, save, write_atomically
 from .methods import METHODS, Method, register_method
-from .model import AdapterCoverageError, Tuner, apply, to_compute_dtype
+from .model import AdapterCoverageError, Tuner, apply, select, to_compute_dtype
 from .selection import SelectionError, select_channels_and_states, select_heads_and_rows, top_indices
 from .targets import check_counts, mixers
 from .variants import VARIANTS, LoraVariant, register_variant
@@ -45,6 +45,7 @@ __all__ = [
     "SELECTION_FIELDS",
     "trainable_count",
     "apply",
+    "select",
     "Tuner",
     "AdapterCoverageError",
     "to_compute_dtype",

@@ -92,10 +92,7 @@ class Tuner:
 
     def select(self, updates: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Selection]:
         """Rank channels and states per layer from the warmup updates (this model's own, or ones given)."""
-        updates = self.warmup_updates() if updates is None else updates
-        return {
-            prefix: self.family.select(prefix, mixer, updates[prefix], self.config) for prefix, mixer in self.mixers
-        }
+        return select(self.model, self.config, self.warmup_updates() if updates is None else updates)
 
     def start_training(self, selection: dict[str, Selection]) -> None:
         """Restore the base weights exactly, drop warmup's adapters, attach fresh LoRA + sparse deltas."""
@@ -134,6 +131,14 @@ class Tuner:
             for target in cfg.lora_targets:
                 module = getattr(mixer, target)
                 P.attach(module, "weight", variant.build(module.weight, cfg.lora_rank, cfg.lora_alpha, generator))
+
+    def engine_wrapped(self) -> str:
+        """Call after wrapping the model in a training engine that adds hooks or partitions parameters
+        (DeepSpeed): sdt's own forward hook moves after the engine's, and the fused path is checked again (it
+        stands aside for ZeRO-3's partitioned parameters). Returns the kernel path line."""
+        P.move_hooks_last(self.model)
+        self.kernel_path = install_fused_path(self.model)
+        return self.kernel_path
 
     def _require_phase(self, phase: Phase) -> None:
         if self.merged or self.phase != phase:
@@ -203,6 +208,14 @@ class Tuner:
         P.detach_all(self.model, merge=True)
         self.merged = True
         return self.model
+
+
+def select(model: nn.Module, config: SDTConfig, updates: dict[str, dict[str, torch.Tensor]]) -> dict[str, Selection]:
+    """Rank channels and states per layer of ``model`` from warmup updates (only the model's shapes are read, so
+    a fresh copy of the base will do: ``Tuner(fresh_base, config, selection=select(fresh_base, config, updates))``
+    starts its training phase as :meth:`Tuner.start_training` would)."""
+    family = family_of(model)
+    return {prefix: family.select(prefix, mixer, updates[prefix], config) for prefix, mixer in mixers(model)}
 
 
 def apply(model: nn.Module, config: SDTConfig | None = None) -> Tuner:
