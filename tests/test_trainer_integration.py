@@ -7,6 +7,8 @@ logits; load_best_model_at_end loads the best adapter."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,11 @@ def test_a_warmup_longer_than_the_run_is_refused(load_base, tmp_path):
     trainer, tuner = sdt_trainer(load_base, tmp_path, max_steps=2)
     with pytest.raises(ValueError, match="SDT's 3 warmup steps do not fit in the run's 2 optimizer steps"):
         train_sdt(trainer, tuner)
+
+
+def test_sdt_itself_imports_no_trainer_stack():
+    """Trainer, accelerate and TRL are the optional 'hf' extra: only sdt.integrations.trainer imports them."""
+    stack = ("trl", "accelerate", "transformers.trainer")
+    code = f"import sys, sdt; print(sorted(m for m in {stack!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

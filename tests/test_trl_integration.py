@@ -43,7 +43,8 @@ def sft_trainer(load_base, output_dir: Path, callbacks=()) -> tuple[trl.SFTTrain
         bf16=False,
     )
     trainer = trl.SFTTrainer(
-        model=tuner.model, args=args, train_dataset=texts(), processing_class=word_tokenizer(), callbacks=list(callbacks)
+        model=tuner.model, args=args, train_dataset=texts(), processing_class=word_tokenizer(),
+        callbacks=list(callbacks),
     )
     return trainer, tuner
 

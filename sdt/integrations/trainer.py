@@ -51,8 +51,8 @@ TRAINER_STATE_NAME = "trainer_state.json"
 
 
 class PhaseCallback(TrainerCallback):
-    """One phase's rules: the coverage guard at its first optimizer step; for the warmup, the stop after ``warmup_steps``
-    optimizer steps (saved when the run saves at all) and no evaluation."""
+    """One phase's rules: the coverage guard at its first optimizer step; for the warmup, the stop after
+    ``warmup_steps`` optimizer steps (saved when the run saves at all) and no evaluation."""
 
     def __init__(self, tuner: Tuner, check_gradients: bool, warmup_steps: int | None = None) -> None:
         self.tuner, self.check_gradients, self.warmup_steps = tuner, check_gradients, warmup_steps
