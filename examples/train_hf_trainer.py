@@ -79,12 +79,13 @@ train_sdt(trainer, tuner, resume_from_checkpoint=args.resume)  # warmup, select,
 tuned_loss = trainer.evaluate()["eval_loss"]
 
 trainer.save_model(str(out / "adapter"))  # the adapter; a Trainer checkpoint-N holds one too
-reloaded = sdt.load(load_base(), out / "adapter")
+device = tuner.model.device  # where the Trainer put it
+reloaded = sdt.load(load_base().to(device), out / "adapter")
 sdt.save_merged(reloaded, out / "merged")  # a plain transformers model: no sdt needed to use it
-merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
-tokens = StrideSequences(4, seed=2).tokens
+merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).to(device)
+tokens = StrideSequences(4, seed=2).tokens.to(device)
 with torch.no_grad():
-    expected = tuner.model.eval().cpu()(input_ids=tokens).logits
+    expected = tuner.model.eval()(input_ids=tokens).logits
     assert torch.equal(reloaded.model.eval()(input_ids=tokens).logits, expected), "the reloaded adapter differs"
     difference = (merged.eval()(input_ids=tokens).logits - expected).abs().max().item()
 print(f"adapter in {out / 'adapter'}, merged model in {out / 'merged'} (max logit difference {difference:.1e})")

@@ -77,9 +77,10 @@ def test_checkpointing_on_the_fused_path_gives_the_same_gradients(load_base, arc
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", list(METHODS))
 def test_checkpointing_on_the_fused_cuda_path_gives_the_same_gradients(method, monkeypatch):
-    """mamba-130m's width, 4 layers, bf16 with fp32 A_log/D, on the CUDA kernels that sdt.apply installs. Relative
-    error per tensor at most 1e-2, the bf16 tolerance of tests/test_fused_cuda.py (the scan's backward accumulates
-    with atomics, so two backward passes need not agree bit for bit)."""
+    """mamba-130m's width, 4 layers, bf16 with fp32 A_log/D, on the CUDA kernels that sdt.apply installs. The scan's
+    backward accumulates with atomics, so two backward passes need not agree bit for bit: per tensor, the relative
+    error against the plain pass may be at most the bf16 tolerance of tests/test_fused_cuda.py (1e-2), or twice
+    what a second plain pass differs by."""
     config = MambaConfig(vocab_size=50280, hidden_size=768, num_hidden_layers=4, state_size=16)
     torch.manual_seed(0)
     model = sdt.to_compute_dtype(MambaForCausalLM(config), torch.bfloat16).cuda()
@@ -100,11 +101,17 @@ def test_checkpointing_on_the_fused_cuda_path_gives_the_same_gradients(method, m
     calls = count_fused_forwards(monkeypatch)
     plain = gradients(tuner, tokens)
     assert len(calls) == 4, "the fused path did not run"
+
+    def relative_errors(grads: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {name: ((grads[name] - g).norm() / g.norm().clamp_min(1e-30)).item() for name, g in plain.items()}
+
+    noise = relative_errors(gradients(tuner, tokens))
     for reentrant, checkpointed in checkpointed_gradients(tuner, tokens).items():
-        errors = {
-            name: ((checkpointed[name] - grad).norm() / grad.norm().clamp_min(1e-30)).item()
-            for name, grad in plain.items()
-        }
+        errors = relative_errors(checkpointed)
         worst = max(errors, key=errors.get)
-        print(f"\n{method}, use_reentrant={reentrant}: worst relative gradient error {errors[worst]:.2e} ({worst})")
-        assert errors[worst] <= 1e-2, f"use_reentrant={reentrant}: {worst} relative error {errors[worst]:.2e}"
+        print(
+            f"\n{method}, use_reentrant={reentrant}: worst relative gradient error {errors[worst]:.2e} ({worst}); "
+            f"a second plain pass: {noise[worst]:.2e}, at worst {max(noise.values()):.2e}"
+        )
+        bad = {name: e for name, e in errors.items() if e > max(1e-2, 2 * noise[name])}
+        assert not bad, f"use_reentrant={reentrant}: relative errors {bad}"
