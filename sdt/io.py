@@ -3,7 +3,10 @@
 The safetensors file holds every adapter tensor under the model's own parameter names (LoRA factors, sparse
 deltas and their index buffers) and the selection under ``sdt_selection.<mixer>.<key>``, so loading needs only
 a fresh base model and this directory. :func:`save` writes to a temporary sibling directory that is renamed into
-place: a crash leaves the old adapter or the new one, never half of one.
+place: a crash leaves the old adapter or the new one, never half of one. :func:`save_into` (what
+``model.save_pretrained`` of a tuned model does, hence Trainer's saves) writes the files into a directory that holds
+other things, each file replaced atomically. Both add a ``config.json`` marker, so that a plain ``from_pretrained``
+on an adapter stops with a message saying what to do; :func:`save_merged` writes a plain model instead.
 
 Each adapter can be checked on its own: ``adapter_config.json`` records the sha256 of the tensor file, and the
 tensor file's header records the fields of the config its tensors were made with (phase, model type, the SDT
@@ -42,9 +45,8 @@ FORMAT_VERSION = 1
 CHECKSUM_FIELD = "weights_sha256"  # in adapter_config.json: the sha256 of adapter_model.safetensors
 # in the safetensors header: the JSON of the config fields that the tensors were made with
 HEADER_KEY = "sdt_adapter"
-# A config.json whose model_type makes a plain from_pretrained on an adapter directory fail saying what to do, where
-# without one it fails with "Unrecognized model" (or a KeyError where PEFT is installed) and weights-only loaders
-# could be pointed at the base's config and re-initialise what the adapter changes.
+# The marker's model type is the message that transformers' Auto classes stop with; without a config.json they stop
+# with "Unrecognized model" (5.24), or with a KeyError where PEFT is installed.
 MARKER_NAME = "config.json"
 MARKER_MODEL_TYPE = (
     "sdt_adapter (an SDT/LoRA adapter, not a model: load it with sdt.load(base_model, this directory), "

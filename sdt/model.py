@@ -211,12 +211,12 @@ class Tuner:
         push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
-        """``model.save_pretrained`` while the adapters are attached: the adapter's two files (:func:`sdt.save`'s)
+        """``model.save_pretrained`` while the adapters are attached: the adapter (what :func:`sdt.save` writes)
         written into ``save_directory``, next to what a Trainer puts there.
 
         A full save of the parametrized model would hold keys that a plain ``from_pretrained`` does not know: it
-        would re-initialise A_log and the adapted weights at random. A directory with an adapter only has no
-        ``config.json``, so ``from_pretrained`` on it refuses. ``state_dict`` (DeepSpeed's gathered copy of the
+        would re-initialise A_log and the adapted weights at random. The adapter's ``config.json`` marker makes
+        ``from_pretrained`` stop instead, naming :func:`sdt.load`. ``state_dict`` (DeepSpeed's gathered copy of the
         same weights) and the options of a full save (sharding, serialization) do not apply to an adapter and are
         ignored. For a plain model use :func:`sdt.save_merged`.
         """

@@ -10,28 +10,17 @@ import pytest
 import torch
 from fused_reference import ReferenceKernels
 from helpers import random_tokens, train
+from test_fused_mamba import count_fused_calls
 from transformers import MambaConfig, MambaForCausalLM
 
 import sdt
-from sdt.fused import MambaInnerFn, install_fused_path, mamba1_mixers
+from sdt.fused import install_fused_path, mamba1_mixers
 
 WORKABLE = {"channels_frozen": 0.75, "states_frozen": 0.5, "warmup_steps": 2}
 METHODS = {
     "sdlora": sdt.SDTConfig.preset("sdlora", lora_targets=("in_proj", "out_proj"), **WORKABLE),
     "lora": sdt.SDTConfig.preset("lora", lora_targets=("in_proj", "x_proj", "dt_proj", "out_proj")),
 }
-
-
-def count_fused_forwards(monkeypatch) -> list[int]:
-    calls = []
-    original = MambaInnerFn.forward
-
-    def forward(ctx, *args):
-        calls.append(1)
-        return original(ctx, *args)
-
-    monkeypatch.setattr(MambaInnerFn, "forward", staticmethod(forward))
-    return calls
 
 
 def gradients(tuner: sdt.Tuner, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -61,7 +50,7 @@ def test_checkpointing_on_the_fused_path_gives_the_same_gradients(load_base, arc
         tuner.start_training(tuner.select())
         train(tuner, 2, seed=20)
     assert "MambaInnerFn" in install_fused_path(tuner.model, kernels=ReferenceKernels())
-    calls = count_fused_forwards(monkeypatch)
+    calls = count_fused_calls(monkeypatch)
     tokens = random_tokens(seed=3)
     plain = gradients(tuner, tokens)
     mixers = len(mamba1_mixers(tuner.model))
@@ -98,7 +87,7 @@ def test_checkpointing_on_the_fused_cuda_path_gives_the_same_gradients(method, m
     with torch.no_grad():
         for p in tuner.trainable_parameters():
             p.normal_(0, 0.02)
-    calls = count_fused_forwards(monkeypatch)
+    calls = count_fused_calls(monkeypatch)
     plain = gradients(tuner, tokens)
     assert len(calls) == 4, "the fused path did not run"
 
