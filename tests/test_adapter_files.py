@@ -11,6 +11,7 @@ import stat
 import pytest
 import torch
 from helpers import logits, warmup_select_train
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, MambaForCausalLM
 
@@ -75,8 +76,6 @@ def test_adapter_files_get_the_umask_mode_not_0600(adapter_dir):
 def test_the_config_records_the_checksum_and_the_header_the_config(adapter_dir):
     description = json.loads((adapter_dir / CONFIG_NAME).read_text())
     assert len(description["weights_sha256"]) == 64
-    from safetensors import safe_open
-
     with safe_open(str(adapter_dir / WEIGHTS_NAME), "pt") as f:
         saved_with = json.loads(f.metadata()["sdt_adapter"])
     assert saved_with == {"phase": "train", "model_type": "mamba", "sdt": CONFIG.to_dict()}
@@ -96,8 +95,6 @@ def edit_config(directory, **changes):
 
 def rewrite_tensors(directory, change):
     """Rewrite adapter_model.safetensors with ``change(tensors)`` applied, keeping its header."""
-    from safetensors import safe_open
-
     path = directory / WEIGHTS_NAME
     with safe_open(str(path), "pt") as f:
         header = f.metadata()

@@ -20,6 +20,8 @@ RUNS = {
 
 @pytest.mark.parametrize("script", list(RUNS))
 def test_example_trains_saves_and_reloads(script, tmp_path):
+    if script == "train_hf_trainer.py":
+        pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install 'sdtune[hf]')")
     # one thread: the tiny model gains nothing from more, and a busy machine makes them spin
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(EXAMPLES / script), "--out", str(tmp_path), *RUNS[script]]

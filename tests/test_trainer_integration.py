@@ -15,10 +15,12 @@ import pytest
 import torch
 from helpers import VOCAB, logits
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
-import sdt
-from sdt.integrations.trainer import WARMUP_DIR, train_sdt
+pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install 'sdtune[hf]')")
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+import sdt  # noqa: E402
+from sdt.integrations.trainer import WARMUP_DIR, train_sdt  # noqa: E402
 
 CONFIG = sdt.SDTConfig(channels_frozen=0.75, states_frozen=0.5, lora_rank=2, lora_alpha=2.0, warmup_steps=3)
 STEPS_PER_EPOCH = 4  # 16 sequences, batch 4
@@ -87,8 +89,6 @@ def test_warmup_select_and_a_restarted_main_run(load_base, tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     reloaded = sdt.load(load_base("mamba"), tmp_path / "final")
     assert torch.equal(logits(reloaded.model), logits(tuner.model))
-    from transformers import AutoModelForCausalLM
-
     with pytest.raises(ValueError, match="sdt.load"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     sdt.save_merged(tuner, tmp_path / "merged")
@@ -110,8 +110,6 @@ class Interrupt(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dirs, tmp_path_factory) -> dict:
-    from transformers import AutoModelForCausalLM
-
     def load_base(arch):
         return AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch], dtype=torch.float32)
 
