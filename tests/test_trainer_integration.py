@@ -174,3 +174,22 @@ def test_sdt_itself_imports_no_trainer_stack():
     code = f"import sys, sdt; print(sorted(m for m in {stack!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_full_fine_tuning_saves_and_resumes_as_a_plain_model(load_base, tmp_path):
+    """The full method has no adapter: Trainer's own saving and loading, a checkpoint that from_pretrained reads."""
+
+    def full_run(output_dir: Path, callbacks=(), resume: bool = False) -> sdt.Tuner:
+        tuner = sdt.apply(load_base("mamba"), sdt.SDTConfig.preset("full"))
+        args = arguments(output_dir, max_steps=4)
+        trainer = Trainer(model=tuner.model, args=args, train_dataset=Tokens(), callbacks=list(callbacks))
+        train_sdt(trainer, tuner, resume_from_checkpoint=resume)
+        return tuner
+
+    expected = logits(full_run(tmp_path / "whole").model)
+    with pytest.raises(KeyboardInterrupt):
+        full_run(tmp_path / "interrupted", callbacks=[Interrupt("train", 2)])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "interrupted" / "checkpoint-2", dtype=torch.float32)
+    assert not torch.equal(logits(plain), logits(load_base("mamba")))  # a trained plain model
+    resumed = full_run(tmp_path / "interrupted", resume=True)
+    torch.testing.assert_close(logits(resumed.model), expected, atol=1e-5, rtol=0)
