@@ -73,8 +73,10 @@ def trial_dir(spec: JobSpec, trial_id: str) -> Path:
 def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: float) -> dict[str, float]:
     """Where the wall time of one trial run (``started`` to ``ended``, epoch seconds) went, in seconds:
 
-    - ``startup``: from the trial's placement to its first training step, warmup excluded (Ray's worker group,
-      imports, model and data loading, the DeepSpeed engines);
+    - ``startup``: from the trial's placement to its first training step, warmup excluded: ``startup_ray`` (Tune's
+      trial actor, Ray Train's controller and worker group, up to the worker's training function),
+      ``startup_imports`` (that function's imports: torch, transformers, DeepSpeed, ...), ``startup_setup``
+      (model and data loading, the adapters, the DeepSpeed engine);
     - ``warmup``, ``training``, ``evaluation``, ``checkpointing`` (all but the last report's): as the worker
       measured them, up to its last report;
     - ``teardown``: from the last report to the trial's end (its checkpoint, the worker group's shutdown);
@@ -82,8 +84,9 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
 
     ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``.
     """
+    until_worker = report["time/worker_start"] - started  # Tune's trial actor, Ray Train's controller and workers
     parts = {
-        "startup": report["time/worker_start"] - started + report.get("time/setup", 0.0),
+        "startup": until_worker + report.get("time/imports", 0.0) + report.get("time/setup", 0.0),
         "warmup": report.get("time/warmup", 0.0),
         "training": report.get("time/train", 0.0),
         "evaluation": report.get("time/eval", 0.0),
@@ -91,7 +94,12 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
         "teardown": ended - report["time/report_at"],
     }
     parts["other"] = ended - started - sum(parts.values())
-    return {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": gpus, **parts}
+    startup = {  # what start-up is made of
+        "startup_ray": until_worker,
+        "startup_imports": report.get("time/imports", 0.0),
+        "startup_setup": report.get("time/setup", 0.0),
+    }
+    return {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": gpus, **parts, **startup}
 
 
 def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:
@@ -106,7 +114,7 @@ def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:
     return result
 
 
-def error_line(error: BaseException | None) -> str:
+def error_line(error: BaseException | str | None) -> str:
     """The line of a trial's error that says what went wrong: Ray wraps it in tracebacks, and the last line of
     the message is the original exception's ``Type: message``."""
     lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]

@@ -176,7 +176,8 @@ class MLflowSweepCallback(Callback):
         self._guard(f"finish trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        reason = error_line(trial.get_error())
+        # The trial's local error file: the copy in its storage (trial.get_error) is synced only later.
+        reason = error_line(Path(trial.error_file).read_text() if trial.error_file else None)
         self._guard(f"error of trial {trial.trial_id}", self.tracker.tag_trial, trial.trial_id, {ERROR_TAG: reason})
         self._guard(f"fail trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FAILED")
 

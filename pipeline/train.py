@@ -79,9 +79,17 @@ class Batches:
             yield pending
 
 
-def deepspeed_config(spec: JobSpec, full_bf16: bool) -> dict[str, Any]:
+def zero_stage(spec: JobSpec, world: int) -> int:
+    """The ZeRO stage to run: the spec's, except that ZeRO-1 and -2 on a single rank partition nothing and cost
+    their bookkeeping every step (0.85x the bare loop's tokens/s at the 130m shape against 0.91x for stage 0,
+    docs/benchmarks.md), so one rank without offload runs stage 0. ZeRO-3 stays (one rank may offload with it)."""
+    stage = spec.training.zero_stage
+    return 0 if world == 1 and stage in (1, 2) and not spec.training.offload_optimizer else stage
+
+
+def deepspeed_config(spec: JobSpec, full_bf16: bool, world: int = 1) -> dict[str, Any]:
     training = spec.training
-    zero: dict[str, Any] = {"stage": training.zero_stage}
+    zero: dict[str, Any] = {"stage": zero_stage(spec, world)}
     if training.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if training.offload_parameters:
@@ -125,7 +133,7 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
         model_parameters=params,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(spec, full_bf16),
+        config=deepspeed_config(spec, full_bf16, world=dist.get_world_size() if dist.is_initialized() else 1),
     )
     # The base loads in eval mode; HF's Mamba mixers take the fused kernel (and mambapy's scan) only in training.
     engine.train()
@@ -200,10 +208,11 @@ class PhaseClock:
     """Wall-clock seconds this worker spends per phase (setup, warmup, train, eval, checkpoint), for the sweep's
     GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, entered_at: float) -> None:
         self.device = device
-        self.worker_start = time.time()
+        self.worker_start = entered_at  # when the worker's training function began, before its imports
         self.seconds: dict[str, float] = defaultdict(float)
+        self.seconds["imports"] = time.time() - entered_at
         self.mark = time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -263,6 +272,13 @@ def save_checkpoint(directory: Path, engine, tuner: sdt.Tuner, state: dict, rank
             (directory / TRAINER_STATE).write_text(json.dumps(state, indent=2))
 
 
+def checkpoints_newest_first(latest: Path) -> list[Path]:
+    """The trial's checkpoint ``latest`` (Ray's latest reported), then the ones Ray kept before it, newest first:
+    a truncated or corrupted latest checkpoint falls back to the one before."""
+    earlier = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest), reverse=True)
+    return [latest, *earlier]
+
+
 def restore(checkpoint_dir: Path, model: torch.nn.Module, spec: JobSpec, total_steps: int):
     tuner = sdt.load(model, checkpoint_dir / ADAPTER_DIR)
     engine = make_engine(tuner, spec, spec.training.lr, total_steps)
@@ -293,17 +309,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if context.get_world_rank() == 0:
         marker.unlink(missing_ok=True)  # a rerun's own outcome, not an earlier run's
     try:
-        run_trial(config["spec"])
+        run_trial(config["spec"], config["entered_at"])
     except DivergedError as diverged:
         if context.get_world_rank() == 0:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
-def run_trial(spec: JobSpec) -> None:
+def run_trial(spec: JobSpec, entered_at: float) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    clock = PhaseClock(device)
+    clock = PhaseClock(device, entered_at)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(spec.training.seed)
@@ -320,13 +336,23 @@ def run_trial(spec: JobSpec) -> None:
     checkpoint = ray.train.get_checkpoint()
     warmup_metrics: dict[str, float] = {}
     if checkpoint:
-        with checkpoint.as_directory() as checkpoint_dir:
-            state = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text())
-            if state["step"] >= total_steps or state["epoch"] >= training.epochs:
-                # Finished, but the sweep driver died before Tune recorded it: hand Tune the final report again.
-                ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
-                return
-            tuner, engine = restore(Path(checkpoint_dir), model, spec, total_steps)
+        for number, candidate in enumerate(checkpoints_newest_first(Path(checkpoint.path))):
+            if number:  # the failed attempt may have attached adapters to the model: start from a fresh base
+                model, _ = load_base_model(spec.model, device, log=print)
+            try:
+                state = json.loads((candidate / TRAINER_STATE).read_text())
+                if state["step"] >= total_steps or state["epoch"] >= training.epochs:
+                    # Finished, but the sweep driver died before Tune recorded it: report the final state again.
+                    sdt.io.read(candidate / ADAPTER_DIR)  # checks the adapter before Tune is told of it
+                    ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(candidate))
+                    return
+                tuner, engine = restore(candidate, model, spec, total_steps)
+                break
+            except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
+                print(f"checkpoint {candidate} cannot be restored ({' '.join(str(error).split())[:300]}); "
+                      "trying the one before it", flush=True)  # fmt: skip
+        else:
+            raise RuntimeError(f"no checkpoint of this trial in {Path(checkpoint.path).parent} can be restored")
     else:
         tuner = sdt.apply(model, spec.method.to_sdt_config(seed=training.seed))
         if tuner.phase == "warmup":

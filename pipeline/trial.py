@@ -9,6 +9,7 @@ the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import ray
@@ -21,10 +22,12 @@ from pipeline.results import DIVERGED_FILE, TRIAL_PREFIX
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """The worker entry point: imports the training code in the worker only."""
+    """The worker entry point: imports the training code in the worker only (and notes when it began, so that
+    the import shows in the trial's start-up breakdown)."""
+    entered_at = time.time()
     from pipeline.train import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    train_loop_per_worker({**config, "entered_at": entered_at})
 
 
 def trial_gpus(spec: JobSpec) -> float:

@@ -88,6 +88,20 @@ def test_sdlora_trial_learns_and_checkpoints(finished_trial):
     assert (checkpoint / "engine" / "state").is_dir()
 
 
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before(finished_trial, cache_env):
+    """The finished trial run again: its latest checkpoint's adapter is truncated, so the run says so, restores
+    the checkpoint before it, and trains from there to the same final step."""
+    directory, reference = finished_trial
+    latest = Path(reference["checkpoint"])
+    weights = latest / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rerun = sdtune_train(directory / "job.yaml", cache_env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert f"checkpoint {latest} cannot be restored" in rerun.stdout + rerun.stderr
+    assert "adapter_model.safetensors: unreadable" in rerun.stdout + rerun.stderr
+    assert int(printed(rerun.stdout)["step"]) == 3 * STEPS_PER_EPOCH
+
+
 def test_a_killed_worker_resumes_its_trial_by_itself(finished_trial, tmp_path, cache_env):
     """SIGKILL of a worker after the first epoch's checkpoint (as an out-of-memory kill would take it): Ray Train
     restarts the worker group from that checkpoint (training.max_failures) and the trial ends as the
