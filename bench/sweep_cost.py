@@ -38,7 +38,7 @@ def main() -> None:
     }
     if startups:
         print(f"\nstart-up per trial: mean {summary['startup_s']['mean']:.1f} s, max {summary['startup_s']['max']:.1f} s")
-        for part in ("startup_ray", "startup_imports", "startup_setup"):
+        for part in ("startup_ray", "startup_tune", "startup_train", "startup_imports", "startup_setup"):
             values = [t.cost[part] for t in trials if part in t.cost]
             summary[f"{part}_s"] = statistics.mean(values) if values else None
             if values:

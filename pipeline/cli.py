@@ -57,7 +57,19 @@ def start_ray(spec: JobSpec, address: str | None, in_sweep: bool = True) -> None
 
     # Ray's usage reporting would try the network; none is reachable on a closed cluster.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=address, log_to_driver=True)
+    # Ray Train's controller polls its workers every 2 s by default, so a trial's end is noticed up to 2 s late,
+    # with the GPU idle; a poll of a local actor costs next to nothing.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray Train fails a worker group that takes over 60 s to start; each worker imports torch in that window,
+    # which took over a minute on a loaded 2-core machine (a failed quickstart). Slow is not broken.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    if address is None:
+        # One more actor per trial that watches for node preemption, which a single-machine instance cannot see
+        # apart from its own end.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # "local": a Ray instance of this command's own, even where another cluster on this machine left its address
+    # in Ray's bootstrap file (ray.init() would join that one)
+    ray.init(address=address or "local", log_to_driver=True)
     if address is not None:
         resources = ray.cluster_resources()
         try:

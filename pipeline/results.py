@@ -74,7 +74,8 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
     """Where the wall time of one trial run (``started`` to ``ended``, epoch seconds) went, in seconds:
 
     - ``startup``: from the trial's placement to its first training step, warmup excluded: ``startup_ray`` (Tune's
-      trial actor, Ray Train's controller and worker group, up to the worker's training function),
+      trial actor, Ray Train's controller and worker group, up to the worker's training function; of which
+      ``startup_tune``, up to the trial's Tune function, and ``startup_train``, the rest),
       ``startup_imports`` (that function's imports: torch, transformers, DeepSpeed, ...), ``startup_setup``
       (model and data loading, the adapters, the DeepSpeed engine);
     - ``warmup``, ``training``, ``evaluation``, ``checkpointing`` (all but the last report's): as the worker
@@ -99,6 +100,9 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
         "startup_imports": report.get("time/imports", 0.0),
         "startup_setup": report.get("time/setup", 0.0),
     }
+    if "time/driver_start" in report:
+        startup["startup_tune"] = report["time/driver_start"] - started
+        startup["startup_train"] = report["time/worker_start"] - report["time/driver_start"]
     return {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": gpus, **parts, **startup}
 
 

@@ -208,9 +208,10 @@ class PhaseClock:
     """Wall-clock seconds this worker spends per phase (setup, warmup, train, eval, checkpoint), for the sweep's
     GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
 
-    def __init__(self, device: torch.device, entered_at: float) -> None:
+    def __init__(self, device: torch.device, entered_at: float, driver_at: float | None) -> None:
         self.device = device
         self.worker_start = entered_at  # when the worker's training function began, before its imports
+        self.driver_start = driver_at  # when the trial's Tune function began (None outside a sweep)
         self.seconds: dict[str, float] = defaultdict(float)
         self.seconds["imports"] = time.time() - entered_at
         self.mark = time.perf_counter()
@@ -224,7 +225,10 @@ class PhaseClock:
         self.mark = now
 
     def metrics(self) -> dict[str, float]:
-        return {"time/worker_start": self.worker_start, **{f"time/{k}": v for k, v in self.seconds.items()}}
+        starts = {"time/worker_start": self.worker_start}
+        if self.driver_start is not None:
+            starts["time/driver_start"] = self.driver_start
+        return {**starts, **{f"time/{k}": v for k, v in self.seconds.items()}}
 
 
 def train_micro_batch(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
@@ -309,17 +313,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if context.get_world_rank() == 0:
         marker.unlink(missing_ok=True)  # a rerun's own outcome, not an earlier run's
     try:
-        run_trial(config["spec"], config["entered_at"])
+        run_trial(config["spec"], config["entered_at"], config.get("driver_at"))
     except DivergedError as diverged:
         if context.get_world_rank() == 0:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
-def run_trial(spec: JobSpec, entered_at: float) -> None:
+def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    clock = PhaseClock(device, entered_at)
+    clock = PhaseClock(device, entered_at, driver_at)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(spec.training.seed)

@@ -42,15 +42,18 @@ def uses_gpu(spec: JobSpec) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def build_trainer(spec: JobSpec, name: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+def build_trainer(
+    spec: JobSpec, name: str, callbacks: list | None = None, driver_at: float | None = None
+) -> ray.train.torch.TorchTrainer:
     """The Ray Train worker group of one trial: ``resources.num_workers`` DeepSpeed ranks, checkpoints under
-    ``<sweep dir>/<name>``; running it again with the same name resumes from the latest checkpoint."""
+    ``<sweep dir>/<name>``; running it again with the same name resumes from the latest checkpoint. ``driver_at``:
+    when the trial's Tune function began (for the start-up breakdown)."""
     resources = spec.resources
     use_gpu = uses_gpu(spec)
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     return ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "driver_at": driver_at},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -78,9 +81,10 @@ def raise_if_diverged(spec: JobSpec, name: str) -> None:
 
 def trial_driver(config: dict[str, Any], spec: JobSpec) -> None:
     """One Tune trial: the sweep's spec with this trial's sampled values, run as a Ray Train worker group."""
+    driver_at = time.time()
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_spec = spec.with_overrides(config)
     name = f"{TRIAL_PREFIX}{tune.get_context().get_trial_id()}"
-    build_trainer(trial_spec, name=name, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(trial_spec, name=name, callbacks=[TuneReportCallback()], driver_at=driver_at).fit()
     raise_if_diverged(trial_spec, name)

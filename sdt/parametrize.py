@@ -22,6 +22,15 @@ class Adapter(nn.Module):
     """Base of every weight-space adapter: what :func:`adapters` finds, saves and checks for gradients."""
 
 
+def low_rank_factors(weight: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's (A, B) for ``weight`` (out, in), fp32, as PEFT initialises them: A kaiming-uniform, B zero."""
+    out_features, in_features = weight.shape
+    lora_a = torch.empty(rank, in_features, dtype=torch.float32)
+    nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+    lora_b = torch.zeros(out_features, rank, dtype=torch.float32, device=weight.device)
+    return nn.Parameter(lora_a.to(weight.device)), nn.Parameter(lora_b)
+
+
 class LowRankDelta(Adapter):
     """LoRA in weight space: W0 + scaling · B @ A, with A kaiming-uniform and B zero (PEFT's init).
 
@@ -30,11 +39,7 @@ class LowRankDelta(Adapter):
 
     def __init__(self, weight: torch.Tensor, rank: int, scaling: float, generator: torch.Generator) -> None:
         super().__init__()
-        out_features, in_features = weight.shape
-        lora_a = torch.empty(rank, in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(lora_a.to(weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=weight.device))
+        self.lora_A, self.lora_B = low_rank_factors(weight, rank, generator)
         self.scaling = scaling
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

@@ -119,14 +119,19 @@ def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: 
         f"\n{context}: loss fused {loss:.5f}, transformers {loss_hf:.5f}, fp32 {loss32:.5f}; worst gradient {worst}: "
         "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e}); {}".format(*errors[worst], line)
     )
-    # The loss as the gradients: close to transformers' bf16 path, or no further from the exact (fp32) function
-    # than transformers' path is (seen on the H200: a random 130m model at loss ~14.7 where the two bf16 paths
-    # landed 0.115 apart, the fused path 0.043 and transformers' 0.072 from fp32).
-    assert abs(loss - loss_hf) <= 2e-3 * abs(loss_hf) or abs(loss - loss32) <= 1.25 * abs(loss_hf - loss32), context
+    # Close to transformers' bf16 path, or not much further from the exact (fp32) function than transformers'
+    # path is. Random deep models sit at a loss of ~14.7, where bf16 rounding alone moves either path by up to a
+    # third of a gradient's norm, one batch more for one path and the next for the other (H200, across runs: the
+    # loss 0.043 against transformers' 0.072 from fp32, then 0.105 against 0.022; in_proj's lora_A 0.337 against
+    # 0.244). An adapter the kernels miss is off by the whole gradient, several times these.
+    loss_ok = abs(loss - loss_hf) <= 2e-3 * abs(loss_hf) or abs(loss - loss32) <= max(
+        1.25 * abs(loss_hf - loss32), 1e-2 * abs(loss32)
+    )
+    assert loss_ok, context
     bad = {
         name: "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e})".format(*e)
         for name, e in errors.items()
-        if e[0] > BF16_TOLERANCE and e[1] > 1.25 * e[2]
+        if e[0] > BF16_TOLERANCE and e[1] > 2 * e[2]
     }
     assert not bad, f"{context}: gradients off: {bad}"
 

@@ -156,3 +156,23 @@ def test_another_spec_under_the_same_name_is_refused_and_changes_nothing(sweep, 
     again = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(sweep_dir)], env=env,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_sweep_that_fails_after_validation_says_so_in_one_line(tmp_path, env):
+    """Every trial diverges, so nothing can be exported: exit 1, one line (the traceback goes to the sweep
+    directory), and the MLflow parent run ends FAILED."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        **JOB, "name": "all-diverge", "output_dir": str(tmp_path / "runs"), "method": {"name": "full"},
+        "training": {**JOB["training"], "epochs": 1, "lr": DIVERGING}, "search": {"space": {}},
+    }))  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", str(job)], env=env, capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sweep failed: NoUsableTrialError: ") and "driver-error.log" in last
+    sweep_dir = tmp_path / "runs" / "all-diverge"
+    assert "NoUsableTrialError" in (sweep_dir / "driver-error.log").read_text()
+    spec = load_job(sweep_dir / "job.yaml")
+    assert MlflowClient(tracking_uri(spec)).get_run(SweepTracker(spec).find_sweep()).info.status == "FAILED"
+    assert not (sweep_dir / "export").exists()

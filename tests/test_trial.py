@@ -26,7 +26,9 @@ JOB = {
     "model": {"builtin": "digits"},
     "data": {"task": "digits", "max_train_samples": 480, "max_eval_samples": 120},
     "method": {"name": "sdlora", "channels_frozen": 0.9, "warmup_steps": 10},
-    "training": {"epochs": 3, "batch_size": 8, "lr": 2e-2, "zero_stage": 2, "eval_batch_size": 32},
+    # an evaluation every half epoch, so one falls on each epoch's last step (once reported twice, the second with
+    # no training loss): the epoch's report is the only one there
+    "training": {"epochs": 3, "batch_size": 8, "lr": 2e-2, "zero_stage": 2, "eval_batch_size": 32, "eval_every_steps": 15},
     "resources": {"num_workers": 2, "cpus_per_worker": 1},
 }
 STEPS_PER_EPOCH = 480 // (8 * 2)
@@ -66,7 +68,8 @@ def finished_trial(tmp_path_factory, cache_env):
 
 def test_sdlora_trial_learns_and_checkpoints(finished_trial):
     directory, metrics = finished_trial
-    assert int(metrics["step"]) == 3 * STEPS_PER_EPOCH
+    assert int(metrics["step"]) == 3 * STEPS_PER_EPOCH and int(metrics["epoch"]) == 3
+    assert float(metrics["train/loss"]) > 0 and float(metrics["tokens_per_s"]) > 0  # a report with training in it
     assert float(metrics["warmup/steps"]) == 10
     checkpoint = Path(metrics["checkpoint"])
     assert checkpoint.is_dir()

@@ -8,23 +8,17 @@ effective weight is formed once per step anyway.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ..parametrize import Adapter
+from ..parametrize import Adapter, low_rank_factors
 from . import LoraVariant, register_variant
 
 
 class WeightDecomposedDelta(Adapter):
     def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> None:
         super().__init__()
-        out_features, in_features = weight.shape
-        lora_a = torch.empty(rank, in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(lora_a.to(weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=weight.device))
+        self.lora_A, self.lora_B = low_rank_factors(weight, rank, generator)
         self.magnitude = nn.Parameter(weight.detach().float().norm(dim=1))
         self.scaling = alpha / rank
 
