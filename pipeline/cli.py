@@ -112,9 +112,13 @@ def train(job: Path, overrides: SetOption = None, address: AddressOption = None)
     spec = load_or_exit(job, overrides, address, in_sweep=False)
     prepare_builtin_base(spec)
     start_ray(spec, address, in_sweep=False)
+    from pipeline.claims import end_coordinator
     from pipeline.trial import TrialDiverged, build_trainer, raise_if_diverged
 
-    result = build_trainer(spec, name="train").fit()
+    try:
+        result = build_trainer(spec, name="train").fit()
+    finally:
+        end_coordinator(spec.sweep_dir)  # its warmup claim (pipeline.claims)
     try:
         raise_if_diverged(spec, "train")
     except TrialDiverged as diverged:

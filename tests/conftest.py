@@ -117,3 +117,19 @@ def clean_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     yield cwd
     assert not list(cwd.iterdir()), "nothing (./mlruns) may appear in the working directory"
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A local two-node Ray cluster (one CPU each)."""
+    from ray._common.utils import reset_ray_address
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # Cluster records itself as this machine's current Ray cluster, which a `ray.init()` without an address (another
+    # test's sweep on this machine) would join and fill. The tests give its address.
+    reset_ray_address()
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
