@@ -25,14 +25,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from pipeline.storage import content_hash
+from pipeline.storage import StoragePath, content_hash
 
 NAMESPACE = "sdtune"
 LEASE_S = 60.0  # a holder that renews nothing for this long has lost its claim
@@ -102,11 +101,11 @@ class ClaimCoordinator:
         return True
 
 
-def coordinator_name(sweep_dir: Path) -> str:
+def coordinator_name(sweep_dir: StoragePath) -> str:
     return f"claims-{content_hash(str(sweep_dir))}"
 
 
-def sweep_coordinator(sweep_dir: Path) -> ActorHandle:
+def sweep_coordinator(sweep_dir: StoragePath) -> ActorHandle:
     """The claim coordinator of the sweep in ``sweep_dir``, created if it is not running."""
     return (
         ray.remote(ClaimCoordinator)
@@ -127,7 +126,7 @@ def sweep_coordinator(sweep_dir: Path) -> ActorHandle:
     )
 
 
-def end_coordinator(sweep_dir: Path) -> None:
+def end_coordinator(sweep_dir: StoragePath) -> None:
     """Stop the sweep's claim coordinator, if one runs (the sweep's driver does, when the sweep ends)."""
     try:
         ray.kill(ray.get_actor(coordinator_name(sweep_dir), namespace=NAMESPACE))
@@ -169,7 +168,7 @@ def current_actor() -> ActorHandle | None:
 
 
 @contextmanager
-def claimed(sweep_dir: Path, key: str, holder: str, done: Callable[[], bool]) -> Iterator[Lease | None]:
+def claimed(sweep_dir: StoragePath, key: str, holder: str, done: Callable[[], bool]) -> Iterator[Lease | None]:
     """Wait until ``done()`` (yield None: load the result) or until this process is granted ``key`` (yield its
     :class:`Lease`: check ``done()`` again, compute, publish if :meth:`Lease.held`); the claim ends with the block."""
     coordinator = sweep_coordinator(sweep_dir)

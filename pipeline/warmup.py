@@ -4,13 +4,13 @@ A warmup's result (the dense per-layer updates that SDT ranks) depends on the ba
 batch, the warmup length, its learning rate and schedule, the world size, the LoRA that trains beside it, and the
 compute dtype; it does not depend on the channel / state ratios, which act only in the selection afterwards. So
 trials that differ only in ratios (or in the training-phase lr) share one warmup: :func:`warmup_key` lists those
-inputs, its hash names ``<sweep dir>/warmup/<hash>/`` (``updates.safetensors`` + ``warmup.json``, published
-atomically: temp dir, then rename), and
+inputs, its hash names ``<sweep dir>/warmup/<hash>/`` (``updates.safetensors``, then ``warmup.json``, the marker of
+a published warmup), in the sweep's storage, local or object storage (:mod:`pipeline.storage`), and
 
 - a trial that finds it published loads it;
 - otherwise it asks the sweep's claim coordinator, a Ray actor (:mod:`pipeline.claims`): the one granted the key
   computes the warmup and publishes it; the others wait and then load it. A trial that dies while computing
-  loses its claim, and the next one computes it.
+  loses its claim, and the next one computes it. No shared filesystem is needed.
 
 Only rank 0 of a trial touches the store and the coordinator, and it broadcasts the updates to the other ranks.
 """
@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
-import sdt
 from pipeline import __version__
 from pipeline.claims import Lease, claimed
 from pipeline.config import JobSpec
-from pipeline.storage import content_hash
+from pipeline.storage import StoragePath, content_hash, write_directory
 
 WARMUP_DIR = "warmup"
 UPDATES_FILE = "updates.safetensors"
@@ -71,13 +70,13 @@ def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.d
 
 
 class WarmupStore:
-    """Published warmups under ``<sweep dir>/warmup``, one folder per key hash."""
+    """Published warmups under ``<sweep dir>/warmup``, one folder per key hash, in the sweep's storage."""
 
-    def __init__(self, sweep_dir: Path):
-        self.sweep_dir = Path(sweep_dir)
-        self.root = self.sweep_dir / WARMUP_DIR
+    def __init__(self, sweep_dir: StoragePath):
+        self.sweep_dir = sweep_dir
+        self.root = sweep_dir / WARMUP_DIR
 
-    def entry(self, digest: str) -> Path:
+    def entry(self, digest: str) -> StoragePath:
         return self.root / digest
 
     def published(self, digest: str) -> bool:
@@ -94,19 +93,19 @@ class WarmupStore:
             return None
         info = json.loads((entry / INFO_FILE).read_text())
         updates: Updates = {}
-        for name, tensor in load_file(str(entry / UPDATES_FILE)).items():
+        for name, tensor in load((entry / UPDATES_FILE).read_bytes()).items():
             prefix, key = name.rsplit("/", 1)
             updates.setdefault(prefix, {})[key] = tensor
         return updates, info
 
-    def publish(self, digest: str, updates: Updates, info: dict[str, Any]) -> Path:
+    def publish(self, digest: str, updates: Updates, info: dict[str, Any]) -> StoragePath:
         tensors = {f"{prefix}/{key}": t.contiguous() for prefix, by_key in updates.items() for key, t in by_key.items()}
 
         def write(folder: Path) -> None:
             save_file(tensors, str(folder / UPDATES_FILE))
             (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
-        return sdt.write_atomically(self.entry(digest), write)
+        return write_directory(self.entry(digest), write, marker=INFO_FILE)
 
 
 def on_cpu(updates: Updates) -> Updates:

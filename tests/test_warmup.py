@@ -1,12 +1,13 @@
-"""The shared-warmup key and store, without Ray: what the key covers, and that a warmup is published whole.
-Sharing it between trials through Ray: tests/test_warmup_sharing.py."""
+"""The shared-warmup key and store, without Ray: what the key covers, and that a warmup is published whole (its
+marker last) on local disk and in object storage. Sharing it between trials through Ray: tests/test_warmup_sharing.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.config import parse_job
-from pipeline.storage import content_hash
+from pipeline.storage import content_hash, storage_path
 from pipeline.warmup import UPDATES_FILE, WarmupStore, warmup_key
 
 BASE = {
@@ -47,11 +48,13 @@ def test_the_key_covers_what_shapes_the_warmup():
     assert same not in changed and len(set(changed)) == len(changed)
 
 
-def test_a_warmup_is_published_whole_and_loaded_bit_exact(tmp_path):
-    store = WarmupStore(tmp_path)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_warmup_is_published_whole_and_loaded_bit_exact(where, tmp_path, request):
+    sweep_dir = tmp_path if where == "local" else storage_path(request.getfixturevalue("s3_bucket")) / "warmup-store"
+    store = WarmupStore(sweep_dir)
     digest = content_hash(warmup_key(parse_job(BASE), 100, 1, CPU))
     updates = {"backbone.layers.0.mixer": {"A_log": torch.randn(8, 4), "x_proj": torch.randn(3, 8)}}
-    # the updates alone, without the marker: not a published warmup
+    # the updates alone, as an upload cut short before its marker leaves them: not a published warmup
     store.entry(digest).mkdir(parents=True)
     (store.entry(digest) / UPDATES_FILE).write_bytes(b"partial")
     assert not store.published(digest) and store.load(digest) is None

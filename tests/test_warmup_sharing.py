@@ -1,7 +1,8 @@
-"""Warmup sharing through Ray (pipeline.claims) on a local two-node Ray cluster (`ray.cluster_utils.Cluster`). While
-one trial computes a warmup the other waits; when the first dies (its actor killed on the other node) the waiting one
-computes it, and a later one loads it, bit for bit, without computing. A hung holder loses its claim when its lease
-runs out, and its late renewal is refused."""
+"""Warmup sharing through Ray (pipeline.claims) on a local two-node Ray cluster (`ray.cluster_utils.Cluster`) with no
+shared directory: the warmups are stored in a bucket on a real S3 server (moto on 127.0.0.1). While one trial
+computes a warmup the other waits; when the first dies (its actor killed on the other node) the waiting one computes
+it, and a later one loads it, bit for bit, without computing. A hung holder loses its claim when its lease runs out,
+and its late renewal is refused. A whole sweep that shares its warmup there: tests/test_object_storage.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.claims import NAMESPACE, ClaimCoordinator, coordinator_name, end_coordinator
-from pipeline.storage import content_hash
+from pipeline.storage import content_hash, storage_path
 from pipeline.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, shared_warmup
 from processes import wait_for
 
@@ -55,10 +56,10 @@ def driver(two_nodes):
     ray.shutdown()
 
 
-def test_a_trial_that_dies_while_computing_releases_its_warmup_to_the_next(driver, tmp_path):
+def test_a_trial_that_dies_while_computing_releases_its_warmup_to_the_next(driver, s3_bucket):
     head, [worker] = driver.head_node.node_id, [node.node_id for node in driver.worker_nodes]
     on = lambda node: TrialRank0.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))  # noqa: E731
-    sweep_dir = tmp_path / "claims"
+    sweep_dir = storage_path(s3_bucket) / "claims"
     key = {"warmup": "of the dying trial"}
     digest = content_hash(key)
     computations = Computations.remote()
