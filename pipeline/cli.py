@@ -1,8 +1,10 @@
 """The ``sdtune`` command.
 
-Exit codes: 0 done; 1 the run failed (one line says why; the traceback is in the sweep directory's
-``driver-error.log``); 2 bad input or a busy sweep directory, with nothing started or written; 130 interrupted
-(Ctrl+C / SIGTERM): nothing exported, ``sdtune resume`` continues.
+Exit codes: 0 done; 1 the run failed (one line says why; the traceback is in ``driver-error.log``, in the sweep
+directory, or in its local state directory for a sweep in object storage); 2 bad input or a busy sweep directory,
+with nothing started or written; 130 interrupted (Ctrl+C / SIGTERM): nothing exported, ``sdtune resume`` continues.
+
+``RUN_DIR`` (and ``export --out``) may be a local directory or an object-store URI, as ``output_dir`` may.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import typer
 from pipeline import __version__
 from pipeline.config import JobSpec, JobSpecError
 from pipeline.results import JOB_FILE, sweep_spec
-from pipeline.storage import DirectoryBusy, claim_directory
+from pipeline.storage import DirectoryBusy, StoragePath, claim_directory, local_state_dir, storage_path, write_file
 
 app = typer.Typer(help="Sweep SDT + LoRA fine-tuning of Mamba, Mamba-2 and Jamba models.", no_args_is_help=True)
 
@@ -28,7 +30,7 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a s
 AddressOption = Annotated[
     str | None, typer.Option("--address", envvar="RAY_ADDRESS", help="An existing Ray cluster (default: start one)")
 ]
-ERROR_LOG = "driver-error.log"  # in the sweep directory: the traceback of a failed run
+ERROR_LOG = "driver-error.log"  # in the sweep's local state directory: the traceback of a failed run
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
@@ -88,7 +90,7 @@ def prepare_builtin_base(spec: JobSpec) -> None:
 
 
 @contextmanager
-def owning(sweep_dir: Path) -> Iterator[None]:
+def owning(sweep_dir: StoragePath) -> Iterator[None]:
     """This command is the one working on ``sweep_dir``: a second sweep, resume or export of it exits 2."""
     try:
         with claim_directory(sweep_dir):
@@ -124,9 +126,13 @@ def train(job: Path, overrides: SetOption = None, address: AddressOption = None)
     spec = load_or_exit(job, overrides, address, in_sweep=False)
     prepare_builtin_base(spec)
     start_ray(spec, address, in_sweep=False)
+    from pipeline.claims import end_coordinator
     from pipeline.trial import TrialDiverged, build_trainer, raise_if_diverged
 
-    result = build_trainer(spec, name="train").fit()
+    try:
+        result = build_trainer(spec, name="train").fit()
+    finally:
+        end_coordinator(spec.sweep_dir)  # its warmup claim (pipeline.claims)
     try:
         raise_if_diverged(spec, "train")
     except TrialDiverged as diverged:
@@ -155,7 +161,7 @@ def sweep(job: Path, overrides: SetOption = None, address: AddressOption = None)
                 )
             typer.echo(f"{spec.sweep_dir}: this sweep exists with the same spec; resuming it")
         else:
-            _write_new(job_file, spec.to_yaml())
+            write_file(job_file, spec.to_yaml())
         run_and_finish(spec, address)
 
 
@@ -168,14 +174,8 @@ def _differences(before: object, after: object, prefix: str = "") -> Iterator[st
         yield prefix
 
 
-def _write_new(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
 @app.command()
-def resume(run_dir: Path, address: AddressOption = None) -> None:
+def resume(run_dir: str, address: AddressOption = None) -> None:
     """Continue an interrupted sweep (finished trials are not run again), then export and report."""
     spec = spec_of_run(run_dir)
     with owning(spec.sweep_dir):
@@ -184,8 +184,8 @@ def resume(run_dir: Path, address: AddressOption = None) -> None:
 
 @app.command()
 def export(
-    run_dir: Path,
-    out: Annotated[Path | None, typer.Option(help="Default: the spec's export.dir, else RUN_DIR/export")] = None,
+    run_dir: str,
+    out: Annotated[str | None, typer.Option(help="Default: the spec's export.dir, else RUN_DIR/export")] = None,
     merge: Annotated[
         bool | None, typer.Option("--merge/--no-merge", help="Also write merged/ (default: the spec's export.merge)")
     ] = None,
@@ -204,7 +204,7 @@ def export(
 
 
 @app.command()
-def report(run_dir: Path) -> None:
+def report(run_dir: str) -> None:
     """Plot the metric against each searched hyperparameter and tabulate the best arm against the baselines."""
     spec = spec_of_run(run_dir)
     from pipeline.report import write_report
@@ -216,7 +216,7 @@ def report(run_dir: Path) -> None:
 
 @app.command()
 def ui(
-    run_dir: Annotated[Path | None, typer.Argument(help="A sweep directory; default: $MLFLOW_TRACKING_URI")] = None,
+    run_dir: Annotated[str | None, typer.Argument(help="A sweep directory; default: $MLFLOW_TRACKING_URI")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the runs")] = "127.0.0.1",
     port: int = 5000,
 ) -> None:
@@ -226,7 +226,7 @@ def ui(
     if run_dir is not None:
         spec = spec_of_run(run_dir)
         store = ["--backend-store-uri", tracking_uri(spec)]
-        store += ["--default-artifact-root", (spec.sweep_dir.resolve() / ARTIFACTS_DIR).as_uri()]
+        store += ["--default-artifact-root", (local_state_dir(spec.sweep_dir.resolve()) / ARTIFACTS_DIR).as_uri()]
     elif os.environ.get("MLFLOW_TRACKING_URI"):
         store = ["--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"]]
     else:
@@ -236,9 +236,13 @@ def ui(
     os.execv(sys.executable, command)
 
 
-def spec_of_run(run_dir: Path) -> JobSpec:
+def spec_of_run(run_dir: str) -> JobSpec:
     """The spec a sweep was started with (``RUN_DIR/job.yaml``); no such sweep: exit 2."""
-    if not (run_dir / JOB_FILE).is_file():
+    try:
+        found = (storage_path(run_dir) / JOB_FILE).is_file()
+    except (OSError, ValueError) as error:  # object storage that does not answer, a URI that pyarrow cannot open
+        raise fail(f"{run_dir}: cannot read it ({' '.join(str(error).split())[:300]})") from None
+    if not found:
         raise fail(f"{run_dir}: not a sweep directory (no job.yaml); run `sdtune sweep JOB.yaml` first, or give runs/<job name>")
     try:
         return sweep_spec(run_dir)
@@ -278,7 +282,7 @@ def run_and_finish(spec: JobSpec, address: str | None) -> None:
         tracker.finish_sweep("FAILED")
         raise fail(str(refused)) from None
     except Exception as error:
-        log = spec.sweep_dir / ERROR_LOG
+        log = local_state_dir(spec.sweep_dir) / ERROR_LOG
         log.write_text(traceback.format_exc())
         tracker.finish_sweep("FAILED")
         raise fail(f"sweep failed: {type(error).__name__}: {' '.join(str(error).split())[:500]} (traceback: {log})", 1) from None

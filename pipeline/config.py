@@ -36,6 +36,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 import sdt
 from pipeline import spec_yaml
+from pipeline.storage import StoragePath, secret_options, storage_path
 from sdt import SDTConfig, SDTConfigError
 
 DATA_SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -389,7 +390,9 @@ class JobSpec(_Spec):
     """One sweep: a model, data, a fine-tuning method and how to search its hyperparameters."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)  # a directory and an MLflow experiment name
-    output_dir: str = "runs"  # the sweep lives in <output_dir>/<name>
+    # The sweep lives in <output_dir>/<name>: a local directory, or object storage (s3://bucket/prefix?options,
+    # any URI pyarrow.fs opens; credentials from the environment), see pipeline.storage.
+    output_dir: str = "runs"
     model: ModelSpec
     data: DataSpec = DataSpec()
     method: MethodSpec = MethodSpec()
@@ -400,8 +403,8 @@ class JobSpec(_Spec):
     export: ExportSpec = ExportSpec()
 
     @property
-    def sweep_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    def sweep_dir(self) -> StoragePath:
+        return storage_path(self.output_dir) / self.name
 
     def with_absolute_paths(self) -> JobSpec:
         """A copy whose relative paths (output_dir, data files, a local model) are resolved against the current
@@ -412,7 +415,8 @@ class JobSpec(_Spec):
         model = self.model
         if model.name_or_path and Path(model.name_or_path).exists():
             model = model.model_copy(update={"name_or_path": str(Path(model.name_or_path).resolve())})
-        return self.model_copy(update={"output_dir": str(Path(self.output_dir).resolve()), "data": data, "model": model})
+        output_dir = str(storage_path(self.output_dir).resolve())
+        return self.model_copy(update={"output_dir": output_dir, "data": data, "model": model})
 
     def with_overrides(self, values: Mapping[str, Any]) -> JobSpec:
         """A validated copy with each dotted path in ``values`` set: a trial's spec from its sampled values. The
@@ -433,6 +437,16 @@ class JobSpec(_Spec):
         if set(name) == {"."}:
             raise ValueError(f"{name!r} would put the sweep outside output_dir")
         return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _no_credentials(cls, output_dir: str) -> str:
+        if secrets := secret_options(output_dir):
+            raise ValueError(
+                f"the URI carries credentials ({', '.join(secrets)}), which would be written into job.yaml, Ray's "
+                "state and MLflow; give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
+            )
+        return output_dir
 
 
     @model_validator(mode="after")
@@ -507,15 +521,17 @@ def parse_job(data: Mapping[str, Any], source: str = "<spec>", trial: bool = Fal
         raise JobSpecError(where or "spec", reason, source) from error
 
 
-def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+def load_job(path: str | StoragePath, overrides: Sequence[str] = ()) -> JobSpec:
     """Reads a YAML job spec and applies ``overrides`` (``"training.lr=1e-4"``; values are parsed as YAML)."""
     source = str(path)
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = storage_path(path).read_bytes().decode("utf-8")
     except OSError as error:
-        raise JobSpecError(source, f"cannot read the job spec: {error.strerror}", source) from error
+        raise JobSpecError(source, f"cannot read the job spec: {error.strerror or error}", source) from error
     except UnicodeDecodeError as error:
         raise JobSpecError(source, f"not a UTF-8 text file (byte {error.start}): a job spec is YAML", source) from None
+    except ValueError as error:  # a URI that pyarrow cannot open
+        raise JobSpecError(source, f"cannot read the job spec: {error}", source) from None
     try:
         data = spec_yaml.load(text)
     except spec_yaml.SpecYAMLError as error:

@@ -13,9 +13,10 @@ The directory (``export.dir``, default ``<sweep dir>/export``) holds:
 - with merge, ``merged/``: the adapter baked into the base weights, with the tokenizer, for plain
   ``AutoModelForCausalLM.from_pretrained``.
 
-Everything, registration included, happens in a staging directory that is renamed into place
-(:func:`sdt.write_atomically`): a failure anywhere leaves the previous export, and the champion it registered, as
-they were.
+Everything, registration included, happens in a staging directory that then replaces the export whole
+(:func:`pipeline.storage.write_directory`: renamed into place locally, so a failure anywhere leaves the previous
+export, and the champion it registered, as they were; uploaded with ``trial.json`` last in object storage, where a
+failure midway leaves no export rather than a mix of two).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipeline import __version__
 from pipeline.config import JobSpec
 from pipeline.models import load_base_model
 from pipeline.results import ADAPTER_DIR, JOB_FILE, TrialOutcome, best_trial, is_metric
+from pipeline.storage import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
 from pipeline.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
@@ -51,19 +53,19 @@ class ExportRefused(RuntimeError):
     """The export target is a directory that sdtune did not write: it is never replaced."""
 
 
-def export_path(spec: JobSpec) -> Path:
-    """``export.dir``, else ``<sweep dir>/export``."""
-    return Path(spec.export.dir) if spec.export.dir else spec.sweep_dir / EXPORT_DIR
+def export_path(spec: JobSpec) -> StoragePath:
+    """``export.dir``, else ``<sweep dir>/export`` (either may be in object storage)."""
+    return storage_path(spec.export.dir) if spec.export.dir else spec.sweep_dir / EXPORT_DIR
 
 
 def export_trials(
     spec: JobSpec,
     trials: list[TrialOutcome],
     tracker: SweepTracker,
-    out: Path | None = None,
+    out: str | StoragePath | None = None,
     merge: bool | None = None,
     log: Callable[[str], Any] = print,
-) -> Path:
+) -> StoragePath:
     """Write the export directory of the best of ``trials`` to ``out`` (default :func:`export_path`), with
     ``merged/`` when ``merge`` (default ``export.merge``), registered when ``export.register_model``.
 
@@ -73,13 +75,13 @@ def export_trials(
     """
     trial = best_trial(spec, trials)
     winner = trial.spec
-    out = Path(out) if out is not None else export_path(spec)
+    out = storage_path(out) if out is not None else export_path(spec)
     merge = spec.export.merge if merge is None else merge
     if out.exists():
         previous = out / TRIAL_FILE
-        if not previous.is_file():
+        if not is_written_by_sdtune(out, TRIAL_FILE):
             raise ExportRefused(f"{out} exists and is not an sdtune export: choose another --out / export.dir")
-        earlier = json.loads(previous.read_text())
+        earlier = json.loads(previous.read_text()) if previous.is_file() else {}  # none: an upload cut short
         same = (earlier.get("trial_id"), earlier.get("checkpoint")) == (trial.trial_id, str(trial.checkpoint))
         if same and (out / MERGED_DIR).is_dir() == merge:
             log(f"best trial {trial.trial_id}: {spec.search.metric} = {trial.score(spec.search.metric):.6g}; "
@@ -90,7 +92,8 @@ def export_trials(
     # fp32 on CPU whatever the trial trained in: merged weights must not lose digits to a bf16 round trip.
     base_spec = winner.model.model_copy(update={"dtype": "float32"})
     model, tokenizer = load_base_model(base_spec, "cpu", log=logger.info)
-    tuner = sdt.load(model, trial.checkpoint / ADAPTER_DIR)
+    with local_copy(trial.checkpoint / ADAPTER_DIR) as adapter:
+        tuner = sdt.load(model, adapter)
 
     def write(staging: Path) -> None:
         adapter_config = write_adapter(staging, tuner, winner)
@@ -102,7 +105,7 @@ def export_trials(
         if spec.export.register_model:
             register_staged_export(spec, tracker, staging, record)
 
-    sdt.write_atomically(out, write)
+    write_directory(out, write, marker=TRIAL_FILE)
     registered = record["mlflow"]["registered_model"]
     log(f"best trial {trial.trial_id}: {spec.search.metric} = {record['value']:.6g} ({spec.search.mode})")
     if registered:
@@ -195,7 +198,7 @@ def save_merged(tuner: sdt.Tuner, tokenizer: PreTrainedTokenizerBase, directory:
 
 
 def model_card(
-    spec: JobSpec, record: Mapping[str, Any], adapter_config: Mapping[str, Any], out: Path, merged: bool
+    spec: JobSpec, record: Mapping[str, Any], adapter_config: Mapping[str, Any], out: StoragePath, merged: bool
 ) -> str:
     """``README.md``: what the adapter is, how well it did, and how to load it."""
     base = adapter_config["base_model"]

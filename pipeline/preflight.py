@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import sdt
 from pipeline.config import DATA_FILE_FORMATS, JobSpec, JobSpecError, load_job, method_field
+from pipeline.storage import ObjectPath, check_reachable, storage_path
 from pipeline.tasks import CLASSIFICATION_METRICS, GENERATION_METRICS
 
 HUB_TIMEOUT_S = 5
@@ -51,10 +52,17 @@ def check(spec: JobSpec) -> None:
 
 
 def check_paths(spec: JobSpec) -> None:
-    output = Path(spec.output_dir)
-    if output.exists() and not output.is_dir():
+    output = storage_path(spec.output_dir)
+    try:
+        if isinstance(output, ObjectPath):
+            check_reachable(output)
+        output_is_file = output.exists() and not output.is_dir()
+        sweep_dir_is_file = spec.sweep_dir.exists() and not spec.sweep_dir.is_dir()
+    except (OSError, ValueError) as error:  # object storage: no answer, no bucket, refused credentials, a bad URI
+        raise JobSpecError("output_dir", f"cannot use {output}: {' '.join(str(error).split())[:300]}") from None
+    if output_is_file:
         raise JobSpecError("output_dir", f"{output} is a file, not a directory")
-    if spec.sweep_dir.exists() and not spec.sweep_dir.is_dir():
+    if sweep_dir_is_file:
         raise JobSpecError("name", f"{spec.sweep_dir} is a file, not a sweep directory")
     for split, path in (spec.data.data_files or {}).items():
         if not Path(path).is_file():

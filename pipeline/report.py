@@ -28,9 +28,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import sdt
 from pipeline.config import Domain, JobSpec
 from pipeline.results import COST_PARTS, TUNE_ERROR, TUNE_TERMINATED, NoUsableTrialError, TrialOutcome
+from pipeline.storage import StoragePath, local_copy, storage_path, write_directory
 from pipeline.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
@@ -458,13 +458,13 @@ def write_report(
     spec: JobSpec,
     trials: list[TrialOutcome],
     tracker: SweepTracker,
-    out: Path | None = None,
+    out: str | StoragePath | None = None,
     log: Callable[[str], Any] = print,
-) -> Path:
+) -> StoragePath:
     """Writes the report of the sweep's ``trials`` to ``out`` (``<sweep dir>/report`` by default, replaced whole),
     logs it to the sweep's MLflow parent run when there is one, and returns the folder. Raises
     :class:`NoUsableTrialError` when no trial finished with a finite metric."""
-    out = spec.sweep_dir.resolve() / REPORT_DIR if out is None else Path(out)
+    out = spec.sweep_dir.resolve() / REPORT_DIR if out is None else storage_path(out)
     rows = arm_summaries(spec, trials)
     table, verdict, cost = summary_table(spec, rows), sdlora_verdict(spec, rows), cost_table(trials)
 
@@ -475,10 +475,11 @@ def write_report(
         write_csv(spec, rows, folder / SUMMARY_CSV)
         write_trials_csv(spec, trials, folder / TRIALS_CSV)
 
-    sdt.write_atomically(out, write)
+    write_directory(out, write, marker=SUMMARY_MD)
     log(f"report written to {out}")
     log(f"{table}\n\n{verdict}\n\nWhere the GPU time went:\n{cost}")
-    log_to_parent_run(spec, tracker, out, cost_totals(trials), log)
+    with local_copy(out) as folder:
+        log_to_parent_run(spec, tracker, folder, cost_totals(trials), log)
     return out
 
 

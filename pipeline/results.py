@@ -12,11 +12,10 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobSpec, load_job
-from pipeline.storage import local_path
+from pipeline.storage import StoragePath, reported_path, storage_path
 
 TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
 JOB_FILE = "job.yaml"  # the resolved spec, under the sweep dir
@@ -54,9 +53,9 @@ class TrialOutcome:
     error: str | None = None  # why it failed, in one line (ERROR only)
 
     @property
-    def checkpoint(self) -> Path | None:
+    def checkpoint(self) -> StoragePath | None:
         path = self.metrics.get(CHECKPOINT_KEY)
-        return local_path(path) if path else None
+        return reported_path(self.spec.sweep_dir, path) if path else None
 
     def score(self, metric: str) -> float | None:
         """The trial's value of ``metric``, or None when it failed, never reported it, or reported a non-number."""
@@ -66,7 +65,7 @@ class TrialOutcome:
         return float(value) if math.isfinite(value) else None
 
 
-def trial_dir(spec: JobSpec, trial_id: str) -> Path:
+def trial_dir(spec: JobSpec, trial_id: str) -> StoragePath:
     return spec.sweep_dir.resolve() / f"{TRIAL_PREFIX}{trial_id}"
 
 
@@ -125,13 +124,13 @@ def error_line(error: BaseException | str | None) -> str:
     return (lines[-1] if lines else "unknown error")[:500]
 
 
-def sweep_spec(run_dir: str | Path) -> JobSpec:
+def sweep_spec(run_dir: str | StoragePath) -> JobSpec:
     """The spec a sweep was started with, from ``<run dir>/job.yaml`` (the resolved spec ``sdtune sweep`` wrote)."""
-    return load_job(Path(run_dir) / JOB_FILE)
+    return load_job(storage_path(run_dir) / JOB_FILE)
 
 
 def load_trials(spec: JobSpec) -> list[TrialOutcome]:
-    """Every trial recorded in ``<sweep dir>/tune``, read back from disk."""
+    """Every trial recorded in ``<sweep dir>/tune``, read back from the sweep's storage."""
     from ray.tune import ExperimentAnalysis
 
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR

@@ -23,7 +23,7 @@ from pipeline.results import (
     trial_cost,
     trial_dir,
 )
-from pipeline.storage import local_path
+from pipeline.storage import StoragePath, local_copy, reported_path
 from pipeline.tracking import ERROR_TAG, SweepTracker
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class TrialLedger(Callback):
 
     _ended: dict[str, Ledger] = {}
 
-    def __init__(self, sweep_dir: Path):
+    def __init__(self, sweep_dir: StoragePath):
         self.sweep_dir = str(sweep_dir)
         self._started: set[str] = set()
         self._ended_trials: set[str] = set()
@@ -118,7 +118,7 @@ class TrialLedger(Callback):
         )
 
     @classmethod
-    def take(cls, sweep_dir: Path) -> Ledger:
+    def take(cls, sweep_dir: StoragePath) -> Ledger:
         """The record of the sweep in ``sweep_dir`` that ended in this process."""
         return cls._ended.pop(str(sweep_dir))
 
@@ -172,7 +172,8 @@ class MLflowSweepCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         adapter = self._adapter_dir(trial)
         if adapter is not None:
-            self._guard(f"artifacts of trial {trial.trial_id}", self.tracker.log_artifacts, trial.trial_id, adapter)
+            with local_copy(adapter) as local:
+                self._guard(f"artifacts of trial {trial.trial_id}", self.tracker.log_artifacts, trial.trial_id, local)
         self._guard(f"finish trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
@@ -188,14 +189,14 @@ class MLflowSweepCallback(Callback):
         if self.finish_sweep:
             self._guard("finish sweep", self.tracker.finish_sweep, "KILLED" if killed else "FINISHED")
 
-    def _adapter_dir(self, trial) -> Path | None:
-        """The ``adapter/`` folder of the trial's latest checkpoint, when that is a local directory."""
+    def _adapter_dir(self, trial) -> StoragePath | None:
+        """The ``adapter/`` folder of the trial's latest checkpoint, in the sweep's storage."""
         candidates = [self._checkpoints.get(trial.trial_id), (trial.last_result or {}).get(CHECKPOINT_KEY)]
         checkpoint = getattr(trial, "checkpoint", None)
         if checkpoint is not None:
             candidates.append(getattr(checkpoint, "path", None))
         for path in filter(None, candidates):
-            adapter = local_path(path) / ADAPTER_DIR
+            adapter = reported_path(self.tracker.spec.sweep_dir, path) / ADAPTER_DIR
             if adapter.is_dir():
                 return adapter
         return None

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.config import JobSpec
+from pipeline.storage import local_state_dir
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ _BAD_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")  # MLflow allows alphanumerics,
 
 
 def tracking_uri(spec: JobSpec) -> str:
-    """``spec.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the sweep directory."""
+    """``spec.tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the sweep directory (in its local
+    state directory for a sweep in object storage: SQLite needs a local file)."""
     if spec.tracking.uri:
         return spec.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -66,7 +68,7 @@ def tracking_uri(spec: JobSpec) -> str:
 
 
 def default_tracking_uri(spec: JobSpec) -> str:
-    return f"sqlite:///{spec.sweep_dir.resolve()}/{DB_FILE}"
+    return f"sqlite:///{local_state_dir(spec.sweep_dir.resolve())}/{DB_FILE}"
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import posixpath
 import random
 import tempfile
 import time
@@ -39,6 +40,7 @@ from pipeline.formatting import Example, collate, pad_token_id
 from pipeline.metrics import evaluate
 from pipeline.models import load_base_model
 from pipeline.results import ADAPTER_DIR, DIVERGED_FILE
+from pipeline.storage import sibling_directories
 from pipeline.tasks import TaskData, load_task
 from pipeline.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
@@ -276,11 +278,12 @@ def save_checkpoint(directory: Path, engine, tuner: sdt.Tuner, state: dict, rank
             (directory / TRAINER_STATE).write_text(json.dumps(state, indent=2))
 
 
-def checkpoints_newest_first(latest: Path) -> list[Path]:
-    """The trial's checkpoint ``latest`` (Ray's latest reported), then the ones Ray kept before it, newest first:
-    a truncated or corrupted latest checkpoint falls back to the one before."""
-    earlier = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest), reverse=True)
-    return [latest, *earlier]
+def checkpoints_newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The trial's checkpoint ``latest`` (Ray's latest reported), then the ones Ray kept before it, newest first, in
+    the sweep's storage (local or object storage): a truncated or corrupted latest checkpoint falls back to the one
+    before."""
+    earlier = sorted(sibling_directories(latest.filesystem, latest.path, prefix="checkpoint_"), reverse=True)
+    return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in earlier)]
 
 
 def restore(checkpoint_dir: Path, model: torch.nn.Module, spec: JobSpec, total_steps: int):
@@ -340,23 +343,25 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None) -> None
     checkpoint = ray.train.get_checkpoint()
     warmup_metrics: dict[str, float] = {}
     if checkpoint:
-        for number, candidate in enumerate(checkpoints_newest_first(Path(checkpoint.path))):
+        for number, candidate in enumerate(checkpoints_newest_first(checkpoint)):
             if number:  # the failed attempt may have attached adapters to the model: start from a fresh base
                 model, _ = load_base_model(spec.model, device, log=print)
             try:
-                state = json.loads((candidate / TRAINER_STATE).read_text())
-                if state["step"] >= total_steps or state["epoch"] >= training.epochs:
-                    # Finished, but the sweep driver died before Tune recorded it: report the final state again.
-                    sdt.io.read(candidate / ADAPTER_DIR)  # checks the adapter before Tune is told of it
-                    ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(candidate))
-                    return
-                tuner, engine = restore(candidate, model, spec, total_steps)
+                with candidate.as_directory() as local:  # a download when the sweep is in object storage
+                    local = Path(local)
+                    state = json.loads((local / TRAINER_STATE).read_text())
+                    if state["step"] >= total_steps or state["epoch"] >= training.epochs:
+                        # Finished, but the sweep driver died before Tune recorded it: report the final state again.
+                        sdt.io.read(local / ADAPTER_DIR)  # checks the adapter before Tune is told of it
+                        ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(local))
+                        return
+                    tuner, engine = restore(local, model, spec, total_steps)
                 break
             except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
-                print(f"checkpoint {candidate} cannot be restored ({' '.join(str(error).split())[:300]}); "
+                print(f"checkpoint {candidate.path} cannot be restored ({' '.join(str(error).split())[:300]}); "
                       "trying the one before it", flush=True)  # fmt: skip
         else:
-            raise RuntimeError(f"no checkpoint of this trial in {Path(checkpoint.path).parent} can be restored")
+            raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
     else:
         tuner = sdt.apply(model, spec.method.to_sdt_config(seed=training.seed))
         if tuner.phase == "warmup":

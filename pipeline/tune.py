@@ -15,6 +15,7 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from pipeline.claims import end_coordinator
 from pipeline.config import Domain, JobSpec
 from pipeline.results import TUNE_DIR, TUNE_ERROR, TrialOutcome, outcomes
 from pipeline.sweep_callbacks import MLflowSweepCallback, TrialCostCallback, TrialLedger
@@ -139,8 +140,11 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker) -> SweepOutcome:
         experiment = tune.Tuner.restore(str(tune_dir), trainable=make_trainable(spec), resume_errored=True)
     else:
         experiment = make_experiment(spec, tracker)
-    with StopSignals() as signals:
-        experiment.fit()
+    try:
+        with StopSignals() as signals:
+            experiment.fit()
+    finally:
+        end_coordinator(spec.sweep_dir)  # the warmup claims of its trials (pipeline.claims): none is running now
     ledger = TrialLedger.take(spec.sweep_dir.resolve())
     interrupted = signals.received is not None or ledger.unfinished
     return SweepOutcome(outcomes(spec, ledger.trials), interrupted=bool(interrupted), trained=ledger.started)

@@ -4,32 +4,33 @@ A warmup's result (the dense per-layer updates that SDT ranks) depends on the ba
 batch, the warmup length, its learning rate and schedule, the world size, the LoRA that trains beside it, and the
 compute dtype; it does not depend on the channel / state ratios, which act only in the selection afterwards. So
 trials that differ only in ratios (or in the training-phase lr) share one warmup: :func:`warmup_key` lists those
-inputs, its hash names ``<sweep dir>/warmup/<hash>/`` (``updates.safetensors`` + ``warmup.json``), and
+inputs, its hash names ``<sweep dir>/warmup/<hash>/`` (``updates.safetensors``, then ``warmup.json``, the marker of
+a published warmup), in the sweep's storage, local or object storage (:mod:`pipeline.storage`), and
 
-- the first trial to take that key's lock runs the warmup and publishes it atomically (temp dir, then rename);
-- a trial that finds it published loads it instead; one that arrives while another computes it waits on the lock.
+- a trial that finds it published loads it;
+- otherwise it asks the sweep's claim coordinator, a Ray actor (:mod:`pipeline.claims`): the one granted the key
+  computes the warmup and publishes it; the others wait and then load it. A trial that dies while computing
+  loses its claim, and the next one computes it. No shared filesystem is needed.
 
-Only rank 0 of a trial touches the store, and it broadcasts the updates to the other ranks, so the ranks of one
-trial need not share a filesystem with each other (trials of one sweep share the sweep dir, as Ray Train's
-checkpoints already require).
+Only rank 0 of a trial touches the store and the coordinator, and it broadcasts the updates to the other ranks.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
-import sdt
 from pipeline import __version__
+from pipeline.claims import Lease, claimed
 from pipeline.config import JobSpec
-from pipeline.storage import content_hash, file_lock
+from pipeline.storage import StoragePath, content_hash, write_directory
 
 WARMUP_DIR = "warmup"
 UPDATES_FILE = "updates.safetensors"
@@ -69,38 +70,42 @@ def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.d
 
 
 class WarmupStore:
-    """Published warmups under ``<sweep dir>/warmup``, one folder per key hash."""
+    """Published warmups under ``<sweep dir>/warmup``, one folder per key hash, in the sweep's storage."""
 
-    def __init__(self, sweep_dir: Path):
-        self.root = Path(sweep_dir) / WARMUP_DIR
+    def __init__(self, sweep_dir: StoragePath):
+        self.sweep_dir = sweep_dir
+        self.root = sweep_dir / WARMUP_DIR
 
-    def entry(self, digest: str) -> Path:
+    def entry(self, digest: str) -> StoragePath:
         return self.root / digest
 
-    def lock(self, digest: str):
-        """Held while one trial looks up and, if need be, computes the warmup of ``digest``; the OS releases it
-        if that trial dies, and the next waiter computes it instead."""
-        return file_lock(self.root / f".{digest}.lock")
+    def published(self, digest: str) -> bool:
+        return (self.entry(digest) / INFO_FILE).is_file()
+
+    def claim(self, digest: str, trial_name: str) -> AbstractContextManager[Lease | None]:
+        """Held while one trial looks up and, if need be, computes the warmup of ``digest`` (a :class:`Lease`); None
+        once another trial has published it. A trial that dies loses its claim, and the next one computes it."""
+        return claimed(self.sweep_dir, f"{WARMUP_DIR}/{digest}", trial_name, done=lambda: self.published(digest))
 
     def load(self, digest: str) -> tuple[Updates, dict[str, Any]] | None:
         entry = self.entry(digest)
-        if not (entry / INFO_FILE).is_file():
+        if not self.published(digest):
             return None
         info = json.loads((entry / INFO_FILE).read_text())
         updates: Updates = {}
-        for name, tensor in load_file(str(entry / UPDATES_FILE)).items():
+        for name, tensor in load((entry / UPDATES_FILE).read_bytes()).items():
             prefix, key = name.rsplit("/", 1)
             updates.setdefault(prefix, {})[key] = tensor
         return updates, info
 
-    def publish(self, digest: str, updates: Updates, info: dict[str, Any]) -> Path:
+    def publish(self, digest: str, updates: Updates, info: dict[str, Any]) -> StoragePath:
         tensors = {f"{prefix}/{key}": t.contiguous() for prefix, by_key in updates.items() for key, t in by_key.items()}
 
-        def write(tmp: Path) -> None:
-            save_file(tensors, str(tmp / UPDATES_FILE))
-            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        def write(folder: Path) -> None:
+            save_file(tensors, str(folder / UPDATES_FILE))
+            (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
-        return sdt.write_atomically(self.entry(digest), write)
+        return write_directory(self.entry(digest), write, marker=INFO_FILE)
 
 
 def on_cpu(updates: Updates) -> Updates:
@@ -128,7 +133,7 @@ def shared_warmup(
     """The warmup updates of ``key`` and its metrics: published ones when they exist, else ``compute()`` (its
     metrics and updates) on every rank, published. ``warmup/shared`` is 1 for a reused warmup."""
     digest = content_hash(key)
-    with store.lock(digest) if rank == 0 else nullcontext():
+    with store.claim(digest, trial_name) if rank == 0 else nullcontext() as lease:
         found = store.load(digest) if rank == 0 else None
         found = _broadcast(found, rank)
         if found is not None:
@@ -137,7 +142,9 @@ def shared_warmup(
         metrics, updates = compute()
         updates = on_cpu(updates)
         if rank == 0:
-            info = {"key": key, "hash": digest, "computed_by": trial_name, "metrics": metrics}
-            store.publish(digest, updates, info)
+            if lease.held():
+                info = {"key": key, "hash": digest, "computed_by": trial_name, "metrics": metrics}
+                store.publish(digest, updates, info)
+            else:  # it stopped renewing its claim for a lease, and another trial took the key over
+                print(f"warmup {digest}: another trial took this trial's claim over; not publishing", flush=True)
     return updates, {**metrics, "warmup/shared": 0}
-

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 import torch
 from transformers import (
@@ -117,3 +120,44 @@ def clean_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     yield cwd
     assert not list(cwd.iterdir()), "nothing (./mlruns) may appear in the working directory"
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """A bucket on a local S3 server for the session (moto on 127.0.0.1, an ephemeral port, as Ray's own tests do):
+    its URI, with the options pyarrow needs. The server's fake credentials go into the environment, as a user's
+    would, so `sdtune` subprocesses and Ray clusters started afterwards find them too."""
+    from moto.server import ThreadedMotoServer
+
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+    previous = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir("sdtune")
+    yield f"s3://sdtune?endpoint_override={endpoint}&region=us-east-1"
+    server.stop()
+    for name, value in previous.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def two_nodes(s3_bucket):
+    """A local two-node Ray cluster (one CPU each) whose nodes share no directory that sdtune uses. Started after the
+    S3 server, so that its nodes (and their workers) have the server's credentials in the environment."""
+    from ray._common.utils import reset_ray_address
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # Cluster records itself as this machine's current Ray cluster, which a `ray.init()` without an address (another
+    # test's sweep on this machine) would join and fill. The tests give its address.
+    reset_ray_address()
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()

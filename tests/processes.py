@@ -1,4 +1,4 @@
-"""Real faults for the tests that need them: wait for a sweep's state on disk, then kill a driver or a worker.
+"""Real faults for the tests that need them: wait for a sweep's state in its storage, then kill a driver or a worker.
 
 No product code knows about these: the tests kill processes from outside, as a crash or an operator would.
 """
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pyarrow.fs
 
 POLL_S = 0.1  # how often a condition on files or processes is looked at again (an event wait, not a delay)
 
@@ -26,10 +27,15 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str):
     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
 
 
-def finished_on_disk(tune_dir: Path) -> int:
-    """How many trials Ray Tune's experiment state on disk records as finished (TERMINATED)."""
+def finished_trials(tune_dir: str | Path) -> int:
+    """How many trials Ray Tune's experiment state records as finished (TERMINATED), read where Ray keeps it: an
+    absolute local path, or an object-store URI (where the driver uploads it in the background)."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(str(tune_dir))
     try:
-        state = json.loads(max(tune_dir.glob("experiment_state-*.json")).read_text())
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        latest = max(e.path for e in entries if e.base_name.startswith("experiment_state-") and e.path.endswith(".json"))
+        with filesystem.open_input_stream(latest) as stream:
+            state = json.loads(stream.readall())
     except (ValueError, OSError):  # none yet, or caught mid-write
         return 0
     return sum(json.loads(trial)["status"] == "TERMINATED" for trial, _ in state["trial_data"])

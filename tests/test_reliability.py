@@ -30,7 +30,7 @@ from pipeline.models import load_base_model
 from pipeline.results import ADAPTER_DIR, load_trials
 from pipeline.storage import LOCK_FILE
 from pipeline.tracking import ERROR_TAG, SweepTracker, tracking_uri
-from processes import finished_on_disk, wait_for
+from processes import finished_trials, wait_for
 
 DORA = {"name": "lora", "lora_variant": "dora", "lora_rank": 4, "lora_targets": ["x_proj", "dt_proj", "out_proj"]}
 SANE, DIVERGING = 2e-2, 1e30
@@ -79,7 +79,7 @@ def sweep(tmp_path_factory, env):
                  "the sweep to claim its directory")  # fmt: skip
         second = sdtune("sweep", str(job), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         refused = (second.wait(timeout=300), second.stdout.read())
-        wait_for(lambda: finished_on_disk(sweep_dir / "tune") >= 1, 900, "a finished trial")
+        wait_for(lambda: finished_trials(sweep_dir / "tune") >= 1, 900, "a finished trial")
         os.killpg(first.pid, signal.SIGINT)  # Ctrl+C in a terminal: the whole foreground process group
         interrupted = first.wait(timeout=600)
     interrupted_trials = load_trials(load_job(sweep_dir / "job.yaml"))

@@ -27,7 +27,7 @@ from pipeline.metrics import evaluate
 from pipeline.tasks import load_task
 from pipeline.results import load_trials
 from pipeline.warmup import INFO_FILE, WARMUP_DIR
-from processes import finished_on_disk, wait_for
+from processes import finished_trials, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -71,7 +71,7 @@ def sweep(tmp_path_factory, env):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: finished_on_disk(sweep_dir / "tune") >= 2, timeout=900, what="two finished trials on disk")
+        wait_for(lambda: finished_trials(sweep_dir / "tune") >= 2, timeout=900, what="two finished trials on disk")
     finally:
         driver.send_signal(signal.SIGKILL)  # as a crash would: no cleanup of any kind
         driver.wait()

@@ -1,14 +1,14 @@
-"""The shared-warmup key and store, without Ray: what the key covers, and that a published warmup is reused."""
+"""The shared-warmup key and store, without Ray: what the key covers, and that a warmup is published whole (its
+marker last) on local disk and in object storage. Sharing it between trials through Ray: tests/test_warmup_sharing.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.config import parse_job
-import json
-
-from pipeline.storage import content_hash
-from pipeline.warmup import INFO_FILE, WarmupStore, shared_warmup, warmup_key
+from pipeline.storage import content_hash, storage_path
+from pipeline.warmup import UPDATES_FILE, WarmupStore, warmup_key
 
 BASE = {
     "name": "w",
@@ -48,21 +48,20 @@ def test_the_key_covers_what_shapes_the_warmup():
     assert same not in changed and len(set(changed)) == len(changed)
 
 
-def test_a_published_warmup_is_loaded_not_recomputed(tmp_path):
-    store, key = WarmupStore(tmp_path), warmup_key(parse_job(BASE), 100, 1, CPU)
-    updates = {"backbone.layers.0.mixer": {"A_log": torch.randn(8, 4)}}
-    calls = []
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_warmup_is_published_whole_and_loaded_bit_exact(where, tmp_path, request):
+    sweep_dir = tmp_path if where == "local" else storage_path(request.getfixturevalue("s3_bucket")) / "warmup-store"
+    store = WarmupStore(sweep_dir)
+    digest = content_hash(warmup_key(parse_job(BASE), 100, 1, CPU))
+    updates = {"backbone.layers.0.mixer": {"A_log": torch.randn(8, 4), "x_proj": torch.randn(3, 8)}}
+    # the updates alone, as an upload cut short before its marker leaves them: not a published warmup
+    store.entry(digest).mkdir(parents=True)
+    (store.entry(digest) / UPDATES_FILE).write_bytes(b"partial")
+    assert not store.published(digest) and store.load(digest) is None
 
-    def compute() -> tuple[dict[str, float], dict]:
-        calls.append(1)
-        return {"warmup/loss": 1.5}, updates
-
-    first = shared_warmup(store, key, rank=0, trial_name="trial-a", compute=compute)
-    second = shared_warmup(store, key, rank=0, trial_name="trial-b", compute=compute)
-    assert len(calls) == 1
-    assert first[1] == {"warmup/loss": 1.5, "warmup/shared": 0} and second[1] == {"warmup/loss": 1.5, "warmup/shared": 1}
-    loaded = second[0]["backbone.layers.0.mixer"]["A_log"]
-    assert torch.equal(loaded, updates["backbone.layers.0.mixer"]["A_log"])
-    [info_file] = store.root.glob(f"*/{INFO_FILE}")
-    info = json.loads(info_file.read_text())
-    assert info["computed_by"] == "trial-a" and info["hash"] == content_hash(key)
+    store.publish(digest, updates, {"hash": digest, "computed_by": "trial-a", "metrics": {"warmup/loss": 1.5}})
+    loaded, info = store.load(digest)
+    assert store.published(digest) and info["computed_by"] == "trial-a"
+    mixer = updates["backbone.layers.0.mixer"]
+    assert loaded["backbone.layers.0.mixer"].keys() == mixer.keys()
+    assert all(torch.equal(loaded["backbone.layers.0.mixer"][k], mixer[k]) for k in mixer)

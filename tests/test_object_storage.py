@@ -1,0 +1,123 @@
+"""A sweep in object storage, on a local two-node Ray cluster (`ray.cluster_utils.Cluster`) whose only common storage
+is a bucket on a real S3 server (moto on 127.0.0.1): `sdtune sweep` with `output_dir: s3://...`, its driver killed
+(SIGKILL) once Tune's state in the bucket records a finished trial; `sdtune resume` finishes the sweep without
+training that trial again, the shared warmup was computed once for the three trials, and the export in the bucket
+(and a merged one exported from it to a local directory) holds the best trial's adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pyarrow.fs
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import parse_job
+from pipeline.metrics import evaluate
+from pipeline.results import load_trials, sweep_spec
+from pipeline.storage import STATE_ENV, local_state_dir, storage_path
+from pipeline.tasks import load_task
+from pipeline.warmup import INFO_FILE, WARMUP_DIR
+from processes import finished_trials, wait_for
+
+JOB = {
+    "name": "s3-sweep",
+    "model": {"builtin": "digits"},
+    "data": {"task": "digits", "max_train_samples": 64, "max_eval_samples": 24},
+    "method": {"name": "sdlora", "warmup_steps": 3},
+    # A worker takes 0.9 of a one-CPU node, so no node holds two, wherever the Tune drivers (0.05 each) sit.
+    "training": {"epochs": 1, "batch_size": 8, "lr": 2e-2, "eval_batch_size": 24},
+    "resources": {"num_workers": 1, "cpus_per_worker": 0.9, "trial_cpus": 0.05, "max_concurrent_trials": 2},
+    # three trials that differ only in a ratio the selection applies: one warmup for all of them
+    "search": {"space": {"method.channels_frozen": {"grid": [0.9, 0.8, 0.7]}}},
+}
+EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "trial.json", "job.yaml", "README.md"}
+
+
+def listing(directory) -> list[str]:
+    """The files under ``directory`` in object storage, relative to it."""
+    filesystem, path = directory.filesystem()
+    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(e.path.removeprefix(f"{path}/") for e in entries if e.type == pyarrow.fs.FileType.File)
+
+
+@pytest.fixture(scope="module")
+def sweep(two_nodes, s3_bucket, digits_cache, tmp_path_factory):
+    """The sweep killed after its first finished trial and resumed: (spec, the trials finished before the kill with
+    their checkpoints then, resume's stdout, the environment)."""
+    root = tmp_path_factory.mktemp("s3-sweep")
+    env = {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled", STATE_ENV: str(root / "state")}
+    job = root / "job.yaml"
+    job.write_text(yaml.safe_dump({**JOB, "output_dir": str(storage_path(s3_bucket) / "runs")}))
+    spec = parse_job({**JOB, "output_dir": str(storage_path(s3_bucket) / "runs")})
+    command = [sys.executable, "-m", "pipeline.cli"]
+    log = open(root / "killed-driver.log", "w")  # what it printed, for a failure of this fixture
+    first = subprocess.Popen([*command, "sweep", str(job), "--address", two_nodes.address], env=env, stdout=log,
+                             stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: finished_trials(spec.sweep_dir / "tune") >= 1, 600, "a finished trial in the bucket")
+    finally:
+        first.send_signal(signal.SIGKILL)  # as a crash would: no cleanup of any kind
+        first.wait()
+        log.close()
+    finished_before = {t.trial_id: listing(t.checkpoint.parent) for t in load_trials(spec) if t.status == "TERMINATED"}
+    resumed = subprocess.run([*command, "resume", str(spec.sweep_dir), "--address", two_nodes.address], env=env,
+                             capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    return spec, finished_before, resumed.stdout, env
+
+
+def test_a_sweep_in_object_storage_resumes_after_its_driver_is_killed(sweep, two_nodes, monkeypatch):
+    spec, finished_before, stdout, env = sweep
+    monkeypatch.setenv(STATE_ENV, env[STATE_ENV])
+    assert "trials: 3 (0 failed)" in stdout and finished_before
+    assert sweep_spec(str(spec.sweep_dir)) == spec  # job.yaml, in the bucket
+    trials = load_trials(spec)
+    assert len(trials) == 3 and all(t.status == "TERMINATED" for t in trials)
+    for trial in trials:
+        if trial.trial_id in finished_before:  # not trained again
+            assert listing(trial.checkpoint.parent) == finished_before[trial.trial_id]
+    assert {t.metrics["node_id"] for t in trials} == {node.node_id for node in two_nodes.list_all_nodes()}
+    # this machine kept only the lock and the MLflow store; the sweep's files are all in the bucket
+    state = local_state_dir(spec.sweep_dir)
+    assert {p.name for p in state.iterdir()} == {".sdtune.lock", "mlflow.db", "mlartifacts"}
+    assert {"job.yaml", "report/summary.md"} <= set(listing(spec.sweep_dir))
+
+
+def test_the_shared_warmup_was_computed_once_for_the_sweep(sweep):
+    spec, _, _, _ = sweep
+    [marker] = [name for name in listing(spec.sweep_dir / WARMUP_DIR) if name.endswith(f"/{INFO_FILE}")]
+    computed_by = json.loads((spec.sweep_dir / WARMUP_DIR / marker).read_text())["computed_by"]
+    trials = load_trials(spec)
+    assert computed_by in {f"trial-{t.trial_id}" for t in trials}
+    # each trial loaded it, except at most the one that computed it (if it survived the kill)
+    assert {f"trial-{t.trial_id}" for t in trials if t.metrics["warmup/shared"] == 0} <= {computed_by}
+
+
+def test_the_export_in_the_bucket_holds_the_best_trial_and_exports_merged(sweep, tmp_path):
+    spec, _, stdout, env = sweep
+    export = spec.sweep_dir / "export"
+    assert set(listing(export)) == EXPORT_FILES and f"exported to {export}" in stdout
+    record = json.loads((export / "trial.json").read_text())
+    best = max(load_trials(spec), key=lambda t: t.metrics["eval/accuracy"])
+    assert record["metrics"]["eval/accuracy"] == best.metrics["eval/accuracy"]
+    assert str(record["mlflow"]["registered_model"]["version"]) == "1"  # in the MLflow store on this machine
+
+    out = tmp_path / "merged-export"
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(spec.sweep_dir), "--out", str(out),
+                             "--merge"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "trial.json").read_text())["checkpoint"] == record["checkpoint"]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    winner = best.spec
+    scores = evaluate(merged, load_task(winner.data, tokenizer), "validation", tokenizer, winner.data,
+                      batch_size=winner.training.eval_batch_size)  # fmt: skip
+    assert scores["accuracy"] == pytest.approx(record["metrics"]["eval/accuracy"], abs=1e-9)
