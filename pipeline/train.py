@@ -33,6 +33,7 @@ from deepspeed.utils import safe_get_full_grad
 
 import sdt
 from pipeline.config import JobSpec
+from pipeline.console import TrialProgress
 from pipeline.formatting import Example, collate, pad_token_id
 from pipeline.metrics import evaluate
 from pipeline.models import load_base_model
@@ -259,6 +260,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = training.epochs * steps_per_epoch
     if training.max_steps:
         total_steps = min(total_steps, training.max_steps)
+    # For the sweep's console (pipeline.console): rank 0 writes its step, loss and speed at each log interval.
+    progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, training.log_every_steps)
 
     checkpoint = ray.train.get_checkpoint()
     warmup_metrics: dict[str, float] = {}
@@ -345,6 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += boundary
             if boundary:
                 losses.end_step(step)
+                progress.step(step, losses, tokens)
             # An evaluation that falls on the epoch's (or the run's) last step is the epoch's report below.
             epoch_ends = index + 1 == batches.per_epoch or step >= total_steps
             if boundary and training.eval_every_steps and step % training.eval_every_steps == 0 and not epoch_ends:
