@@ -99,9 +99,13 @@ def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
     directory = log_dir(sweep_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / DRIVER_LOG
-    to_file = logging.FileHandler(path)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    to_file.setLevel(logging.INFO)
+
+    def to_file() -> logging.Handler:  # one per logger: ray.init sets its own format on the handlers of "ray"
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        return handler
+
     console_filter = ConsoleFilter(verbose)
     # transformers and huggingface_hub add their console handlers on first use: let them, then filter them.
     transformers_logging.get_logger()
@@ -113,11 +117,11 @@ def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
         for handler in library.handlers:
             handler.addFilter(console_filter)
         if not library.propagate:  # the others reach the root logger's file handler
-            library.addHandler(to_file)
+            library.addHandler(to_file())
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(console_filter)
     root = logging.getLogger()
-    root.addHandler(to_file)
+    root.addHandler(to_file())
     root.addHandler(console)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # Python warnings of any library: to the file (and the console when verbose)
