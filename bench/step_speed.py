@@ -5,12 +5,14 @@ and on sdt's fused path.
     python bench/step_speed.py --hidden 2048 --layers 48 --modes sdlora:fused sdlora full lora-out:fused
     python bench/step_speed.py --arch mamba2 --modes lora-out sdlora  # 130m-like Mamba-2 (state 128, 24 heads)
     python bench/step_speed.py --arch jamba --modes lora-out sdlora sdlora:fused
+    python bench/step_speed.py --checkpointing --modes lora-out:fused sdlora:fused  # with gradient checkpointing
 
 A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt; PATH ``hf`` (default: transformers' own
 mixer forward on the mamba-ssm kernels) or ``fused`` (``sdt.fused.install_fused_path``; Mamba and Jamba only).
 Every mode trains the same randomly initialised model shape: forward + loss + backward + fused AdamW step, timed
 with CUDA synchronisation around each step. The modes take turns step by step, so that clock changes, garbage
-collection and other drift hit all of them alike. ``host_ms`` is the time until the step's Python code has
+collection and other drift hit all of them alike. ``--checkpointing`` turns on transformers' gradient checkpointing
+(non-reentrant, its default) in every mode. ``host_ms`` is the time until the step's Python code has
 returned (all work enqueued): when it is close to the step time, the step is bound by the host, not the GPU.
 ``step GiB`` is the peak memory of one step beyond what is resident before it. Results in docs/benchmarks.md.
 """
@@ -105,6 +107,9 @@ def build(mode: str, args) -> tuple[sdt.Tuner, torch.optim.Optimizer, str]:
         line = "transformers' path"
     if line.startswith("fused path: off"):
         raise SystemExit(f"{mode}: {line}; refusing to time a fallback")
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        line += "; gradient checkpointing (non-reentrant)"
     optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
     return tuner, optimizer, line
 
@@ -159,6 +164,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps per mode")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     parser.add_argument("--profile", nargs="*", default=[], help="modes to print a kernel profile of")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every mode")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     args.hidden = args.hidden or ARCHS[args.arch]["hidden"]

@@ -38,6 +38,11 @@ def main() -> None:
     }
     if startups:
         print(f"\nstart-up per trial: mean {summary['startup_s']['mean']:.1f} s, max {summary['startup_s']['max']:.1f} s")
+        for part in ("startup_ray", "startup_imports", "startup_setup"):
+            values = [t.cost[part] for t in trials if part in t.cost]
+            summary[f"{part}_s"] = statistics.mean(values) if values else None
+            if values:
+                print(f"  {part}: mean {statistics.mean(values):.1f} s")
     if gaps:
         print("last report to the next trial's start (teardown + gap): "
               + ", ".join(f"{s:.1f}" for s in summary["teardown_plus_gap_s"]) + " s")  # fmt: skip

@@ -84,14 +84,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_or_exit(job: Path, overrides: list[str] | None, address: str | None = None) -> JobSpec:
+def load_or_exit(job: Path, overrides: list[str] | None, address: str | None = None, in_sweep: bool = True) -> JobSpec:
     """The validated spec, its relative paths made absolute (Ray workers run elsewhere), checked against this
     machine (files, model, data, metric, tracking server; a trial's resources when Ray will start here); bad
     input: one line naming the field, exit 2."""
     from pipeline.preflight import load_checked
 
     try:
-        return load_checked(job, overrides or [], local_cluster=address is None)
+        return load_checked(job, overrides or [], local_cluster=address is None, in_sweep=in_sweep)
     except JobSpecError as error:
         raise fail(spec_error_line(job, error)) from None
 
@@ -101,9 +101,10 @@ def spec_error_line(path: Path, error: JobSpecError) -> str:
     return str(error) if error.where == error.source else f"{path}: {error}"
 
 
-def start_ray(spec: JobSpec, address: str | None, verbose: bool) -> None:
-    """A local Ray instance, or the cluster at ``address`` (whose resources must fit a trial: exit 2). Library
-    output goes to ``RUN_DIR/logs/`` (and, ``verbose``, to the console too: :mod:`pipeline.console`)."""
+def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool = True) -> None:
+    """A local Ray instance, or the cluster at ``address`` (whose resources must fit a trial, ``in_sweep`` with
+    its Tune driver: exit 2). Library output goes to ``RUN_DIR/logs/`` (and, ``verbose``, to the console too:
+    :mod:`pipeline.console`)."""
     import ray
     import torch
 
@@ -121,7 +122,7 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool) -> None:
     if address is not None:
         resources = ray.cluster_resources()
         try:
-            check_resources(spec, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+            check_resources(spec, resources.get("CPU", 0.0), resources.get("GPU", 0.0), in_sweep=in_sweep)
         except JobSpecError as error:
             ray.shutdown()
             raise fail(f"{address}: {error}") from None
@@ -184,15 +185,20 @@ def pretrain(
 def train(job: JobArgument, overrides: SetOption = None, address: AddressOption = None, verbose: VerboseOption = False) -> None:
     """Run one trial of a job spec (no Tune) through Ray Train, for debugging.
 
-    Rerun it to resume from its last checkpoint. Prints the last report's metrics and the checkpoint.
+    Rerun it to resume from its last checkpoint. Prints the last report's metrics and the checkpoint; a trial
+    whose loss diverged exits 1.
 
     Example: `sdtune train jobs/quickstart.yaml --set training.epochs=1`
     """
-    spec = load_or_exit(job, overrides, address)
-    start_ray(spec, address, verbose)
-    from pipeline.trial import build_trainer
+    spec = load_or_exit(job, overrides, address, in_sweep=False)
+    start_ray(spec, address, verbose, in_sweep=False)
+    from pipeline.trial import TrialDiverged, build_trainer, raise_if_diverged
 
     result = build_trainer(spec, name="train").fit()
+    try:
+        raise_if_diverged(spec, "train")
+    except TrialDiverged as diverged:
+        raise fail(f"trial failed: {diverged}", 1) from None
     for key, value in sorted((result.metrics or {}).items()):
         typer.echo(f"{key}: {value}")
     typer.echo(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")

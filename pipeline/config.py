@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     StrictFloat,
@@ -230,10 +231,26 @@ class TrainingSpec(_Spec):
     weight_decay: NonNegativeFloat = 0.0
     grad_clip: PositiveFloat = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False  # ZeRO's optimizer state (and fp32 master weights) in host memory
+    offload_parameters: bool = False  # ZeRO-3's partitioned parameters in host memory
+    # Extra DeepSpeed config, merged over the one sdtune writes (e.g. {zero_optimization:
+    # {stage3_param_persistence_threshold: 0}}); keys sdtune sets from the spec keep the spec's value.
+    deepspeed: dict[str, Any] = {}
     eval_every_steps: PositiveInt | None = None  # evaluate and checkpoint this often, besides after every epoch
     log_every_steps: PositiveInt = 10  # the train loss of every Nth optimizer step goes to MLflow (train/step_loss)
+    # A worker that dies (killed, out of memory, a lost node) restarts its trial's worker group from the last
+    # checkpoint this many times before the trial fails; a diverged loss is never retried.
+    max_failures: NonNegativeInt = 2
     eval_batch_size: PositiveInt = 8
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainingSpec:
+        if self.offload_parameters and self.zero_stage != 3:
+            raise _field_error("offload_parameters", "only ZeRO-3 partitions parameters; set zero_stage: 3", True)
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise _field_error("offload_optimizer", "needs ZeRO (zero_stage 1, 2 or 3)", True)
+        return self
 
 
 class ResourcesSpec(_Spec):
@@ -417,13 +434,6 @@ class JobSpec(_Spec):
             raise ValueError(f"{name!r} would put the sweep outside output_dir")
         return name
 
-    @model_validator(mode="after")
-    def _zero3_only_for_full(self) -> JobSpec:
-        # ZeRO-3 empties each parameter outside its owner's forward; the weight-space adapters read their base
-        # tensors (A_log, x_proj, out_proj) whole and the sparse groups outside any module forward.
-        if self.training.zero_stage == 3 and not sdt.METHODS[self.method.name].trains_all_weights:
-            raise _field_error(("training", "zero_stage"), "ZeRO-3 is not supported with adapters; use stage 0, 1 or 2", 3)
-        return self
 
     @model_validator(mode="after")
     def _space_values_fit(self, info: ValidationInfo) -> JobSpec:

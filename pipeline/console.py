@@ -40,6 +40,7 @@ WORKERS_LOG = "workers.log"
 PROGRESS_FILE = "progress.json"  # in a trial's directory, written by its rank 0
 MAX_LINE = 300  # no console line of ours is longer
 LABEL_WIDTH = 60  # an arm label is cut to this many characters in a line (the full label is in MLflow and the report)
+REASON_WIDTH = 140  # a failed trial's reason is cut to this (the whole one is in MLflow and the report)
 REFRESH_S = 0.5  # the live display is redrawn at most this often
 PLAIN_EVERY_S = 15.0  # without a terminal, a running trial's progress line is printed at most this often
 # Library loggers that bring their own console handler (all but huggingface_hub's keep their records from the root).

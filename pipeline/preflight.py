@@ -27,14 +27,17 @@ HUB_TIMEOUT_S = 5
 TRACKING_TIMEOUT_S = 3
 
 
-def load_checked(job: str | Path, overrides: Sequence[str] = (), local_cluster: bool = True) -> JobSpec:
+def load_checked(
+    job: str | Path, overrides: Sequence[str] = (), local_cluster: bool = True, in_sweep: bool = True
+) -> JobSpec:
     """The validation entry point: the spec of ``job`` with ``overrides``, its relative paths made absolute (Ray
     workers run elsewhere), checked against this machine; with ``local_cluster`` (Ray will start here) a trial's
-    resources are checked against this machine's too. Raises :class:`JobSpecError`."""
+    resources (``in_sweep``: with its Tune driver) are checked against this machine's too. Raises
+    :class:`JobSpecError`."""
     spec = load_job(job, overrides).with_absolute_paths()
     check(spec)
     if local_cluster:
-        check_resources(spec, *local_resources())
+        check_resources(spec, *local_resources(), in_sweep=in_sweep)
     return spec
 
 
@@ -196,16 +199,17 @@ def check_tracking(spec: JobSpec) -> None:
         raise JobSpecError(field, f"the MLflow server at {uri} did not answer within {TRACKING_TIMEOUT_S} s ({reason})") from None
 
 
-def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
-    """One trial (its Tune driver and its workers) fits in ``cpus`` / ``gpus``: otherwise Ray would wait for
-    resources forever."""
+def check_resources(spec: JobSpec, cpus: float, gpus: float, in_sweep: bool = True) -> None:
+    """One trial (its workers, and ``in_sweep`` its Tune driver) fits in ``cpus`` / ``gpus``: otherwise Ray would
+    wait for resources forever."""
     resources = spec.resources
-    needs_cpus = resources.trial_cpus + resources.num_workers * resources.cpus_per_worker
+    driver = resources.trial_cpus if in_sweep else 0.0
+    needs_cpus = driver + resources.num_workers * resources.cpus_per_worker
     if needs_cpus > cpus:
         raise JobSpecError(
             "resources.cpus_per_worker",
-            f"a trial needs {needs_cpus:g} CPUs ({resources.num_workers} workers x {resources.cpus_per_worker:g} + "
-            f"{resources.trial_cpus:g} for its driver); the cluster has {cpus:g}",
+            f"a trial needs {needs_cpus:g} CPUs ({resources.num_workers} workers x {resources.cpus_per_worker:g}"
+            + (f" + {driver:g} for its driver" if driver else "") + f"); the cluster has {cpus:g}",
         )
     if resources.use_gpu:
         needs_gpus = resources.num_workers * resources.gpus_per_worker

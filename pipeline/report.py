@@ -131,6 +131,14 @@ def exclusion_note(metric: str, trials: Sequence[TrialOutcome]) -> str:
     return f"{usable} of {len(trials)} trials" + (f"; excluded: {excluded}" if excluded else "")
 
 
+def failures_text(trials: Sequence[TrialOutcome]) -> str:
+    """One line per failed trial: its arm and why it failed (a diverged loss, an error)."""
+    failed = [trial for trial in trials if trial.status == TUNE_ERROR]
+    if not failed:
+        return "None."
+    return "\n".join(f"- `{t.trial_id}` ({arm_of(t).label}): {t.error or 'unknown error'}" for t in failed)
+
+
 # -- best vs baselines ----------------------------------------------------------------------------------------
 
 
@@ -349,6 +357,8 @@ def summary_markdown(
         table,
         verdict,
         f"![learning curves]({CURVES_PNG})",
+        "## Failed trials",
+        failures_text(trials),
         "## Where the time went",
         *time_picture,
         cost,
@@ -428,10 +438,11 @@ def write_trials_csv(spec: JobSpec, trials: Sequence[TrialOutcome], path: Path) 
     columns = [metric, test, *(c for c in TRIAL_COLUMNS if any(c in t.metrics for t in trials))]
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["trial_id", "status", "stopped_early", *keys, *columns])
+        writer.writerow(["trial_id", "status", "stopped_early", *keys, *columns, "error"])
         for trial in trials:
             values = [trial.trial_id, trial.status, trial.stopped_early, *(trial.config.get(k) for k in keys)]
-            writer.writerow([csv_cell(v) for v in [*values, *(trial.metrics.get(c) for c in columns)]])
+            values += [*(trial.metrics.get(c) for c in columns), trial.error]
+            writer.writerow([csv_cell(v) for v in values])
 
 
 # -- plots ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneRe
 ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selection (sdt.save)
 TRIAL_PREFIX = "trial-"  # <sweep dir>/trial-<trial id>: Ray Train's storage of one trial
 COST_FILE = "cost.json"  # in a trial's directory: where its wall time went (written by the sweep driver)
+DIVERGED_FILE = "diverged.json"  # in a trial's directory: why its training loss stopped being finite
 # Where a trial's wall time goes: the worker measures the middle four, the driver the ends (pipeline.train).
 COST_PARTS = ("startup", "warmup", "training", "evaluation", "checkpointing", "teardown", "other")
 # Ray Tune's trial statuses (not MLflow's run statuses, which are FINISHED / FAILED / KILLED).
@@ -55,6 +56,7 @@ class TrialOutcome:
     metrics: dict[str, Any]  # the last report
     spec: JobSpec  # the sweep's spec with the sampled values applied: what the trial ran
     cost: dict[str, float] | None = None  # trial_cost of its last run, when the sweep driver recorded one
+    error: str | None = None  # why it failed, in one line (ERROR only)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -93,8 +95,10 @@ def trial_dir(spec: JobSpec, trial_id: str) -> Path:
 def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: float) -> dict[str, float]:
     """Where the wall time of one trial run (``started`` to ``ended``, epoch seconds) went, in seconds:
 
-    - ``startup``: from the trial's placement to its first training step, warmup excluded (Ray's worker group,
-      imports, model and data loading, the DeepSpeed engines);
+    - ``startup``: from the trial's placement to its first training step, warmup excluded: ``startup_ray`` (Tune's
+      trial actor, Ray Train's controller and worker group, up to the worker's training function),
+      ``startup_imports`` (that function's imports: torch, transformers, DeepSpeed, ...), ``startup_setup``
+      (model and data loading, the adapters, the DeepSpeed engine);
     - ``warmup``, ``training``, ``evaluation``, ``checkpointing`` (all but the last report's): as the worker
       measured them, up to its last report;
     - ``teardown``: from the last report to the trial's end (its checkpoint, the worker group's shutdown);
@@ -102,8 +106,9 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
 
     ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``.
     """
+    until_worker = report["time/worker_start"] - started  # Tune's trial actor, Ray Train's controller and workers
     parts = {
-        "startup": report["time/worker_start"] - started + report.get("time/setup", 0.0),
+        "startup": until_worker + report.get("time/imports", 0.0) + report.get("time/setup", 0.0),
         "warmup": report.get("time/warmup", 0.0),
         "training": report.get("time/train", 0.0),
         "evaluation": report.get("time/eval", 0.0),
@@ -111,7 +116,12 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
         "teardown": ended - report["time/report_at"],
     }
     parts["other"] = ended - started - sum(parts.values())
-    return {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": gpus, **parts}
+    startup = {  # what start-up is made of
+        "startup_ray": until_worker,
+        "startup_imports": report.get("time/imports", 0.0),
+        "startup_setup": report.get("time/setup", 0.0),
+    }
+    return {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": gpus, **parts, **startup}
 
 
 def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:
@@ -120,10 +130,17 @@ def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:
     for t in sorted(trials, key=lambda t: t.trial_id):
         cost_file = trial_dir(spec, t.trial_id) / COST_FILE
         cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
-        result.append(
-            TrialOutcome(t.trial_id, t.status, dict(t.config), dict(t.last_result or {}), spec.with_overrides(t.config), cost)
-        )
+        error = error_line(t.get_error()) if t.status == TUNE_ERROR else None
+        config, report = dict(t.config), dict(t.last_result or {})
+        result.append(TrialOutcome(t.trial_id, t.status, config, report, spec.with_overrides(config), cost, error))
     return result
+
+
+def error_line(error: BaseException | str | None) -> str:
+    """The line of a trial's error that says what went wrong: Ray wraps it in tracebacks, and the last line of
+    the message is the original exception's ``Type: message``."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
 
 
 def sweep_spec(run_dir: str | Path) -> JobSpec:

@@ -19,6 +19,7 @@ from pipeline.results import (
     CHECKPOINT_KEY,
     COST_FILE,
     COST_PARTS,
+    error_line,
     is_metric,
     metric_on_test,
     reached_the_end,
@@ -26,7 +27,7 @@ from pipeline.results import (
     trial_dir,
 )
 from pipeline.storage import local_path
-from pipeline.tracking import SweepTracker
+from pipeline.tracking import ERROR_TAG, SweepTracker
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,9 @@ class MLflowSweepCallback(Callback):
         self._guard(f"finish trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        # The trial's local error file: the copy in its storage (trial.get_error) is synced only later.
+        reason = error_line(Path(trial.error_file).read_text() if trial.error_file else None)
+        self._guard(f"error of trial {trial.trial_id}", self.tracker.tag_trial, trial.trial_id, {ERROR_TAG: reason})
         self._guard(f"fail trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FAILED")
 
     def on_experiment_end(self, trials: list, **info) -> None:
@@ -251,11 +255,12 @@ class ProgressCallback(Callback):
             self._console.ended(trial.trial_id, "stopped", f"early by the scheduler (ASHA) after {epochs}; {score}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        from pipeline.console import WORKERS_LOG, log_dir
+        from pipeline.console import REASON_WIDTH, WORKERS_LOG, fit, log_dir
 
         where = log_dir(self.spec.sweep_dir) / WORKERS_LOG
+        reason = error_line(Path(trial.error_file).read_text() if trial.error_file else None)
         self._console.track(trial.trial_id, self._label(trial))
-        self._console.ended(trial.trial_id, "failed", f"its output is in {where}")
+        self._console.ended(trial.trial_id, "failed", f"{fit(reason, REASON_WIDTH)} (its output is in {where})")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         from pipeline.console import REFRESH_S, read_progress

@@ -54,6 +54,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 VIEW_KEY = "sdtune"
 VIEW_STATE_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+ERROR_TAG = "sdtune.error"  # on a FAILED trial's run: why, in one line (MLflow drops NaN metrics, so it is a tag)
 PARENT_TAG = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": the UI nests children under it
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -432,6 +433,11 @@ class SweepTracker:
             return
         for chunk in _chunks(batch, METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
+
+    def tag_trial(self, trial_id: str, tags: Mapping[str, str]) -> None:
+        run_id = self._trial_run_id(trial_id)
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
 
     def log_artifacts(self, trial_id: str, local_dir: str | Path, artifact_path: str = "adapter") -> None:
         self.client.log_artifacts(self._trial_run_id(trial_id), str(local_dir), artifact_path)

@@ -15,6 +15,7 @@ the seconds the worker spent per phase (``time/*``), from which the sweep's GPU-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -29,6 +30,7 @@ import deepspeed
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 import sdt
@@ -37,7 +39,7 @@ from pipeline.console import TrialProgress
 from pipeline.formatting import Example, collate, pad_token_id
 from pipeline.metrics import evaluate
 from pipeline.models import load_base_model
-from pipeline.results import ADAPTER_DIR
+from pipeline.results import ADAPTER_DIR, DIVERGED_FILE
 from pipeline.tasks import TaskData, load_task
 from pipeline.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
@@ -78,27 +80,52 @@ class Batches:
             yield pending
 
 
-def deepspeed_config(spec: JobSpec, full_bf16: bool) -> dict[str, Any]:
+def zero_stage(spec: JobSpec, world: int) -> int:
+    """The ZeRO stage to run: the spec's, except that ZeRO-1 and -2 on a single rank partition nothing and cost
+    their bookkeeping every step (0.85x the bare loop's tokens/s at the 130m shape against 0.91x for stage 0,
+    docs/benchmarks.md), so one rank without offload runs stage 0. ZeRO-3 stays (one rank may offload with it)."""
+    stage = spec.training.zero_stage
+    return 0 if world == 1 and stage in (1, 2) and not spec.training.offload_optimizer else stage
+
+
+def deepspeed_config(spec: JobSpec, full_bf16: bool, world: int = 1) -> dict[str, Any]:
     training = spec.training
-    return {
+    zero: dict[str, Any] = {"stage": zero_stage(spec, world)}
+    if training.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if training.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    generated = {
         "train_micro_batch_size_per_gpu": training.batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation,
         "gradient_clipping": training.grad_clip,
-        "zero_optimization": {"stage": training.zero_stage},
+        "zero_optimization": zero,
         # Adapters train in fp32 on a bf16 base that we cast ourselves (sdt.to_compute_dtype keeps A_log and D
         # fp32): DeepSpeed's bf16 mode would cast A_log and every adapter to bf16. Full fine-tuning of a bf16
         # model is the one case that needs it.
         "bf16": {"enabled": full_bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # The optimizer is torch's AdamW (DeepSpeed's own would JIT-compile for minutes), also when offloaded.
+        "zero_force_ds_cpu_optimizer": False,
     }
+    return merged(training.deepspeed, generated)
+
+
+def merged(extra: dict[str, Any], generated: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` with ``generated`` written over it, mapping by mapping: the spec's own settings win."""
+    result = dict(extra)
+    for key, value in generated.items():
+        both_mappings = isinstance(value, dict) and isinstance(result.get(key), dict)
+        result[key] = merged(result[key], value) if both_mappings else value
+    return result
 
 
 def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
-    """A fresh DeepSpeed engine: torch AdamW (no JIT-compiled optimizer; fused on CUDA), linear decay to zero, no
-    LR warmup."""
+    """A fresh DeepSpeed engine: torch AdamW (no JIT-compiled optimizer; fused on CUDA unless its state is
+    offloaded to the host), linear decay to zero, no LR warmup."""
     params = tuner.trainable_parameters()
-    fused = {"fused": True} if params[0].is_cuda else {}
+    fused = {"fused": True} if params[0].is_cuda and not spec.training.offload_optimizer else {}
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.training.weight_decay, **fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
     full_bf16 = tuner.config.trains_all_weights and params[0].dtype == torch.bfloat16
@@ -107,11 +134,20 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
         model_parameters=params,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(spec, full_bf16),
+        config=deepspeed_config(spec, full_bf16, world=dist.get_world_size() if dist.is_initialized() else 1),
     )
     # The base loads in eval mode; HF's Mamba mixers take the fused kernel (and mambapy's scan) only in training.
     engine.train()
+    tuner.engine_wrapped()
     return engine
+
+
+def gathered(engine, params: list[torch.Tensor]):
+    """The full values of ``params`` for the ``with`` block, on every rank (a collective under ZeRO-3, which
+    partitions them; a no-op otherwise)."""
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 class LossLog:
@@ -152,23 +188,32 @@ class LossLog:
 
 
 class DivergedError(RuntimeError):
-    """The training loss stopped being a finite number: the trial cannot recover, so it ends now."""
+    """The training loss stopped being a finite number: the trial cannot recover, so it ends now, on every rank
+    (retrying it from a checkpoint would diverge again)."""
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
-    value = float(loss)
-    if not math.isfinite(value):
-        raise DivergedError(f"diverged: the training loss is {value} at optimizer step {step}")
+    """Raise :class:`DivergedError` on every rank when any rank's ``loss`` is not finite (a collective, so that
+    all ranks stop at the same step)."""
+    value = loss.detach().float().reshape(1).clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        bad = (~torch.isfinite(value)).float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise DivergedError(f"diverged: the training loss is not finite at optimizer step {step}")
+    elif not torch.isfinite(value).all():
+        raise DivergedError(f"diverged: the training loss is {value.item()} at optimizer step {step}")
 
 
 class PhaseClock:
     """Wall-clock seconds this worker spends per phase (setup, warmup, train, eval, checkpoint), for the sweep's
     GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, entered_at: float) -> None:
         self.device = device
-        self.worker_start = time.time()
+        self.worker_start = entered_at  # when the worker's training function began, before its imports
         self.seconds: dict[str, float] = defaultdict(float)
+        self.seconds["imports"] = time.time() - entered_at
         self.mark = time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -191,8 +236,11 @@ def train_micro_batch(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return outputs.loss, engine.is_gradient_accumulation_boundary()
 
 
-def run_warmup(tuner: sdt.Tuner, spec: JobSpec, batches: Batches, device: torch.device, total_steps: int) -> dict:
-    """SDT warmup: the dense deltas and LoRA train for ``warmup_steps`` optimizer steps; the engine is then dropped."""
+def run_warmup(
+    tuner: sdt.Tuner, spec: JobSpec, batches: Batches, device: torch.device, total_steps: int
+) -> tuple[dict[str, float], dict]:
+    """SDT warmup: the dense deltas and LoRA train for ``warmup_steps`` optimizer steps; returns its metrics and
+    the dense updates (CPU copies), and drops the engine."""
     engine = make_engine(tuner, spec, spec.training.warmup_lr or spec.training.lr, total_steps)
     losses = LossLog(device, log_every_steps=spec.training.log_every_steps)
     steps, epoch = 0, 0
@@ -209,17 +257,27 @@ def run_warmup(tuner: sdt.Tuner, spec: JobSpec, batches: Batches, device: torch.
             if steps >= tuner.config.warmup_steps:
                 break
         epoch += 1
+    with gathered(engine, tuner.trainable_parameters()):
+        updates = on_cpu(tuner.warmup_updates())
     engine.destroy()
     mean, _ = losses.take()
-    return {"warmup/loss": mean, "warmup/steps": steps}
+    return {"warmup/loss": mean, "warmup/steps": steps}, updates
 
 
 def save_checkpoint(directory: Path, engine, tuner: sdt.Tuner, state: dict, rank: int) -> None:
     # Collective: each rank writes its own ZeRO partition of the optimizer state; Ray merges the workers' dirs.
     engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, exclude_frozen_parameters=True)
-    if rank == 0:
-        sdt.save(tuner, directory / ADAPTER_DIR)
-        (directory / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+    with gathered(engine, tuner.trainable_parameters()):  # the adapter whole, not rank 0's ZeRO-3 shard
+        if rank == 0:
+            sdt.save(tuner, directory / ADAPTER_DIR)
+            (directory / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+
+
+def checkpoints_newest_first(latest: Path) -> list[Path]:
+    """The trial's checkpoint ``latest`` (Ray's latest reported), then the ones Ray kept before it, newest first:
+    a truncated or corrupted latest checkpoint falls back to the one before."""
+    earlier = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest), reverse=True)
+    return [latest, *earlier]
 
 
 def restore(checkpoint_dir: Path, model: torch.nn.Module, spec: JobSpec, total_steps: int):
@@ -231,23 +289,38 @@ def restore(checkpoint_dir: Path, model: torch.nn.Module, spec: JobSpec, total_s
 
 def evaluation_metrics(engine, task: TaskData, tokenizer, spec: JobSpec, rank: int, final: bool) -> dict[str, float]:
     """Rank 0 scores the validation split (Ray keeps only rank 0's metrics; the others report none) and, at the end
-    of training, the test split too. Trials are compared on validation only; test is there to be reported."""
-    if rank != 0:
+    of training, the test split too. Trials are compared on validation only; test is there to be reported.
+    Under ZeRO-3 every rank runs the same evaluation: each forward gathers parameters from all ranks."""
+    if rank != 0 and engine.zero_optimization_stage() != 3:
         return {}
     splits = {"eval": "validation", **({"test": "test"} if final and task.test else {})}
     metrics = {}
     for prefix, split in splits.items():
         scores = evaluate(engine.module, task, split, tokenizer, spec.data, batch_size=spec.training.eval_batch_size)
         metrics.update({f"{prefix}/{name}": value for name, value in scores.items()})
-    return metrics
+    return metrics if rank == 0 else {}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    spec: JobSpec = config["spec"]
+    """One worker's trial. A diverged trial ends on every rank without an error, which Ray Train would retry
+    from the last checkpoint (to diverge again): rank 0 records why, and the trial's driver fails it
+    (:func:`pipeline.trial.raise_if_diverged`)."""
+    context = ray.train.get_context()
+    marker = config["spec"].sweep_dir / context.get_experiment_name() / DIVERGED_FILE
+    if context.get_world_rank() == 0:
+        marker.unlink(missing_ok=True)  # a rerun's own outcome, not an earlier run's
+    try:
+        run_trial(config["spec"], config["entered_at"])
+    except DivergedError as diverged:
+        if context.get_world_rank() == 0:
+            marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
+
+
+def run_trial(spec: JobSpec, entered_at: float) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    clock = PhaseClock(device)
+    clock = PhaseClock(device, entered_at)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(spec.training.seed)
@@ -266,13 +339,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     warmup_metrics: dict[str, float] = {}
     if checkpoint:
-        with checkpoint.as_directory() as checkpoint_dir:
-            state = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text())
-            if state["step"] >= total_steps or state["epoch"] >= training.epochs:
-                # Finished, but the sweep driver died before Tune recorded it: hand Tune the final report again.
-                ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
-                return
-            tuner, engine = restore(Path(checkpoint_dir), model, spec, total_steps)
+        for number, candidate in enumerate(checkpoints_newest_first(Path(checkpoint.path))):
+            if number:  # the failed attempt may have attached adapters to the model: start from a fresh base
+                model, _ = load_base_model(spec.model, device, log=print)
+            try:
+                state = json.loads((candidate / TRAINER_STATE).read_text())
+                if state["step"] >= total_steps or state["epoch"] >= training.epochs:
+                    # Finished, but the sweep driver died before Tune recorded it: report the final state again.
+                    sdt.io.read(candidate / ADAPTER_DIR)  # checks the adapter before Tune is told of it
+                    ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(candidate))
+                    return
+                tuner, engine = restore(candidate, model, spec, total_steps)
+                break
+            except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
+                print(f"checkpoint {candidate} cannot be restored ({' '.join(str(error).split())[:300]}); "
+                      "trying the one before it", flush=True)  # fmt: skip
+        else:
+            raise RuntimeError(f"no checkpoint of this trial in {Path(checkpoint.path).parent} can be restored")
     else:
         tuner = sdt.apply(model, spec.method.to_sdt_config(seed=training.seed))
         if tuner.phase == "warmup":
@@ -285,13 +368,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     rank,
                     trial_name=context.get_experiment_name(),
                     compute=compute,
-                    updates_of=tuner.warmup_updates,
                 )
             else:
-                warmup_metrics = {**compute(), "warmup/shared": 0}
-                updates = on_cpu(tuner.warmup_updates())
+                warmup_metrics, updates = compute()
+                warmup_metrics["warmup/shared"] = 0
             clock.lap("warmup")
-            tuner.start_training(tuner.select(updates))
+            if training.zero_stage == 3:
+                # The warmup engine left its parameters partitioned: the training phase starts from a fresh base
+                # (as the official code does anyway), with the selection and a LoRA initialised as it would be.
+                del tuner, model
+                model, _ = load_base_model(spec.model, device, log=print)
+                sdt_config = spec.method.to_sdt_config(seed=training.seed)
+                tuner = sdt.Tuner(model, sdt_config, selection=sdt.select(model, sdt_config, updates))
+            else:
+                tuner.start_training(tuner.select(updates))
         engine = make_engine(tuner, spec, training.lr, total_steps)
         state = {"step": 0, "epoch": 0, "next_batch": 0, "warmup": warmup_metrics}
     print(tuner.kernel_path, flush=True)
@@ -308,8 +398,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         clock.lap("train")
         train_seconds, trained_before = clock.seconds["train"] - trained_before, clock.seconds["train"]
         mean_loss, points = losses.take()
-        if not math.isfinite(mean_loss):
-            raise DivergedError(f"diverged: the mean training loss up to optimizer step {step} is {mean_loss}")
+        check_finite(torch.tensor(mean_loss, device=device), step)
         metrics = {
             "step": step,
             "epoch": epoch,

@@ -8,6 +8,8 @@ the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import ray
@@ -16,14 +18,16 @@ import ray.train.torch
 from ray import tune
 
 from pipeline.config import JobSpec
-from pipeline.results import TRIAL_PREFIX
+from pipeline.results import DIVERGED_FILE, TRIAL_PREFIX
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """The worker entry point: imports the training code in the worker only."""
+    """The worker entry point: imports the training code in the worker only (and notes when it began, so that
+    the import shows in the trial's start-up breakdown)."""
+    entered_at = time.time()
     from pipeline.train import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    train_loop_per_worker({**config, "entered_at": entered_at})
 
 
 def trial_gpus(spec: JobSpec) -> float:
@@ -53,7 +57,7 @@ def build_trainer(spec: JobSpec, name: str, callbacks: list | None = None) -> ra
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(spec.sweep_dir.resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
         ),
@@ -61,10 +65,22 @@ def build_trainer(spec: JobSpec, name: str, callbacks: list | None = None) -> ra
     )
 
 
+class TrialDiverged(RuntimeError):
+    """The trial's training loss stopped being finite (the reason is the message)."""
+
+
+def raise_if_diverged(spec: JobSpec, name: str) -> None:
+    """Fail the trial (Tune marks it ERROR, MLflow FAILED) if its workers recorded a divergence."""
+    marker = spec.sweep_dir / name / DIVERGED_FILE
+    if marker.is_file():
+        raise TrialDiverged(json.loads(marker.read_text())["reason"])
+
+
 def trial_driver(config: dict[str, Any], spec: JobSpec) -> None:
     """One Tune trial: the sweep's spec with this trial's sampled values, run as a Ray Train worker group."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_spec = spec.with_overrides(config)
-    trial_id = tune.get_context().get_trial_id()
-    build_trainer(trial_spec, name=f"{TRIAL_PREFIX}{trial_id}", callbacks=[TuneReportCallback()]).fit()
+    name = f"{TRIAL_PREFIX}{tune.get_context().get_trial_id()}"
+    build_trainer(trial_spec, name=name, callbacks=[TuneReportCallback()]).fit()
+    raise_if_diverged(trial_spec, name)

@@ -123,11 +123,10 @@ def shared_warmup(
     key: dict[str, Any],
     rank: int,
     trial_name: str,
-    compute: Callable[[], dict[str, float]],
-    updates_of: Callable[[], Updates],
+    compute: Callable[[], tuple[dict[str, float], Updates]],
 ) -> tuple[Updates, dict[str, float]]:
-    """The warmup updates of ``key`` and its metrics: published ones when they exist, else ``compute()`` on every
-    rank (then ``updates_of()`` reads them) and publish them. ``warmup/shared`` is 1 for a reused warmup."""
+    """The warmup updates of ``key`` and its metrics: published ones when they exist, else ``compute()`` (its
+    metrics and updates) on every rank, published. ``warmup/shared`` is 1 for a reused warmup."""
     digest = content_hash(key)
     with store.lock(digest) if rank == 0 else nullcontext():
         found = store.load(digest) if rank == 0 else None
@@ -135,8 +134,8 @@ def shared_warmup(
         if found is not None:
             updates, info = found
             return updates, {**info["metrics"], "warmup/shared": 1}
-        metrics = compute()
-        updates = on_cpu(updates_of())
+        metrics, updates = compute()
+        updates = on_cpu(updates)
         if rank == 0:
             info = {"key": key, "hash": digest, "computed_by": trial_name, "metrics": metrics}
             store.publish(digest, updates, info)

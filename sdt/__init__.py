@@ -14,9 +14,12 @@ Typical use::
     ...  # cfg.warmup_steps optimizer steps on tuner.trainable_parameters()
     tuner.start_training(tuner.select())              # base restored, fresh LoRA, sparse deltas at the selection
     ...  # new optimizer and schedule; after the first backward: tuner.check_gradients()
-    sdt.save(tuner, "out/adapter")                    # safetensors + JSON
-    tuner = sdt.load(fresh_base_model, "out/adapter") # same logits
-    merged = tuner.merge()                            # plain transformers model; save_pretrained works
+    sdt.save(tuner, "out/adapter")                    # safetensors + JSON (model.save_pretrained writes the same)
+    tuner = sdt.load(fresh_base_model, "out/adapter") # same logits; also from a Trainer checkpoint or save_model
+    sdt.save_merged(tuner, "out/merged")              # a plain transformers model; the tuner trains on
+    merged = tuner.merge()                            # or bake the adapters into this model for good
+
+With ``transformers.Trainer`` or TRL's ``SFTTrainer``: :func:`sdt.integrations.trainer.train_sdt` runs the phases.
 
 Supported: ``MambaForCausalLM``, ``JambaForCausalLM`` (its mamba layers; attention and MoE untouched) and
 ``Mamba2ForCausalLM``. For Mamba-2 the mapping (heads as channels, B/C rows of in_proj as states) is our
@@ -24,9 +27,9 @@ generalisation, not the paper's; see :mod:`sdt.targets`.
 """
 
 from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SDTConfig, SDTConfigError, trainable_count
-from .io import adapter_tensors, load, read_config, save, write_atomically
+from .io import AdapterFileError, adapter_tensors, load, read_config, save, save_merged, write_atomically
 from .methods import METHODS, Method, register_method
-from .model import AdapterCoverageError, Tuner, apply, to_compute_dtype
+from .model import AdapterCoverageError, Tuner, apply, select, to_compute_dtype
 from .selection import SelectionError, select_channels_and_states, select_heads_and_rows, top_indices
 from .targets import check_counts, mixers
 from .variants import VARIANTS, LoraVariant, register_variant
@@ -45,11 +48,14 @@ __all__ = [
     "SELECTION_FIELDS",
     "trainable_count",
     "apply",
+    "select",
     "Tuner",
     "AdapterCoverageError",
     "to_compute_dtype",
     "save",
+    "save_merged",
     "load",
+    "AdapterFileError",
     "read_config",
     "adapter_tensors",
     "write_atomically",

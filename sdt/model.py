@@ -6,8 +6,9 @@ trainer, DDP or DeepSpeed can take; the :class:`Tuner` only drives the phases.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -51,6 +52,10 @@ class Tuner:
 
     On CUDA with mamba-ssm, Mamba-1 mixers train through :mod:`sdt.fused` (only the gradients the adapters need);
     :attr:`kernel_path` is the line that says which path runs.
+
+    While adapters are attached, ``model.save_pretrained`` is :meth:`save_pretrained`: it writes the adapter,
+    as a PEFT model does, so ``Trainer.save_model`` and Trainer checkpoints hold adapters that :func:`sdt.load`
+    reads. :meth:`merge` gives the model its class's ``save_pretrained`` back.
     """
 
     def __init__(self, model: nn.Module, config: SDTConfig, selection: dict[str, Selection] | None = None) -> None:
@@ -75,6 +80,9 @@ class Tuner:
                     weight = getattr(spec.module, spec.tensor)
                     P.attach(spec.module, spec.tensor, P.DenseDelta(weight, spec.rows))
         self.kernel_path = install_fused_path(model)
+        if not config.trains_all_weights and hasattr(model, "save_pretrained"):  # full: a plain model saves plainly
+            # an instance attribute: parametrize's class swaps keep it, and copy.deepcopy rebinds it to the copy
+            model.__dict__["save_pretrained"] = self.save_pretrained
 
     # -- phases ---------------------------------------------------------------------------------------------
 
@@ -92,10 +100,7 @@ class Tuner:
 
     def select(self, updates: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Selection]:
         """Rank channels and states per layer from the warmup updates (this model's own, or ones given)."""
-        updates = self.warmup_updates() if updates is None else updates
-        return {
-            prefix: self.family.select(prefix, mixer, updates[prefix], self.config) for prefix, mixer in self.mixers
-        }
+        return select(self.model, self.config, self.warmup_updates() if updates is None else updates)
 
     def start_training(self, selection: dict[str, Selection]) -> None:
         """Restore the base weights exactly, drop warmup's adapters, attach fresh LoRA + sparse deltas."""
@@ -134,6 +139,14 @@ class Tuner:
             for target in cfg.lora_targets:
                 module = getattr(mixer, target)
                 P.attach(module, "weight", variant.build(module.weight, cfg.lora_rank, cfg.lora_alpha, generator))
+
+    def engine_wrapped(self) -> str:
+        """Call after wrapping the model in a training engine that adds hooks or partitions parameters
+        (DeepSpeed): sdt's own forward hook moves after the engine's, and the fused path is checked again (it
+        stands aside for ZeRO-3's partitioned parameters). Returns the kernel path line."""
+        P.move_hooks_last(self.model)
+        self.kernel_path = install_fused_path(self.model)
+        return self.kernel_path
 
     def _require_phase(self, phase: Phase) -> None:
         if self.merged or self.phase != phase:
@@ -193,16 +206,49 @@ class Tuner:
                 "these weights directly, bypassing the adapter; training them would silently do nothing."
             )
 
-    # -- the end ---------------------------------------------------------------------------------------------
+    # -- saving and the end ------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """``model.save_pretrained`` while the adapters are attached: the adapter (what :func:`sdt.save` writes)
+        written into ``save_directory``, next to what a Trainer puts there.
+
+        A full save of the parametrized model would hold keys that a plain ``from_pretrained`` does not know: it
+        would re-initialise A_log and the adapted weights at random. The adapter's ``config.json`` marker makes
+        ``from_pretrained`` stop instead, naming :func:`sdt.load`. ``state_dict`` (DeepSpeed's gathered copy of the
+        same weights) and the options of a full save (sharding, serialization) do not apply to an adapter and are
+        ignored. For a plain model use :func:`sdt.save_merged`.
+        """
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub with an adapter: save_pretrained, then upload the directory")
+        if is_main_process:
+            from .io import save_into  # sdt.io builds on Tuner
+
+            save_into(self, save_directory)
 
     def merge(self) -> nn.Module:
         """Bake the adapters into plain weights and return the (now adapter-free) model."""
         if self.phase != "train":
             raise RuntimeError("merge: only a training-phase adapter can be merged, not a warmup one")
         uninstall_fused_path(self.model)  # a merged model is a plain transformers model
+        self.model.__dict__.pop("save_pretrained", None)
         P.detach_all(self.model, merge=True)
         self.merged = True
         return self.model
+
+
+def select(model: nn.Module, config: SDTConfig, updates: dict[str, dict[str, torch.Tensor]]) -> dict[str, Selection]:
+    """Rank channels and states per layer of ``model`` from warmup updates (only the model's shapes are read, so
+    a fresh copy of the base will do: ``Tuner(fresh_base, config, selection=select(fresh_base, config, updates))``
+    starts its training phase as :meth:`Tuner.start_training` would)."""
+    family = family_of(model)
+    return {prefix: family.select(prefix, mixer, updates[prefix], config) for prefix, mixer in mixers(model)}
 
 
 def apply(model: nn.Module, config: SDTConfig | None = None) -> Tuner:

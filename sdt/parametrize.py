@@ -73,8 +73,10 @@ class SparseDeltaGroup(Adapter):
         self._shared_key: tuple | None = None
 
     def _key(self) -> tuple:
-        # Changes when the optimizer steps (in-place update), when the tensors move, and between grad modes.
-        return (self.delta._version, self.delta.data_ptr(), self.base.data_ptr(), torch.is_grad_enabled())
+        # Changes when the optimizer steps (in-place update), when the tensors move to another device, and
+        # between grad modes. Not the storage address: DeepSpeed ZeRO-3 regathers the delta into new storage at
+        # every read, and a recomputed checkpointed layer must still see the result of its forward.
+        return (self.delta._version, self.delta.device, self.base.device, torch.is_grad_enabled())
 
     def effective(self) -> tuple[torch.Tensor, ...]:
         """The effective tensor of every layer: the shared result while it is current, else a fresh one."""
@@ -180,6 +182,22 @@ def attach_sparse_groups(model: nn.Module, groups: dict[str, list[tuple[nn.Modul
     model.register_forward_pre_hook(container.refresh)
 
 
+def move_hooks_last(model: nn.Module) -> None:
+    """Run the sparse groups' forward pre-hook after every hook added to ``model`` since: DeepSpeed ZeRO-3 gathers
+    partitioned parameters (the deltas among them) only once its own forward pre-hook has run."""
+    if hasattr(model, SPARSE_GROUPS):
+        container = getattr(model, SPARSE_GROUPS)
+        _remove_hooks(model, container)
+        model.register_forward_pre_hook(container.refresh)
+
+
+def _remove_hooks(model: nn.Module, container: SparseGroups) -> None:
+    # No RemovableHandle is kept: a deep copy of one would still point at the original model's hooks.
+    hooks = model._forward_pre_hooks
+    for key in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is container]:
+        del hooks[key]
+
+
 def attach(module: nn.Module, name: str, adapter: nn.Module) -> None:
     """Freeze ``module.<name>`` and route every read of it through ``adapter``."""
     if not parametrize.is_parametrized(module, name):
@@ -198,11 +216,7 @@ def detach_all(model: nn.Module, *, merge: bool) -> None:
                 for name in list(module.parametrizations.keys()):
                     parametrize.remove_parametrizations(module, name, leave_parametrized=merge)
     if hasattr(model, SPARSE_GROUPS):
-        container = getattr(model, SPARSE_GROUPS)
-        # No RemovableHandle is kept: a deep copy of one would still point at the original model's hooks.
-        hooks = model._forward_pre_hooks
-        for key in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is container]:
-            del hooks[key]
+        _remove_hooks(model, getattr(model, SPARSE_GROUPS))
         delattr(model, SPARSE_GROUPS)
 
 

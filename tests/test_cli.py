@@ -15,7 +15,7 @@ BAD_SPECS = [
     ({**GOOD, "model": {"builtin": "digits", "name_or_path": "x"}}, "model"),
     ({**GOOD, "name": "a/b"}, "name"),
     ({**GOOD, "training": {"lr": -1}}, "training.lr"),
-    ({**GOOD, "training": {"zero_stage": 3}}, "training.zero_stage"),
+    ({**GOOD, "training": {"offload_parameters": True}}, "training.offload_parameters"),
     ({**GOOD, "training": {"epochs": 0}}, "training.epochs"),
     ({**GOOD, "method": {"name": "adapter"}}, "method.name"),
     ({**GOOD, "method": {"lora_rank": 0}}, "method.lora_rank"),

@@ -119,7 +119,10 @@ def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: 
         f"\n{context}: loss fused {loss:.5f}, transformers {loss_hf:.5f}, fp32 {loss32:.5f}; worst gradient {worst}: "
         "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e}); {}".format(*errors[worst], line)
     )
-    assert abs(loss - loss_hf) <= 2e-3 * abs(loss_hf), context
+    # The loss as the gradients: close to transformers' bf16 path, or no further from the exact (fp32) function
+    # than transformers' path is (seen on the H200: a random 130m model at loss ~14.7 where the two bf16 paths
+    # landed 0.115 apart, the fused path 0.043 and transformers' 0.072 from fp32).
+    assert abs(loss - loss_hf) <= 2e-3 * abs(loss_hf) or abs(loss - loss32) <= 1.25 * abs(loss_hf - loss32), context
     bad = {
         name: "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e})".format(*e)
         for name, e in errors.items()

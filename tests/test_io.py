@@ -33,7 +33,8 @@ def test_save_load_merge_roundtrip(arch, load_base, tmp_path):
     expected = logits(tuner.model)
     assert not torch.allclose(expected, logits(load_base(arch)))  # training changed the function
     adapter_dir = sdt.save(tuner, tmp_path / "adapter", metadata={"base_model": "tiny"})
-    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    names = sorted(p.name for p in adapter_dir.iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "config.json"]  # config.json: a marker
 
     reloaded = sdt.load(load_base(arch), adapter_dir)
     assert reloaded.phase == "train"

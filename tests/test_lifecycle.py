@@ -1,5 +1,7 @@
 """SDT phases on each architecture: what changes, what stays bit-identical, how many parameters train."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import assert_mamba1_invariants, assert_mamba2_invariants, train, warmup_select_train
@@ -65,6 +67,35 @@ def test_mamba2_invariants(load_base):
         n_groups = selection[prefix]["groups"].numel()
         expected_trainable += k_h + 2 * n_groups * k_s * k_d + cfg.lora_rank * (inner + hidden)
     assert tuner.num_trainable_parameters() == expected_trainable
+    assert_mamba2_invariants(base, merged_state(tuner), selection, layers)
+
+
+def test_mamba2_sdlora_with_lora_on_in_proj(load_base):
+    """LoRA and SDT share in_proj: the warmup's dense B/C delta sits behind LoRA in its chain, the training phase's
+    sparse view before it. Without in_proj's LoRA, exactly the selected entries moved."""
+    model = load_base("mamba2")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = dataclasses.replace(CONFIGS["mamba2"], lora_targets=("in_proj", "out_proj"))
+    tuner = sdt.apply(model, cfg)
+    warmup_names = [n for n, _ in tuner.named_trainable_parameters()]
+    assert any("in_proj.parametrizations.weight.0.lora_A" in n for n in warmup_names)
+    assert any("in_proj.parametrizations.weight.1.delta" in n for n in warmup_names)  # the dense B/C delta
+    selection = warmup_select_train(tuner)
+    layers = sdt.mixers(load_base("mamba2"))
+    expected_trainable = 0
+    for prefix, mixer in layers:
+        k_s = sdt.trainable_count(cfg.states_frozen, mixer.ssm_state_size)
+        k_d = sdt.trainable_count(cfg.inputs_frozen, mixer.in_proj.weight.shape[1])
+        k_h = sdt.trainable_count(cfg.channels_frozen, mixer.num_heads)
+        lora = sum(cfg.lora_rank * sum(getattr(mixer, t).weight.shape) for t in cfg.lora_targets)
+        expected_trainable += k_h + 2 * selection[prefix]["groups"].numel() * k_s * k_d + lora
+    assert tuner.num_trainable_parameters() == expected_trainable
+    for _, mixer in sdt.mixers(tuner.model):
+        chain = mixer.in_proj.parametrizations.weight
+        assert [type(p).__name__ for p in chain] == ["SparseDeltaView", "LowRankDelta"]
+        assert torch.count_nonzero(chain[1].lora_B), "in_proj's LoRA did not train"
+        with torch.no_grad():
+            chain[1].lora_B.zero_()  # what is left of in_proj is SDT's alone
     assert_mamba2_invariants(base, merged_state(tuner), selection, layers)
 
 

@@ -41,6 +41,7 @@ TEST = {
 }
 TRAINABLE = {"lora": 1000, "sdlora": 600}
 FAILED_TRIAL = ("sdlora", 1e-2, 2)
+FAILURE = "TrialDiverged: diverged: the training loss is nan at optimizer step 7"  # the failed trial's one-line reason
 
 
 def make_spec(tmp_path: Path, store: str, space: dict):
@@ -71,7 +72,8 @@ def method_lr_seed_trials(spec) -> list[TrialOutcome]:
             }
             status = "ERROR" if (method, lr, seed) == FAILED_TRIAL else "TERMINATED"
             config = {"method.name": method, "training.lr": lr, "training.seed": seed}
-            trials.append(trial(spec, len(trials), status, config, metrics))
+            outcome = trial(spec, len(trials), status, config, metrics)
+            trials.append(replace(outcome, error=FAILURE) if status == "ERROR" else outcome)
     return trials
 
 
@@ -139,13 +141,15 @@ def test_best_setting_per_arm_with_seeds_as_repetitions(tmp_path, store):
         f"0.77 ± 0.02 (n=3), a difference of +0.06, {0.06 / pooled:.2g} pooled standard deviations."
     )
     assert verdict in summary
+    assert f"## Failed trials\n\n- `t11` (sdlora): {FAILURE}\n" in summary
     assert verdict in flat("\n".join(logged)) and str(folder) in logged[0]
     assert all(len(line) <= 300 for text in logged for line in text.splitlines())
 
     # trials.csv: every trial, the failed and NaN ones too, with its status and numbers
     with (folder / "trials.csv").open(newline="") as file:
         listed = list(csv.DictReader(file))
-    assert len(listed) == 12 and sum(row["status"] == "ERROR" for row in listed) == 1
+    assert len(listed) == 12 and [row["error"] for row in listed if row["status"] == "ERROR"] == [FAILURE]
+    assert all(row["error"] == "" for row in listed if row["status"] != "ERROR")
     first = listed[0]
     assert (first["method.name"], float(first["eval/accuracy"]), float(first["tokens_per_s"])) == (
         "lora", VALIDATION["lora", 1e-3][0], 100.0

@@ -88,22 +88,35 @@ def test_sdlora_trial_learns_and_checkpoints(finished_trial):
     assert (checkpoint / "engine" / "state").is_dir()
 
 
-def test_crashed_trial_resumes_from_its_checkpoint(finished_trial, tmp_path, cache_env):
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before(finished_trial, cache_env):
+    """The finished trial run again: its latest checkpoint's adapter is truncated, so the run says so, restores
+    the checkpoint before it, and trains from there to the same final step."""
+    directory, reference = finished_trial
+    latest = Path(reference["checkpoint"])
+    weights = latest / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rerun = sdtune_train(directory / "job.yaml", cache_env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    assert f"checkpoint {latest} cannot be restored" in rerun.stdout + rerun.stderr
+    assert "adapter_model.safetensors: unreadable" in rerun.stdout + rerun.stderr
+    assert int(printed(rerun.stdout)["step"]) == 3 * STEPS_PER_EPOCH
+
+
+def test_a_killed_worker_resumes_its_trial_by_itself(finished_trial, tmp_path, cache_env):
+    """SIGKILL of a worker after the first epoch's checkpoint (as an out-of-memory kill would take it): Ray Train
+    restarts the worker group from that checkpoint (training.max_failures) and the trial ends as the
+    uninterrupted one does."""
     _, reference = finished_trial
     job = write_job(tmp_path)
-    trial = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", str(job)], env=cache_env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    # After the first epoch's checkpoint, a worker dies as an out-of-memory kill would take it.
-    wait_for(lambda: list((tmp_path / "runs").glob("**/adapter/adapter_model.safetensors")), 600, "a checkpoint")
-    for worker in wait_for(lambda: train_workers(trial.pid), 60, "the train workers"):
-        worker.kill()
-    assert trial.wait(timeout=600) != 0
-
-    resumed = sdtune_train(job, cache_env)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-    metrics = printed(resumed.stdout)
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with out.open("w") as stdout, err.open("w") as stderr:  # files, not pipes: nothing blocks the trial's output
+        trial = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(job)], env=cache_env,
+                                 stdout=stdout, stderr=stderr)  # fmt: skip
+        wait_for(lambda: list((tmp_path / "runs").glob("**/adapter/adapter_model.safetensors")), 600, "a checkpoint")
+        [victim, *_] = wait_for(lambda: train_workers(trial.pid), 60, "the train workers")
+        victim.kill()
+        assert trial.wait(timeout=900) == 0, out.read_text()[-3000:] + err.read_text()[-5000:]
+    metrics = printed(out.read_text())
     assert int(metrics["step"]) == int(reference["step"]) == 3 * STEPS_PER_EPOCH
     # every checkpoint of the run, the one written before the crash included, holds the same selection
     adapters = [load_file(p) for p in sorted((tmp_path / "runs").glob("**/adapter/adapter_model.safetensors"))]

@@ -53,12 +53,12 @@ def test_a_published_warmup_is_loaded_not_recomputed(tmp_path):
     updates = {"backbone.layers.0.mixer": {"A_log": torch.randn(8, 4)}}
     calls = []
 
-    def compute() -> dict[str, float]:
+    def compute() -> tuple[dict[str, float], dict]:
         calls.append(1)
-        return {"warmup/loss": 1.5}
+        return {"warmup/loss": 1.5}, updates
 
-    first = shared_warmup(store, key, rank=0, trial_name="trial-a", compute=compute, updates_of=lambda: updates)
-    second = shared_warmup(store, key, rank=0, trial_name="trial-b", compute=compute, updates_of=lambda: {})
+    first = shared_warmup(store, key, rank=0, trial_name="trial-a", compute=compute)
+    second = shared_warmup(store, key, rank=0, trial_name="trial-b", compute=compute)
     assert len(calls) == 1
     assert first[1] == {"warmup/loss": 1.5, "warmup/shared": 0} and second[1] == {"warmup/loss": 1.5, "warmup/shared": 1}
     loaded = second[0]["backbone.layers.0.mixer"]["A_log"]

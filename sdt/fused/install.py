@@ -31,6 +31,11 @@ def mamba1_mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _unsupported(mixer: nn.Module) -> str | None:
+    if any(hasattr(p, "ds_id") for p in mixer.parameters()):
+        # ZeRO-3 gathers a weight only where a module reads it; the Function reads the projections' factors and
+        # bases directly. transformers' path reads them through the parametrizations, which ZeRO-3 gathers.
+        # (Checked first: a partitioned weight's shape reads as (0,).)
+        return "DeepSpeed ZeRO-3 partitions its parameters"
     if mixer.activation not in ("silu", "swish"):
         return f"activation {mixer.activation!r} (the kernels apply SiLU)"
     if mixer.conv1d.weight.shape[-1] not in CONV_WIDTHS:
@@ -72,7 +77,8 @@ def install_fused_path(
         reason = "; ".join(f"{name}: {why}" for name, m in mixers if (why := _unsupported(m)))
     if reason:
         uninstall_fused_path(model)
-        return _report(f"fused path: off ({reason}), mixers run transformers' path", log, warn=on_cuda)
+        reasons = sorted({why for _, m in mixers if (why := _unsupported(m))}) if kernels is not None else [reason]
+        return _report(f"fused path: off ({'; '.join(reasons)}), mixers run transformers' path", log, warn=on_cuda)
     for _, mixer in mixers:
         mixer.__dict__[KERNELS_ATTRIBUTE] = kernels
         mixer.__dict__["forward"] = types.MethodType(forward, mixer)

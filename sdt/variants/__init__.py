@@ -31,6 +31,6 @@ register_variant = VARIANTS.register
 get_variant = VARIANTS.lookup
 
 
-from . import lora  # noqa: E402,F401  (registration happens on import)
+from . import dora, lora  # noqa: E402,F401  (registration happens on import)
 
 __all__ = ["LoraVariant", "VARIANTS", "get_variant", "register_variant"]
