@@ -1,5 +1,9 @@
 """Bad job specs: one line naming the field, exit code 2, before Ray starts."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import ray
 import yaml
@@ -119,3 +123,18 @@ def test_export_or_report_before_any_trial_says_to_run_the_sweep(command, tmp_pa
     result = CliRunner().invoke(app, [command, str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert "run `sdtune sweep` first" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_hub_model_the_hub_cannot_serve_is_one_line_naming_the_field(tmp_path):
+    """A hub name that is neither local nor cached, with the hub unreachable (its endpoint a closed local port, as
+    on a machine without network): `sdtune validate` says so at once, exit 2, instead of retrying and calling the
+    spec valid."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**GOOD, "model": {"name_or_path": "state-spaces/mamba-130m-hf"}}))
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(job)], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"{job}: model.name_or_path: 'state-spaces/mamba-130m-hf' is not a local directory")
+    assert "the hub did not answer" in line and result.stdout == ""
