@@ -8,13 +8,14 @@ Exit codes: 0 done; 1 the run failed (one line says why; the traceback is in the
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -75,6 +76,7 @@ VerboseOption = Annotated[
     bool,
     typer.Option("--verbose", "-v", help="Also show what Ray, DeepSpeed, MLflow and transformers print (always kept in RUN_DIR/logs/)"),
 ]
+LOOPBACK = "127.0.0.1"  # where a Ray instance started here serves its dashboard
 ERROR_LOG = "driver-error.log"  # in the sweep directory: the traceback of a failed run
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
@@ -117,7 +119,7 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     # Ray's usage reporting would try the network; none is reachable on a closed cluster.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     route_logs(spec.sweep_dir, verbose, gpu)
-    ray.init(address=address, log_to_driver=True, **ray_init_options(local))
+    ray.init(address=address, log_to_driver=True, **ray_init_options(local), **(own_state_api() if local else {}))
     capture_worker_output(spec.sweep_dir, verbose)
     if address is not None:
         resources = ray.cluster_resources()
@@ -126,6 +128,22 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
         except JobSpecError as error:
             ray.shutdown()
             raise fail(f"{address}: {error}") from None
+
+
+def own_state_api() -> dict[str, Any]:
+    """``ray.init`` keywords that point the workers of a Ray instance started here at its own state API.
+
+    Ray Train frees the CPUs (GPUs) of a trial whose controller died, as it does when Tune stops the trial (ASHA,
+    and often at its last report), from a placement-group cleaner that asks the state API whether the controller is
+    alive. Without an address that API looks for Ray instances among the machine's processes and fails when there
+    are several (another sweep, tests, a second user): the stopped trial's resources stay held, and the trials after
+    it wait for them forever. The dashboard, which serves the state API, gets a free port chosen here, and every
+    worker its address (``RAY_API_SERVER_ADDRESS``, which the state API reads first)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    workers_env = {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}
+    return {"dashboard_host": LOOPBACK, "dashboard_port": port, "runtime_env": {"env_vars": workers_env}}
 
 
 @contextmanager
