@@ -157,7 +157,7 @@ def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
         assert cost["training"] > 0 and cost["startup"] > 0
         assert abs(cost["other"]) <= 0.05 * cost["wall"], (trial.trial_id, cost)
     summary = (sweep_dir / "report" / "summary.md").read_text()
-    assert "## Where the GPU time went" in summary and "**total (s)**" in summary
+    assert "## Where the time went" in summary and "**total (s)**" in summary
 
 
 def test_the_console_shows_trial_events_and_progress_and_no_library_noise(sweep):
@@ -283,10 +283,14 @@ def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_se
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
     assert params["training.lr"] == str(winner.config["training.lr"])
     assert params["method.name"] == winner.config["method"]["name"]
+    # the registered version is the parent's, and the alias champion names it (search results carry no aliases)
     query = urllib.parse.urlencode({"filter": f"run_id = '{parent['info']['run_id']}'"})
     with urllib.request.urlopen(f"{base}/api/2.0/mlflow/model-versions/search?{query}", timeout=60) as response:
-        versions = json.load(response)["model_versions"]
-    assert [(v["name"], v.get("aliases")) for v in versions] == [("quickstart", ["champion"])]
+        [version] = json.load(response)["model_versions"]
+    query = urllib.parse.urlencode({"name": "quickstart", "alias": "champion"})
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/registered-models/alias?{query}", timeout=60) as response:
+        champion = json.load(response)["model_version"]
+    assert (version["name"], version["version"]) == ("quickstart", champion["version"])
 
 
 def browser() -> str | None:
