@@ -95,6 +95,7 @@ def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
     """Send this process's log records to ``logs/driver.log`` and keep on the console what :class:`ConsoleFilter`
     lets through; without a GPU, drop transformers' hints to install the CUDA kernels. Returns the log file."""
     import huggingface_hub.utils.logging
+    import mlflow  # noqa: F401  (its import gives the "mlflow" logger its console handler, filtered below)
     import transformers.utils.logging as transformers_logging
 
     directory = log_dir(sweep_dir)
