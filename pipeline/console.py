@@ -6,7 +6,8 @@ directory's ``logs/`` (``--verbose`` also shows it):
 - ``logs/driver.log``: the Python log records of the sweep command (Ray, Tune, MLflow, transformers, sdtune);
 - ``logs/workers.log``: stdout and stderr of every Ray worker (the trials' Tune functions, Train controllers and
   training workers: DeepSpeed's and transformers' messages, the kernel path of each trial), prefixed with the
-  process that wrote them.
+  process that wrote them. A worker line of sdtune's that starts with ``WARNING: `` (:data:`WORKER_WARNING`: a
+  checkpoint that cannot be restored, a CUDA run on the slow reference kernels) is shown on the console too.
 
 Progress travels through files, not Ray: rank 0 of a trial writes ``<trial dir>/progress.json`` at its log interval
 (:class:`TrialProgress`), and the sweep driver reads it (:func:`read_progress`) from a Tune callback
@@ -38,6 +39,7 @@ LOG_DIR = "logs"  # under the sweep directory
 DRIVER_LOG = "driver.log"
 WORKERS_LOG = "workers.log"
 PROGRESS_FILE = "progress.json"  # in a trial's directory, written by its rank 0
+WORKER_WARNING = "WARNING: "  # how sdtune's worker code starts a line the person at the console must see
 MAX_LINE = 300  # no console line of ours is longer
 LABEL_WIDTH = 60  # an arm label is cut to this many characters in a line (the full label is in MLflow and the report)
 REASON_WIDTH = 140  # a failed trial's reason is cut to this (the whole one is in MLflow and the report)
@@ -134,9 +136,10 @@ def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
 
 def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
     """Write the output of Ray's workers, which the driver receives with ``log_to_driver``, to ``logs/workers.log``
-    (and, ``verbose``, to the console as Ray does). Ray has no public switch for this: the driver's dispatcher of
-    worker output (``ray._private.ray_logging``) gets one more handler, and loses its console one unless
-    ``verbose``. Returns the log file."""
+    (and, ``verbose``, to the console as Ray does; otherwise only sdtune's :data:`WORKER_WARNING` lines, cut to
+    :data:`MAX_LINE`). Ray has no public switch for this: the driver's dispatcher of worker output
+    (``ray._private.ray_logging``) gets one more handler, and loses its console one unless ``verbose``. Returns the
+    log file."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     path = log_dir(sweep_dir) / WORKERS_LOG
@@ -147,7 +150,12 @@ def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
         if data.get("pid") == "autoscaler":  # the cluster's status every few seconds, which Ray never prints either
             return
         who = data.get("actor_name") or data.get("task_name") or "worker"
-        sink.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in data.get("lines", []))
+        lines = data.get("lines", [])
+        sink.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in lines)
+        if not verbose:  # verbose: Ray's own handler prints every line already
+            for line in lines:
+                if line.startswith(WORKER_WARNING):
+                    print(fit(line, MAX_LINE), file=sys.stderr, flush=True)
 
     if not verbose:
         dispatcher.remove_handler("ray_print_logs")

@@ -35,7 +35,7 @@ from deepspeed.utils import safe_get_full_grad
 
 import sdt
 from pipeline.config import JobSpec
-from pipeline.console import TrialProgress
+from pipeline.console import WORKER_WARNING, TrialProgress
 from pipeline.formatting import Example, collate, pad_token_id
 from pipeline.metrics import evaluate
 from pipeline.models import load_base_model
@@ -352,8 +352,8 @@ def run_trial(spec: JobSpec, entered_at: float) -> None:
                 tuner, engine = restore(candidate, model, spec, total_steps)
                 break
             except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
-                print(f"checkpoint {candidate} cannot be restored ({' '.join(str(error).split())[:300]}); "
-                      "trying the one before it", flush=True)  # fmt: skip
+                print(f"{WORKER_WARNING}checkpoint {candidate} cannot be restored "
+                      f"({' '.join(str(error).split())[:300]}); trying the one before it", flush=True)  # fmt: skip
         else:
             raise RuntimeError(f"no checkpoint of this trial in {Path(checkpoint.path).parent} can be restored")
     else:
