@@ -10,26 +10,77 @@ with nothing started or written; 130 interrupted (Ctrl+C / SIGTERM): nothing exp
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from pipeline import __version__
 from pipeline.config import JobSpec, JobSpecError
 from pipeline.results import JOB_FILE, sweep_spec
 from pipeline.storage import DirectoryBusy, StoragePath, claim_directory, local_state_dir, storage_path, write_file
 
-app = typer.Typer(help="Sweep SDT + LoRA fine-tuning of Mamba, Mamba-2 and Jamba models.", no_args_is_help=True)
 
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a spec field: --set training.lr=1e-3")]
-AddressOption = Annotated[
-    str | None, typer.Option("--address", envvar="RAY_ADDRESS", help="An existing Ray cluster (default: start one)")
+
+class ReadableHelp:
+    """Help that reads as words: a value's placeholder is its name (``RUN_DIR``, ``KEY=VALUE``), not its Python
+    type (``<list[str]>``); a flag shows none (not ``<bool>``); the usage line names the arguments without braces
+    (``sdtune sweep [OPTIONS] JOB``, not ``{job}``)."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if param.metavar is None:
+                param.metavar = "" if getattr(param, "is_flag", False) else param.name.upper()
+            if isinstance(param, TyperArgument) and param.type_descriptor.annotation is str:
+                param.display_type_rich = lambda ctx: None  # typer would add "<str>" beside the argument's name
+        return params
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        arguments = {f"{{{p.metavar}}}": p.metavar for p in self.get_params(ctx) if isinstance(p, TyperArgument)}
+        return [arguments.get(piece, piece) for piece in pieces]
+
+
+class Command(ReadableHelp, TyperCommand):
+    pass
+
+
+class Group(ReadableHelp, TyperGroup):
+    pass
+
+
+app = typer.Typer(
+    help="Sweep SDT + LoRA fine-tuning of Mamba, Mamba-2 and Jamba models (`sdtune COMMAND --help`: a command's "
+    "options and examples).",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    cls=Group,
+)
+command = partial(app.command, cls=Command)
+
+JobArgument = Annotated[Path, typer.Argument(help="A job spec (YAML), e.g. jobs/quickstart.yaml")]
+RunDirArgument = Annotated[str, typer.Argument(metavar="RUN_DIR", help="A sweep directory: runs/NAME (the spec's output_dir/name), or its s3://... URI")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a field of the spec, e.g. `--set training.lr=1e-3` (repeatable)"),
 ]
+AddressOption = Annotated[
+    str | None,
+    typer.Option("--address", metavar="ADDRESS", envvar="RAY_ADDRESS", help="An existing Ray cluster (default: start one here)"),
+]
+VerboseOption = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Also show what Ray, DeepSpeed, MLflow and transformers print (always kept in RUN_DIR/logs/)"),
+]
+LOOPBACK = "127.0.0.1"  # where a Ray instance started here serves its dashboard
 ERROR_LOG = "driver-error.log"  # in the sweep's local state directory: the traceback of a failed run
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
@@ -48,15 +99,27 @@ def load_or_exit(job: Path, overrides: list[str] | None, address: str | None = N
     try:
         return load_checked(job, overrides or [], local_cluster=address is None, in_sweep=in_sweep)
     except JobSpecError as error:
-        raise fail(f"{job}: {error}") from None
+        raise fail(spec_error_line(job, error)) from None
 
 
-def start_ray(spec: JobSpec, address: str | None, in_sweep: bool = True) -> None:
-    """A local Ray instance, or the cluster at ``address`` (whose resources must fit a trial: exit 2)."""
+def spec_error_line(path: Path, error: JobSpecError) -> str:
+    """``JOB: field: reason``; a file that cannot be read names itself already."""
+    return str(error) if error.where == error.source else f"{path}: {error}"
+
+
+def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool = True) -> None:
+    """A local Ray instance, or the cluster at ``address`` (whose resources must fit a trial, ``in_sweep`` with
+    its Tune driver: exit 2). Library output goes to ``RUN_DIR/logs/`` (and, ``verbose``, to the console too:
+    :mod:`pipeline.console`)."""
     import ray
+    import torch
 
+    from pipeline.console import capture_worker_output, quiet_environment, ray_init_options, route_logs
     from pipeline.preflight import check_resources
 
+    local = address is None
+    gpu = torch.cuda.is_available() if local else spec.resources.use_gpu is not False
+    os.environ.update(quiet_environment(local, gpu))
     # Ray's usage reporting would try the network; none is reachable on a closed cluster.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train's controller polls its workers every 2 s by default, so a trial's end is noticed up to 2 s late,
@@ -65,13 +128,14 @@ def start_ray(spec: JobSpec, address: str | None, in_sweep: bool = True) -> None
     # Ray Train fails a worker group that takes over 60 s to start; each worker imports torch in that window,
     # which took over a minute on a loaded 2-core machine (a failed quickstart). Slow is not broken.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    if address is None:
-        # One more actor per trial that watches for node preemption, which a single-machine instance cannot see
-        # apart from its own end.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    logs = local_state_dir(spec.sweep_dir)
+    route_logs(logs, verbose, gpu)
     # "local": a Ray instance of this command's own, even where another cluster on this machine left its address
     # in Ray's bootstrap file (ray.init() would join that one)
-    ray.init(address=address or "local", log_to_driver=True)
+    ray.init(
+        address=address or "local", log_to_driver=True, **ray_init_options(local), **(own_state_api() if local else {})
+    )
+    capture_worker_output(logs, verbose)
     if address is not None:
         resources = ray.cluster_resources()
         try:
@@ -81,12 +145,20 @@ def start_ray(spec: JobSpec, address: str | None, in_sweep: bool = True) -> None
             raise fail(f"{address}: {error}") from None
 
 
-def prepare_builtin_base(spec: JobSpec) -> None:
-    """Pretrain the built-in base once, here, rather than in every Ray worker at the same time."""
-    if spec.model.builtin == "digits":
-        from pipeline.digits import ensure_digits_base
+def own_state_api() -> dict[str, Any]:
+    """``ray.init`` keywords that point the workers of a Ray instance started here at its own state API.
 
-        ensure_digits_base(log=typer.echo)
+    Ray Train frees the CPUs (GPUs) of a trial whose controller died, as it does when Tune stops the trial (ASHA,
+    and often at its last report), from a placement-group cleaner that asks the state API whether the controller is
+    alive. Without an address that API looks for Ray instances among the machine's processes and fails when there
+    are several (another sweep, tests, a second user): the stopped trial's resources stay held, and the trials after
+    it wait for them forever. The dashboard, which serves the state API, gets a free port chosen here, and every
+    worker its address (``RAY_API_SERVER_ADDRESS``, which the state API reads first)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    workers_env = {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}
+    return {"dashboard_host": LOOPBACK, "dashboard_port": port, "runtime_env": {"env_vars": workers_env}}
 
 
 @contextmanager
@@ -99,33 +171,60 @@ def owning(sweep_dir: StoragePath) -> Iterator[None]:
         raise fail(f"{sweep_dir}: {busy}") from None
 
 
-@app.command("version")
+@command("version")
 def show_version() -> None:
     """Print the installed sdtune version."""
     typer.echo(__version__)
 
 
-@app.command()
-def validate(job: Path, overrides: SetOption = None, address: AddressOption = None) -> None:
-    """Check a job spec against this machine without starting anything."""
+@command()
+def validate(job: JobArgument, overrides: SetOption = None, address: AddressOption = None) -> None:
+    """Check a job spec against this machine without starting anything.
+
+    Every problem is one line naming the field, with exit code 2.
+
+    Examples: `sdtune validate jobs/quickstart.yaml` · `sdtune validate job.yaml --set training.lr=3e-3`
+    """
     spec = load_or_exit(job, overrides, address)
     typer.echo(f"{job}: valid ({spec.method.name} on {spec.data.task}, sweep dir {spec.sweep_dir})")
 
 
-@app.command()
-def pretrain(cache_dir: Annotated[Path | None, typer.Option(help="Default: $SDTUNE_CACHE or ~/.cache/sdtune")] = None) -> None:
-    """Pretrain (once; cached) the tiny base model that the built-in digits task fine-tunes."""
-    from pipeline.digits import ensure_digits_base
+@command()
+def pretrain(
+    out: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="Where to write the rebuilt base. Default: digits-base-HASH in $SDTUNE_CACHE or ~/.cache/sdtune"),
+    ] = None,
+) -> None:
+    """Rebuild the built-in digits base from its recipe and compare it with the shipped one.
 
-    typer.echo(f"digits base: {ensure_digits_base(cache_dir, log=typer.echo)}")
+    About a minute on 2 cores. Sweeps do not need it: `model: {builtin: digits}` loads the base shipped in the
+    package. It prints both bases' next-pixel loss on the validation images and their largest weight difference.
+
+    Examples: `sdtune pretrain` · `sdtune pretrain --out pipeline/digits_base` (refresh the shipped base)
+    """
+    from pipeline.digits import SHIPPED_BASE, digits_base_dir, rebuild_digits_base
+
+    out = out or digits_base_dir()
+    comparison = rebuild_digits_base(out, log=typer.echo)
+    typer.echo(
+        f"digits base rebuilt in {out}: validation loss {comparison['validation_loss']:.4f} nats per pixel "
+        f"(shipped base {SHIPPED_BASE}: {comparison['reference_validation_loss']:.4f}), largest weight "
+        f"difference {comparison['max_weight_difference']:.2g}"
+    )
 
 
-@app.command()
-def train(job: Path, overrides: SetOption = None, address: AddressOption = None) -> None:
-    """Run one trial (no Tune) through Ray Train, for debugging; rerun it to resume from its last checkpoint."""
+@command()
+def train(job: JobArgument, overrides: SetOption = None, address: AddressOption = None, verbose: VerboseOption = False) -> None:
+    """Run one trial of a job spec (no Tune) through Ray Train, for debugging.
+
+    Rerun it to resume from its last checkpoint. Prints the last report's metrics and the checkpoint; a trial
+    whose loss diverged exits 1.
+
+    Example: `sdtune train jobs/quickstart.yaml --set training.epochs=1`
+    """
     spec = load_or_exit(job, overrides, address, in_sweep=False)
-    prepare_builtin_base(spec)
-    start_ray(spec, address, in_sweep=False)
+    start_ray(spec, address, verbose, in_sweep=False)
     from pipeline.claims import end_coordinator
     from pipeline.trial import TrialDiverged, build_trainer, raise_if_diverged
 
@@ -142,11 +241,17 @@ def train(job: Path, overrides: SetOption = None, address: AddressOption = None)
     typer.echo(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
 
 
-@app.command()
-def sweep(job: Path, overrides: SetOption = None, address: AddressOption = None) -> None:
-    """Run the sweep of a job spec (Ray Tune trials, each a Ray Train worker group; MLflow tracks it), then export
-    the best trial's adapter and write the report. If the sweep directory exists, the same spec resumes it and a
-    different one is refused: the earlier sweep's files are never rewritten."""
+@command()
+def sweep(job: JobArgument, overrides: SetOption = None, address: AddressOption = None, verbose: VerboseOption = False) -> None:
+    """Run the sweep of a job spec, then export the best trial and write the report.
+
+    Ray Tune runs the trials, each a Ray Train worker group; MLflow tracks them. The console shows a line per trial
+    event and the progress of the running trials; library logs go to RUN_DIR/logs/. If the sweep directory exists,
+    the same spec resumes it and a different one is refused: an earlier sweep's files are never rewritten.
+
+    Examples: `sdtune sweep jobs/quickstart.yaml` · `sdtune sweep job.yaml --set training.lr=3e-3 --set name=lr3`
+    · `sdtune sweep job.yaml --address auto` (an existing Ray cluster)
+    """
     spec = load_or_exit(job, overrides, address)
     spec.sweep_dir.mkdir(parents=True, exist_ok=True)
     with owning(spec.sweep_dir):
@@ -162,7 +267,7 @@ def sweep(job: Path, overrides: SetOption = None, address: AddressOption = None)
             typer.echo(f"{spec.sweep_dir}: this sweep exists with the same spec; resuming it")
         else:
             write_file(job_file, spec.to_yaml())
-        run_and_finish(spec, address)
+        run_and_finish(spec, address, verbose)
 
 
 def _differences(before: object, after: object, prefix: str = "") -> Iterator[str]:
@@ -174,64 +279,93 @@ def _differences(before: object, after: object, prefix: str = "") -> Iterator[st
         yield prefix
 
 
-@app.command()
-def resume(run_dir: str, address: AddressOption = None) -> None:
-    """Continue an interrupted sweep (finished trials are not run again), then export and report."""
+@command()
+def resume(run_dir: RunDirArgument, address: AddressOption = None, verbose: VerboseOption = False) -> None:
+    """Continue an interrupted sweep, then export and report.
+
+    Finished trials are not run again; their MLflow runs are reused.
+
+    Example: `sdtune resume runs/quickstart`
+    """
     spec = spec_of_run(run_dir)
     with owning(spec.sweep_dir):
-        run_and_finish(spec, address)
+        run_and_finish(spec, address, verbose)
 
 
-@app.command()
+@command()
 def export(
-    run_dir: str,
-    out: Annotated[str | None, typer.Option(help="Default: the spec's export.dir, else RUN_DIR/export")] = None,
+    run_dir: RunDirArgument,
+    out: Annotated[str | None, typer.Option(metavar="DIR", help="Default: the spec's export.dir, else RUN_DIR/export")] = None,
     merge: Annotated[
         bool | None, typer.Option("--merge/--no-merge", help="Also write merged/ (default: the spec's export.merge)")
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
-    """(Re)export the best trial of a sweep: adapter, trial.json, job.yaml, model card, optionally a merged model."""
-    spec = spec_of_run(run_dir)
+    """Export the best trial of a finished sweep again, here or elsewhere.
+
+    Writes the adapter, trial.json, job.yaml, a model card and, with `--merge`, a plain transformers model, and
+    registers it in MLflow as the champion.
+
+    Examples: `sdtune export runs/quickstart --merge --out my-adapter`
+    """
+    import torch
+
+    from pipeline.console import route_logs
     from pipeline.export import ExportRefused, export_trials
-    from pipeline.results import load_trials
     from pipeline.tracking import SweepTracker
 
+    spec = spec_of_run(run_dir)
+    trials = trials_of_run(spec)
+    route_logs(spec.sweep_dir, verbose, torch.cuda.is_available())
     with owning(spec.sweep_dir):
         try:
-            export_trials(spec, load_trials(spec), SweepTracker(spec), out=out, merge=merge, log=typer.echo)
+            export_trials(spec, trials, SweepTracker(spec), out=out, merge=merge, log=typer.echo)
         except ExportRefused as refused:
             raise fail(str(refused)) from None
 
 
-@app.command()
-def report(run_dir: str) -> None:
-    """Plot the metric against each searched hyperparameter and tabulate the best arm against the baselines."""
-    spec = spec_of_run(run_dir)
+@command()
+def report(run_dir: RunDirArgument) -> None:
+    """Write the report of a sweep again: tables and plots comparing its arms at equal budgets.
+
+    RUN_DIR/report/ gets summary.md (best vs baselines, epochs reached, early stops, where the time went), CSV
+    tables, learning curves and the metric against each searched hyperparameter.
+
+    Example: `sdtune report runs/quickstart`
+    """
     from pipeline.report import write_report
-    from pipeline.results import load_trials
     from pipeline.tracking import SweepTracker
 
-    write_report(spec, load_trials(spec), SweepTracker(spec), log=typer.echo)
+    spec = spec_of_run(run_dir)
+    write_report(spec, trials_of_run(spec), SweepTracker(spec), log=typer.echo)
 
 
-@app.command()
+@command()
 def ui(
     run_dir: Annotated[str | None, typer.Argument(help="A sweep directory; default: $MLFLOW_TRACKING_URI")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback exposes the runs")] = "127.0.0.1",
-    port: int = 5000,
+    port: Annotated[int, typer.Option(help="Port to serve on")] = 5000,
 ) -> None:
-    """Serve a sweep's MLflow store (runs, metrics, artifacts, registry) with `mlflow server`."""
-    from pipeline.tracking import ARTIFACTS_DIR, tracking_uri
+    """Serve a sweep's MLflow store (runs, metrics, artifacts, registry) with `mlflow server`.
 
+    Prints the address of the sweep's runs in MLflow's training view, which MLflow 3 does not open by itself.
+
+    Examples: `sdtune ui runs/quickstart` · `sdtune ui runs/quickstart --port 5001`
+    """
+    from pipeline.tracking import ARTIFACTS_DIR, SweepTracker, tracking_uri
+
+    base = f"http://{host}:{port}"
     if run_dir is not None:
         spec = spec_of_run(run_dir)
         store = ["--backend-store-uri", tracking_uri(spec)]
         store += ["--default-artifact-root", (local_state_dir(spec.sweep_dir.resolve()) / ARTIFACTS_DIR).as_uri()]
+        where = f"the sweep {spec.name}: {SweepTracker(spec).ui_url(base)}"
     elif os.environ.get("MLFLOW_TRACKING_URI"):
         store = ["--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"]]
+        where = f"experiments: {base}/#/experiments?workflowType=machine_learning"
     else:
         raise fail("give a sweep directory (runs/<job name>) or set MLFLOW_TRACKING_URI")
-    typer.echo(f"MLflow UI on http://{host}:{port}", err=True)
+    typer.echo(f"MLflow UI on {base}; {where}", err=True)
     command = [sys.executable, "-m", "mlflow", "server", *store, "--host", host, "--port", str(port)]
     os.execv(sys.executable, command)
 
@@ -247,14 +381,23 @@ def spec_of_run(run_dir: str) -> JobSpec:
     try:
         return sweep_spec(run_dir)
     except JobSpecError as error:
-        raise fail(f"{run_dir / JOB_FILE}: {error}") from None
+        raise fail(spec_error_line(storage_path(run_dir) / JOB_FILE, error)) from None
 
 
-def run_and_finish(spec: JobSpec, address: str | None) -> None:
+def trials_of_run(spec: JobSpec) -> list:
+    """The trials of a sweep, read back from its directory; a sweep that never ran a trial: exit 2."""
+    from pipeline.results import load_trials
+
+    try:
+        return load_trials(spec)
+    except FileNotFoundError as missing:
+        raise fail(str(missing)) from None
+
+
+def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
     """Run (or resume) the sweep, then export its best trial and write its report; the MLflow parent run ends
     FINISHED, KILLED (interrupted: nothing exported) or FAILED (one line here, the traceback in the sweep dir)."""
-    prepare_builtin_base(spec)
-    start_ray(spec, address)
+    start_ray(spec, address, verbose)
     from pipeline.export import ExportRefused, export_trials
     from pipeline.report import write_report
     from pipeline.tracking import SweepTracker

@@ -3,16 +3,20 @@
 The task: scikit-learn's bundled 8x8 digits as sequences of 64 pixel tokens (``digits_tokenizer``), images
 [0, 1500) shuffled (``split_seed``) into train / validation, [1500, 1797) the fixed test set.
 
-The base: fine-tuning has to start from a model that knows something, so :func:`ensure_digits_base` trains a small
-``MambaForCausalLM`` on *next-pixel modelling* of the digits training images (the 64 pixel tokens of each image of
-``digits_pixel_sequences("train")``, default split: no labels, no prompt, no validation or test images) and caches
-it as a plain transformers directory (``save_pretrained`` + tokenizer + ``pretrain.json``) under
-``$SDTUNE_CACHE`` (default ``~/.cache/sdtune``), in ``digits-base-<hash>``; the hash covers the
-:class:`PretrainConfig`, the recipe version and sdtune's format version, so a changed recipe never reuses a stale
-base. Training is seeded and its data order fixed, so every worker that builds it gets the same weights (bit for
-bit with the same torch build and thread count; other thread counts differ by float rounding, ~1e-7).
+The base: fine-tuning has to start from a model that knows something, so sdtune ships a small ``MambaForCausalLM``
+pretrained on *next-pixel modelling* of the digits training images (the 64 pixel tokens of each image of
+``digits_pixel_sequences("train")``, default split: no labels, no prompt, no validation or test images) as package
+data: ``pipeline/digits_base/`` (safetensors weights, config, tokenizer and ``pretrain.json``, ~270 KB). It is what
+``model: {builtin: digits}`` loads (:func:`ensure_digits_base`); nothing is trained on first use.
 
-Publishing is atomic and race-safe: the base is written to a private staging directory with
+``sdtune pretrain`` rebuilds it from the recipe (:func:`pretrain_digits_base`, seeded, data order fixed: the same
+weights bit for bit with the same torch build and thread count, float rounding apart otherwise) and compares the
+rebuilt base with the shipped one (:func:`compare_bases`). Another :class:`PretrainConfig` (the tests' small ones)
+is pretrained on demand and cached under ``$SDTUNE_CACHE`` (default ``~/.cache/sdtune``), in
+``digits-base-<hash>``; the hash covers the config, the recipe version and sdtune's format version, so a changed
+recipe never reuses a stale base, and a shipped base whose ``pretrain.json`` records another hash is not used.
+
+Publishing into the cache is atomic and race-safe: the base is written to a private staging directory with
 :func:`sdt.write_atomically` and renamed into place only if the target does not exist yet, so a crash never
 leaves half a base and concurrent Ray workers keep whichever complete copy landed first. A lock file makes
 workers sharing the cache wait for one pretraining instead of each running their own.
@@ -112,9 +116,11 @@ class PretrainConfig:
     seed: int = 0  # weight init and data order
 
 
-# ~35-40 s on 2 CPU cores with mambapy; validation next-pixel loss ~1.45 nats (random init ~3.2, per-position
+# ~35-70 s on 2 CPU cores with mambapy; validation next-pixel loss ~1.45 nats (random init ~3.2, per-position
 # pixel frequencies ~1.73).
 DIGITS_BASE = PretrainConfig()
+# The DIGITS_BASE model, shipped with the package; rebuild it with `sdtune pretrain --out pipeline/digits_base`.
+SHIPPED_BASE = Path(__file__).with_name("digits_base")
 
 
 def digits_base_config(config: PretrainConfig = DIGITS_BASE) -> MambaConfig:
@@ -155,12 +161,24 @@ def is_complete(directory: Path) -> bool:
     return (Path(directory) / INFO_NAME).is_file()
 
 
+def shipped_base(config: PretrainConfig = DIGITS_BASE) -> Path | None:
+    """The base shipped with the package when it was pretrained with ``config`` by this recipe, else None."""
+    info = SHIPPED_BASE / INFO_NAME
+    if info.is_file() and json.loads(info.read_text()).get("hash") == config_hash(config):
+        return SHIPPED_BASE
+    return None
+
+
 def ensure_digits_base(
     cache_dir: str | os.PathLike | None = None,
     config: PretrainConfig = DIGITS_BASE,
     log: Callable[[str], Any] = print,
 ) -> Path:
-    """The cached base for ``config``: reused when present, pretrained and published otherwise."""
+    """The base for ``config``: the shipped one (:func:`shipped_base`), else the cached one, pretrained and
+    published into the cache when missing."""
+    shipped = shipped_base(config)
+    if shipped is not None:
+        return shipped
     target = digits_base_dir(cache_dir, config)
     if is_complete(target):
         return target
@@ -237,6 +255,7 @@ def pretrain_digits_base(
     tokenizer.save_pretrained(out_dir)
     info = {
         "config": dataclasses.asdict(config),
+        "hash": config_hash(config),
         "recipe": RECIPE_VERSION,
         "format_version": FORMAT_VERSION,
         "data": "digits_pixel_sequences('train'), next-pixel loss",
@@ -245,6 +264,30 @@ def pretrain_digits_base(
     }
     (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # last: marks it complete
     return result
+
+
+def rebuild_digits_base(out_dir: str | os.PathLike, log: Callable[[str], Any] = print) -> dict[str, float]:
+    """Pretrain the default base from its recipe into ``out_dir`` (replacing it atomically) and compare it with the
+    shipped one (:func:`compare_bases`)."""
+    sdt.write_atomically(out_dir, lambda tmp: pretrain_digits_base(tmp, DIGITS_BASE, log))
+    return compare_bases(Path(out_dir), SHIPPED_BASE)
+
+
+def compare_bases(rebuilt: Path, reference: Path) -> dict[str, float]:
+    """How far two digits bases are apart: the largest absolute difference of any weight, and each one's
+    next-pixel loss on the validation images (nats per pixel)."""
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(str(rebuilt / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"{rebuilt} and {reference} hold different weights: {sorted(ours.keys() ^ theirs.keys())[:5]}")
+    validation = torch.tensor(digits_pixel_sequences("validation"), dtype=torch.long)
+    losses = [next_pixel_loss(MambaForCausalLM.from_pretrained(path).float(), validation) for path in (rebuilt, reference)]
+    return {
+        "max_weight_difference": max((ours[key] - theirs[key]).abs().max().item() for key in ours),
+        "validation_loss": losses[0],
+        "reference_validation_loss": losses[1],
+    }
 
 
 @torch.no_grad()

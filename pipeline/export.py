@@ -1,29 +1,37 @@
 """The export stage: the best trial's adapter as a self-contained directory, optionally merged into a plain
-Hugging Face model, and registered in the MLflow model registry under the alias ``champion``.
+Hugging Face model, and registered in the MLflow model registry as a real MLflow model under the alias ``champion``.
 
 The directory (``export.dir``, default ``<sweep dir>/export``) holds:
 
 - ``adapter_model.safetensors`` + ``adapter_config.json``: the winning checkpoint's adapter, loaded onto its base
   model and saved again (an adapter that does not fit its base fails here, not in a user's hands), its config
-  extended with the method, ranks, ratios, targets, the selected counts per layer, the base model and the
-  sdtune version;
+  extended with the method, ranks, ratios, targets, how many entries SDT trains per layer (``selected``), the base
+  model and the sdtune version;
 - ``trial.json``: the trial id, its sampled hyperparameters, the last report's metrics, the checkpoint, the MLflow
   run ids and the registered model version;
-- ``job.yaml``: the spec with the winning values applied; ``README.md``: a short model card;
+- ``job.yaml``: the spec with the winning values applied; ``README.md``: a model card (base, scores, prompt format,
+  how to load it);
 - with merge, ``merged/``: the adapter baked into the base weights, with the tokenizer, for plain
   ``AutoModelForCausalLM.from_pretrained``.
 
-Everything, registration included, happens in a staging directory that then replaces the export whole
-(:func:`pipeline.storage.write_directory`: renamed into place locally, so a failure anywhere leaves the previous
-export, and the champion it registered, as they were; uploaded with ``trial.json`` last in object storage, where a
-failure midway leaves no export rather than a mix of two).
+Files get the usual modes (0666 less the umask; safetensors writes 0600). The registered model is MLflow's
+transformers flavor of the merged model with its tokenizer (a ``text-generation`` pipeline), with the export
+directory beside it as ``sdtune_export/``: ``mlflow.transformers.load_model("models:/<name>@champion")`` returns a
+pipeline that generates. Everything, registration included, happens in a staging directory that then replaces the
+export whole (:func:`pipeline.storage.write_directory`: renamed into place locally, so a failure anywhere leaves the
+previous export, and the champion it registered, as they were; uploaded with ``trial.json`` last in object storage,
+where a failure midway leaves no export rather than a mix of two).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +40,11 @@ from transformers import PreTrainedTokenizerBase
 
 import sdt
 from pipeline import __version__
-from pipeline.config import JobSpec
+from pipeline.arms import value_label
+from pipeline.config import DataSpec, JobSpec
+from pipeline.formatting import SEP
 from pipeline.models import load_base_model
-from pipeline.results import ADAPTER_DIR, JOB_FILE, TrialOutcome, best_trial, is_metric
+from pipeline.results import ADAPTER_DIR, JOB_FILE, TrialOutcome, best_trial, is_metric, metric_on_test
 from pipeline.storage import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
 from pipeline.tracking import SweepTracker, is_finite_number
 
@@ -47,6 +57,9 @@ CARD_FILE = "README.md"
 ARTIFACT_PATH = "export"  # where the export lands among the trial run's MLflow artifacts
 CHAMPION_ALIAS = "champion"
 POSITION_KEYS = ("step", "epoch")  # where in training the last report was made
+MODEL_EXTRAS_DIR = "sdtune_export"  # in the registered MLflow model: the export directory (adapter, trial.json, ...)
+CHECKPOINT_TAG = "sdtune.checkpoint"  # on a model version: the checkpoint it was exported from
+TRIAL_RUN_TAG = "sdtune.trial_run_id"
 
 
 class ExportRefused(RuntimeError):
@@ -94,18 +107,24 @@ def export_trials(
     model, tokenizer = load_base_model(base_spec, "cpu", log=logger.info)
     with local_copy(trial.checkpoint / ADAPTER_DIR) as adapter:
         tuner = sdt.load(model, adapter)
+    register = spec.export.register_model
 
     def write(staging: Path) -> None:
         adapter_config = write_adapter(staging, tuner, winner)
         (staging / JOB_FILE).write_text(winner.to_yaml())
         write_json(staging / TRIAL_FILE, record)
-        (staging / CARD_FILE).write_text(model_card(winner, record, adapter_config, out, merged=merge))
-        if merge:
-            save_merged(tuner, tokenizer, staging / MERGED_DIR)  # last touch of the tuner: merging ends it
-        if spec.export.register_model:
-            register_staged_export(spec, tracker, staging, record)
+        registered_as = registry_name(spec) if register and run_id is not None else None
+        (staging / CARD_FILE).write_text(model_card(winner, record, adapter_config, out, merge, registered_as))
+        with tempfile.TemporaryDirectory() as scratch:
+            merged = staging / MERGED_DIR if merge else Path(scratch) / MERGED_DIR
+            if merge or register:
+                save_merged(tuner, tokenizer, merged)  # last touch of the tuner: merging ends it
+            normal_file_modes(staging)
+            if register:
+                register_staged_export(spec, tracker, staging, merged, record)
 
     write_directory(out, write, marker=TRIAL_FILE)
+    tracker.record_winner(winner, trial.trial_id, {k: v for k, v in record["metrics"].items() if is_metric(k)})
     registered = record["mlflow"]["registered_model"]
     log(f"best trial {trial.trial_id}: {spec.search.metric} = {record['value']:.6g} ({spec.search.mode})")
     if registered:
@@ -128,17 +147,19 @@ def write_adapter(directory: Path, tuner: sdt.Tuner, spec: JobSpec) -> dict[str,
 def adapter_metadata(tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
     """What ``adapter_config.json`` adds to :func:`sdt.save`'s description, for readers that do not parse ``sdt``.
 
-    ``selected_counts``: per layer, how many entries the selection keeps along each of its axes (Mamba:
-    ``channels`` k_c and ``states`` k_s per channel; Mamba-2 also ``groups`` and ``inputs``).
-    ``base_model`` (from :func:`sdt.save`) is what ``from_pretrained`` loads, the cache path for the builtin
-    digits base; ``base_model_source`` is how the job named it.
+    ``selected`` (which :func:`sdt.save` writes as the shapes of the index tensors, ``[13]`` and ``[13, 4]``, which
+    read like indices) becomes per layer how many entries SDT trains along each axis, named for what they count:
+    ``{"channels": 13, "states_per_channel": 4}`` (Mamba-2: ``channels`` are heads, then ``groups``,
+    ``states_per_group``, ``inputs_per_state``); ``selected_indices`` says where the indices are.
+    ``base_model`` (from :func:`sdt.save`) is what ``from_pretrained`` loads, the package's own folder for the
+    builtin digits base; ``base_model_source`` is how the job named it.
     """
     config = tuner.config
-    selected_counts = {
+    kept = {
         layer: {axis: int(indices.shape[-1]) for axis, indices in selection.items()}
         for layer, selection in (tuner.selection or {}).items()
     }
-    counts = list(selected_counts.values())
+    counts = list(kept.values())
     return {
         "method": config.method,
         "description": config.describe(counts[0] if counts and all(c == counts[0] for c in counts) else None),
@@ -149,10 +170,31 @@ def adapter_metadata(tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
             "inputs_frozen": config.inputs_frozen,
         },
         "targets": {"lora": list(config.lora_targets), "sdt": list(config.sdt_targets)},
-        "selected_counts": selected_counts,
+        "selected": {layer: readable_counts(selection) for layer, selection in (tuner.selection or {}).items()},
+        "selected_indices": "in adapter_model.safetensors, as sdt_selection.<layer>.<axis>",
         "base_model_source": spec.model.model_dump(mode="json", exclude_defaults=True),
         "sdtune_version": __version__,
     }
+
+
+def readable_counts(selection: Mapping[str, Any]) -> dict[str, int]:
+    """One layer's selection as counts named for what they count: an axis nested in another (its index tensor
+    has one more dimension than the nearest earlier axis) counts per entry of that one."""
+    counts: dict[str, int] = {}
+    axes = list(selection.items())
+    for position, (axis, indices) in enumerate(axes):
+        parent = next((name for name, other in reversed(axes[:position]) if other.dim() == indices.dim() - 1), None)
+        counts[f"{axis}_per_{parent.removesuffix('s')}" if parent else axis] = int(indices.shape[-1])
+    return counts
+
+
+def normal_file_modes(directory: Path) -> None:
+    """Files readable as any other file the user writes: 0666 less the umask (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def trial_record(spec: JobSpec, trial: TrialOutcome, run_id: str | None, parent_run_id: str | None) -> dict[str, Any]:
@@ -197,50 +239,118 @@ def save_merged(tuner: sdt.Tuner, tokenizer: PreTrainedTokenizerBase, directory:
     tokenizer.save_pretrained(directory)
 
 
+def base_model_name(spec: JobSpec) -> str:
+    """The base as a person names it: ``builtin digits``, the hub name or path, or ``fresh mamba2 (...)``."""
+    model = spec.model
+    if model.builtin is not None:
+        return f"builtin {model.builtin}"
+    if model.architecture is not None:
+        return f"fresh {model.architecture} (random weights, seed 0; config {json.dumps(model.config, sort_keys=True)})"
+    return str(model.name_or_path)
+
+
+def prompt_format(data: DataSpec) -> str:
+    """What the model reads: ``<instruction><text>###`` (a pair: ``...<text>###<text_pair>###``)."""
+    from pipeline.tasks import GLUE_COLUMNS
+
+    roles = {**(GLUE_COLUMNS.get((data.subset or "").lower(), {}) if data.task == "glue" else {}), **data.columns}
+    pair = f"<text_pair>{SEP}" if "text_pair" in roles else ""
+    return f"{data.instruction}<text>{SEP}{pair}"
+
+
+def example_prompt(data: DataSpec) -> str:
+    """A prompt to show and to try: the first test image for the digits task, else the format itself."""
+    if data.task != "digits":
+        return prompt_format(data)
+    from pipeline.digits import digits_splits
+
+    return f"{data.instruction}{digits_splits(data.validation_fraction, data.split_seed)['test'][0]['text']}{SEP}"
+
+
+def generates_text(data: DataSpec) -> bool:
+    """Whether the task's answers are free text (generation) rather than class labels."""
+    return data.task == "generation" or data.kind == "generation"
+
+
+def answer_format(spec: JobSpec) -> str:
+    if generates_text(spec.data):
+        return "the target text, then the tokenizer's end-of-sequence token"
+    names = spec.data.label_names
+    return f"one of {', '.join(names)}" if names else "the class index as text (\"0\", \"1\", ...)"
+
+
+def registry_name(spec: JobSpec) -> str:
+    return spec.export.registered_model_name or spec.name
+
+
 def model_card(
-    spec: JobSpec, record: Mapping[str, Any], adapter_config: Mapping[str, Any], out: StoragePath, merged: bool
+    spec: JobSpec,
+    record: Mapping[str, Any],
+    adapter_config: Mapping[str, Any],
+    out: StoragePath,
+    merged: bool,
+    registered_as: str | None,
 ) -> str:
-    """``README.md``: what the adapter is, how well it did, and how to load it."""
-    base = adapter_config["base_model"]
-    source = ", ".join(f"{key}: {value}" for key, value in adapter_config["base_model_source"].items())
-    hyperparameters = ", ".join(f"`{key}` = {value}" for key, value in record["hyperparameters"].items())
+    """``README.md``: what the adapter is, how well it did, what it reads and answers, and how to use it
+    (``registered_as``: the MLflow registry name it is being registered under)."""
+    metric, metrics = record["metric"], record["metrics"]
+    test = metric_on_test(metric)
+    others = [f"{key} {value:.4g}" for key, value in sorted(metrics.items()) if key.startswith("test/") and key != test]
+    test_score = f"{test} **{metrics[test]:.4g}**" + (f" ({', '.join(others)})" if others else "") if test in metrics else None
+    hyperparameters = ", ".join(f"`{key}` = {value_label(value)}" for key, value in record["hyperparameters"].items())
+    name = registry_name(spec)
+    builtin = spec.model.builtin is not None
+    load_base = (
+        ["from pipeline.digits import SHIPPED_BASE  # the builtin digits base ships with sdtune", "",
+         "base = AutoModelForCausalLM.from_pretrained(SHIPPED_BASE)"]
+        if builtin else [f'base = AutoModelForCausalLM.from_pretrained("{adapter_config["base_model"]}")']
+    )  # fmt: skip
     lines = [
-        f"# {spec.export.registered_model_name or spec.name}",
+        "---",  # the metadata block of a Hugging Face model card
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [sdtune, {adapter_config['method']}, {adapter_config['model_type']}]",
+        "---",
         "",
-        f"A `{adapter_config['method']}` adapter (sdtune {adapter_config['sdtune_version']}), the best trial of "
-        f"the sweep `{spec.name}`.",
+        f"# {name}",
         "",
-        f"- base model: `{base}` ({source})" if base else f"- base model: built by sdtune ({source})",
+        f"A `{adapter_config['method']}` adapter (sdtune {adapter_config['sdtune_version']}), the best trial of the "
+        f"sweep `{spec.name}`.",
+        "",
+        f"- base model: {base_model_name(spec)}",
         f"- method: {adapter_config['description']}",
         f"- trainable parameters: {adapter_config['num_trainable_parameters']:,}",
-        f"- {record['metric']}: {record['value']:.6g} ({record['mode']}), trial `{record['trial_id']}`"
-        + "".join(f", {key} {record['metrics'][key]}" for key in POSITION_KEYS if key in record["metrics"]),
+        f"- test score: {test_score}" if test_score else "- test score: none (no test split, or the trial stopped early)",
+        f"- {metric} (validation, which picked it): {record['value']:.4g} ({record['mode']}), trial "
+        f"`{record['trial_id']}`" + "".join(f", {key} {metrics[key]}" for key in POSITION_KEYS if key in metrics),
         f"- hyperparameters of the trial: {hyperparameters or 'none searched'}",
         "",
-        "## Loading",
+        "## Prompt format",
+        "",
+        f"The model reads `{prompt_format(spec.data)}` and answers {answer_format(spec)}. For example (the "
+        "snippets below use it):",
         "",
         "```python",
-        "import sdt",
-        *(
-            [
-                "from transformers import AutoModelForCausalLM",
-                "",
-                f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-            ]
-            if base
-            else [
-                "from pipeline.config import load_job",
-                "from pipeline.models import load_base_model",
-                "",
-                f'base, tokenizer = load_base_model(load_job("{out / JOB_FILE}").model, "cpu")',
-            ]
-        ),
-        f'model = sdt.load(base, "{out}/").model',
+        f"PROMPT = {json.dumps(example_prompt(spec.data))}",
         "```",
+        "",
+        "## Usage",
+        "",
     ]
+    if registered_as:
+        lines += [
+            f"From the MLflow registry (`MLFLOW_TRACKING_URI` set to the sweep's store), a transformers pipeline:",
+            "",
+            "```python",
+            "import mlflow",
+            "",
+            f'generator = mlflow.transformers.load_model("models:/{registered_as}@{CHAMPION_ALIAS}")',
+            "print(generator(PROMPT, max_new_tokens=1, do_sample=False, return_full_text=False))",
+            "```",
+            "",
+        ]
     if merged:
         lines += [
-            "",
             f"`{MERGED_DIR}/` holds the adapter merged into the base weights, a plain transformers model:",
             "",
             "```python",
@@ -248,8 +358,21 @@ def model_card(
             "",
             f'model = AutoModelForCausalLM.from_pretrained("{out / MERGED_DIR}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{out / MERGED_DIR}")',
+            "ids = tokenizer(PROMPT, return_tensors=\"pt\").input_ids",
+            "answer = tokenizer.decode(model.generate(ids, max_new_tokens=1, do_sample=False)[0, ids.shape[1]:])",
             "```",
+            "",
         ]
+    lines += [
+        "The adapter on its base, with sdtune's `sdt`:",
+        "",
+        "```python",
+        "import sdt",
+        "from transformers import AutoModelForCausalLM",
+        *load_base,
+        f'model = sdt.load(base, "{out}").model',
+        "```",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -257,9 +380,12 @@ def model_card(
 # The registry
 
 
-def register_staged_export(spec: JobSpec, tracker: SweepTracker, staging: Path, record: dict[str, Any]) -> None:
-    """Register the export being written in ``staging`` (:func:`register_export`) and note the version in its
-    ``trial.json``, locally and among the artifacts. Without an MLflow run for the trial, warn and skip."""
+def register_staged_export(
+    spec: JobSpec, tracker: SweepTracker, staging: Path, merged: Path, record: dict[str, Any]
+) -> None:
+    """Register the export being written in ``staging`` (:func:`register_export`, the merged model in ``merged``)
+    and note the version in its ``trial.json``, locally and among the artifacts. Without an MLflow run for the
+    trial, warn and skip."""
     run_id = record["mlflow"]["run_id"]
     if run_id is None:
         logger.warning(
@@ -267,36 +393,102 @@ def register_staged_export(spec: JobSpec, tracker: SweepTracker, staging: Path, 
             record["trial_id"], tracker.experiment_name,
         )
         return
-    name = spec.export.registered_model_name or spec.name
-    record["mlflow"]["registered_model"] = register_export(tracker, run_id, staging, name)
+    name = registry_name(spec)
+    record["mlflow"]["registered_model"] = register_export(tracker, spec, record, staging, merged, name)
     write_json(staging / TRIAL_FILE, record)
     tracker.client.log_artifact(run_id, str(staging / TRIAL_FILE), ARTIFACT_PATH)
 
 
-def register_export(tracker: SweepTracker, run_id: str, directory: Path, name: str) -> dict[str, Any]:
-    """Log ``directory`` as the ``export`` artifacts of ``run_id``, make them a new version of the registered model
-    ``name`` (created when missing) and point the alias ``champion`` at it. Returns name, version and source."""
+def register_export(
+    tracker: SweepTracker, spec: JobSpec, record: Mapping[str, Any], directory: Path, merged: Path, name: str
+) -> dict[str, Any]:
+    """Log ``directory`` as the ``export`` artifacts of the trial's run; make the merged model an MLflow model
+    (:func:`log_mlflow_model`), a new version of the registered model ``name`` (created when missing), and point
+    the alias ``champion`` at it. The version's run is the sweep's parent run (MLflow lists it there under
+    "Registered models"); the logged model's source run is the trial's. The same checkpoint exported again is the
+    same model: its version is reused. Returns name, version and source."""
     client = tracker.client
+    run_id, parent = record["mlflow"]["run_id"], record["mlflow"]["parent_run_id"] or record["mlflow"]["run_id"]
     client.log_artifacts(run_id, str(directory), ARTIFACT_PATH)
     try:
         client.create_registered_model(name)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    # The artifacts' resolved location, as MLflow's own examples pass it (RunsArtifactRepository.get_underlying_uri):
-    # the version then loads from its source without the tracking store resolving a runs:/ URI.
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
-    # The same trial exported again is the same model: its version is reused, not a new one made.
-    versions = client.search_model_versions(f"run_id = '{run_id}'")
-    same = [v for v in versions if v.name == name and v.source == source]
-    model_version = same[0] if same else client.create_model_version(name, source=source, run_id=run_id)
+    versions = client.search_model_versions(f"name = '{name}'")
+    same = [v for v in versions if v.tags.get(CHECKPOINT_TAG) == record["checkpoint"]]
+    if same:
+        model_version = same[0]
+    else:
+        logged = log_mlflow_model(tracker, spec, record, directory, merged, name)
+        # The logged model's artifact location, not "models:/<id>": MLflow's SQL registry resolves the latter
+        # through the process-wide tracking URI (a stray ./mlflow.db when none is set).
+        model_version = client.create_model_version(
+            name, source=logged.artifact_location, run_id=parent, model_id=logged.model_id,
+            tags={CHECKPOINT_TAG: record["checkpoint"], TRIAL_RUN_TAG: run_id, "sdtune.trial_id": record["trial_id"]},
+        )  # fmt: skip
     client.set_registered_model_alias(name, CHAMPION_ALIAS, model_version.version)
-    return {"name": name, "version": model_version.version, "alias": CHAMPION_ALIAS, "source": source}
+    return {"name": name, "version": model_version.version, "alias": CHAMPION_ALIAS, "source": model_version.source}
+
+
+def log_mlflow_model(
+    tracker: SweepTracker, spec: JobSpec, record: Mapping[str, Any], directory: Path, merged: Path, name: str
+):
+    """The merged model as an MLflow logged model of the sweep's experiment: the transformers flavor of a
+    ``text-generation`` pipeline (model and tokenizer), with ``directory`` (the export: adapter, trial.json, card)
+    in ``sdtune_export/``; an output of the trial's run and of the parent run. Only the client bound to the sweep's
+    store is used: MLflow's process-wide state (tracking URI, active run) is left alone."""
+    import mlflow.transformers
+    from huggingface_hub import ModelCard
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    client = tracker.client
+    run_id = record["mlflow"]["run_id"]
+    logged = client.create_logged_model(
+        tracker.experiment_id, name=name, source_run_id=run_id, model_type="text-generation",
+        params={key: str(value) for key, value in record["hyperparameters"].items()},
+    )  # fmt: skip
+    generator = pipeline(
+        "text-generation", model=AutoModelForCausalLM.from_pretrained(merged), tokenizer=AutoTokenizer.from_pretrained(merged)
+    )
+    description = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / "model"
+        mlflow.transformers.save_model(
+            generator,
+            path=str(local),
+            task="text-generation",
+            mlflow_model=description,
+            input_example=example_prompt(spec.data),
+            model_card=ModelCard((directory / CARD_FILE).read_text()),
+            # Listed, not inferred: inference loads the model again in a subprocess.
+            pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in MODEL_REQUIREMENTS],
+            model_config={"max_new_tokens": answer_tokens(spec), "do_sample": False, "return_full_text": False},
+            metadata={"sdtune.trial_id": record["trial_id"], "sdtune.sweep": spec.name},
+        )
+        shutil.copytree(directory, local / MODEL_EXTRAS_DIR, ignore=shutil.ignore_patterns(MERGED_DIR))
+        normal_file_modes(local)
+        client.log_model_artifacts(logged.model_id, str(local))
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    for run in {run_id, record["mlflow"]["parent_run_id"]} - {None}:
+        client.log_outputs(run, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged
+
+
+# What the registered model needs to load (MLflow's transformers flavor), pinned to this machine's versions.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "mambapy")
+
+
+def answer_tokens(spec: JobSpec) -> int:
+    """How many tokens the registered pipeline generates by default: the task's answer length for generation,
+    one (the label's first token, which classification scores) otherwise."""
+    return spec.data.max_new_tokens if generates_text(spec.data) else 1
 
 
 __all__ = [
     "CHAMPION_ALIAS",
-    "export_best",
     "export_path",
     "export_trials",
 ]

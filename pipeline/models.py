@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 import sdt
 from pipeline.config import ModelSpec
+from pipeline.console import WORKER_WARNING
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def log_kernel_paths(
         )
         logger.warning(message)
         if log != logger.info:  # the caller's sink gets it too (bound methods compare equal, never identical)
-            log(f"WARNING: {message}")
+            log(f"{WORKER_WARNING}{message}")
     return paths
 
 

@@ -38,6 +38,11 @@ def is_metric(key: str) -> bool:
     return key.startswith(METRIC_PREFIXES) or key in METRIC_NAMES
 
 
+def metric_on_test(metric: str) -> str:
+    """``eval/accuracy`` -> ``test/accuracy``."""
+    return f"test/{metric.split('/', 1)[-1]}"
+
+
 class NoUsableTrialError(RuntimeError):
     """No trial of the sweep finished with a finite value of the metric."""
 
@@ -57,12 +62,29 @@ class TrialOutcome:
         path = self.metrics.get(CHECKPOINT_KEY)
         return reported_path(self.spec.sweep_dir, path) if path else None
 
+    @property
+    def stopped_early(self) -> bool:
+        """Ended without training to the end, though it did not fail: stopped by the scheduler (ASHA)."""
+        return self.status == TUNE_TERMINATED and not reached_the_end(self.spec, self.metrics)
+
+    @property
+    def epochs_reached(self) -> float | None:
+        """Epochs trained by its last report (completed ones; a report between epochs counts the completed)."""
+        return self.metrics.get("epoch")
+
     def score(self, metric: str) -> float | None:
         """The trial's value of ``metric``, or None when it failed, never reported it, or reported a non-number."""
         value = self.metrics.get(metric)
         if self.status != TUNE_TERMINATED or isinstance(value, bool) or not isinstance(value, int | float):
             return None
         return float(value) if math.isfinite(value) else None
+
+
+def reached_the_end(spec: JobSpec, report: Mapping[str, Any]) -> bool:
+    """Whether ``report`` is the last report of a trial of ``spec`` that trained to the end: every epoch, or
+    ``training.max_steps`` optimizer steps. A trial whose last report is not is one the scheduler stopped early."""
+    every_epoch = report.get("epoch") == spec.training.epochs
+    return every_epoch or bool(spec.training.max_steps and report.get("step", 0) >= spec.training.max_steps)
 
 
 def trial_dir(spec: JobSpec, trial_id: str) -> StoragePath:

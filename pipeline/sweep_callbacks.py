@@ -1,5 +1,5 @@
-"""Ray Tune callbacks of a sweep, run in the Tune driver: MLflow mirroring and the trials handed back to the
-command that started the sweep."""
+"""Ray Tune callbacks of a sweep, run in the Tune driver: MLflow mirroring, each trial's cost, the console's lines
+and progress display, and the trials handed back to the command that started the sweep."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from pipeline.arms import trial_label
 from pipeline.config import JobSpec
 from pipeline.results import (
     ADAPTER_DIR,
@@ -20,6 +21,8 @@ from pipeline.results import (
     COST_PARTS,
     error_line,
     is_metric,
+    metric_on_test,
+    reached_the_end,
     trial_cost,
     trial_dir,
 )
@@ -127,12 +130,14 @@ class MLflowSweepCallback(Callback):
     """Ray Tune callback (runs in the Tune driver) that mirrors trials into a :class:`SweepTracker`.
 
     - ``setup``: starts (or reuses) the parent run.
-    - ``on_trial_start``: the trial's child run, with the flattened ``trial.config`` as params.
+    - ``on_trial_start``: the trial's child run, named by its arm label, with the flattened ``trial.config`` as
+      params.
     - ``on_trial_result``: the training metrics of the result (:meth:`is_metric`) at ``result["step"]``, else at
       ``training_iteration``.
     - ``on_trial_complete``: FINISHED, after logging the ``adapter/`` folder of the trial's latest checkpoint
       (``result["checkpoint_path"]`` as Train V2's TuneReportCallback adds it, or ``trial.checkpoint``) when it
-      is a local directory. An ASHA-stopped trial completes normally in Tune, so it is FINISHED too.
+      is a local directory, and how far it trained (``epochs_reached``; an ASHA-stopped trial completes normally
+      in Tune, so it is FINISHED too, tagged ``sdtune.stopped_early``).
     - ``on_trial_error``: FAILED. A trial that Tune retries (``on_trial_recover``) stays RUNNING.
     - ``on_experiment_end``: KILLED for every child still open. Tune calls it after an interrupted run (Ctrl+C,
       SIGUSR1) or an exception in the loop, and by then it has already set the stopped trials' status to
@@ -159,7 +164,9 @@ class MLflowSweepCallback(Callback):
         self._guard("start sweep", self.tracker.start_sweep)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._guard(f"start trial {trial.trial_id}", self.tracker.trial_run, trial.trial_id, dict(trial.config or {}))
+        config = dict(trial.config or {})
+        label = trial_label(config, self.tracker.spec.with_overrides(config).method.name)
+        self._guard(f"start trial {trial.trial_id}", self.tracker.trial_run, trial.trial_id, config, label)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if result.get(CHECKPOINT_KEY):
@@ -174,6 +181,11 @@ class MLflowSweepCallback(Callback):
         if adapter is not None:
             with local_copy(adapter) as local:
                 self._guard(f"artifacts of trial {trial.trial_id}", self.tracker.log_artifacts, trial.trial_id, local)
+        report = trial.last_result or {}
+        trial_spec = self.tracker.spec.with_overrides(dict(trial.config or {}))
+        stopped = not reached_the_end(trial_spec, report)
+        end = (trial.trial_id, stopped, report.get("epoch"), trial_spec.training.epochs)
+        self._guard(f"end of trial {trial.trial_id}", self.tracker.record_trial_end, *end)
         self._guard(f"finish trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
@@ -200,3 +212,72 @@ class MLflowSweepCallback(Callback):
             if adapter.is_dir():
                 return adapter
         return None
+
+
+class ProgressCallback(Callback):
+    """The console of a sweep (:class:`pipeline.console.SweepConsole`): a line per trial event, and the progress
+    each running trial's rank 0 writes (:class:`pipeline.console.TrialProgress`), read at most every
+    :data:`pipeline.console.REFRESH_S` seconds. Tune pickles its callbacks into ``tuner.pkl``: the console, which
+    holds the terminal, is made in ``setup`` and never pickled."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self._console = None
+        self._polled = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_console": None}
+
+    def setup(self, **info) -> None:
+        from pipeline.console import SweepConsole
+
+        self._console = SweepConsole(self.spec.search.metric, self.spec.training.epochs)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._console.started(trial.trial_id, self._label(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self._console.track(trial.trial_id, self._label(trial))
+        self._console.reported(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        from pipeline.console import read_progress
+
+        self._console.track(trial.trial_id, self._label(trial))
+        self._console.refresh({trial.trial_id: read_progress(trial_dir(self.spec, trial.trial_id))})
+        report, spec = trial.last_result or {}, self._spec_of(trial)
+        score = f"{self.spec.search.metric} {report.get(self.spec.search.metric, float('nan')):.4g}"
+        epochs = f"{report.get('epoch', 0):g} of {spec.training.epochs} epochs"
+        if reached_the_end(spec, report):
+            test = metric_on_test(self.spec.search.metric)
+            tested = f", {test} {report[test]:.4g}" if test in report else ""
+            self._console.ended(trial.trial_id, "finished", f"{score}{tested} after {epochs}")
+        else:
+            self._console.ended(trial.trial_id, "stopped", f"early by the scheduler (ASHA) after {epochs}; {score}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        from pipeline.console import REASON_WIDTH, WORKERS_LOG, fit, log_dir
+
+        where = log_dir(self.spec.sweep_dir) / WORKERS_LOG
+        reason = error_line(Path(trial.error_file).read_text() if trial.error_file else None)
+        self._console.track(trial.trial_id, self._label(trial))
+        self._console.ended(trial.trial_id, "failed", f"{fit(reason, REASON_WIDTH)} (its output is in {where})")
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        from pipeline.console import REFRESH_S, read_progress
+
+        now = time.time()
+        if now - self._polled < REFRESH_S:
+            return
+        self._polled = now
+        running = [trial.trial_id for trial in trials if trial.status == "RUNNING"]
+        self._console.refresh({trial_id: read_progress(trial_dir(self.spec, trial_id)) for trial_id in running})
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._console.close()
+
+    def _spec_of(self, trial) -> JobSpec:
+        return self.spec.with_overrides(dict(trial.config or {}))
+
+    def _label(self, trial) -> str:
+        return trial_label(dict(trial.config or {}), self._spec_of(trial).method.name)

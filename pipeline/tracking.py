@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.config import JobSpec
+from pipeline.results import metric_on_test
 from pipeline.storage import local_state_dir
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,19 @@ ROLE_TAG = "sdtune.role"
 SWEEP_DIR_TAG = "sdtune.sweep_dir"
 TRIAL_ID_TAG = "sdtune.trial_id"
 JOB_NAME_TAG = "sdtune.job_name"
+ARM_TAG = "sdtune.arm"  # on a trial's run: its arm and searched values, readable ("lora r4 ... · training.lr=0.01")
+STOPPED_EARLY_TAG = "sdtune.stopped_early"  # on a trial's run: "true" when the scheduler stopped it before the end
+BEST_TRIAL_TAG = "sdtune.best_trial_id"  # on the parent: the exported trial, and its run
+BEST_RUN_TAG = "sdtune.best_run_id"
+EPOCHS_REACHED = "epochs_reached"  # a trial's metric: the epochs it trained before it ended
+# MLflow 3 opens an experiment on its GenAI pages unless told otherwise. The experiment-kind tag says "model
+# training" (what MLflow's own kind selector writes); MLflow 3.17 still lands on the kind kept in the browser
+# (localStorage, mlflow/mlflow#24498), so the URLs sdtune prints also carry ``workflowType=machine_learning`` and a
+# shared view (a runs table layout stored as an experiment tag, restored by ``viewStateShareKey``).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+VIEW_KEY = "sdtune"
+VIEW_STATE_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 ERROR_TAG = "sdtune.error"  # on a FAILED trial's run: why, in one line (MLflow drops NaN metrics, so it is a tag)
 PARENT_TAG = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": the UI nests children under it
 DB_FILE = "mlflow.db"
@@ -125,6 +139,16 @@ def is_series(value: Any) -> bool:
     return isinstance(value, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in value)
 
 
+def searched_params(spec: JobSpec) -> dict[str, None]:
+    """The param keys a search sets, in order: each searched key, or, for a searched mapping (``method`` as a
+    grid of mappings), the keys its candidates set (``method.name``, ``method.lora_rank``...)."""
+    keys: dict[str, None] = {}
+    for key, domain in spec.search.space.items():
+        mappings = [value for value in domain.candidates() if isinstance(value, Mapping)]
+        keys.update(dict.fromkeys([clean_key(k) for m in mappings for k in flatten(m, key)] or [clean_key(key)]))
+    return keys
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -181,7 +205,11 @@ class SweepTracker:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
             try:
-                return self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location())
+                return self.client.create_experiment(
+                    self.experiment_name,
+                    artifact_location=self.artifact_location(),
+                    tags={EXPERIMENT_KIND_TAG: TRAINING_KIND},
+                )
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -190,7 +218,41 @@ class SweepTracker:
         if experiment.lifecycle_stage == "deleted":
             logger.warning("restoring the deleted MLflow experiment %r", self.experiment_name)
             self.client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older sdtune, or by hand: a kind someone chose stays
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return experiment.experiment_id
+
+    def ui_url(self, base: str) -> str:
+        """Where the MLflow UI at ``base`` shows this sweep: the experiment's runs (the training view, not GenAI)
+        in sdtune's shared view."""
+        query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?{query}"
+
+    def _share_view(self, parent_run_id: str) -> None:
+        """sdtune's runs table (:data:`VIEW_STATE_TAG`): the parent expanded over its trials, best first by the
+        search metric, with each trial's arm, searched values, metric, test metric, epochs and early stop."""
+        metric = self.spec.search.metric
+        params = list(searched_params(self.spec))
+        columns = [
+            f"tags.`{ARM_TAG}`",
+            f"metrics.`{metric}`",
+            f"metrics.`{metric_on_test(metric)}`",
+            f"metrics.`{EPOCHS_REACHED}`",
+            f"tags.`{STOPPED_EARLY_TAG}`",
+            *(f"params.`{key}`" for key in params),
+        ]
+        view = {
+            "selectedColumns": columns,
+            "runsExpanded": {parent_run_id: True},
+            "orderByKey": f"metrics.`{metric}`",
+            "orderByAsc": self.spec.search.mode == "min",
+        }
+        self.client.set_experiment_tag(self.experiment_id, VIEW_STATE_TAG, json.dumps(view))
+
+    def is_searched(self, key: str) -> bool:
+        """Whether the flattened spec key ``key`` is set per trial by the search space (``training.lr``, or
+        ``method.name`` when ``method`` is searched whole)."""
+        return any(key == searched or key.startswith(f"{searched}.") for searched in self.spec.search.space)
 
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps its artifacts: beside the database for SQLite (``<sweep dir>/mlartifacts``
@@ -270,8 +332,9 @@ class SweepTracker:
         return self.parent_run_id
 
     def start_sweep(self) -> str:
-        """The parent run (created, or reused and set RUNNING again), with the flattened spec as params and the
-        job YAML as the ``job.yaml`` artifact."""
+        """The parent run (created, or reused and set RUNNING again), with the flattened spec as params (except
+        the searched keys: :meth:`record_winner` logs the winner's values under them) and the job YAML as the
+        ``job.yaml`` artifact; the experiment's shared view is (re)written for it."""
         run = self._find_one(self._parent_tags(), f"sweep {self.sweep_dir}")
         if run is None:
             tags = {**self._parent_tags(), JOB_NAME_TAG: self.spec.name}
@@ -279,9 +342,26 @@ class SweepTracker:
         else:
             self._reopen(run)
         self.parent_run_id = run.info.run_id
-        self._log_params(run, flatten(self.spec.model_dump(mode="json")))
+        fixed = {k: v for k, v in flatten(self.spec.model_dump(mode="json")).items() if not self.is_searched(k)}
+        self._log_params(run, fixed)
         self.client.log_text(self.parent_run_id, self.spec.to_yaml(), JOB_ARTIFACT)
+        self._share_view(self.parent_run_id)
         return self.parent_run_id
+
+    def record_winner(self, winner: JobSpec, trial_id: str, metrics: Mapping[str, Any]) -> None:
+        """The parent run carries the exported trial: its searched values as params under their own keys, its
+        last report's ``metrics``, and tags naming the trial and its run."""
+        parent = self.find_sweep()
+        if parent is None:
+            logger.warning("no MLflow run for sweep %s: the winner is not recorded", self.sweep_dir)
+            return
+        values = {k: v for k, v in flatten(winner.model_dump(mode="json")).items() if self.is_searched(k)}
+        self._log_params(self.client.get_run(parent), values)
+        self.client.set_tag(parent, BEST_TRIAL_TAG, trial_id)
+        run_id = self.find_trial_run(trial_id)
+        if run_id is not None:
+            self.client.set_tag(parent, BEST_RUN_TAG, run_id)
+        self.log_run_metrics(parent, metrics, step=int(metrics.get("step", 0)))
 
     def finish_sweep(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None:
         """Terminates the parent, first marking KILLED any child still RUNNING (so none is left open)."""
@@ -317,15 +397,16 @@ class SweepTracker:
             self._trial_runs[trial_id] = run.info.run_id
         return self._trial_runs[trial_id]
 
-    def trial_run(self, trial_id: str, params: Mapping[str, Any]) -> str:
+    def trial_run(self, trial_id: str, params: Mapping[str, Any], label: str | None = None) -> str:
         """The child run of ``trial_id`` (created, or reused and set RUNNING again), with ``params`` flattened
-        to dotted keys. Starts the sweep first if it has not been."""
+        to dotted keys; a ``label`` (the arm and its searched values) names the run and is its :data:`ARM_TAG`.
+        Starts the sweep first if it has not been."""
         tags = self._child_tags(trial_id)
         run = self._find_one(tags, f"trial {trial_id}")
         if run is None:
-            run = self.client.create_run(
-                self.experiment_id, tags={**tags, ROLE_TAG: "trial"}, run_name=f"trial-{trial_id}"
-            )
+            extra = {ROLE_TAG: "trial", **({ARM_TAG: label} if label else {})}
+            name = f"{label} [{trial_id}]" if label else f"trial-{trial_id}"
+            run = self.client.create_run(self.experiment_id, tags={**tags, **extra}, run_name=name)
         else:
             self._reopen(run)
         self._trial_runs[trial_id] = run.info.run_id
@@ -362,6 +443,31 @@ class SweepTracker:
 
     def log_artifacts(self, trial_id: str, local_dir: str | Path, artifact_path: str = "adapter") -> None:
         self.client.log_artifacts(self._trial_run_id(trial_id), str(local_dir), artifact_path)
+
+    def record_trial_end(self, trial_id: str, stopped_early: bool, epochs: float | None, total_epochs: int) -> None:
+        """How far a finished trial trained: the :data:`STOPPED_EARLY_TAG` tag, the :data:`EPOCHS_REACHED` metric,
+        and, when the scheduler stopped it, a run name and note that say so (its status stays FINISHED: KILLED
+        means an interrupted sweep)."""
+        run_id = self._trial_run_id(trial_id)
+        self.client.set_tag(run_id, STOPPED_EARLY_TAG, str(stopped_early).lower())
+        if epochs is not None:
+            self.log_run_metrics(run_id, {EPOCHS_REACHED: epochs})
+        if stopped_early:
+            name = self.client.get_run(run_id).info.run_name or f"trial-{trial_id}"
+            where = f"stopped early at epoch {epochs:g} of {total_epochs}" if epochs is not None else "stopped early"
+            if where not in name:
+                self.client.set_tag(run_id, "mlflow.runName", f"{name} · {where}")
+            note = f"The scheduler (ASHA) {where}: its metrics are those of a shorter training, and it has no test score."
+            self.client.set_tag(run_id, "mlflow.note.content", note)
+
+    def metric_history(self, trial_id: str, key: str) -> list[tuple[int, float]]:
+        """Every value of ``key`` the trial's run holds, as (step, value) by step (the last value of a step that
+        was logged twice, as a resumed trial re-sends its last report); empty without a run."""
+        run_id = self.find_trial_run(trial_id)
+        if run_id is None:
+            return []
+        points = sorted(self.client.get_metric_history(run_id, clean_key(key)), key=lambda m: (m.step, m.timestamp))
+        return sorted({m.step: m.value for m in points}.items())
 
     def finish_trial(self, trial_id: str, status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
         status = self._status(status, TRIAL_STATUSES)

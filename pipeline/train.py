@@ -36,6 +36,7 @@ from deepspeed.utils import safe_get_full_grad
 
 import sdt
 from pipeline.config import JobSpec
+from pipeline.console import WORKER_WARNING, TrialProgress
 from pipeline.formatting import Example, collate, pad_token_id
 from pipeline.metrics import evaluate
 from pipeline.models import load_base_model
@@ -339,6 +340,8 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None) -> None
     total_steps = training.epochs * steps_per_epoch
     if training.max_steps:
         total_steps = min(total_steps, training.max_steps)
+    # For the sweep's console (pipeline.console): rank 0 writes its step, loss and speed at each log interval.
+    progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, training.log_every_steps)
 
     checkpoint = ray.train.get_checkpoint()
     warmup_metrics: dict[str, float] = {}
@@ -358,8 +361,8 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None) -> None
                     tuner, engine = restore(local, model, spec, total_steps)
                 break
             except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
-                print(f"checkpoint {candidate.path} cannot be restored ({' '.join(str(error).split())[:300]}); "
-                      "trying the one before it", flush=True)  # fmt: skip
+                print(f"{WORKER_WARNING}checkpoint {candidate.path} cannot be restored "
+                      f"({' '.join(str(error).split())[:300]}); trying the one before it", flush=True)  # fmt: skip
         else:
             raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
     else:
@@ -443,6 +446,7 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None) -> None
             step += boundary
             if boundary:
                 losses.end_step(step)
+                progress.step(step, losses, tokens)
             # An evaluation that falls on the epoch's (or the run's) last step is the epoch's report below.
             epoch_ends = index + 1 == batches.per_epoch or step >= total_steps
             if boundary and training.eval_every_steps and step % training.eval_every_steps == 0 and not epoch_ends:

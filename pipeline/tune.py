@@ -18,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from pipeline.claims import end_coordinator
 from pipeline.config import Domain, JobSpec
 from pipeline.results import TUNE_DIR, TUNE_ERROR, TrialOutcome, outcomes
-from pipeline.sweep_callbacks import MLflowSweepCallback, TrialCostCallback, TrialLedger
+from pipeline.sweep_callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger
 from pipeline.tracking import SweepTracker
 from pipeline.trial import trial_driver, trial_gpus
 
@@ -122,7 +122,9 @@ def make_experiment(spec: JobSpec, tracker: SweepTracker) -> tune.Tuner:
                 MLflowSweepCallback(tracker),
                 TrialCostCallback(spec, tracker, trial_gpus(spec)),
                 TrialLedger(spec.sweep_dir.resolve()),
+                ProgressCallback(spec),
             ],
+            verbose=0,  # no trial table: ProgressCallback shows the trials (pipeline.console)
         ),
     )
 

@@ -75,14 +75,14 @@ def load_base(tiny_model_dirs):
 
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory):
-    """A private sdtune cache holding the default digits base, pretrained once per test session.
+    """A private, empty sdtune cache: the default digits base ships with the package, so nothing is pretrained;
+    a test that builds another base writes it here, never into ~/.cache.
 
-    Exported as SDTUNE_CACHE so that `sdtune` subprocesses and their Ray workers find it too.
+    Exported as SDTUNE_CACHE so that `sdtune` subprocesses and their Ray workers use it too.
     """
-    from pipeline.digits import CACHE_ENV, ensure_digits_base
+    from pipeline.digits import CACHE_ENV
 
     cache = tmp_path_factory.mktemp("sdtune-cache")
-    ensure_digits_base(cache, log=lambda _: None)
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(cache)
     yield cache

@@ -1,5 +1,9 @@
 """Bad job specs: one line naming the field, exit code 2, before Ray starts."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import ray
 import yaml
@@ -74,3 +78,63 @@ def test_ui_needs_a_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = CliRunner().invoke(app, ["ui"])
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
+
+
+COMMANDS = ["validate", "pretrain", "train", "sweep", "resume", "export", "report", "ui"]
+
+
+def help_text(*args: str) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_reads_as_words_with_an_example(command):
+    text = help_text(command)
+    for placeholder in ("<bool>", "<list[str]>", "<str>", "<int>", "{job}", "{run_dir}"):
+        assert placeholder not in text, (placeholder, text)
+    assert "Example" in text and "sdtune " in text
+
+
+def test_the_command_list_shows_one_whole_sentence_per_command():
+    text = help_text()
+    assert "<bool>" not in text
+    for command in COMMANDS:
+        [line] = [line for line in text.splitlines() if line.strip("│ ").startswith(f"{command} ")]
+        assert line.rstrip("│ ").endswith("."), line  # one line, ending its sentence
+
+
+def test_a_verbose_flag_where_libraries_print():
+    for command in ("sweep", "resume", "train", "export"):
+        assert "--verbose" in help_text(command)
+
+
+def test_an_unreadable_spec_names_its_path_once(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    result = CliRunner().invoke(app, ["validate", str(missing)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"{missing}: cannot read the job spec: No such file or directory"
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_export_or_report_before_any_trial_says_to_run_the_sweep(command, tmp_path):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**GOOD, "output_dir": str(tmp_path.parent), "name": tmp_path.name}))
+    result = CliRunner().invoke(app, [command, str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "run `sdtune sweep` first" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_hub_model_the_hub_cannot_serve_is_one_line_naming_the_field(tmp_path):
+    """A hub name that is neither local nor cached, with the hub unreachable (its endpoint a closed local port, as
+    on a machine without network): `sdtune validate` says so at once, exit 2, instead of retrying and calling the
+    spec valid."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**GOOD, "model": {"name_or_path": "state-spaces/mamba-130m-hf"}}))
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(job)], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"{job}: model.name_or_path: 'state-spaces/mamba-130m-hf' is not a local directory")
+    assert "the hub did not answer" in line and result.stdout == ""

@@ -24,7 +24,7 @@ from pipeline.config import JobSpec, parse_job
 from pipeline.digits import digits_pixel_sequences, digits_tokenizer
 from pipeline.export import CHAMPION_ALIAS, export_trials
 from pipeline.models import load_base_model
-from pipeline.digits import digits_base_dir
+from pipeline.digits import SHIPPED_BASE
 from pipeline.results import NoUsableTrialError, TrialOutcome
 from pipeline.tracking import SweepTracker, tracking_uri
 from pipeline.results import ADAPTER_DIR
@@ -94,6 +94,7 @@ def outcome(
         "train/loss": 0.5,
         "step": 2,
         "epoch": 1,
+        **({"test/accuracy": accuracy - 0.1} if math.isfinite(accuracy) else {}),
         "checkpoint_path": str(checkpoint),
         "pid": 1234,  # Ray's bookkeeping, which trial.json leaves out
         "timestamp": 1700000000,
@@ -155,12 +156,11 @@ def test_export_writes_the_contract(sweep, digits_cache):
     assert config["ranks"] == {"lora_rank": 4, "lora_alpha": 8.0}
     assert config["ratios"] == {"channels_frozen": 0.9, "states_frozen": 0.75, "inputs_frozen": 0.99}
     assert config["targets"] == {"lora": ["out_proj"], "sdt": ["A_log", "B", "C"]}
-    assert config["selected_counts"] == {
-        layer: {axis: shape[-1] for axis, shape in shapes.items()} for layer, shapes in trained_config["selected"].items()
-    }
-    # 128 channels, 0.9 frozen: 13 kept; 16 states, 0.75 frozen: 4 kept; in each of the 2 layers
-    assert list(config["selected_counts"].values()) == [{"channels": 13, "states": 4}] * 2
-    assert config["base_model"] == str(digits_base_dir(digits_cache))
+    # 128 channels, 0.9 frozen: 13 kept; 16 states, 0.75 frozen: 4 kept per channel; in each of the 2 layers
+    assert config["selected"] == {layer: {"channels": 13, "states_per_channel": 4} for layer in trained_config["selected"]}
+    assert {shapes["states"][0] for shapes in trained_config["selected"].values()} == {13}  # sdt.save's shapes
+    assert "sdt_selection.<layer>.<axis>" in config["selected_indices"]
+    assert config["base_model"] == str(SHIPPED_BASE)
     assert config["base_model_source"] == {"builtin": "digits"}
     assert config["sdtune_version"] == version("sdtune")
     assert config["num_trainable_parameters"] == trained_config["num_trainable_parameters"]
@@ -168,7 +168,7 @@ def test_export_writes_the_contract(sweep, digits_cache):
     record = json.loads((out / "trial.json").read_text())
     assert record["trial_id"] == WINNER
     assert record["hyperparameters"] == {"training.lr": 1e-2, "method.lora_rank": 4}
-    assert record["metrics"] == {"eval/accuracy": 0.8, "train/loss": 0.5, "step": 2, "epoch": 1}
+    assert record["metrics"] == {"eval/accuracy": 0.8, "test/accuracy": pytest.approx(0.7), "train/loss": 0.5, "step": 2, "epoch": 1}
     assert (record["metric"], record["mode"], record["value"]) == ("eval/accuracy", "max", 0.8)
     assert record["checkpoint"] == str(sweep.best_checkpoint)
     assert record["mlflow"]["run_id"] == sweep.runs[WINNER]
@@ -178,8 +178,15 @@ def test_export_writes_the_contract(sweep, digits_cache):
     assert (job.training.lr, job.method.lora_rank) == (1e-2, 4)
 
     card = (out / "README.md").read_text()
-    assert all(text in card for text in (config["base_model"], "eval/accuracy", WINNER, "sdt.load", "merged"))
+    assert all(text in card for text in ("eval/accuracy", WINNER, "sdt.load", "merged", "test score: test/accuracy **0.7**"))
+    assert "`training.lr` = 0.01, `method.lora_rank` = 4" in card
+    assert "- base model: builtin digits" in card and str(digits_cache) not in card and "site-packages" not in card
     assert "channels_frozen 0.9" in card and "inputs_frozen" not in card  # a Mamba-2 ratio, meaningless here
+    assert "The model reads `<text>###` and answers the class index as text" in card
+    assert 'PROMPT = "0 0 0 ' in card and ' ###"\n```' in card  # an example prompt: a test image's 64 pixels
+    assert 'mlflow.transformers.load_model("models:/digits-adapter@champion")' in card
+    # the files' modes: as any file the user writes (umask 022 here), not safetensors' 0600
+    assert {oct(path.stat().st_mode & 0o777) for path in out.rglob("*") if path.is_file()} == {"0o644"}
 
     # merged/: a plain transformers model with the logits of base + adapter
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
@@ -191,17 +198,29 @@ def test_export_writes_the_contract(sweep, digits_cache):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(plain, expected, atol=1e-4), "the adapter must change the logits for this to test anything"
 
-    # the registry: alias champion -> a version of the winner's run, whose artifacts are this export
+    # the registry: alias champion -> a version listed under the parent run, an MLflow model logged from the
+    # winner's run (the transformers flavor, the export beside it); the export is also the winner's artifacts
     client = MlflowClient(tracking_uri(spec))
     champion = client.get_model_version_by_alias("digits-adapter", CHAMPION_ALIAS)
-    assert champion.run_id == sweep.runs[WINNER]
+    assert champion.run_id == sweep.parent and champion.tags["sdtune.trial_run_id"] == sweep.runs[WINNER]
     registered = record["mlflow"]["registered_model"]
     assert (registered["name"], str(registered["version"])) == ("digits-adapter", str(champion.version))
-    assert champion.source == registered["source"] and champion.source.endswith("/export")
+    experiment = client.get_run(sweep.parent).info.experiment_id
+    [logged_model] = client.search_logged_models([experiment], filter_string="name = 'digits-adapter'")
+    assert champion.source == registered["source"] == logged_model.artifact_location
+    assert logged_model.source_run_id == sweep.runs[WINNER] and logged_model.status == "READY"
+    for run in (sweep.parent, sweep.runs[WINNER]):
+        assert [output.model_id for output in client.get_run(run).outputs.model_outputs] == [logged_model.model_id]
+    model_files = {a.path for a in client.list_logged_model_artifacts(logged_model.model_id)}
+    assert {"MLmodel", "model", "components", "sdtune_export"} <= model_files
     artifacts = {Path(a.path).name for a in client.list_artifacts(sweep.runs[WINNER], "export")}
     assert artifacts == CONTRACT | {"merged"}
     logged = Path(client.download_artifacts(sweep.runs[WINNER], "export/trial.json", str(sweep.root / "download")))
     assert json.loads(logged.read_text()) == record
+    # the parent carries the winner's searched values
+    parent = client.get_run(sweep.parent)
+    assert (parent.data.params["training.lr"], parent.data.params["method.lora_rank"]) == ("0.01", "4")
+    assert parent.data.tags["sdtune.best_trial_id"] == WINNER and parent.data.metrics["eval/accuracy"] == 0.8
 
 
 def test_a_new_export_replaces_the_old_and_a_failed_one_leaves_it(sweep, monkeypatch):

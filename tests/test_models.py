@@ -1,6 +1,8 @@
-"""pipeline.digits and pipeline.models: the pretrained digits base and loading a job's base model on CPU.
+"""pipeline.digits and pipeline.models: the shipped digits base, rebuilding it, and loading a job's base model on
+CPU.
 
-One test pretrains the real default base (~40 s on 2 cores); the rest use a reduced config or tiny models.
+One test rebuilds the real default base (~40-70 s on 2 cores) and compares it with the shipped one; the rest use
+the shipped base, a reduced config or tiny models.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.digits import digits_pixel_sequences, digits_tokenizer
 from pipeline.models import compute_dtype, load_base_model, log_kernel_paths
 from pipeline.digits import (
     DIGITS_BASE,
+    SHIPPED_BASE,
     PretrainConfig,
     digits_base_dir,
     ensure_digits_base,
@@ -38,12 +41,6 @@ TINY_MAMBA2 = {
     "hidden_size": 16, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 4, "n_groups": 2,
     "expand": 2, "chunk_size": 8,
 }
-
-
-@pytest.fixture
-def default_cache(digits_cache):
-    """The real default digits base (pretrained once per session, see conftest)."""
-    return digits_cache
 
 
 def weights(directory) -> dict[str, torch.Tensor]:
@@ -114,10 +111,40 @@ def test_publish_keeps_a_base_that_appeared_meanwhile(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["digits-base-x"]
 
 
-def test_default_base_knows_the_digits(default_cache):
+def test_the_default_base_ships_and_no_one_pretrains_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path))
+    messages = []
+    assert ensure_digits_base(log=messages.append) == SHIPPED_BASE
+    assert messages == [] and list(tmp_path.iterdir()) == []
+    sizes = {path.name: path.stat().st_size for path in SHIPPED_BASE.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "pretrain.json"} <= set(sizes)
+    assert sum(sizes.values()) < 400_000
+
+
+def test_the_rebuilt_base_matches_the_shipped_one(tmp_path):
+    """`sdtune pretrain` rebuilds the default base from its recipe: the same weights (bit for bit with this torch
+    build and thread count; float rounding apart otherwise) and the same held-out next-pixel loss."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path / "rebuilt")])
+    assert result.exit_code == 0, result.output
+    assert f"digits base rebuilt in {tmp_path / 'rebuilt'}: validation loss " in result.output
+    from pipeline.digits import compare_bases
+
+    comparison = compare_bases(tmp_path / "rebuilt", SHIPPED_BASE)
+    assert comparison["max_weight_difference"] < 1e-3, comparison
+    assert comparison["validation_loss"] == pytest.approx(comparison["reference_validation_loss"], abs=1e-3)
+    rebuilt = json.loads((tmp_path / "rebuilt" / "pretrain.json").read_text())
+    shipped = json.loads((SHIPPED_BASE / "pretrain.json").read_text())
+    assert rebuilt["hash"] == shipped["hash"] and rebuilt["config"] == shipped["config"] == vars(DIGITS_BASE)
+
+
+def test_default_base_knows_the_digits():
     """The default base predicts held-out pixels far better than a random init of its shape, and better than
     per-position pixel frequencies of the training images (so it uses the context)."""
-    path = digits_base_dir(default_cache)
+    path = SHIPPED_BASE
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     validation = torch.tensor(digits_pixel_sequences("validation"))
     trained = next_pixel_loss(model, validation)
@@ -192,16 +219,15 @@ def test_load_architecture_is_deterministic(caplog):
         load_base_model(ModelSpec(architecture="mamba", config={"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1}), "cpu")
 
 
-def test_load_builtin_digits(default_cache, monkeypatch):
-    monkeypatch.setenv("SDTUNE_CACHE", str(default_cache))
+def test_load_builtin_digits():
     messages = []
     model, tokenizer = load_base_model(ModelSpec(builtin="digits"), torch.device("cpu"), log=messages.append)
-    assert not any("pretraining" in m for m in messages), messages  # the module's cached base is reused
+    assert not any("pretraining" in m for m in messages), messages  # the shipped base, as it is
     assert isinstance(model, MambaForCausalLM) and model.dtype == torch.float32
     assert_ssm_fp32(model)
     assert model.config.hidden_size == DIGITS_BASE.hidden and len(tokenizer) == model.config.vocab_size
     assert any(m.startswith("kernel path for mamba: ") for m in messages), messages
-    expected = weights(digits_base_dir(default_cache))
+    expected = weights(SHIPPED_BASE)
     assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items() if key in expected)
 
 

@@ -125,6 +125,10 @@ def test_resume_finishes_it_and_the_mlflow_runs_tell_what_happened(sweep):
     assert parent.info.status == "FINISHED"
     summary = (sweep["sweep_dir"] / "report" / "summary.md").read_text()
     assert f"`{diverged.trial_id}` (full): " in summary and "diverged" in summary
+    # the console said so as it happened, in one line naming the arm and the reason
+    consoles = (sweep["first_output"] + resumed.stdout).splitlines()
+    [failed] = [line for line in consoles if line.startswith("failed") and f" {diverged.trial_id} " in line]
+    assert "full · training.lr=1e+30: " in failed and "diverged" in failed and len(failed) <= 300
     assert (sweep["sweep_dir"] / "export" / "trial.json").is_file()
 
 

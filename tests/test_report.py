@@ -1,17 +1,19 @@
-"""The sweep report from hand-built trials (no Ray): plots, the best-vs-baselines table and its MLflow artifacts."""
+"""The sweep report from hand-built trials (no Ray): plots, the best-vs-baselines table at equal budgets and its
+MLflow artifacts; an ASHA-stopped arm's history comes from a real MLflow store, as a sweep's runs hold it."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import parse_job
-from pipeline.report import Arm, ArmSummary, Stats, sdlora_verdict, write_report
+from pipeline.report import Arm, ArmSummary, Budget, Stats, sdlora_verdict, write_report
 from pipeline.results import TrialOutcome
 from pipeline.tracking import SweepTracker
 
@@ -39,6 +41,7 @@ TEST = {
 }
 TRAINABLE = {"lora": 1000, "sdlora": 600}
 FAILED_TRIAL = ("sdlora", 1e-2, 2)
+FAILURE = "TrialDiverged: diverged: the training loss is nan at optimizer step 7"  # the failed trial's one-line reason
 
 
 def make_spec(tmp_path: Path, store: str, space: dict):
@@ -46,6 +49,7 @@ def make_spec(tmp_path: Path, store: str, space: dict):
         "name": "report",
         "output_dir": str(tmp_path / "runs"),
         "model": {"builtin": "digits"},
+        "training": {"epochs": 2},
         "search": {"metric": "eval/accuracy", "mode": "max", "space": space},
         "tracking": {"uri": store},
     })
@@ -68,7 +72,8 @@ def method_lr_seed_trials(spec) -> list[TrialOutcome]:
             }
             status = "ERROR" if (method, lr, seed) == FAILED_TRIAL else "TERMINATED"
             config = {"method.name": method, "training.lr": lr, "training.seed": seed}
-            trials.append(trial(spec, len(trials), status, config, metrics))
+            outcome = trial(spec, len(trials), status, config, metrics)
+            trials.append(replace(outcome, error=FAILURE) if status == "ERROR" else outcome)
     return trials
 
 
@@ -78,9 +83,14 @@ def read_rows(folder: Path) -> dict[str, dict[str, str]]:
 
 
 def assert_plots(folder: Path, keys: list[str]) -> None:
-    for key in keys:
-        png = (folder / f"{key}.png").read_bytes()
-        assert png.startswith(PNG_SIGNATURE) and len(png) > 1000, key
+    for name in [f"{key}.png" for key in keys] + ["learning_curves.png"]:
+        png = (folder / name).read_bytes()
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 1000, name
+
+
+def flat(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces as single spaces (the console wraps the verdict)."""
+    return " ".join(text.split())
 
 
 def test_best_setting_per_arm_with_seeds_as_repetitions(tmp_path, store):
@@ -120,19 +130,26 @@ def test_best_setting_per_arm_with_seeds_as_repetitions(tmp_path, store):
 
     summary = (folder / "summary.md").read_text()
     assert "10 of 12 trials; excluded: 1 failed, 1 without a finite eval/accuracy" in summary
-    assert "| **sdlora** (best) | 3 | 0.86 ± 0.02 | 0.83 ± 0.03 | 600 | 110 | training.lr=0.001 |" in summary
+    assert "0 stopped early by the scheduler" in summary
+    assert (
+        "| **sdlora** (best) | 4 (0) | 0.86 ± 0.02 | training.lr=0.001 | 2 of 2 | 0.86 ± 0.02 | 0.83 ± 0.03 | 600 | "
+        "110 | training.lr=0.001 |"
+    ) in summary
     pooled = math.sqrt((2 * 0.03**2 + 2 * 0.02**2) / 4)
     verdict = (
-        "SDLoRA beats the best LoRA arm (lora) on test/accuracy: 0.83 ± 0.03 (n=3) vs 0.77 ± 0.02 (n=3), "
-        f"a difference of +0.06, {0.06 / pooled:.2g} pooled standard deviations."
+        "SDLoRA beats the best LoRA arm (lora) on test/accuracy after the whole training: 0.83 ± 0.03 (n=3) vs "
+        f"0.77 ± 0.02 (n=3), a difference of +0.06, {0.06 / pooled:.2g} pooled standard deviations."
     )
     assert verdict in summary
-    assert any(verdict in line for line in logged) and str(folder) in logged[0]
+    assert f"## Failed trials\n\n- `t11` (sdlora): {FAILURE}\n" in summary
+    assert verdict in flat("\n".join(logged)) and str(folder) in logged[0]
+    assert all(len(line) <= 300 for text in logged for line in text.splitlines())
 
     # trials.csv: every trial, the failed and NaN ones too, with its status and numbers
     with (folder / "trials.csv").open(newline="") as file:
         listed = list(csv.DictReader(file))
-    assert len(listed) == 12 and sum(row["status"] == "ERROR" for row in listed) == 1
+    assert len(listed) == 12 and [row["error"] for row in listed if row["status"] == "ERROR"] == [FAILURE]
+    assert all(row["error"] == "" for row in listed if row["status"] != "ERROR")
     first = listed[0]
     assert (first["method.name"], float(first["eval/accuracy"]), float(first["tokens_per_s"])) == (
         "lora", VALIDATION["lora", 1e-3][0], 100.0
@@ -167,7 +184,7 @@ def test_searched_method_mappings_are_distinct_arms(tmp_path, store, caplog):
     assert all(row["test/accuracy mean"] == "" for row in rows.values())
     # No test metric: the comparison falls back to validation, against the better LoRA arm.
     summary = (folder / "summary.md").read_text()
-    assert "SDLoRA does not beat the best LoRA arm (lora r8 out_proj+x_proj) on eval/accuracy: " in summary
+    assert "SDLoRA does not beat the best LoRA arm (lora r8 out_proj+x_proj) on eval/accuracy after the whole training: " in summary
     assert "a difference of -0.04, 2.8 pooled standard deviations." in summary
     assert "no MLflow run for sweep" in caplog.text
 
@@ -178,8 +195,84 @@ def test_a_difference_inside_the_seeds_spread_is_called_no_clear_difference(tmp_
     def row(method: str, test: list[float]) -> ArmSummary:
         return ArmSummary(Arm(method, method, method), {}, Stats.of([0.5, 0.6]), Stats.of(test), None, None)
 
-    close = sdlora_verdict(spec, [row("sdlora", [0.70, 0.74, 0.78]), row("lora", [0.69, 0.73, 0.77])])
+    budget = Budget(2, "epoch")
+    close = sdlora_verdict(spec, [row("sdlora", [0.70, 0.74, 0.78]), row("lora", [0.69, 0.73, 0.77])], budget)
     assert close.startswith("SDLoRA beats the best LoRA arm (lora)")
     assert close.endswith("0.25 pooled standard deviations: within the spread over seeds, not a clear difference.")
-    clear = sdlora_verdict(spec, [row("sdlora", [0.80, 0.81, 0.82]), row("lora", [0.69, 0.70, 0.71])])
+    clear = sdlora_verdict(spec, [row("sdlora", [0.80, 0.81, 0.82]), row("lora", [0.69, 0.70, 0.71])], budget)
     assert clear.endswith("11 pooled standard deviations.")
+
+
+# An ASHA sweep over three epochs: each arm's eval/accuracy per epoch, and its test accuracy when it trained to the
+# end. Only SDLoRA at lr 0.01 survives the first rung; after one epoch, LoRA (0.55) is ahead of every SDLoRA trial.
+SDLORA_ARM = {"name": "sdlora", "channels_frozen": 0.9}
+LORA_ARM = {"name": "lora", "lora_rank": 4, "lora_targets": ["x_proj", "out_proj"]}
+ASHA_CURVES = {
+    ("sdlora", 0.01): ([0.50, 0.70, 0.80], 0.75),
+    ("sdlora", 0.03): ([0.45], None),
+    ("lora", 0.01): ([0.55], None),
+    ("lora", 0.03): ([0.40], None),
+}
+STEPS_PER_EPOCH = 20
+
+
+def test_an_asha_stopped_arm_is_compared_at_equal_budget(tmp_path, store):
+    space = {"method": {"grid": [SDLORA_ARM, LORA_ARM]}, "training.lr": {"grid": [0.01, 0.03]}}
+    spec = make_spec(tmp_path, store, space).with_overrides({"training.epochs": 3})
+    tracker = SweepTracker(spec)
+    tracker.start_sweep()
+    trials = []
+    for number, ((name, lr), (curve, test)) in enumerate(ASHA_CURVES.items()):
+        config = {"method": SDLORA_ARM if name == "sdlora" else LORA_ARM, "training.lr": lr}
+        trial_id = f"t{number}"
+        tracker.trial_run(trial_id, config)
+        for epoch, accuracy in enumerate(curve, start=1):  # what the sweep's MLflow callback logs per report
+            step = epoch * STEPS_PER_EPOCH
+            loss = [[step - 10, 2.0 / epoch], [step, 1.8 / epoch]]
+            tracker.log_metrics(trial_id, {"eval/accuracy": accuracy, "epoch": epoch, "train/step_loss": loss}, step)
+        last = {"eval/accuracy": curve[-1], "epoch": len(curve), "step": len(curve) * STEPS_PER_EPOCH,
+                "training_iteration": len(curve), "trainable_parameters": 500 if name == "sdlora" else 900,
+                **({"test/accuracy": test} if test is not None else {})}  # fmt: skip
+        trials.append(TrialOutcome(trial_id, "TERMINATED", config, last, spec.with_overrides(config)))
+    assert [trial.stopped_early for trial in trials] == [False, True, True, True]
+    logged: list[str] = []
+
+    folder = write_report(spec, trials, tracker, log=logged.append)
+
+    summary = (folder / "summary.md").read_text()
+    assert "4 of 4 trials; 3 stopped early by the scheduler" in summary
+    # ranked at the common budget, one epoch: LoRA first, although SDLoRA's survivor ended at 0.8
+    assert (
+        "| **lora r4 x_proj+out_proj** (best) | 2 (2) | 0.55 ± – | training.lr=0.01 | 1 of 3 (stopped) | 0.55 ± – | – |"
+    ) in summary
+    assert "| sdlora ch0.9 | 2 (1) | 0.5 ± – | training.lr=0.01 | 3 of 3 | 0.8 ± – | 0.75 ± – |" in summary
+    verdict = (
+        "SDLoRA does not beat the best LoRA arm (lora r4 x_proj+out_proj) on eval/accuracy at equal budget, after "
+        "1 epoch each: 0.5 ± – (n=1) vs 0.55 ± – (n=1), a difference of -0.05, the spread over seeds is unknown "
+        "(one seed each). ASHA stopped trials early (SDLoRA's best setting reached 3 epochs, LoRA's 1), so their "
+        "last reports and test scores are not compared."
+    )
+    assert verdict in summary and verdict in flat("\n".join(logged))
+    rows = read_rows(folder)
+    assert list(rows) == ["lora r4 x_proj+out_proj", "sdlora ch0.9"]
+    sdlora = rows["sdlora ch0.9"]
+    assert (sdlora["stopped_early"], float(sdlora["epochs"]), sdlora["finished"]) == ("1", 3, "True")
+    assert float(sdlora["eval/accuracy after 1 epoch mean"]) == 0.5
+    with (folder / "trials.csv").open(newline="") as file:
+        assert [row["stopped_early"] for row in csv.DictReader(file)] == ["False", "True", "True", "True"]
+    assert_plots(folder, list(space))
+    assert not (folder / "time.png").exists()  # no trial has a cost record
+
+
+def test_the_time_breakdown_is_a_picture_too(tmp_path, store):
+    spec = make_spec(tmp_path, store, {"training.lr": {"grid": [1e-3, 1e-2]}})
+    parts = {"startup": 5.0, "warmup": 0.0, "training": 30.0, "evaluation": 4.0, "checkpointing": 1.0,
+             "teardown": 2.0, "other": 0.5}  # fmt: skip
+    trials = [
+        replace(trial(spec, number, "TERMINATED", {"training.lr": lr}, {"eval/accuracy": 0.5 + number / 10}),
+                cost={"wall": 42.5, "gpus": 0.0, **parts})
+        for number, lr in enumerate((1e-3, 1e-2))
+    ]  # fmt: skip
+    folder = write_report(spec, trials, SweepTracker(spec), log=lambda _: None)
+    assert (folder / "time.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "![time](time.png)" in (folder / "summary.md").read_text()

@@ -2,17 +2,23 @@
 
 The quickstart's six trials (two SDLoRA arms and a LoRA baseline, two learning rates each; ASHA, two at a time)
 run on reduced data. The sweep driver is killed (SIGKILL) once two trials have finished, and `sdtune resume`
-finishes it. Then a real `mlflow server` (`sdtune ui`) is asked over its REST API for the runs, the export
-directory is checked file by file, and the merged model is scored again by plain transformers.
+finishes it; both consoles are kept and read as a person would. Then a real `mlflow server` (`sdtune ui`) is asked
+over its REST API for the runs and looked at with a headless Chromium, the export directory is checked file by
+file, the merged model is scored again by plain transformers, and the registered champion is loaded back with
+`mlflow.transformers.load_model` and made to generate.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +41,7 @@ TRIALS = 6
 SMALL = ["data.max_train_samples=160", "data.max_eval_samples=40", "training.epochs=2", "training.batch_size=8",
          "training.eval_batch_size=40"]  # fmt: skip
 EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "trial.json", "job.yaml", "README.md", "merged"}
+FIRST_CONSOLE, RESUME_CONSOLE = "console-sweep.txt", "console-resume.txt"  # beside the sweep directory
 
 
 def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
@@ -66,21 +73,23 @@ def sweep(tmp_path_factory, env):
     output = tmp_path_factory.mktemp("quickstart")
     overrides = [arg for item in [*SMALL, f"output_dir={output}"] for arg in ("--set", item)]
     sweep_dir = output / "quickstart"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "sweep", str(QUICKSTART), *overrides],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: finished_trials(sweep_dir / "tune") >= 2, timeout=900, what="two finished trials on disk")
-    finally:
-        driver.send_signal(signal.SIGKILL)  # as a crash would: no cleanup of any kind
-        driver.wait()
+    with (output / FIRST_CONSOLE).open("w") as console:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "sweep", str(QUICKSTART), *overrides],
+            env=env, stdout=console, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: finished_trials(sweep_dir / "tune") >= 2, timeout=900, what="two finished trials on disk")
+        finally:
+            driver.send_signal(signal.SIGKILL)  # as a crash would: no cleanup of any kind
+            driver.wait()
     spec = load_job(sweep_dir / "job.yaml")
     finished_before = {t.trial_id: checkpoints(sweep_dir, t.trial_id) for t in load_trials(spec) if t.status == "TERMINATED"}
     assert len(finished_before) >= 2
 
     resumed = sdtune("resume", str(sweep_dir), env=env)
     assert resumed.returncode == 0, failure(resumed)
+    (output / RESUME_CONSOLE).write_text(resumed.stdout + resumed.stderr)
     return sweep_dir, spec, finished_before, resumed.stdout
 
 
@@ -151,7 +160,54 @@ def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
         assert cost["startup_tune"] + cost["startup_train"] == pytest.approx(cost["startup_ray"])
         assert abs(cost["other"]) <= 0.05 * cost["wall"], (trial.trial_id, cost)
     summary = (sweep_dir / "report" / "summary.md").read_text()
-    assert "## Where the GPU time went" in summary and "**total (s)**" in summary
+    assert "## Where the time went" in summary and "**total (s)**" in summary
+
+
+def test_the_console_shows_trial_events_and_progress_and_no_library_noise(sweep):
+    """What the killed sweep and its resume printed: a line per trial event and progress lines, each trial named
+    by its arm; none of the noise of Ray, DeepSpeed and transformers (it is in the sweep's logs/), no line over 300
+    characters."""
+    sweep_dir, spec, _, _ = sweep
+    text = (sweep_dir.parent / FIRST_CONSOLE).read_text() + (sweep_dir.parent / RESUME_CONSOLE).read_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 300
+    for noise in ("LOAD_GLOBAL", "PreemptionWatcher", "mamba_ssm", "TrainingReport(", "Trial status:",
+                  "worker processes have been started", "Setting accelerator to CPU", "Loading weights",
+                  " INFO ", " WARNING "):  # fmt: skip
+        assert noise not in text, noise
+    trials = load_trials(spec)
+    for trial in trials:
+        mine = [line.split()[0] for line in lines if f" {trial.trial_id} " in line]
+        assert {"started", "progress", "evaluated"} <= set(mine), (trial.trial_id, mine)
+        assert ("stopped" if trial.stopped_early else "finished") in mine, (trial.trial_id, mine)
+    label = "lora r4 x_proj+dt_proj+out_proj · training.lr="
+    assert any(line.startswith("started") and label in line for line in lines)
+    assert any(line.startswith("progress") and " · ETA " in line and "tokens/s" in line for line in lines)
+    workers_log = (sweep_dir / "logs" / "workers.log").read_text()
+    assert "kernel path for mamba" in workers_log and "LOAD_GLOBAL" not in workers_log
+    assert (sweep_dir / "logs" / "driver.log").is_file()
+
+
+def test_the_champion_is_a_transformers_pipeline_that_generates(sweep, monkeypatch):
+    """`mlflow.transformers.load_model("models:/quickstart@champion")` against the sweep's store: a text-generation
+    pipeline whose answer to a test image is the merged model's own greedy answer."""
+    import mlflow
+
+    from pipeline.export import example_prompt
+
+    sweep_dir, spec, _, _ = sweep
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{sweep_dir}/mlflow.db")
+    generator = mlflow.transformers.load_model("models:/quickstart@champion")
+    assert generator.task == "text-generation"
+    prompt = example_prompt(spec.data)
+    [answer] = generator(prompt, max_new_tokens=1, do_sample=False, return_full_text=False)
+    merged = AutoModelForCausalLM.from_pretrained(sweep_dir / "export" / "merged", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(sweep_dir / "export" / "merged")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = tokenizer.decode(merged.generate(ids, max_new_tokens=1, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True)
+    assert answer["generated_text"] == expected
+    export = mlflow.artifacts.download_artifacts("models:/quickstart@champion")
+    assert (Path(export) / "sdtune_export" / "adapter_model.safetensors").is_file()
 
 
 def free_port() -> int:
@@ -162,7 +218,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def mlflow_server(sweep, env):
-    """`sdtune ui` (a real `mlflow server` on 127.0.0.1) over the sweep's store; its base URL."""
+    """`sdtune ui` (a real `mlflow server` on 127.0.0.1) over the sweep's store: its base URL, and the address of
+    the sweep's runs that it prints."""
     sweep_dir = sweep[0]
     port = free_port()
     server = subprocess.Popen(
@@ -170,12 +227,15 @@ def mlflow_server(sweep, env):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
+        printed = []
         for line in server.stdout:  # blocks until the server says it serves
+            printed.append(line)
             if "Application startup complete" in line:
                 break
         else:
             pytest.fail(f"mlflow server exited with {server.wait()}")
-        yield f"http://127.0.0.1:{port}"
+        [runs_url] = [word for word in printed[0].split() if "/#/experiments/" in word]
+        yield f"http://127.0.0.1:{port}", runs_url
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -191,9 +251,11 @@ def rest(base: str, endpoint: str, body: dict) -> dict:
 
 def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_server):
     _, spec, _, _ = sweep
-    experiments = rest(mlflow_server, "experiments/search", {"max_results": 100})["experiments"]
+    base, _ = mlflow_server
+    experiments = rest(base, "experiments/search", {"max_results": 100})["experiments"]
     [experiment] = [e for e in experiments if e["name"] == spec.name]
-    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    runs = rest(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
     tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
     [parent] = [run for run, tag in zip(runs, tags) if tag.get("sdtune.role") == "sweep"]
     children = [run for run, tag in zip(runs, tags) if tag.get("sdtune.role") == "trial"]
@@ -209,13 +271,57 @@ def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_se
         assert metrics["cost/wall_s"] > metrics["cost/training_s"] > 0  # the GPU-time breakdown, per trial
     # per optimizer step too: the train loss of every 10th step (20 steps an epoch), at its own step
     run_id = children[0]["info"]["run_id"]
-    with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}"
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run_id}"
                                 "&metric_key=train/step_loss", timeout=60) as response:  # fmt: skip
         steps = {m["step"] for m in json.load(response)["metrics"]}
     assert {10, 20} <= steps and steps <= {10, 20, 30, 40}
     # the first two trials ran at the same time (max_concurrent_trials: 2)
     first = sorted((c["info"]["start_time"], c["info"]["end_time"]) for c in children)[:2]
     assert first[1][0] < first[0][1]
+    # the scheduler's early stops are tagged; the parent carries the winner's values and its registered model
+    outcomes = {t.trial_id: t for t in load_trials(spec)}
+    for tag in (t for t in tags if t.get("sdtune.role") == "trial"):
+        assert tag["sdtune.stopped_early"] == str(outcomes[tag["sdtune.trial_id"]].stopped_early).lower()
+    parent_tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    winner = outcomes[parent_tags["sdtune.best_trial_id"]]
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["training.lr"] == str(winner.config["training.lr"])
+    assert params["method.name"] == winner.config["method"]["name"]
+    # the registered version is the parent's, and the alias champion names it (search results carry no aliases)
+    query = urllib.parse.urlencode({"filter": f"run_id = '{parent['info']['run_id']}'"})
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/model-versions/search?{query}", timeout=60) as response:
+        [version] = json.load(response)["model_versions"]
+    query = urllib.parse.urlencode({"name": "quickstart", "alias": "champion"})
+    with urllib.request.urlopen(f"{base}/api/2.0/mlflow/registered-models/alias?{query}", timeout=60) as response:
+        champion = json.load(response)["model_version"]
+    assert (version["name"], version["version"]) == ("quickstart", champion["version"])
+
+
+def browser() -> str | None:
+    return shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.mark.skipif(browser() is None, reason="needs chromium-headless-shell or chromium")
+def test_the_printed_address_opens_the_training_view_of_the_sweep(sweep, mlflow_server, tmp_path):
+    """What a headless Chromium shows at the address `sdtune ui` prints: MLflow's "Model training" runs table of
+    the sweep, its trials named by their arm (and "stopped early" where ASHA stopped them), sorted by the metric,
+    with the epochs reached. (MLflow 3.17 itself opens an experiment on its GenAI overview, "Traces 0" and a
+    "Detect Issues" popover, whatever the experiment-kind tag says, mlflow/mlflow#24498: hence the address.)"""
+    _, runs_url = mlflow_server
+    dom = subprocess.run(
+        [browser(), "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}", "--window-size=2400,1200",
+         "--virtual-time-budget=20000", "--dump-dom", runs_url],
+        capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
+    text = " | ".join(filter(None, (line.strip() for line in html.unescape(re.sub(r"<[^>]+>", "\n", re.sub(
+        r"<(script|style)[^>]*>.*?</\1>", "", dom, flags=re.S))).splitlines())))  # fmt: skip
+    assert "Model training | quickstart | Runs" in text and "Sort: eval/accuracy" in text
+    for shown in ("eval/accuracy", "test/accuracy", "epochs_reached", "method.name", "training.lr",
+                  "lora r4 x_proj+dt_proj+out_proj · training.lr="):  # fmt: skip
+        assert shown in text, shown
+    for trial in load_trials(sweep[1]):  # each trial's run, named by its arm, says whether ASHA stopped it
+        assert f"[{trial.trial_id}]" + (" · stopped early at epoch 1 of 2" if trial.stopped_early else " |") in text
+    assert "Detect Issues" not in text and "Traces | 0" not in text
 
 
 def test_export_holds_the_contract_and_the_merged_model_reproduces_the_metric(sweep):

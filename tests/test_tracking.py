@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -73,8 +74,8 @@ def test_parent_and_children_are_reused_never_duplicated(spec, store):
     assert tracker.start_sweep() == parent
     client = MlflowClient(tracking_uri=store)
     params = client.get_run(parent).data.params
-    assert params["training.lr"] == "0.001"
-    assert params["search.metric"] == "eval/accuracy"
+    assert "training.lr" not in params  # searched: the winner's value is logged under it at the end
+    assert params["training.epochs"] == "3" and params["search.metric"] == "eval/accuracy"
     assert params["search.space.training.lr.loguniform"] == "[0.0001, 0.01]"
     assert client.get_run(parent).data.tags["sdtune.role"] == "sweep"
 
@@ -103,6 +104,60 @@ def test_parent_and_children_are_reused_never_duplicated(spec, store):
     assert len(runs) == 4, "one parent and three children in the experiment"
 
 
+def test_the_experiment_opens_on_the_training_view_with_the_sweeps_runs_table(spec):
+    tracker = SweepTracker(spec)
+    parent = tracker.start_sweep()
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.sdtune"])
+    assert view["runsExpanded"] == {parent: True}
+    assert view["orderByKey"] == "metrics.`eval/accuracy`" and view["orderByAsc"] is False
+    assert view["selectedColumns"] == [
+        "tags.`sdtune.arm`", "metrics.`eval/accuracy`", "metrics.`test/accuracy`", "metrics.`epochs_reached`",
+        "tags.`sdtune.stopped_early`", "params.`training.lr`",
+    ]  # fmt: skip
+    url = tracker.ui_url("http://127.0.0.1:5000")
+    assert url == (f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
+                   "?workflowType=machine_learning&viewStateShareKey=sdtune")  # fmt: skip
+
+
+def test_an_experiment_made_before_keeps_a_kind_someone_chose(spec, store):
+    client = MlflowClient(tracking_uri=store)
+    untagged = client.create_experiment("older")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name, experiment_id, kind in (("older", untagged, "custom_model_development"), ("chosen", chosen, "genai_development")):
+        SweepTracker(spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": name})}))
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == kind
+
+
+def test_the_parent_carries_the_winners_values(spec, store):
+    tracker = SweepTracker(spec)
+    parent = tracker.start_sweep()
+    winner_run = tracker.trial_run("t_1", {"training.lr": 3e-3}, label="sdlora · training.lr=0.003")
+    tracker.record_winner(spec.with_overrides({"training.lr": 3e-3}), "t_1", {"eval/accuracy": 0.8, "epoch": 3})
+    run = MlflowClient(tracking_uri=store).get_run(parent)
+    assert run.data.params["training.lr"] == "0.003" and run.data.params["training.epochs"] == "3"
+    assert run.data.metrics == {"eval/accuracy": 0.8, "epoch": 3}
+    assert (run.data.tags["sdtune.best_trial_id"], run.data.tags["sdtune.best_run_id"]) == ("t_1", winner_run)
+    child = tracker.client.get_run(winner_run)
+    assert child.info.run_name == "sdlora · training.lr=0.003 [t_1]"
+    assert child.data.tags["sdtune.arm"] == "sdlora · training.lr=0.003"
+
+
+def test_a_trial_the_scheduler_stopped_says_so(spec):
+    tracker = SweepTracker(spec)
+    stopped = tracker.trial_run("t_stopped", {}, label="lora")
+    full = tracker.trial_run("t_full", {}, label="sdlora")
+    tracker.record_trial_end("t_stopped", stopped_early=True, epochs=1, total_epochs=3)
+    tracker.record_trial_end("t_full", stopped_early=False, epochs=3, total_epochs=3)
+    runs = {run_id: tracker.client.get_run(run_id) for run_id in (stopped, full)}
+    assert runs[stopped].data.tags["sdtune.stopped_early"] == "true"
+    assert runs[stopped].info.run_name == "lora [t_stopped] · stopped early at epoch 1 of 3"
+    assert "ASHA" in runs[stopped].data.tags["mlflow.note.content"]
+    assert runs[full].data.tags["sdtune.stopped_early"] == "false" and runs[full].info.run_name == "sdlora [t_full]"
+    assert runs[stopped].data.metrics["epochs_reached"] == 1 and runs[full].data.metrics["epochs_reached"] == 3
+
+
 def test_changed_params_warn_instead_of_failing(spec, caplog):
     tracker = SweepTracker(spec)
     run_id = tracker.trial_run("t", {"lr": 0.1, "note": "x" * 7000, "odd key{}": 1})
@@ -126,6 +181,9 @@ def test_metrics_read_back_with_steps(spec):
     tracker.log_metrics("t", {"trainable_parameters": 1234}, step=20)
     history = tracker.client.get_metric_history(run_id, "eval/accuracy")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.25), (10, 0.5), (20, 0.75)]
+    tracker.log_metrics("t", {"eval/accuracy": 0.7}, step=20)  # a resumed trial re-sends its last report
+    assert tracker.metric_history("t", "eval/accuracy") == [(0, 0.25), (10, 0.5), (20, 0.7)]
+    assert tracker.metric_history("no such trial", "eval/accuracy") == []
     # a series of [step, value] pairs (the per-step train loss of one report) lands at the points' own steps
     tracker.log_metrics("t", {"train/step_loss": [[12, 2.0], [14, math.nan], [16, 1.5]], "empty": []}, step=20)
     history = tracker.client.get_metric_history(run_id, "train/step_loss")
@@ -136,7 +194,7 @@ def test_metrics_read_back_with_steps(spec):
     # A tracker rebuilt from scratch (or unpickled) finds the child by its tags.
     again = cloudpickle.loads(cloudpickle.dumps(tracker))
     again.log_metrics("t", {"eval/accuracy": 0.9}, step=30)
-    assert len(again.client.get_metric_history(run_id, "eval/accuracy")) == 4
+    assert len(again.client.get_metric_history(run_id, "eval/accuracy")) == 5
     assert len(again.child_runs()) == 1
 
 
@@ -180,12 +238,13 @@ def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
     callback = MLflowSweepCallback(SweepTracker(spec), finish_sweep=True, strict=True)
     callback = cloudpickle.loads(cloudpickle.dumps(callback))  # as Tune stores it in tuner.pkl
     callback.setup()
-    a, b = fake_trial("a", {"lr": 0.1}), fake_trial("b", {"lr": 0.2})
+    a, b = fake_trial("a", {"training.lr": 0.1}), fake_trial("b", {"training.lr": 0.2})
     for trial in (a, b):
         callback.on_trial_start(iteration=1, trials=[a, b], trial=trial)
     result = {"eval/accuracy": 0.5, "step": 0, "training_iteration": 1, "checkpoint_path": str(checkpoint),
-              "time_total_s": 3.0, "config": {"lr": 0.1}, "warmup/loss": 1.5, "epoch": 1}
+              "time_total_s": 3.0, "config": {"training.lr": 0.1}, "warmup/loss": 1.5, "epoch": 1}
     callback.on_trial_result(iteration=2, trials=[a, b], trial=a, result=result)
+    a.last_result = result  # as Tune keeps it
     callback.on_trial_result(iteration=2, trials=[a, b], trial=b, result={"eval/accuracy": 0.1, "training_iteration": 3})
     callback.on_trial_complete(iteration=3, trials=[a, b], trial=a)
     callback.on_experiment_end(trials=[a, b])
@@ -193,7 +252,10 @@ def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
     tracker = callback.tracker
     runs = {run.data.tags[TRIAL_ID_TAG]: run for run in tracker.child_runs()}
     assert {trial: run.info.status for trial, run in runs.items()} == {"a": "FINISHED", "b": "KILLED"}
-    assert set(runs["a"].data.metrics) == {"eval/accuracy", "warmup/loss", "epoch"}
+    assert set(runs["a"].data.metrics) == {"eval/accuracy", "warmup/loss", "epoch", "epochs_reached"}
+    # its last report is of epoch 1 of 3: the scheduler stopped it
+    assert runs["a"].data.tags["sdtune.stopped_early"] == "true" and "sdtune.stopped_early" not in runs["b"].data.tags
+    assert runs["a"].data.tags["sdtune.arm"] == "sdlora · training.lr=0.1"
     assert [m.step for m in tracker.client.get_metric_history(runs["b"].info.run_id, "eval/accuracy")] == [3]
     listed = [info.path for info in tracker.client.list_artifacts(runs["a"].info.run_id, "adapter")]
     assert listed == ["adapter/adapter_model.safetensors"]
@@ -221,9 +283,10 @@ def test_tune_run_gives_one_child_per_trial(ray_session, spec, tmp_path):
         import tempfile
 
         for i in range(3):
-            if config["x"] == 3 and i == 2:
+            x = config["training.seed"]
+            if x == 3 and i == 2:
                 raise RuntimeError("this trial fails")
-            metrics = {"eval/accuracy": config["x"] * (i + 1) / 10, "step": 10 * i, "train/loss": 1.0, "junk": 1}
+            metrics = {"eval/accuracy": x * (i + 1) / 10, "step": 10 * i, "epoch": i + 1, "train/loss": 1.0, "junk": 1}
             if i == 2:  # a final checkpoint with an adapter/ folder, as pipeline.train writes
                 with tempfile.TemporaryDirectory() as tmp:
                     os.makedirs(os.path.join(tmp, "adapter"))
@@ -236,7 +299,7 @@ def test_tune_run_gives_one_child_per_trial(ray_session, spec, tmp_path):
     tracker = SweepTracker(spec)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 0.5}),
-        param_space={"x": tune.grid_search([1, 2, 3]), "nested": {"lr": 0.01}},
+        param_space={"training.seed": tune.grid_search([1, 2, 3]), "method": {"name": "lora", "lora_rank": 4}},
         tune_config=tune.TuneConfig(max_concurrent_trials=2),
         run_config=tune.RunConfig(
             name="tiny",
@@ -251,9 +314,12 @@ def test_tune_run_gives_one_child_per_trial(ray_session, spec, tmp_path):
     children = tracker.child_runs()
     assert len(children) == 3 == len({run.data.tags[TRIAL_ID_TAG] for run in children})
     client = tracker.client
-    by_x = {run.data.params["x"]: run for run in children}
+    by_x = {run.data.params["training.seed"]: run for run in children}
     assert set(by_x) == {"1", "2", "3"}
-    assert all(run.data.params["nested.lr"] == "0.01" for run in children)
+    assert all(run.data.params["method.lora_rank"] == "4" for run in children)  # a nested value, flattened
+    assert all(run.data.tags["sdtune.arm"] == f"lora r4 · training.seed={x}" for x, run in by_x.items())
+    # three epochs each: trained to the end (the failed one never completed)
+    assert [by_x[x].data.tags.get("sdtune.stopped_early") for x in "123"] == ["false", "false", None]
     assert {x: run.info.status for x, run in by_x.items()} == {"1": "FINISHED", "2": "FINISHED", "3": "FAILED"}
     for x, run in by_x.items():
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/accuracy"))

@@ -1,0 +1,363 @@
+"""What a person sees while a sweep runs: one line per trial event (started, evaluated, finished, stopped early,
+failed) and a live progress display per running trial (step, loss, eval metric, tokens/s, ETA), labelled with the
+trial's arm. What Ray, Ray Tune, Ray Train, DeepSpeed, MLflow and transformers print goes to files in the sweep
+directory's ``logs/`` (``--verbose`` also shows it):
+
+- ``logs/driver.log``: the Python log records of the sweep command (Ray, Tune, MLflow, transformers, sdtune);
+- ``logs/workers.log``: stdout and stderr of every Ray worker (the trials' Tune functions, Train controllers and
+  training workers: DeepSpeed's and transformers' messages, the kernel path of each trial), prefixed with the
+  process that wrote them. A worker line of sdtune's that starts with ``WARNING: `` (:data:`WORKER_WARNING`: a
+  checkpoint that cannot be restored, a CUDA run on the slow reference kernels) is shown on the console too.
+
+Progress travels through files, not Ray: rank 0 of a trial writes ``<trial dir>/progress.json`` at its log interval
+(:class:`TrialProgress`), and the sweep driver reads it (:func:`read_progress`) from a Tune callback
+(:class:`pipeline.sweep_callbacks.ProgressCallback`). A trial's directory is on storage every node sees, as its
+checkpoints are, so this works on a cluster too; extra ``ray.train.report`` calls would not do, since ASHA counts
+reports.
+
+Switched off for good, whatever the verbosity: Ray Train's print patch (with it, dill's disassembly of functions,
+which datasets' fingerprinting runs inside a captured stdout, floods the console as bytecode listings), Ray Tune's
+trial table (its columns cut arm labels to 20 characters; the progress display replaces it), on a local cluster
+Ray Train's preemption watcher (an error-level "actor restart will fail" per trial, ray-project/ray#53727; it only
+watches for node drains, which a single machine does not have) and, without a GPU, DeepSpeed's accelerator probe and
+transformers' hints to install the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+LOG_DIR = "logs"  # under the sweep directory
+DRIVER_LOG = "driver.log"
+WORKERS_LOG = "workers.log"
+PROGRESS_FILE = "progress.json"  # in a trial's directory, written by its rank 0
+WORKER_WARNING = "WARNING: "  # how sdtune's worker code starts a line the person at the console must see
+MAX_LINE = 300  # no console line of ours is longer
+LABEL_WIDTH = 60  # an arm label is cut to this many characters in a line (the full label is in MLflow and the report)
+REASON_WIDTH = 140  # a failed trial's reason is cut to this (the whole one is in MLflow and the report)
+REFRESH_S = 0.5  # the live display is redrawn at most this often
+PLAIN_EVERY_S = 15.0  # without a terminal, a running trial's progress line is printed at most this often
+# Library loggers that bring their own console handler (all but huggingface_hub's keep their records from the root).
+LIBRARY_LOGGERS = ("ray", "mlflow", "transformers", "huggingface_hub")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where library output goes
+
+
+def log_dir(sweep_dir: Path) -> Path:
+    return sweep_dir.resolve() / LOG_DIR
+
+
+def quiet_environment(local_cluster: bool, gpu: bool) -> dict[str, str]:
+    """Environment variables to set before Ray starts, so that Ray's processes inherit them: see the module
+    docstring for what each one silences."""
+    env = {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_AIR_NEW_OUTPUT": "0",  # the legacy Tune reporter honours verbose=0 (the new one prints a header anyway)
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars in every worker
+    }
+    if local_cluster:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would warn, in every process, that it fell back to the CPU
+    return env
+
+
+def ray_init_options(local_cluster: bool) -> dict[str, Any]:
+    """``ray.init`` keywords for a quiet console. On a local cluster the raylet's "N Python worker processes have
+    been started" warning (a line of ~500 characters, printed by the driver whatever ``log_to_driver`` says) fires at
+    4x the startup concurrency, which defaults to the CPU count: 2 cores warn at 8 workers, fewer than a quickstart
+    keeps. The concurrency is raised to 8 (the warning then fires at 32)."""
+    return {"_system_config": {"worker_maximum_startup_concurrency": 8}} if local_cluster else {}
+
+
+class ConsoleFilter(logging.Filter):
+    """On the console: sdtune's own warnings and everyone's errors (``verbose``: every record)."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose or record.levelno >= logging.ERROR:
+            return True
+        return record.name.startswith("pipeline") and record.levelno >= logging.WARNING
+
+
+def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
+    """Send this process's log records to ``logs/driver.log`` and keep on the console what :class:`ConsoleFilter`
+    lets through; without a GPU, drop transformers' hints to install the CUDA kernels. Returns the log file."""
+    import huggingface_hub.utils.logging
+    import mlflow  # noqa: F401  (its import gives the "mlflow" logger its console handler, filtered below)
+    import transformers.utils.logging as transformers_logging
+
+    directory = log_dir(sweep_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / DRIVER_LOG
+
+    def to_file() -> logging.Handler:  # one per logger: ray.init sets its own format on the handlers of "ray"
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        return handler
+
+    console_filter = ConsoleFilter(verbose)
+    # transformers and huggingface_hub add their console handlers on first use: let them, then filter them.
+    transformers_logging.get_logger()
+    huggingface_hub.utils.logging.get_logger()
+    if not verbose:
+        transformers_logging.disable_progress_bar()
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for handler in library.handlers:
+            handler.addFilter(console_filter)
+        if not library.propagate:  # the others reach the root logger's file handler
+            library.addHandler(to_file())
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(console_filter)
+    root = logging.getLogger()
+    root.addHandler(to_file())
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # Python warnings of any library: to the file (and the console when verbose)
+    if not gpu:
+        logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
+    return path
+
+
+def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
+    """Write the output of Ray's workers, which the driver receives with ``log_to_driver``, to ``logs/workers.log``
+    (and, ``verbose``, to the console as Ray does; otherwise only sdtune's :data:`WORKER_WARNING` lines, cut to
+    :data:`MAX_LINE`). Ray has no public switch for this: the driver's dispatcher of worker output
+    (``ray._private.ray_logging``) gets one more handler, and loses its console one unless ``verbose``. Returns the
+    log file."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    path = log_dir(sweep_dir) / WORKERS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = path.open("a", buffering=1)
+
+    def write(data: Mapping[str, Any]) -> None:
+        if data.get("pid") == "autoscaler":  # the cluster's status every few seconds, which Ray never prints either
+            return
+        who = data.get("actor_name") or data.get("task_name") or "worker"
+        lines = data.get("lines", [])
+        sink.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in lines)
+        if not verbose:  # verbose: Ray's own handler prints every line already
+            for line in lines:
+                if line.startswith(WORKER_WARNING):
+                    print(fit(line, MAX_LINE), file=sys.stderr, flush=True)
+
+    if not verbose:
+        dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("sdtune_workers_log", write)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress: written by a trial's rank 0, read by the sweep driver
+
+
+class TrialProgress:
+    """Rank 0 of a sweep's trial writes its training progress to ``<trial dir>/progress.json`` every
+    ``training.log_every_steps`` optimizer steps: the step, the steps in all, the loss of that step, tokens/s and
+    the seconds left at the rate so far (evaluations included). Other ranks, and runs outside a sweep (``sdtune
+    train``), write nothing."""
+
+    def __init__(self, directory: Path | None, total_steps: int, log_every_steps: int, world: int):
+        self.path = directory / PROGRESS_FILE if directory is not None else None
+        self.total_steps, self.log_every_steps, self.world = total_steps, log_every_steps, world
+        self.started: float | None = None  # when the first step of this run was logged
+        self.first_step = 0
+        self.tokens, self.last_tokens = 0, 0
+
+    @classmethod
+    def of_this_worker(cls, sweep_dir: Path, total_steps: int, log_every_steps: int) -> TrialProgress:
+        """For the Ray Train worker calling it: its trial's directory when it is rank 0 of a sweep's trial."""
+        import ray.train
+
+        from pipeline.results import TRIAL_PREFIX
+
+        context = ray.train.get_context()
+        name = context.get_experiment_name()
+        # A sweep in object storage shows no progress: a file rewritten every few seconds there costs a request
+        # each time, and the driver would poll the bucket for it.
+        mine = context.get_world_rank() == 0 and name.startswith(TRIAL_PREFIX) and isinstance(sweep_dir, Path)
+        return cls(sweep_dir.resolve() / name if mine else None, total_steps, log_every_steps, context.get_world_size())
+
+    def step(self, step: int, losses: Any, tokens: int) -> None:
+        """After optimizer step ``step``: ``losses`` is the trainer's :class:`pipeline.train.LossLog` (whose last
+        logged loss, at a log interval, is this step's) and ``tokens`` this worker's token count since its last
+        report (the trainer resets it at each report)."""
+        if self.path is None or step % self.log_every_steps:
+            return
+        loss = losses.logged[-1][1]
+        now = time.time()
+        self.tokens += tokens - self.last_tokens if tokens >= self.last_tokens else tokens
+        self.last_tokens = tokens
+        if self.started is None:
+            self.started, self.first_step, self.tokens = now, step, 0
+        elapsed = now - self.started
+        rate = (step - self.first_step) / elapsed if elapsed > 0 else 0.0
+        row = {
+            "step": step,
+            "total_steps": self.total_steps,
+            "loss": float(loss),
+            "tokens_per_s": self.tokens * self.world / elapsed if elapsed > 0 else None,
+            "eta_s": (self.total_steps - step) / rate if rate > 0 else None,
+            "time": now,
+        }
+        staging = self.path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
+        staging.write_text(json.dumps(row))
+        os.replace(staging, self.path)
+
+
+def read_progress(trial_directory: Path) -> dict[str, Any] | None:
+    """The latest progress a trial's rank 0 wrote, or None before its first (and always in object storage)."""
+    if not isinstance(trial_directory, Path):
+        return None
+    try:
+        return json.loads((trial_directory / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The display
+
+
+def fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def number(value: Any, digits: int = 3) -> str:
+    return "–" if not isinstance(value, int | float) else f"{value:.{digits}g}"
+
+
+@dataclass
+class TrialRow:
+    """What the display knows of one trial."""
+
+    label: str  # the arm and the searched values: "sdlora ch0.8 st0.5 warmup_steps=20 · training.lr=0.01"
+    progress: dict[str, Any] | None = None
+    metric: float | None = None  # the search metric of its latest report
+    epoch: Any = None
+    printed_at: float = 0.0  # when its last plain progress line was printed (no terminal)
+
+
+class SweepConsole:
+    """The lines and the live display of one sweep, drawn with rich on a terminal and as plain lines elsewhere
+    (a log file, CI, a test). Created in the driver; never pickled (it holds the terminal)."""
+
+    def __init__(self, metric: str, epochs: int, stream: TextIO | None = None):
+        from rich.console import Console
+
+        self.metric, self.epochs = metric, epochs
+        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+        self.rows: dict[str, TrialRow] = {}
+        self.live = None
+        self.refreshed = 0.0
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
+            self.live.start()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def say(self, trial_id: str, event: str, detail: str = "") -> None:
+        """One line about one trial: ``evaluated 8cbbd_00001  sdlora ch0.8 st0.5 · training.lr=0.01: epoch 1/3 ...``."""
+        label = fit(self.rows[trial_id].label, LABEL_WIDTH)
+        line = f"{event:<9} {trial_id}  {label}" + (f": {detail}" if detail else "")
+        self.console.print(fit(line, MAX_LINE), markup=False)
+
+    def track(self, trial_id: str, label: str) -> None:
+        """Know a trial by its label without a line: one that started before this run of the driver."""
+        self.rows.setdefault(trial_id, TrialRow(label))
+
+    def started(self, trial_id: str, label: str) -> None:
+        self.rows[trial_id] = TrialRow(label)
+        self.say(trial_id, "started")
+
+    def reported(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        row = self.rows[trial_id]
+        row.metric, row.epoch = result.get(self.metric), result.get("epoch")
+        detail = f"epoch {row.epoch}/{self.epochs}, {self.metric} {number(row.metric)}, train/loss {number(result.get('train/loss'))}"
+        self.say(trial_id, "evaluated", detail)
+
+    def ended(self, trial_id: str, event: str, detail: str) -> None:
+        """``event``: finished, stopped or failed; ``detail``: how far it got and where it stands."""
+        self.flush_progress(trial_id)
+        self.say(trial_id, event, detail)
+        self.rows.pop(trial_id, None)
+
+    def refresh(self, progress_of: Mapping[str, dict[str, Any] | None]) -> None:
+        """New progress of the running trials (trial id -> its progress.json): redraw the live display, or print
+        a plain line for a trial whose progress moved (at most every PLAIN_EVERY_S seconds each)."""
+        now = time.time()
+        for trial_id, progress in progress_of.items():
+            row = self.rows.get(trial_id)
+            if row is None or progress is None:
+                continue
+            moved = row.progress is None or progress["step"] != row.progress["step"]
+            row.progress = progress
+            if self.live is None and moved and now - row.printed_at >= PLAIN_EVERY_S:
+                self._print_progress(trial_id, row, now)
+        if self.live is not None and now - self.refreshed >= REFRESH_S:
+            self.live.update(self._table())
+            self.refreshed = now
+
+    def flush_progress(self, trial_id: str) -> None:
+        """Without a terminal, a trial's progress line if none was printed yet (a trial shorter than the interval)."""
+        row = self.rows.get(trial_id)
+        if self.live is None and row is not None and row.progress is not None and row.printed_at == 0.0:
+            self._print_progress(trial_id, row, time.time())
+
+    def _print_progress(self, trial_id: str, row: TrialRow, now: float) -> None:
+        self.console.print(fit(f"{'progress':<9} {trial_id}  " + " · ".join(self._cells(row)), MAX_LINE), markup=False)
+        row.printed_at = now
+
+    def _cells(self, row: TrialRow) -> list[str]:
+        progress = row.progress or {}
+        tokens = progress.get("tokens_per_s")
+        return [
+            f"step {progress.get('step', '–')}/{progress.get('total_steps', '–')}",
+            f"loss {number(progress.get('loss'))}",
+            f"{self.metric} {number(row.metric)}",
+            f"{tokens:,.0f} tokens/s" if tokens else "– tokens/s",
+            f"ETA {duration(progress.get('eta_s'))}",
+        ]
+
+    def _table(self):
+        from rich.table import Table
+
+        table = Table("trial", "arm", "step", "loss", self.metric, "tokens/s", "ETA", box=None, pad_edge=False)
+        for trial_id, row in self.rows.items():
+            if row.progress is None:
+                table.add_row(trial_id, fit(row.label, LABEL_WIDTH), "starting", "", number(row.metric), "", "")
+                continue
+            step, loss, metric, tokens, eta = self._cells(row)
+            table.add_row(
+                trial_id, fit(row.label, LABEL_WIDTH), step.removeprefix("step "), loss.removeprefix("loss "),
+                number(row.metric), tokens.removesuffix(" tokens/s"), eta.removeprefix("ETA "),
+            )
+        return table

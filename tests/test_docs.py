@@ -1,0 +1,33 @@
+"""The README's commands are what CI runs: `.ci/run` holds the quickstart's set-up and sweep lines and the test
+command, in the README's order and word for word, so a README that drifts from what is tested fails here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def first_bash_block(readme: str, heading: str) -> list[str]:
+    """The lines of the first ```bash block under ``## heading``."""
+    section = readme.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S)
+    assert block, f"no bash block under '## {heading}'"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readmes_setup_quickstart_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    [quickstart] = [line.removeprefix("## ") for line in readme.splitlines() if line.startswith("## Quickstart")]
+    expected = first_bash_block(readme, quickstart) + first_bash_block(readme, "Tests")
+    commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line in expected]
+    assert commands == expected
+
+
+def test_the_cpu_setup_takes_torch_from_pytorchs_cpu_index():
+    """PyPI's torch for Linux is the CUDA build (19 CUDA wheels): the CPU set-up must not ask PyPI for it."""
+    readme = (ROOT / "README.md").read_text()
+    [quickstart] = [line.removeprefix("## ") for line in readme.splitlines() if line.startswith("## Quickstart")]
+    [torch_line] = [line for line in first_bash_block(readme, quickstart) if "pip install torch" in line]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_line

@@ -1,0 +1,50 @@
+"""The Ray instance a sweep starts here shares the machine with other Ray instances (another sweep, the tests,
+another user). Its workers' state API, which Ray Train's placement-group cleaner asks whether a stopped trial's
+controller is alive before it frees the trial's CPUs, must answer about this instance: asked without an address, it
+scans the machine's processes and fails when it finds several, and the trials after an early stop wait forever."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import ray
+
+from pipeline.cli import own_state_api
+
+# Another Ray instance on this machine, up until its stdin closes.
+OTHER_INSTANCE = "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); sys.stdin.read()"
+MARKER = "sdtune-own-instance"
+
+
+@ray.remote(num_cpus=0)
+class Marker:
+    pass
+
+
+@ray.remote(num_cpus=0)
+def live_actor_names() -> list[str]:
+    """What a worker learns from the state API, asked as Ray Train's cleaner asks it (no address)."""
+    from ray.util.state import list_actors
+
+    return [actor.name for actor in list_actors(filters=[("state", "=", "ALIVE")])]
+
+
+def test_workers_ask_the_state_api_of_their_own_ray_instance():
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as other_tmp:  # short: Ray's socket paths are limited
+        other = subprocess.Popen([sys.executable, "-c", OTHER_INSTANCE], env={**os.environ, "RAY_TMPDIR": other_tmp},
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert other.stdout.readline().strip() == "up"
+            ray.init(num_cpus=1, log_to_driver=False, **own_state_api())
+            try:
+                marker = Marker.options(name=MARKER).remote()
+                ray.get(marker.__ray_ready__.remote())
+                assert MARKER in ray.get(live_actor_names.remote())
+            finally:
+                ray.shutdown()
+        finally:
+            other.stdin.close()
+            other.wait(timeout=300)
