@@ -128,14 +128,13 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     # Ray Train fails a worker group that takes over 60 s to start; each worker imports torch in that window,
     # which took over a minute on a loaded 2-core machine (a failed quickstart). Slow is not broken.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    logs = local_state_dir(spec.sweep_dir)
-    route_logs(logs, verbose, gpu)
+    route_logs(spec.sweep_dir, verbose, gpu)
     # "local": a Ray instance of this command's own, even where another cluster on this machine left its address
     # in Ray's bootstrap file (ray.init() would join that one)
     ray.init(
         address=address or "local", log_to_driver=True, **ray_init_options(local), **(own_state_api() if local else {})
     )
-    capture_worker_output(logs, verbose)
+    capture_worker_output(spec.sweep_dir, verbose)
     if address is not None:
         resources = ray.cluster_resources()
         try:

@@ -35,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-LOG_DIR = "logs"  # under the sweep directory
+from pipeline.storage import StoragePath, local_state_dir
+
+LOG_DIR = "logs"  # under the sweep's local state directory (the sweep directory unless in object storage)
 DRIVER_LOG = "driver.log"
 WORKERS_LOG = "workers.log"
 PROGRESS_FILE = "progress.json"  # in a trial's directory, written by its rank 0
@@ -53,8 +55,9 @@ LIBRARY_LOGGERS = ("ray", "mlflow", "transformers", "huggingface_hub")
 # Where library output goes
 
 
-def log_dir(sweep_dir: Path) -> Path:
-    return sweep_dir.resolve() / LOG_DIR
+def log_dir(sweep_dir: StoragePath) -> Path:
+    """``logs/`` of the sweep's local state directory: the sweep directory itself unless it is in object storage."""
+    return local_state_dir(sweep_dir).resolve() / LOG_DIR
 
 
 def quiet_environment(local_cluster: bool, gpu: bool) -> dict[str, str]:

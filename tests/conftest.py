@@ -23,6 +23,11 @@ from transformers import (
 
 from helpers import VOCAB
 
+# The Ray clusters the tests start here (ray.cluster_utils.Cluster) and the sdtune commands they run as
+# subprocesses must agree on authentication: Ray 2.60 turns token authentication on by default, and a command run
+# with it off cannot join a cluster started with it on.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 TINY_CONFIGS = {
     "mamba": (MambaForCausalLM, MambaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, state_size=8)),
     "mamba2": (

@@ -85,9 +85,9 @@ def test_a_sweep_in_object_storage_resumes_after_its_driver_is_killed(sweep, two
         if trial.trial_id in finished_before:  # not trained again
             assert listing(trial.checkpoint.parent) == finished_before[trial.trial_id]
     assert {t.metrics["node_id"] for t in trials} == {node.node_id for node in two_nodes.list_all_nodes()}
-    # this machine kept only the lock and the MLflow store; the sweep's files are all in the bucket
+    # this machine kept only the lock, the MLflow store and the libraries' logs; the sweep's files are in the bucket
     state = local_state_dir(spec.sweep_dir)
-    assert {p.name for p in state.iterdir()} == {".sdtune.lock", "mlflow.db", "mlartifacts"}
+    assert {p.name for p in state.iterdir()} == {".sdtune.lock", "mlflow.db", "mlartifacts", "logs"}
     assert {"job.yaml", "report/summary.md"} <= set(listing(spec.sweep_dir))
 
 
