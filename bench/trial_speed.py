@@ -9,7 +9,9 @@ random batches of ``--batch`` x ``--seq`` tokens:
 - ``trial-zeroN``: what pipeline.train runs per step: the DeepSpeed engine of ``make_engine`` for a spec of ZeRO
   stage N (torch fused AdamW, gradient clipping 1.0, the linear schedule), the loss kept on the device
   (``LossLog``). On one rank ``pipeline.train.zero_stage`` runs stages 1 and 2 as stage 0 (the measurements of
-  docs/benchmarks.md that compare them were taken before that rule).
+  docs/benchmarks.md that compare them were taken before that rule);
+- ``trial-zero0-unlightened``: stage 0 as DeepSpeed runs it by default, without ``pipeline.train.lighten_stage0``
+  (its all-reduce on one rank and its per-tensor clipping loop), to show what that saves.
 
 The modes take turns step by step. A real ``sdtune train`` of the same shape, run in the same call, is then
 compared with ``bare`` (see docs/benchmarks.md).
@@ -37,7 +39,7 @@ JOB = {
 }
 
 
-def build(args, zero_stage: int | None):
+def build(args, zero_stage: int | None, lightened: bool = True):
     torch.manual_seed(0)
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -53,7 +55,11 @@ def build(args, zero_stage: int | None):
     if zero_stage is None:
         return tuner, torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
     spec = parse_job({**JOB, "training": {**JOB["training"], "zero_stage": zero_stage, "batch_size": args.batch}})
-    return tuner, make_engine(tuner, spec, spec.training.lr, total_steps=10**6)
+    engine = make_engine(tuner, spec, spec.training.lr, total_steps=10**6)
+    if not lightened:
+        engine.enable_backward_allreduce = True
+        del engine.clip_fp32_gradients  # back to DeepSpeed's own method
+    return tuner, engine
 
 
 def tokens(args, seed: int) -> torch.Tensor:
@@ -87,6 +93,8 @@ def main() -> None:
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"})
 
     modes = {"bare": build(args, None), **{f"trial-zero{stage}": build(args, stage) for stage in args.stages}}
+    if 0 in args.stages:
+        modes["trial-zero0-unlightened"] = build(args, 0, lightened=False)
     losses = LossLog(torch.device("cuda"), log_every_steps=10)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for step in range(5 + args.steps):

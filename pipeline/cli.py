@@ -39,8 +39,10 @@ class ReadableHelp:
         for param in params:
             if param.metavar is None:
                 param.metavar = "" if getattr(param, "is_flag", False) else param.name.upper()
-            if isinstance(param, TyperArgument) and param.type_descriptor.annotation is str:
-                param.display_type_rich = lambda ctx: None  # typer would add "<str>" beside the argument's name
+            # typer 0.2x adds "<str>" beside an argument's name; other typer versions have no type_descriptor
+            descriptor = getattr(param, "type_descriptor", None)
+            if isinstance(param, TyperArgument) and getattr(descriptor, "annotation", None) is str:
+                param.display_type_rich = lambda ctx: None
         return params
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
@@ -115,10 +117,16 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     import torch
 
     from pipeline.console import capture_worker_output, quiet_environment, ray_init_options, route_logs
-    from pipeline.preflight import check_resources
+    from pipeline.preflight import check_resources, missing_bytecode
 
     local = address is None
     gpu = torch.cuda.is_available() if local else spec.resources.use_gpu is not False
+    if local and (uncompiled := missing_bytecode()):
+        typer.echo(
+            f"note: {', '.join(uncompiled)} have no compiled bytecode, so every trial's workers compile them again "
+            "(half of a trial's start-up on an H200 host); once: python -m compileall -q "
+            + " ".join(sorted({str(directory) for directory in uncompiled.values()}))
+        )
     os.environ.update(quiet_environment(local, gpu))
     # Ray's usage reporting would try the network; none is reachable on a closed cluster.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

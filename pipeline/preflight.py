@@ -9,6 +9,7 @@ starts only to fail in its trials over something knowable up front.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import urllib.error
@@ -232,3 +233,21 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, in_sweep: bool = Tr
 def local_resources() -> tuple[float, float]:
     """(CPUs, GPUs) of the Ray instance ``sdtune`` would start on this machine."""
     return float(os.cpu_count() or 1), float(torch.cuda.device_count())
+
+
+# What every trial's worker imports (a fresh process per trial): where these have no compiled bytecode, each
+# worker compiles their sources again.
+WORKER_PACKAGES = ("torch", "transformers", "deepspeed")
+
+
+def missing_bytecode(packages: Sequence[str] = WORKER_PACKAGES) -> dict[str, Path]:
+    """{package: the directory it is installed in} for the installed ``packages`` without compiled bytecode
+    (installed with ``pip --no-compile``, or in an image built under ``PYTHONDONTWRITEBYTECODE``). On an H200
+    host that doubled a trial's start-up, 30 s against 15 s (docs/benchmarks.md). Looks at each package's
+    ``__init__`` only."""
+    missing = {}
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.cached and not os.path.exists(spec.cached):
+            missing[name] = Path(spec.origin).parents[1]
+    return missing

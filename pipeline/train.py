@@ -16,6 +16,7 @@ the seconds the worker spent per phase (``time/*``), from which the sweep's GPU-
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import posixpath
@@ -32,6 +33,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_grad
 
 import sdt
@@ -131,17 +133,43 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.training.weight_decay, **fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
     full_bf16 = tuner.config.trains_all_weights and params[0].dtype == torch.bfloat16
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 and get_accelerator().device_name() == "cpu":
+        skip_shared_memory_reduce()
     engine, _, _, _ = deepspeed.initialize(
         model=tuner.model,
         model_parameters=params,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(spec, full_bf16, world=dist.get_world_size() if dist.is_initialized() else 1),
+        config=deepspeed_config(spec, full_bf16, world=world),
     )
+    if engine.zero_optimization_stage() == 0 and not full_bf16:
+        lighten_stage0(engine, params, spec.training.grad_clip)
     # The base loads in eval mode; HF's Mamba mixers take the fused kernel (and mambapy's scan) only in training.
     engine.train()
     tuner.engine_wrapped()
     return engine
+
+
+def skip_shared_memory_reduce() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce: its CPU accelerator builds that op with g++
+    when its communication starts, about a minute on a 2-core machine the first time under each HOME (the largest
+    single cost of a cold quickstart), and a single rank reduces nothing. The switch is DeepSpeed's own table of
+    the ops it may build; only the first engine of a process reads it."""
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # as deepspeed.comm.torch.build_shm_op
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def lighten_stage0(engine, params: list[torch.Tensor], max_norm: float) -> None:
+    """DeepSpeed's stage-0 step, without its per-tensor Python loops: they cost 7-12 ms of a 70 ms step at the 130m
+    shape, where the host bounds the step (docs/benchmarks.md). Same numbers: one rank has nothing to all-reduce
+    (the all-reduce flattens every gradient into a bucket and copies it back), and stage 0's clipping norms each of
+    the module's gradients one by one where torch's foreach clipping does it over the trainable tensors in a few
+    kernels (after the all-reduce every rank holds the same gradients, so the local norm is the global one)."""
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
+    engine.clip_fp32_gradients = functools.partial(torch.nn.utils.clip_grad_norm_, params, max_norm, foreach=True)
 
 
 def gathered(engine, params: list[torch.Tensor]):

@@ -138,3 +138,22 @@ def test_a_hub_model_the_hub_cannot_serve_is_one_line_naming_the_field(tmp_path)
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"{job}: model.name_or_path: 'state-spaces/mamba-130m-hf' is not a local directory")
     assert "the hub did not answer" in line and result.stdout == ""
+
+
+def test_a_package_without_compiled_bytecode_is_named_with_its_directory(tmp_path, monkeypatch):
+    """A sweep notes packages its workers would compile again at every trial (pipeline.preflight.missing_bytecode)."""
+    import compileall
+    import importlib
+
+    from pipeline.preflight import missing_bytecode
+
+    package = tmp_path / "uncompiled_package_for_test"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert missing_bytecode(["uncompiled_package_for_test", "not_installed_anywhere"]) == {
+        "uncompiled_package_for_test": tmp_path
+    }
+    assert compileall.compile_dir(str(package), quiet=1)
+    assert missing_bytecode(["uncompiled_package_for_test"]) == {}

@@ -1,12 +1,17 @@
-"""The fused PEFT path (sdt.fused) on the GPU, against transformers' current CUDA path, in bf16.
+"""The fused PEFT path (sdt.fused) on the GPU, against transformers' current CUDA path, in fp32 and in bf16.
 
 Run on a CUDA machine: ``python -m pytest -m cuda tests/test_fused_cuda.py -v -s`` (``-s`` prints each case's
-largest gradient error). Skipped elsewhere (conftest). Every case draws a fresh random batch (its seed is in the
-messages) and compares the loss and every trainable tensor's gradient with transformers' path on the same bf16
-model: relative error ‖g − g_hf‖ / ‖g_hf‖ ≤ 1e-2 per tensor. Two bf16 implementations of a deep model can drift
-apart by about that much through rounding alone, so a tensor above it still passes when the fused path is no
-further from the exact function than transformers' path is: both are also compared with the same model in fp32
-(the bf16 weights widened, transformers' path), and the fused path's error there may be at most 1.25× the other's.
+largest gradient errors). Skipped elsewhere (conftest). Every case draws a fresh random batch (its seed is in the
+messages) and compares the loss and every trainable tensor's gradient with transformers' path:
+
+- in fp32 (the bf16 weights widened), where rounding cannot hide a different function: the loss within 1e-4 and
+  every gradient within a relative error ‖g − g_hf‖ / ‖g_hf‖ ≤ 1e-2 (seen on the H200: ≤ 1e-4 on 4 layers, up
+  to 2.6e-3 on the random 24-layer 130m model, full fine-tuning included, where depth amplifies fp32 rounding;
+  an adapter the kernels miss is off by its whole gradient);
+- in bf16, the trained dtype: relative error ≤ 1e-2 per tensor, or, since two bf16 implementations of a deep
+  random model drift apart by more than that through rounding alone, no further from the fp32 function than twice
+  transformers' own bf16 error.
+
 The coverage guard must pass on the fused path, and the merged model must give the logits of the adapted one.
 """
 
@@ -26,6 +31,7 @@ from sdt.fused import CudaKernels, MambaInnerFn, install_fused_path, mamba1_mixe
 pytestmark = pytest.mark.cuda
 VOCAB = 50280
 BF16_TOLERANCE = 1e-2
+FP32_TOLERANCE = 1e-2
 METHODS = {
     "lora": sdt.SDTConfig.preset("lora", lora_targets=("in_proj", "x_proj", "dt_proj", "out_proj")),
     "sdlora": sdt.SDTConfig.preset("sdlora", warmup_steps=2),
@@ -103,6 +109,17 @@ def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: 
     tokens, seed = fresh_tokens(vocab=vocab)
     context = f"{label}, batch seed {seed}"
     loss32, grads32 = loss_and_grads(tuner32, tokens)
+    install_fused_path(tuner32.model)
+    loss32_fused, grads32_fused = loss_and_grads(tuner32, tokens)
+    uninstall_fused_path(tuner32.model)
+    fp32_errors = {
+        name: relative_error(g, grads32[name]) for name, g in grads32_fused.items() if grads32[name].norm() > 0
+    }
+    worst32 = max(fp32_errors, key=fp32_errors.get)
+    print(f"\n{context}: fp32 loss fused {loss32_fused:.6f}, transformers {loss32:.6f}; worst gradient {worst32}: "
+          f"{fp32_errors[worst32]:.2e}")  # fmt: skip
+    assert abs(loss32_fused - loss32) <= 1e-4 * abs(loss32), f"{context}: fp32 loss {loss32_fused} vs {loss32}"
+    assert fp32_errors[worst32] <= FP32_TOLERANCE, f"{context}: fp32 {worst32} off by {fp32_errors[worst32]:.2e}"
     uninstall_fused_path(tuner.model)
     loss_hf, grads_hf = loss_and_grads(tuner, tokens)
     line = install_fused_path(tuner.model)
@@ -119,14 +136,13 @@ def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: 
         f"\n{context}: loss fused {loss:.5f}, transformers {loss_hf:.5f}, fp32 {loss32:.5f}; worst gradient {worst}: "
         "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e}); {}".format(*errors[worst], line)
     )
-    # Close to transformers' bf16 path, or not much further from the exact (fp32) function than transformers'
-    # path is. Random deep models sit at a loss of ~14.7, where bf16 rounding alone moves either path by up to a
-    # third of a gradient's norm, one batch more for one path and the next for the other (H200, across runs: the
-    # loss 0.043 against transformers' 0.072 from fp32, then 0.105 against 0.022; in_proj's lora_A 0.337 against
-    # 0.244). An adapter the kernels miss is off by the whole gradient, several times these.
-    loss_ok = abs(loss - loss_hf) <= 2e-3 * abs(loss_hf) or abs(loss - loss32) <= max(
-        1.25 * abs(loss_hf - loss32), 1e-2 * abs(loss32)
-    )
+    # bf16: close to transformers' bf16 path, or not much further from the exact (fp32) function than
+    # transformers' path is. On the random 24-layer 130m model (loss ~14.7) bf16 rounding alone moves either path's
+    # gradients by more than their norm against fp32, one batch more for one path and the next for the other (H200:
+    # the losses 0.151 and 0.105 from fp32 where transformers' were 0.051 and 0.022, and the reverse), so there the
+    # fp32 comparison above carries the case (on 4 layers of the 1.4b shape: the loss ~0.1%, the worst gradient ~20%).
+    noise = 2 * abs(loss_hf - loss32) + 1e-2 * abs(loss32)
+    loss_ok = abs(loss - loss_hf) <= 2e-3 * abs(loss_hf) or abs(loss - loss32) <= noise
     assert loss_ok, context
     bad = {
         name: "vs transformers {:.2e}, vs fp32 {:.2e} (transformers' own {:.2e})".format(*e)
