@@ -104,20 +104,20 @@ def train_plain(tuner, lr: float, batches: list[torch.Tensor]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def train_in_processes(world: int, model_dirs: dict[str, str], out: Path) -> Path:
+    args = (world, free_port(), model_dirs, str(out))
+    mp.start_processes(train_all, args=args, nprocs=world, join=True, start_method="spawn")
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dirs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zero3")
-    args = (2, free_port(), tiny_model_dirs, str(out))
-    mp.start_processes(train_all, args=args, nprocs=2, join=True, start_method="spawn")
-    return out
+    return train_in_processes(2, tiny_model_dirs, tmp_path_factory.mktemp("zero3"))
 
 
 @pytest.fixture(scope="module")
 def trained_one_rank(tiny_model_dirs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zero0")
-    args = (1, free_port(), tiny_model_dirs, str(out))
-    mp.start_processes(train_all, args=args, nprocs=1, join=True, start_method="spawn")
-    return out
+    return train_in_processes(1, tiny_model_dirs, tmp_path_factory.mktemp("zero0"))
 
 
 def assert_same_adapters(directory: Path, arch: str, method: str, stage, reference) -> None:
