@@ -109,7 +109,8 @@ def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: 
     tokens, seed = fresh_tokens(vocab=vocab)
     context = f"{label}, batch seed {seed}"
     loss32, grads32 = loss_and_grads(tuner32, tokens)
-    install_fused_path(tuner32.model)
+    line32 = install_fused_path(tuner32.model)
+    assert CudaKernels.name in line32, line32  # the fp32 comparison is between two paths, not one path twice
     loss32_fused, grads32_fused = loss_and_grads(tuner32, tokens)
     uninstall_fused_path(tuner32.model)
     fp32_errors = {
