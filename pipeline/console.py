@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline.storage import StoragePath, local_state_dir
+from pipeline.storage import StoragePath, local_state_dir, write_file
 
 LOG_DIR = "logs"  # under the sweep's local state directory (the sweep directory unless in object storage)
 DRIVER_LOG = "driver.log"
@@ -219,9 +218,7 @@ class TrialProgress:
             "eta_s": (self.total_steps - step) / rate if rate > 0 else None,
             "time": now,
         }
-        staging = self.path.with_name(f".{PROGRESS_FILE}.{os.getpid()}")
-        staging.write_text(json.dumps(row))
-        os.replace(staging, self.path)
+        write_file(self.path, json.dumps(row))  # whole or not at all: the driver reads it at any moment
 
 
 def read_progress(trial_directory: Path) -> dict[str, Any] | None:

@@ -144,7 +144,7 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
         config=deepspeed_config(spec, full_bf16, world=world),
     )
     if engine.zero_optimization_stage() == 0 and not full_bf16:
-        lighten_stage0(engine, params, spec.training.grad_clip)
+        lighten_stage0(engine, params, spec.training.grad_clip, world)
     # The base loads in eval mode; HF's Mamba mixers take the fused kernel (and mambapy's scan) only in training.
     engine.train()
     tuner.engine_wrapped()
@@ -161,14 +161,14 @@ def skip_shared_memory_reduce() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def lighten_stage0(engine, params: list[torch.Tensor], max_norm: float) -> None:
+def lighten_stage0(engine, params: list[torch.Tensor], max_norm: float, world: int) -> None:
     """DeepSpeed's stage-0 step, without its per-tensor Python loops: they cost 6.5 ms of a 79 ms step at the 130m
     shape on an H200, where the host bounds the step (0.88x the bare loop's tokens/s against 0.96x without them,
     docs/benchmarks.md). Same numbers: one rank has nothing to all-reduce (the all-reduce flattens every gradient
     into a bucket and copies it back), and stage 0's clipping norms each of the module's gradients one by one where
     torch's foreach clipping does it over the trainable tensors in a few kernels (after the all-reduce every rank
     holds the same gradients, so the local norm is the global one)."""
-    if dist.is_initialized() and dist.get_world_size() == 1:
+    if world == 1:
         engine.enable_backward_allreduce = False
     engine.clip_fp32_gradients = functools.partial(torch.nn.utils.clip_grad_norm_, params, max_norm, foreach=True)
 
