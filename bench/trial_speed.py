@@ -1,20 +1,20 @@
-"""A trial's training step against the bare loop of bench/step_speed.py, in one process, steps alternated.
+"""A trial's training loop against the bare loop of bench/step_speed.py, in one process, in alternating blocks.
 
     python bench/trial_speed.py --hidden 2048 --layers 48 --out trial_speed.json
 
-Both train the same SDLoRA model (random init, bf16 base, fp32 adapters, sdt's fused path on CUDA) on the same
-random batches of ``--batch`` x ``--seq`` tokens:
+Both train the same SDLoRA model (random init, bf16 base, fp32 adapters, sdt's fused path on CUDA) on random
+sequences of ``--seq`` tokens, ``--batch`` per step:
 
-- ``bare``: forward, loss, backward, fused AdamW step, as bench/step_speed.py times it;
-- ``trial-zeroN``: what pipeline.train runs per step: the DeepSpeed engine of ``make_engine`` for a spec of ZeRO
-  stage N (torch fused AdamW, gradient clipping 1.0, the linear schedule), the loss kept on the device
-  (``LossLog``). On one rank ``pipeline.train.zero_stage`` runs stages 1 and 2 as stage 0 (the measurements of
-  docs/benchmarks.md that compare them were taken before that rule);
-- ``trial-zero0-unlightened``: stage 0 as DeepSpeed runs it by default, without ``pipeline.train.lighten_stage0``
-  (its all-reduce on one rank and its per-tensor clipping loop), to show what that saves.
+- ``bare``: forward, loss, backward, fused AdamW step on batches already on the GPU, as bench/step_speed.py does;
+- ``trial-zeroN``: pipeline.train's loop body for a spec of ZeRO stage N: ``Batches`` (host collation, pinned
+  copies ahead of the step), ``train_micro_batch`` on the DeepSpeed engine of ``make_engine`` (torch fused AdamW,
+  gradient clipping 1.0, the linear schedule), the loss kept on the device (``LossLog``, read every 10 steps). On
+  one rank ``pipeline.train.zero_stage`` runs stages 1 and 2 as stage 0;
+- ``trial-zero0-unlightened``: stage 0 as DeepSpeed runs it by default (its all-reduce on one rank, its per-tensor
+  clipping loop, its throughput timer that waits for the GPU twice a step), to show what ``make_engine`` saves.
 
-The modes take turns step by step. A real ``sdtune train`` of the same shape, run in the same call, is then
-compared with ``bare`` (see docs/benchmarks.md).
+The modes take turns, ``--block`` steps at a time; the GPU is waited for only at the ends of a block, so a mode that
+makes the host wait inside a step pays for it as a trial would. tokens/s is the median over a mode's blocks.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 
 import sdt
 from pipeline.config import parse_job
-from pipeline.train import LossLog, make_engine, train_micro_batch
+from pipeline.formatting import Example
+from pipeline.train import Batches, LossLog, make_engine, train_micro_batch
 
 JOB = {
     "name": "trial-speed",
@@ -59,7 +60,15 @@ def build(args, zero_stage: int | None, lightened: bool = True):
     if not lightened:
         engine.enable_backward_allreduce = True
         del engine.clip_fp32_gradients  # back to DeepSpeed's own method
+        engine.tput_timer.config.enabled = True
     return tuner, engine
+
+
+def examples(args) -> list[Example]:
+    """Random classification examples of ``--seq`` tokens (the answer is the last), as load_task makes them."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch * 64, args.seq), generator=generator).tolist()
+    return [Example(row[:-1], row[-1:], reference=0) for row in ids]
 
 
 def tokens(args, seed: int) -> torch.Tensor:
@@ -73,10 +82,27 @@ def step_bare(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def step_trial(engine, losses: LossLog, batch) -> None:
-    loss, boundary = train_micro_batch(engine, {"input_ids": batch, "labels": batch})
-    losses.add(loss)
-    engine.step()
+def bare_block(model, optimizer, args, first: int) -> int:
+    for step in range(first, first + args.block):
+        step_bare(model, optimizer, tokens(args, step))
+    return args.block * args.batch * args.seq
+
+
+def trial_block(engine, losses: LossLog, batches: Batches, args, first: int) -> int:
+    """pipeline.train's loop body (run_trial): ``--block`` optimizer steps from step ``first``."""
+    step, count = first, 0
+    while step < first + args.block:
+        epoch, start = divmod(step, batches.per_epoch)
+        for _, batch in batches.epoch(epoch, torch.device("cuda"), start=start):
+            loss, boundary = train_micro_batch(engine, batch)
+            losses.add(loss)
+            count += int(batch["input_ids"].numel())
+            engine.step()
+            step += 1
+            losses.end_step(step)
+            if step == first + args.block:
+                break
+    return count
 
 
 def main() -> None:
@@ -86,7 +112,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50280)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--block", type=int, default=20, help="steps per block")
+    parser.add_argument("--blocks", type=int, default=6, help="timed blocks per mode")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -95,28 +122,29 @@ def main() -> None:
     modes = {"bare": build(args, None), **{f"trial-zero{stage}": build(args, stage) for stage in args.stages}}
     if 0 in args.stages:
         modes["trial-zero0-unlightened"] = build(args, 0, lightened=False)
-    losses = LossLog(torch.device("cuda"), log_every_steps=10)
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    for step in range(5 + args.steps):
+    data = examples(args)
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    for block in range(1 + args.blocks):  # the first block of each mode warms it up
         for mode, (tuner, runner) in modes.items():
-            batch = tokens(args, 1000 + step)
+            first = block * args.block
             torch.cuda.synchronize()
             start = time.perf_counter()
             if mode == "bare":
-                step_bare(tuner.model, runner, batch)
+                count = bare_block(tuner.model, runner, args, first)
             else:
-                step_trial(runner, losses, batch)
+                batches = Batches(data, args.batch, seed=0, rank=0, world=1, pad_id=0)
+                count = trial_block(runner, LossLog(torch.device("cuda"), log_every_steps=10), batches, args, first)
             torch.cuda.synchronize()
-            if step >= 5:
-                times[mode].append(time.perf_counter() - start)
+            if block:
+                rates[mode].append(count / (time.perf_counter() - start))
     result = {}
-    for mode, samples in times.items():
-        median = statistics.median(samples)
-        result[mode] = {"median_ms": 1000 * median, "tokens_per_s": args.batch * args.seq / median}
+    for mode, samples in rates.items():
+        result[mode] = {"tokens_per_s": statistics.median(samples), "blocks": samples}
     for mode in result:
         result[mode]["vs_bare"] = result[mode]["tokens_per_s"] / result["bare"]["tokens_per_s"]
-        print(f"{mode:12} {result[mode]['median_ms']:8.1f} ms  {result[mode]['tokens_per_s']:>10,.0f} tokens/s  "
-              f"{result[mode]['vs_bare']:.3f}x bare")  # fmt: skip
+        blocks = result[mode]["blocks"]
+        print(f"{mode:24} {result[mode]['tokens_per_s']:>10,.0f} tokens/s  {result[mode]['vs_bare']:.3f}x bare  "
+              f"(blocks {min(blocks):,.0f}-{max(blocks):,.0f})")  # fmt: skip
     print(modes["bare"][0].kernel_path)
     if args.out:
         with open(args.out, "w") as file:

@@ -111,15 +111,25 @@ def generation_examples(
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` (pad_id), ``labels`` (-100 except on answer tokens, aligned with input_ids)
     and ``attention_mask``."""
-    width = max(len(e.prompt_ids) + len(e.answer_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        start, end = len(example.prompt_ids), len(example.prompt_ids) + len(example.answer_ids)
-        input_ids[row, :end] = torch.tensor(example.prompt_ids + example.answer_ids)
-        labels[row, start:end] = torch.tensor(example.answer_ids)
-        attention_mask[row, :end] = 1
+    return pad_rows([token_row(example) for example in examples], pad_id)
+
+
+def token_row(example: Example) -> tuple[torch.Tensor, int]:
+    """The example's tokens as one tensor, and where its answer starts."""
+    return torch.tensor(example.prompt_ids + example.answer_ids), len(example.prompt_ids)
+
+
+def pad_rows(rows: list[tuple[torch.Tensor, int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`collate` of examples already converted by :func:`token_row` (converting Python ints is most of the
+    cost: ~1.5 ms for 8 x 1024 tokens)."""
+    width = max(len(tokens) for tokens, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (tokens, answer_start) in enumerate(rows):
+        input_ids[row, : len(tokens)] = tokens
+        labels[row, answer_start : len(tokens)] = tokens[answer_start:]
+        attention_mask[row, : len(tokens)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

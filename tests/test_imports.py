@@ -6,3 +6,13 @@ def test_sdt_imports_no_pipeline_dependency():
     code = "import sys, sdt; print(sorted(m for m in ('ray', 'mlflow', 'deepspeed', 'pipeline') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_trial_worker_does_not_import_mlflow_through_deepspeed():
+    # Workers import pipeline.train; DeepSpeed's autotuner would import MLflow with it (start-up time, unused).
+    code = (
+        "import sys, pipeline.train, deepspeed.autotuning.autotuner as tuner; print('mlflow' in sys.modules, "
+        "tuner.has_mlflow); import mlflow; print(mlflow.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-2:] == ["False False", "mlflow"]  # before them: DeepSpeed's accelerator notice

@@ -73,6 +73,8 @@ def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out:
                     engine = None
                 else:
                     engine = make_engine(tuner, spec, spec.training.lr, total_steps=100)
+                    # DeepSpeed's throughput timer would wait for the device at every step
+                    assert not engine.tput_timer.config.enabled
                     for tokens in batches:
                         engine.backward(engine(input_ids=tokens, labels=tokens).loss)
                         engine.step()
