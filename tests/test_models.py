@@ -152,9 +152,9 @@ def test_default_base_knows_the_digits():
     untrained = next_pixel_loss(MambaForCausalLM(AutoConfig.from_pretrained(path)), validation)
 
     train = torch.tensor(digits_pixel_sequences("train"))
-    counts = torch.stack([torch.bincount(train[:, i], minlength=20) for i in range(64)]).float() + 1
+    counts = torch.stack([torch.bincount(train[:, i], minlength=20) for i in range(train.shape[1])]).float() + 1
     frequencies = counts / counts.sum(dim=1, keepdim=True)
-    positional = -frequencies.log()[torch.arange(1, 64), validation[:, 1:]].mean().item()
+    positional = -frequencies.log()[torch.arange(1, train.shape[1]), validation[:, 1:]].mean().item()
 
     info = json.loads((path / "pretrain.json").read_text())
     assert info["config"] == vars(DIGITS_BASE) and info["validation_loss"] == pytest.approx(trained, rel=1e-4)
