@@ -122,7 +122,7 @@ def main() -> None:
     modes = {"bare": build(args, None), **{f"trial-zero{stage}": build(args, stage) for stage in args.stages}}
     if 0 in args.stages:
         modes["trial-zero0-unlightened"] = build(args, 0, lightened=False)
-    data = examples(args)
+    batches = Batches(examples(args), args.batch, seed=0, rank=0, world=1, pad_id=0)  # once, as a trial does
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     for block in range(1 + args.blocks):  # the first block of each mode warms it up
         for mode, (tuner, runner) in modes.items():
@@ -132,7 +132,6 @@ def main() -> None:
             if mode == "bare":
                 count = bare_block(tuner.model, runner, args, first)
             else:
-                batches = Batches(data, args.batch, seed=0, rank=0, world=1, pad_id=0)
                 count = trial_block(runner, LossLog(torch.device("cuda"), log_every_steps=10), batches, args, first)
             torch.cuda.synchronize()
             if block:
