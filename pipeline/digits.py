@@ -122,7 +122,7 @@ class PretrainConfig:
     seed: int = 0  # weight init and data order
 
 
-# ~50 s on 2 CPU cores with mambapy; validation next-pixel loss ~1.54 nats (random init ~3.4, per-position
+# ~35-50 s on 2 CPU cores with mambapy; validation next-pixel loss ~1.55 nats (random init ~3.6, per-position
 # pixel frequencies ~1.80).
 DIGITS_BASE = PretrainConfig()
 # The DIGITS_BASE model, shipped with the package; rebuild it with `sdtune pretrain --out pipeline/digits_base`.

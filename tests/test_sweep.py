@@ -234,6 +234,14 @@ def mlflow_server(sweep, env):
                 break
         else:
             pytest.fail(f"mlflow server exited with {server.wait()}")
+
+        def accepting() -> bool:  # twice in full-suite runs, the first request was refused after that line
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited with {server.returncode}: {''.join(printed)[-3000:]}")
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(accepting, 60, f"the mlflow server to accept connections on port {port}: {''.join(printed)[-3000:]}")
         [runs_url] = [word for word in printed[0].split() if "/#/experiments/" in word]
         yield f"http://127.0.0.1:{port}", runs_url
     finally:
