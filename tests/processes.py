@@ -6,6 +6,7 @@ No product code knows about these: the tests kill processes from outside, as a c
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,13 @@ import psutil
 import pyarrow.fs
 
 POLL_S = 0.1  # how often a condition on files or processes is looked at again (an event wait, not a delay)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str):

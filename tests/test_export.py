@@ -156,7 +156,7 @@ def test_export_writes_the_contract(sweep, digits_cache):
     assert config["ranks"] == {"lora_rank": 4, "lora_alpha": 8.0}
     assert config["ratios"] == {"channels_frozen": 0.9, "states_frozen": 0.75, "inputs_frozen": 0.99}
     assert config["targets"] == {"lora": ["out_proj"], "sdt": ["A_log", "B", "C"]}
-    # 128 channels, 0.9 frozen: 13 kept; 16 states, 0.75 frozen: 4 kept per channel; in each of the 2 layers
+    # 128 channels, 0.9 frozen: 13 kept; 8 states, 0.75 frozen: 2 kept per channel; in each of the 2 layers
     assert config["selected"] == {layer: {"channels": 13, "states_per_channel": 2} for layer in trained_config["selected"]}
     assert {shapes["states"][0] for shapes in trained_config["selected"].values()} == {13}  # sdt.save's shapes
     assert "sdt_selection.<layer>.<axis>" in config["selected_indices"]

@@ -33,7 +33,7 @@ from pipeline.metrics import evaluate
 from pipeline.tasks import load_task
 from pipeline.results import load_trials
 from pipeline.warmup import INFO_FILE, WARMUP_DIR
-from processes import finished_trials, wait_for
+from processes import finished_trials, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -208,12 +208,6 @@ def test_the_champion_is_a_transformers_pipeline_that_generates(sweep, monkeypat
     assert answer["generated_text"] == expected
     export = mlflow.artifacts.download_artifacts("models:/quickstart@champion")
     assert (Path(export) / "sdtune_export" / "adapter_model.safetensors").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

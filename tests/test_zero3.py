@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from processes import free_port
+
 ARCHS = ("mamba", "mamba2", "jamba")
 METHODS = ("lora", "sdlora", "full")
 STEPS = 3
 GRAD_CLIP = 0.05  # below every tiny model's gradient norm, so clipping changes every step
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out: str) -> None:
