@@ -6,6 +6,8 @@ Both train the same SDLoRA model (random init, bf16 base, fp32 adapters, sdt's f
 sequences of ``--seq`` tokens, ``--batch`` per step:
 
 - ``bare``: forward, loss, backward, fused AdamW step on batches already on the GPU, as bench/step_speed.py does;
+- ``bare-clip``: the same with the trial's recipe, which a bare loop of that training would have too: gradient
+  clipping at 1.0 (torch's foreach ``clip_grad_norm_``) and the linear learning-rate schedule;
 - ``trial-zeroN``: pipeline.train's loop body for a spec of ZeRO stage N: ``Batches`` (host collation, pinned
   copies ahead of the step), ``train_micro_batch`` on the DeepSpeed engine of ``make_engine`` (torch fused AdamW,
   gradient clipping 1.0, the linear schedule), the loss kept on the device (``LossLog``, read every 10 steps). On
@@ -13,8 +15,11 @@ sequences of ``--seq`` tokens, ``--batch`` per step:
 - ``trial-zero0-unlightened``: stage 0 as DeepSpeed runs it by default (its all-reduce on one rank, its per-tensor
   clipping loop, its throughput timer that waits for the GPU twice a step), to show what ``make_engine`` saves.
 
-The modes take turns, ``--block`` steps at a time; the GPU is waited for only at the ends of a block, so a mode that
-makes the host wait inside a step pays for it as a trial would. tokens/s is the median over a mode's blocks.
+The modes take turns, ``--block`` steps at a time, for ``--blocks`` rounds; the GPU is waited for only at the ends
+of a block, so a mode that makes the host wait inside a step pays for it as a trial would. The host of these
+machines drifts within a run, so a mode's speed against ``bare`` (and ``bare-clip``) is the median over rounds of the
+ratio of its block to the bare block of the same round; tokens/s is the median over a mode's blocks. Host ms per
+step is the process's CPU time per step: where the host bounds the step, what a mode adds shows there first.
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def build(args, zero_stage: int | None, lightened: bool = True):
         step_bare(model, optimizer, tokens(args, step))
     tuner.start_training(tuner.select())
     if zero_stage is None:
-        return tuner, torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
+        optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
+        return tuner, (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 10**6))
     spec = parse_job({**JOB, "training": {**JOB["training"], "zero_stage": zero_stage, "batch_size": args.batch}})
     engine = make_engine(tuner, spec, spec.training.lr, total_steps=10**6)
     if not lightened:
@@ -76,15 +82,21 @@ def tokens(args, seed: int) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda", generator=generator)
 
 
-def step_bare(model, optimizer, batch) -> None:
+def step_bare(model, optimizer, batch, clipped: list[torch.Tensor] | None = None, schedule=None) -> None:
     model(input_ids=batch, labels=batch).loss.backward()
+    if clipped is not None:
+        torch.nn.utils.clip_grad_norm_(clipped, JOB["training"]["grad_clip"], foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if schedule is not None:
+        schedule.step()
 
 
-def bare_block(model, optimizer, args, first: int) -> int:
+def bare_block(tuner, runner, args, first: int, recipe: bool) -> int:
+    optimizer, schedule = runner
+    clipped = tuner.trainable_parameters() if recipe else None
     for step in range(first, first + args.block):
-        step_bare(model, optimizer, tokens(args, step))
+        step_bare(tuner.model, optimizer, tokens(args, step), clipped, schedule if recipe else None)
     return args.block * args.batch * args.seq
 
 
@@ -115,34 +127,43 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20, help="steps per block")
     parser.add_argument("--blocks", type=int, default=6, help="timed blocks per mode")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--unlightened", action="store_true", help="also time stage 0 as DeepSpeed runs it by default")
     parser.add_argument("--out")
     args = parser.parse_args()
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"})
 
-    modes = {"bare": build(args, None), **{f"trial-zero{stage}": build(args, stage) for stage in args.stages}}
-    if 0 in args.stages:
+    modes = {"bare": build(args, None), "bare-clip": build(args, None)}
+    modes.update({f"trial-zero{stage}": build(args, stage) for stage in args.stages})
+    if args.unlightened and 0 in args.stages:
         modes["trial-zero0-unlightened"] = build(args, 0, lightened=False)
     batches = Batches(examples(args), args.batch, seed=0, rank=0, world=1, pad_id=0)  # once, as a trial does
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    host_ms: dict[str, list[float]] = {mode: [] for mode in modes}
     for block in range(1 + args.blocks):  # the first block of each mode warms it up
         for mode, (tuner, runner) in modes.items():
             first = block * args.block
             torch.cuda.synchronize()
-            start = time.perf_counter()
-            if mode == "bare":
-                count = bare_block(tuner.model, runner, args, first)
+            start, host_start = time.perf_counter(), time.process_time()
+            if mode.startswith("bare"):
+                count = bare_block(tuner, runner, args, first, recipe=mode == "bare-clip")
             else:
                 count = trial_block(runner, LossLog(torch.device("cuda"), log_every_steps=10), batches, args, first)
             torch.cuda.synchronize()
             if block:
                 rates[mode].append(count / (time.perf_counter() - start))
+                host_ms[mode].append((time.process_time() - host_start) / args.block * 1e3)
     result = {}
     for mode, samples in rates.items():
-        result[mode] = {"tokens_per_s": statistics.median(samples), "blocks": samples}
-    for mode in result:
-        result[mode]["vs_bare"] = result[mode]["tokens_per_s"] / result["bare"]["tokens_per_s"]
-        blocks = result[mode]["blocks"]
-        print(f"{mode:24} {result[mode]['tokens_per_s']:>10,.0f} tokens/s  {result[mode]['vs_bare']:.3f}x bare  "
+        result[mode] = {
+            "tokens_per_s": statistics.median(samples),
+            "host_ms_per_step": statistics.median(host_ms[mode]),
+            "blocks": samples,
+            **{f"vs_{base}": statistics.median(a / b for a, b in zip(samples, rates[base])) for base in ("bare", "bare-clip")},
+        }
+    for mode, numbers in result.items():
+        blocks = numbers["blocks"]
+        print(f"{mode:24} {numbers['tokens_per_s']:>10,.0f} tokens/s  {numbers['vs_bare']:.3f}x bare  "
+              f"{numbers['vs_bare-clip']:.3f}x bare-clip  host {numbers['host_ms_per_step']:.1f} ms/step  "
               f"(blocks {min(blocks):,.0f}-{max(blocks):,.0f})")  # fmt: skip
     print(modes["bare"][0].kernel_path)
     if args.out:

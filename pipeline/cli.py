@@ -140,7 +140,10 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     # "local": a Ray instance of this command's own, even where another cluster on this machine left its address
     # in Ray's bootstrap file (ray.init() would join that one)
     ray.init(
-        address=address or "local", log_to_driver=True, **ray_init_options(local), **(own_state_api() if local else {})
+        address=address or "local",
+        log_to_driver=True,
+        **ray_init_options(local, spec.resources.max_concurrent_trials, spec.resources.num_workers),
+        **(own_state_api() if local else {}),
     )
     capture_worker_output(spec.sweep_dir, verbose)
     if address is not None:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -74,12 +76,23 @@ def quiet_environment(local_cluster: bool, gpu: bool) -> dict[str, str]:
     return env
 
 
-def ray_init_options(local_cluster: bool) -> dict[str, Any]:
-    """``ray.init`` keywords for a quiet console. On a local cluster the raylet's "N Python worker processes have
-    been started" warning (a line of ~500 characters, printed by the driver whatever ``log_to_driver`` says) fires at
-    4x the startup concurrency, which defaults to the CPU count: 2 cores warn at 8 workers, fewer than a quickstart
-    keeps. The concurrency is raised to 8 (the warning then fires at 32)."""
-    return {"_system_config": {"worker_maximum_startup_concurrency": 8}} if local_cluster else {}
+# Python processes Ray starts for one trial besides its training workers: Tune's function trainable, Ray Train's
+# controller, placement-group cleaner, result queue, dataset manager and synchronization actor.
+RAY_PROCESSES_PER_TRIAL = 6
+RAY_FIXED_PROCESSES = 16  # the sweep's own: idle prestarted workers, coordinators, twice Ray's 4 I/O workers
+
+
+def ray_init_options(local_cluster: bool, concurrent_trials: int, workers_per_trial: int) -> dict[str, Any]:
+    """``ray.init`` keywords for a quiet console. On a local cluster the raylet warns ("N Python worker processes
+    have been started", a line of ~500 characters that the driver prints whatever ``log_to_driver`` says) once it
+    holds 4x its startup concurrency beyond its I/O workers; the concurrency defaults to the CPU count, so 2 cores
+    warn at 16 workers, fewer than a quickstart keeps, and 12 trials at once on 16 cores (7 processes each) warn
+    too. The concurrency is raised to the CPU count or to what ``concurrent_trials`` keep, whichever is more, so
+    that the warning fires only beyond them (it is a limit on processes starting at once, not on their number)."""
+    if not local_cluster:
+        return {}
+    kept = (RAY_PROCESSES_PER_TRIAL + workers_per_trial) * concurrent_trials + RAY_FIXED_PROCESSES
+    return {"_system_config": {"worker_maximum_startup_concurrency": max(os.cpu_count() or 1, math.ceil(kept / 4))}}
 
 
 class ConsoleFilter(logging.Filter):

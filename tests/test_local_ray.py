@@ -48,3 +48,17 @@ def test_workers_ask_the_state_api_of_their_own_ray_instance():
         finally:
             other.stdin.close()
             other.wait(timeout=300)
+
+
+def test_the_raylets_worker_count_warning_fires_only_beyond_what_the_sweeps_trials_keep():
+    """The raylet warns (a ~500-character console line) once its Python workers, less twice its 4 I/O workers,
+    reach 4x its startup concurrency (ray/src/ray/raylet/worker_pool.cc); on 16 cores 12 concurrent trials passed
+    that at the old fixed concurrency of 8 (bench/early_stopping.py on the H200)."""
+    from pipeline.console import RAY_FIXED_PROCESSES, RAY_PROCESSES_PER_TRIAL, ray_init_options
+
+    for trials, workers in ((2, 1), (12, 1), (4, 4)):
+        concurrency = ray_init_options(True, trials, workers)["_system_config"]["worker_maximum_startup_concurrency"]
+        kept = trials * (RAY_PROCESSES_PER_TRIAL + workers) + RAY_FIXED_PROCESSES
+        assert 4 * concurrency + 2 * 4 > kept
+        assert concurrency >= (os.cpu_count() or 1)  # never fewer processes starting at once than Ray's default
+    assert ray_init_options(False, 12, 1) == {}  # an existing cluster keeps its own settings
