@@ -7,13 +7,16 @@ Tune driver (:class:`pipeline.sweep_callbacks.MLflowSweepCallback`).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from pipeline.claims import end_coordinator
 from pipeline.config import Domain, JobSpec
@@ -54,19 +57,56 @@ def tune_config(spec: JobSpec) -> tune.TuneConfig:
         )
     else:
         scheduler = FIFOScheduler()
-    search_alg = None
+    concurrent = spec.resources.max_concurrent_trials
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch()
+        search_alg, limit = OptunaSearch(), concurrent  # Tune wraps it in a ConcurrencyLimiter
+    else:
+        search_alg, limit = ResumableVariantGenerator(max_concurrent=concurrent), None  # it limits itself
     return tune.TuneConfig(
         metric=search.metric,
         mode=search.mode,
         num_samples=search.num_samples,
         search_alg=search_alg,
         scheduler=scheduler,
-        max_concurrent_trials=spec.resources.max_concurrent_trials,
+        max_concurrent_trials=limit,
     )
+
+
+FINISHED = ("TERMINATED", "ERROR")  # Ray Tune's statuses of a trial that will not run again by itself
+
+
+class ResumableVariantGenerator(BasicVariantGenerator):
+    """Ray Tune's grid and random searcher (its default), restored in step with the trials it made.
+
+    Tune saves the trials and the searcher in two files of the experiment directory and uploads the directory while
+    it rewrites them, so after the driver dies the stored searcher can be older than the stored trials. Restored as
+    it is, it counts trials that have finished as running: with ``max_concurrent_trials`` of them counted it never
+    hands out another trial, and the resumed sweep waits forever with nothing running (a sweep in object storage
+    whose driver was killed did). It could also hand out again a trial the experiment already has. Restored here, it
+    counts as running only the experiment's unfinished trials and skips the trials the experiment holds."""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        statuses = trial_statuses(Path(dirpath))
+        self._live_trials = {trial_id for trial_id, status in statuses.items() if status not in FINISHED}
+        for iterator in self._iterators:
+            while f"{iterator.uuid_prefix}{iterator.counter:05d}" in statuses:  # its trial ids, as Tune makes them
+                try:
+                    next(iterator)
+                except StopIteration:  # all made: the searcher finds that out at its next trial
+                    break
+
+
+def trial_statuses(experiment_dir: Path) -> dict[str, str]:
+    """{trial id: status} in the experiment state Tune restores from: the newest ``experiment_state-*.json`` of
+    its experiment directory (by name, as Tune picks it; ``{}`` without one)."""
+    newest = max(experiment_dir.glob("experiment_state-*.json"), default=None)
+    if newest is None:
+        return {}
+    trials = (json.loads(state) for state, _ in json.loads(newest.read_text())["trial_data"])
+    return {trial["trial_id"]: trial["status"] for trial in trials}
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,20 @@
-"""The spec's search section as Ray Tune sees it (no Ray started): domains, scheduler, search algorithm."""
+"""The spec's search section as Ray Tune sees it (no Ray started): domains, scheduler, search algorithm, and the
+grid searcher restored with the trials of an interrupted sweep."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+from ray import tune
+from ray.tune.experiment import Experiment
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
 from pipeline.config import parse_job
-from pipeline.tune import search_space, tune_config
+from pipeline.tune import ResumableVariantGenerator, search_space, tune_config
 
 BASE = {"name": "t", "model": {"builtin": "digits"}, "training": {"epochs": 4}}
 
@@ -45,3 +52,50 @@ def test_asha_counts_reports_and_optuna_samples():
     frequent = tune_config(spec_with({"scheduler": "asha"}, training={"epochs": 4, "eval_every_steps": 5}))
     assert frequent.scheduler._max_t > 4
     assert isinstance(tune_config(spec_with({})).scheduler, FIFOScheduler)
+
+
+def three_trial_searcher(tmp_path, searcher_class):
+    """A grid of three trials, two at a time, with trials 0 and 1 handed out: saved as Tune saves it."""
+    experiment = Experiment("grid", lambda config: None, config={"a": tune.grid_search([1, 2, 3])},
+                            storage_path=str(tmp_path / "storage"))  # fmt: skip
+    searcher = searcher_class(max_concurrent=2)
+    searcher.add_configurations([experiment])
+    made = [searcher.next_trial(), searcher.next_trial()]
+    assert searcher.next_trial() is None  # two running: the limit
+    searcher.save_to_dir(str(tmp_path), session_str="2026-12-02_06-27-33")
+    return made[0].trial_id.removesuffix("00000")
+
+
+def write_experiment_state(tmp_path, prefix: str, statuses: dict[int, str]) -> None:
+    """Tune's experiment state file (the fields Tune writes that the searcher reads), saved after the searcher's."""
+    trial_data = [[json.dumps({"trial_id": f"{prefix}{n:05d}", "status": status}), "{}"] for n, status in statuses.items()]
+    (tmp_path / "experiment_state-2026-12-02_06-28-45.json").write_text(json.dumps({"trial_data": trial_data}))
+
+
+@pytest.mark.parametrize("searcher_class", [BasicVariantGenerator, ResumableVariantGenerator])
+def test_a_searcher_saved_before_its_trials_finished_is_restored_in_step_with_them(tmp_path, searcher_class):
+    """The driver died after all three trials finished, but the stored searcher is the one saved while trials 0 and
+    1 ran (Tune uploads the experiment directory while it rewrites its files). Tune's own searcher then counts 0
+    and 1 as running for ever: with two at once allowed it never hands out a trial nor finishes, and the resumed
+    sweep waits with nothing running (a sweep in object storage did). sdtune's is restored with no trial running and
+    nothing left to hand out."""
+    prefix = three_trial_searcher(tmp_path, searcher_class)
+    write_experiment_state(tmp_path, prefix, {0: "TERMINATED", 1: "TERMINATED", 2: "TERMINATED"})
+    restored = searcher_class(max_concurrent=2)
+    restored.restore_from_dir(str(tmp_path))
+    assert restored.next_trial() is None
+    assert restored.is_finished() == (searcher_class is ResumableVariantGenerator)
+
+
+def test_a_restored_searcher_hands_out_only_the_trials_the_experiment_lacks(tmp_path):
+    """Trial 0 finished, trial 1 was running (Tune runs it again by itself), trial 2 not yet made: the searcher
+    counts one running trial and hands out trial 2, once; then the limit of two holds."""
+    prefix = three_trial_searcher(tmp_path, ResumableVariantGenerator)
+    write_experiment_state(tmp_path, prefix, {0: "TERMINATED", 1: "RUNNING"})
+    restored = ResumableVariantGenerator(max_concurrent=2)
+    restored.restore_from_dir(str(tmp_path))
+    assert restored.next_trial().trial_id == f"{prefix}00002"
+    assert restored.next_trial() is None and not restored.is_finished()
+    restored.on_trial_complete(f"{prefix}00001")
+    restored.on_trial_complete(f"{prefix}00002")
+    assert restored.next_trial() is None and restored.is_finished()
