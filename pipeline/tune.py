@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 
 from pipeline.claims import end_coordinator
 from pipeline.config import Domain, JobSpec
@@ -61,16 +61,16 @@ def tune_config(spec: JobSpec) -> tune.TuneConfig:
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg, limit = OptunaSearch(), concurrent  # Tune wraps it in a ConcurrencyLimiter
+        search_alg = ResumableSearchGenerator(ConcurrencyLimiter(OptunaSearch(), max_concurrent=concurrent))
     else:
-        search_alg, limit = ResumableVariantGenerator(max_concurrent=concurrent), None  # it limits itself
+        search_alg = ResumableVariantGenerator(max_concurrent=concurrent)
     return tune.TuneConfig(
         metric=search.metric,
         mode=search.mode,
         num_samples=search.num_samples,
         search_alg=search_alg,
         scheduler=scheduler,
-        max_concurrent_trials=limit,
+        max_concurrent_trials=None,  # each search algorithm above limits itself
     )
 
 
@@ -97,6 +97,21 @@ class ResumableVariantGenerator(BasicVariantGenerator):
                     next(iterator)
                 except StopIteration:  # all made: the searcher finds that out at its next trial
                     break
+
+
+class ResumableSearchGenerator(SearchGenerator):
+    """The same for a model-based searcher (Optuna) behind Tune's ``ConcurrencyLimiter``, whose stored set of
+    running trials and count of trials made can be as old. Restored here, the limiter counts as running only the
+    trials it knows that the experiment has not finished, and no more trials are made than the experiment lacks. (A
+    trial the stored searcher never heard of runs uncounted: the searcher could not take its result.)"""
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        statuses = trial_statuses(Path(dirpath))
+        self._counter = max(self._counter, len(statuses))
+        limiter = self.searcher
+        limiter.live_trials = {t for t in limiter.live_trials if t in statuses and statuses[t] not in FINISHED}
+        limiter.num_unfinished_live_trials = len(limiter.live_trials)
 
 
 def trial_statuses(experiment_dir: Path) -> dict[str, str]:

@@ -9,12 +9,12 @@ import pytest
 from ray import tune
 from ray.tune.experiment import Experiment
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
 from pipeline.config import parse_job
-from pipeline.tune import ResumableVariantGenerator, search_space, tune_config
+from pipeline.tune import ResumableSearchGenerator, ResumableVariantGenerator, search_space, tune_config
 
 BASE = {"name": "t", "model": {"builtin": "digits"}, "training": {"epochs": 4}}
 
@@ -45,9 +45,10 @@ def test_asha_counts_reports_and_optuna_samples():
          "num_samples": 12, "space": {"training.lr": {"loguniform": [1e-4, 1e-2]}}},
         resources={"max_concurrent_trials": 3},
     ))  # fmt: skip
-    assert isinstance(config.search_alg, OptunaSearch)
+    assert isinstance(config.search_alg.searcher.searcher, OptunaSearch)  # behind its concurrency limit
     assert isinstance(config.scheduler, ASHAScheduler) and config.scheduler._max_t == 4
-    assert (config.metric, config.mode, config.num_samples, config.max_concurrent_trials) == ("eval/loss", "min", 12, 3)
+    assert config.search_alg.searcher.max_concurrent == 3
+    assert (config.metric, config.mode, config.num_samples) == ("eval/loss", "min", 12)
     # with a report every N steps besides each epoch, the number of reports is not the number of epochs
     frequent = tune_config(spec_with({"scheduler": "asha"}, training={"epochs": 4, "eval_every_steps": 5}))
     assert frequent.scheduler._max_t > 4
@@ -66,9 +67,9 @@ def three_trial_searcher(tmp_path, searcher_class):
     return made[0].trial_id.removesuffix("00000")
 
 
-def write_experiment_state(tmp_path, prefix: str, statuses: dict[int, str]) -> None:
+def write_experiment_state(tmp_path, statuses: dict[str, str]) -> None:
     """Tune's experiment state file (the fields Tune writes that the searcher reads), saved after the searcher's."""
-    trial_data = [[json.dumps({"trial_id": f"{prefix}{n:05d}", "status": status}), "{}"] for n, status in statuses.items()]
+    trial_data = [[json.dumps({"trial_id": trial_id, "status": status}), "{}"] for trial_id, status in statuses.items()]
     (tmp_path / "experiment_state-2026-12-02_06-28-45.json").write_text(json.dumps({"trial_data": trial_data}))
 
 
@@ -80,7 +81,7 @@ def test_a_searcher_saved_before_its_trials_finished_is_restored_in_step_with_th
     sweep waits with nothing running (a sweep in object storage did). sdtune's is restored with no trial running and
     nothing left to hand out."""
     prefix = three_trial_searcher(tmp_path, searcher_class)
-    write_experiment_state(tmp_path, prefix, {0: "TERMINATED", 1: "TERMINATED", 2: "TERMINATED"})
+    write_experiment_state(tmp_path, {f"{prefix}{n:05d}": "TERMINATED" for n in range(3)})
     restored = searcher_class(max_concurrent=2)
     restored.restore_from_dir(str(tmp_path))
     assert restored.next_trial() is None
@@ -91,7 +92,7 @@ def test_a_restored_searcher_hands_out_only_the_trials_the_experiment_lacks(tmp_
     """Trial 0 finished, trial 1 was running (Tune runs it again by itself), trial 2 not yet made: the searcher
     counts one running trial and hands out trial 2, once; then the limit of two holds."""
     prefix = three_trial_searcher(tmp_path, ResumableVariantGenerator)
-    write_experiment_state(tmp_path, prefix, {0: "TERMINATED", 1: "RUNNING"})
+    write_experiment_state(tmp_path, {f"{prefix}00000": "TERMINATED", f"{prefix}00001": "RUNNING"})
     restored = ResumableVariantGenerator(max_concurrent=2)
     restored.restore_from_dir(str(tmp_path))
     assert restored.next_trial().trial_id == f"{prefix}00002"
@@ -99,3 +100,31 @@ def test_a_restored_searcher_hands_out_only_the_trials_the_experiment_lacks(tmp_
     restored.on_trial_complete(f"{prefix}00001")
     restored.on_trial_complete(f"{prefix}00002")
     assert restored.next_trial() is None and restored.is_finished()
+
+
+def optuna_searcher(searcher_class):
+    """Optuna behind a limit of two trials at once, as sdtune gives it to Tune."""
+    searcher = searcher_class(ConcurrencyLimiter(OptunaSearch(), max_concurrent=2))
+    searcher.set_search_properties("eval/accuracy", "max", {"training.lr": tune.loguniform(1e-4, 1e-2)})
+    return searcher
+
+
+@pytest.mark.parametrize("searcher_class", [SearchGenerator, ResumableSearchGenerator])
+def test_an_optuna_searcher_saved_before_its_trials_finished_is_restored_in_step_with_them(tmp_path, searcher_class):
+    """Three Optuna samples, two at a time: saved with two running, which then finished before the driver died.
+    Tune's restored limiter still counts both as running and never asks Optuna for the third; sdtune's does."""
+    experiment = Experiment("optuna", lambda config: None, config={"training.lr": tune.loguniform(1e-4, 1e-2)},
+                            num_samples=3, storage_path=str(tmp_path / "storage"))  # fmt: skip
+    searcher = optuna_searcher(searcher_class)
+    searcher.add_configurations([experiment])
+    made = [searcher.next_trial().trial_id, searcher.next_trial().trial_id]
+    searcher.save_to_dir(str(tmp_path), session_str="2026-12-02_06-27-33")
+    write_experiment_state(tmp_path, dict.fromkeys(made, "TERMINATED"))
+    restored = optuna_searcher(searcher_class)
+    restored.restore_from_dir(str(tmp_path))
+    third = restored.next_trial()
+    assert (third is not None) == (searcher_class is ResumableSearchGenerator)
+    if third is not None:
+        assert restored.next_trial() is None  # three made: the samples asked for
+        restored.on_trial_complete(third.trial_id, result={"eval/accuracy": 0.5, "training_iteration": 1})
+        assert restored.is_finished()
