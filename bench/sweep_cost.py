@@ -3,10 +3,14 @@
     python bench/sweep_cost.py runs/quickstart [--json cost.json]
 
 Reads the cost records the sweep driver writes per trial (``<sweep dir>/trial-<id>/cost.json``, see
-:func:`pipeline.results.trial_cost`): start-up (placement to first training step, warmup excluded), warmup,
-training, evaluation, checkpointing, teardown (last report to the trial's end) and what none of them covers. A
-gap is the time between one trial's end and the next trial's start when trials run one at a time: the GPU is
-held by nobody then. ``sdtune report`` prints the same table.
+:func:`pipeline.results.trial_cost`): the time a staged trial waited for a GPU (queued, not GPU time), start-up
+(placement to first training step, warmup excluded), warmup, training, evaluation, checkpointing, teardown (last
+report to the trial's end) and what none of them covers. ``sdtune report`` prints the same table.
+
+When trials run one at a time, two more figures: the gap, from one trial's end to the next one's placement (the
+GPU held by nobody; negative when a staged trial was placed before Tune saw the other end), and the GPU's idle
+time between trials, from one trial's last report to the next one's first training step (warmup excluded): what a
+sequential sweep loses per trial to Ray, imports and set-up.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from pipeline.report import cost_table, cost_totals
 from pipeline.results import COST_PARTS, load_trials, sweep_spec
 
 
+def began(cost: dict) -> float:
+    """When the trial's GPU time began: its placement (records of before ``began_at``: its start)."""
+    return cost.get("began_at", cost["started_at"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
@@ -26,15 +35,22 @@ def main() -> None:
     args = parser.parse_args()
     trials = [t for t in load_trials(sweep_spec(args.run_dir)) if t.cost]
     print(cost_table(trials))
-    ordered = sorted(trials, key=lambda t: t.cost["started_at"])
-    gaps = [b.cost["started_at"] - a.cost["ended_at"] for a, b in zip(ordered, ordered[1:])]
+    ordered = sorted(trials, key=lambda t: began(t.cost))
+    pairs = list(zip(ordered, ordered[1:]))
+    gaps = [began(b.cost) - a.cost["ended_at"] for a, b in pairs]
     startups = [t.cost["startup"] for t in trials if "startup" in t.cost]
     summary = {
         "trials": len(trials),
         "totals": cost_totals(trials),
         "startup_s": {"mean": statistics.mean(startups), "max": max(startups)} if startups else None,
+        "queued_s": [t.cost.get("queued", 0.0) for t in ordered],
         "teardown_plus_gap_s": [t.cost.get("teardown", 0.0) + gap for t, gap in zip(ordered, gaps)],
         "gaps_s": gaps,
+        "idle_between_s": [
+            began(b.cost) + b.cost["startup"] - a.cost["last_report_at"]
+            for a, b in pairs
+            if "last_report_at" in a.cost and "startup" in b.cost
+        ],
     }
     if startups:
         print(f"\nstart-up per trial: mean {summary['startup_s']['mean']:.1f} s, max {summary['startup_s']['max']:.1f} s")
@@ -43,9 +59,14 @@ def main() -> None:
             summary[f"{part}_s"] = statistics.mean(values) if values else None
             if values:
                 print(f"  {part}: mean {statistics.mean(values):.1f} s")
+    if any(summary["queued_s"]):
+        print("queued for a GPU (staged trials): " + ", ".join(f"{s:.1f}" for s in summary["queued_s"]) + " s")
     if gaps:
-        print("last report to the next trial's start (teardown + gap): "
+        print("last report to the next trial's placement (teardown + gap): "
               + ", ".join(f"{s:.1f}" for s in summary["teardown_plus_gap_s"]) + " s")  # fmt: skip
+    if summary["idle_between_s"]:
+        print("GPU idle between trials, last report to the next one's first step: "
+              + ", ".join(f"{s:.1f}" for s in summary["idle_between_s"]) + " s")  # fmt: skip
     totals = summary["totals"]
     print("share of the trials' wall time: " + ", ".join(f"{p} {totals[p] / totals['wall']:.0%}" for p in COST_PARTS))
     if args.json:

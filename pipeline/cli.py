@@ -416,7 +416,7 @@ def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
     tracker = SweepTracker(spec)
     resume_hint = f"continue with: sdtune resume {spec.sweep_dir}"
     try:
-        outcome = run_sweep(spec, tracker)
+        outcome = run_sweep(spec, tracker, local_cluster=address is None)
         finished = sum(trial.status == "TERMINATED" for trial in outcome.trials)
         if outcome.interrupted:
             tracker.finish_sweep("KILLED")

@@ -263,6 +263,11 @@ class ResourcesSpec(_Spec):
     cpus_per_worker: PositiveFloat = 1.0
     trial_cpus: PositiveFloat = 0.5  # the Tune driver function; Ray rejects 0
     max_concurrent_trials: PositiveInt = 1
+    # When the running trials' GPUs fill the cluster, Tune starts one trial more: its Ray processes (Tune function,
+    # Train controller) start while the others train and its worker group waits for a GPU, so the GPU idles only
+    # for the worker's own start when one frees. None: on a Ray instance sdtune starts itself, not on a cluster it
+    # connects to, whose autoscaler could add a node for the waiting trial.
+    stage_next_trial: bool | None = None
 
     @field_validator("gpus_per_worker")
     @classmethod

@@ -209,6 +209,12 @@ class TrialProgress:
         mine = context.get_world_rank() == 0 and name.startswith(TRIAL_PREFIX) and isinstance(sweep_dir, Path)
         return cls(sweep_dir.resolve() / name if mine else None, total_steps, log_every_steps, context.get_world_size())
 
+    def begin(self) -> None:
+        """Before the first step: the worker runs (its worker group has its GPUs). The console announces a staged
+        trial's start then (:class:`SweepConsole`); a row without ``step`` shows as starting."""
+        if self.path is not None:
+            write_file(self.path, json.dumps({"total_steps": self.total_steps, "time": time.time()}))
+
     def step(self, step: int, losses: Any, tokens: int) -> None:
         """After optimizer step ``step``: ``losses`` is the trainer's :class:`pipeline.train.LossLog` (whose last
         logged loss, at a log interval, is this step's) and ``tokens`` this worker's token count since its last
@@ -272,6 +278,7 @@ class TrialRow:
     metric: float | None = None  # the search metric of its latest report
     epoch: Any = None
     printed_at: float = 0.0  # when its last plain progress line was printed (no terminal)
+    unannounced: bool = False  # its "started" line waits for its worker's first progress (a staged sweep)
 
 
 class SweepConsole:
@@ -307,9 +314,13 @@ class SweepConsole:
         """Know a trial by its label without a line: one that started before this run of the driver."""
         self.rows.setdefault(trial_id, TrialRow(label))
 
-    def started(self, trial_id: str, label: str) -> None:
-        self.rows[trial_id] = TrialRow(label)
-        self.say(trial_id, "started")
+    def started(self, trial_id: str, label: str, announce: bool = True) -> None:
+        """Tune started the trial. In a sweep that stages a trial (one more than run at once, waiting for a GPU)
+        Tune's start does not say whether the trial trains or waits: ``announce=False`` defers its "started" line
+        to its worker's first progress."""
+        self.rows[trial_id] = TrialRow(label, unannounced=not announce)
+        if announce:
+            self.say(trial_id, "started")
 
     def reported(self, trial_id: str, result: Mapping[str, Any]) -> None:
         row = self.rows[trial_id]
@@ -331,7 +342,10 @@ class SweepConsole:
             row = self.rows.get(trial_id)
             if row is None or progress is None:
                 continue
-            moved = row.progress is None or progress["step"] != row.progress["step"]
+            if row.unannounced:
+                row.unannounced = False
+                self.say(trial_id, "started")
+            moved = "step" in progress and (row.progress is None or progress["step"] != row.progress.get("step"))
             row.progress = progress
             if self.live is None and moved and now - row.printed_at >= PLAIN_EVERY_S:
                 self._print_progress(trial_id, row, now)
@@ -342,7 +356,7 @@ class SweepConsole:
     def flush_progress(self, trial_id: str) -> None:
         """Without a terminal, a trial's progress line if none was printed yet (a trial shorter than the interval)."""
         row = self.rows.get(trial_id)
-        if self.live is None and row is not None and row.progress is not None and row.printed_at == 0.0:
+        if self.live is None and row is not None and "step" in (row.progress or {}) and row.printed_at == 0.0:
             self._print_progress(trial_id, row, time.time())
 
     def _print_progress(self, trial_id: str, row: TrialRow, now: float) -> None:
@@ -365,7 +379,7 @@ class SweepConsole:
 
         table = Table("trial", "arm", "step", "loss", self.metric, "tokens/s", "ETA", box=None, pad_edge=False)
         for trial_id, row in self.rows.items():
-            if row.progress is None:
+            if "step" not in (row.progress or {}):
                 table.add_row(trial_id, fit(row.label, LABEL_WIDTH), "starting", "", number(row.metric), "", "")
                 continue
             step, loss, metric, tokens, eta = self._cells(row)

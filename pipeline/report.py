@@ -373,32 +373,35 @@ def summary_markdown(
 
 def cost_totals(trials: Sequence[TrialOutcome]) -> dict[str, float]:
     """Seconds per part summed over the trials that have a cost record, weighted by the GPUs each held (device
-    seconds; plain seconds when the trials held no GPU), and ``wall``, the trials' summed wall time so weighted."""
+    seconds; plain seconds when the trials held no GPU), and ``wall``, the trials' summed wall time so weighted;
+    ``queued``, the seconds staged trials waited for GPUs (plain seconds: no GPU was theirs then)."""
     recorded = [trial.cost for trial in trials if trial.cost]
     totals = {part: 0.0 for part in ("wall", *COST_PARTS)}
     for cost in recorded:
         weight = cost["gpus"] or 1.0
         for part in totals:
             totals[part] += cost.get(part, 0.0) * weight
+    totals["queued"] = sum(cost.get("queued", 0.0) for cost in recorded)
     return totals
 
 
 def cost_table(trials: Sequence[TrialOutcome]) -> str:
-    """One row per trial with a cost record (seconds per part) and a total row with each part's share."""
+    """One row per trial with a cost record (seconds per part, and the seconds it waited for GPUs before them) and
+    a total row with each part's share."""
     recorded = [trial for trial in trials if trial.cost]
     if not recorded:
         return "No trial of this sweep has a cost record (the sweep driver writes one per trial as it ends)."
     unit = "GPU-s" if any(trial.cost["gpus"] for trial in recorded) else "s"
-    header = ["trial", "arm", "GPUs", "wall s", *(f"{part} s" for part in COST_PARTS)]
+    header = ["trial", "arm", "GPUs", "queued s", "wall s", *(f"{part} s" for part in COST_PARTS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for trial in recorded:
         cost = trial.cost
-        cells = [trial.trial_id, arm_of(trial).label, f"{cost['gpus']:g}", f"{cost['wall']:.1f}"]
+        cells = [trial.trial_id, arm_of(trial).label, f"{cost['gpus']:g}", f"{cost.get('queued', 0.0):.1f}", f"{cost['wall']:.1f}"]
         cells += [f"{cost.get(part, 0.0):.1f}" for part in COST_PARTS]
         lines.append("| " + " | ".join(cells) + " |")
     totals = cost_totals(recorded)
     shares = [f"{totals[part]:.0f} ({totals[part] / totals['wall']:.0%})" for part in COST_PARTS]
-    lines.append("| " + " | ".join([f"**total ({unit})**", "", "", f"{totals['wall']:.0f}", *shares]) + " |")
+    lines.append("| " + " | ".join([f"**total ({unit})**", "", "", "", f"{totals['wall']:.0f}", *shares]) + " |")
     return "\n".join(lines)
 
 

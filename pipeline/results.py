@@ -94,9 +94,12 @@ def trial_dir(spec: JobSpec, trial_id: str) -> StoragePath:
 def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: float) -> dict[str, float]:
     """Where the wall time of one trial run (``started`` to ``ended``, epoch seconds) went, in seconds:
 
-    - ``startup``: from the trial's placement to its first training step, warmup excluded: ``startup_ray`` (Tune's
-      trial actor, Ray Train's controller and worker group, up to the worker's training function; of which
-      ``startup_tune``, up to the trial's Tune function, and ``startup_train``, the rest),
+    - ``queued``: how long a staged trial waited for a running trial's GPUs, its Ray processes already up
+      (:func:`pipeline.tune.trials_at_once`): not its GPU time, and not in its ``wall``. Its GPU time, and its
+      start-up, begin when its worker group was placed (``began_at``); an unstaged trial's at its start;
+    - ``startup``: from then to its first training step, warmup excluded: ``startup_ray`` (Tune's trial actor,
+      Ray Train's controller and worker group, up to the worker's training function; of an unstaged trial, of
+      which ``startup_tune``, up to the trial's Tune function, and ``startup_train``, the rest),
       ``startup_imports`` (that function's imports: torch, transformers, DeepSpeed, ...), ``startup_setup``
       (model and data loading, the adapters, the DeepSpeed engine);
     - ``warmup``, ``training``, ``evaluation``, ``checkpointing`` (all but the last report's): as the worker
@@ -104,9 +107,11 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
     - ``teardown``: from the last report to the trial's end (its checkpoint, the worker group's shutdown);
     - ``other``: what none of these covers (the remainder; near zero when the accounting is complete).
 
+    ``last_report_at``: when its last report came (for the GPU's idle time between one trial and the next).
     ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``.
     """
-    until_worker = report["time/worker_start"] - started  # Tune's trial actor, Ray Train's controller and workers
+    began = max(started, report.get("time/placed", started))
+    until_worker = report["time/worker_start"] - began  # Tune's trial actor, Ray Train's controller and workers
     parts = {
         "startup": until_worker + report.get("time/imports", 0.0) + report.get("time/setup", 0.0),
         "warmup": report.get("time/warmup", 0.0),
@@ -115,16 +120,17 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
         "checkpointing": report.get("time/checkpoint", 0.0),
         "teardown": ended - report["time/report_at"],
     }
-    parts["other"] = ended - started - sum(parts.values())
+    parts["other"] = ended - began - sum(parts.values())
     startup = {  # what start-up is made of
         "startup_ray": until_worker,
         "startup_imports": report.get("time/imports", 0.0),
         "startup_setup": report.get("time/setup", 0.0),
     }
-    if "time/driver_start" in report:
+    if "time/driver_start" in report and began == started:
         startup["startup_tune"] = report["time/driver_start"] - started
         startup["startup_train"] = report["time/worker_start"] - report["time/driver_start"]
-    return {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": gpus, **parts, **startup}
+    moments = {"started_at": started, "began_at": began, "last_report_at": report["time/report_at"], "ended_at": ended}
+    return {**moments, "queued": began - started, "wall": ended - began, "gpus": gpus, **parts, **startup}
 
 
 def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:

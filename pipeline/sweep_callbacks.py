@@ -75,7 +75,7 @@ class TrialCostCallback(Callback):
         directory = trial_dir(self.spec, trial.trial_id)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / COST_FILE).write_text(json.dumps(cost, indent=2, sort_keys=True) + "\n")
-        metrics = {f"cost/{part}_s": cost[part] for part in ("wall", *COST_PARTS) if part in cost}
+        metrics = {f"cost/{part}_s": cost[part] for part in ("queued", "wall", *COST_PARTS) if part in cost}
         guarded(f"cost of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, report.get("step", 0))
 
 
@@ -220,8 +220,13 @@ class ProgressCallback(Callback):
     :data:`pipeline.console.REFRESH_S` seconds. Tune pickles its callbacks into ``tuner.pkl``: the console, which
     holds the terminal, is made in ``setup`` and never pickled."""
 
-    def __init__(self, spec: JobSpec):
+    staged = False  # a sweep resumed from a driver of before sdtune staged trials pickled none
+
+    def __init__(self, spec: JobSpec, staged: bool = False):
         self.spec = spec
+        # whether Tune runs one trial more than train at once (pipeline.tune.trials_at_once): then a trial's start
+        # is announced at its worker's first progress, where there is progress (not in object storage)
+        self.staged = staged
         self._console = None
         self._polled = 0.0
 
@@ -234,7 +239,8 @@ class ProgressCallback(Callback):
         self._console = SweepConsole(self.spec.search.metric, self.spec.training.epochs)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._console.started(trial.trial_id, self._label(trial))
+        announce_now = not self.staged or not isinstance(self.spec.sweep_dir, Path)
+        self._console.started(trial.trial_id, self._label(trial), announce=announce_now)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         self._console.track(trial.trial_id, self._label(trial))

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -265,13 +265,22 @@ class PhaseClock:
     """Wall-clock seconds this worker spends per phase (setup, warmup, train, eval, checkpoint), for the sweep's
     GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
 
-    def __init__(self, device: torch.device, entered_at: float, driver_at: float | None) -> None:
+    def __init__(
+        self, device: torch.device, entered_at: float, driver_at: float | None, placed_at: float | None = None
+    ) -> None:
         self.device = device
         self.worker_start = entered_at  # when the worker's training function began, before its imports
         self.driver_start = driver_at  # when the trial's Tune function began (None outside a sweep)
+        self.placed = placed_at  # when its worker group got its resources, if it waited for them (a staged trial)
         self.seconds: dict[str, float] = defaultdict(float)
         self.seconds["imports"] = time.time() - entered_at
         self.mark = time.perf_counter()
+
+    @staticmethod
+    def starts(config: Mapping[str, Any]) -> dict[str, float | None]:
+        """The moments :func:`pipeline.trial.train_loop` and the trial's Tune function noted, from the worker's
+        config, as keywords of the constructor."""
+        return {key: config.get(key) for key in ("entered_at", "driver_at", "placed_at")}
 
     def lap(self, phase: str) -> None:
         """Charge the time since the last lap to ``phase``."""
@@ -285,6 +294,8 @@ class PhaseClock:
         starts = {"time/worker_start": self.worker_start}
         if self.driver_start is not None:
             starts["time/driver_start"] = self.driver_start
+        if self.placed is not None:
+            starts["time/placed"] = self.placed
         return {**starts, **{f"time/{k}": v for k, v in self.seconds.items()}}
 
 
@@ -371,17 +382,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if context.get_world_rank() == 0:
         marker.unlink(missing_ok=True)  # a rerun's own outcome, not an earlier run's
     try:
-        run_trial(config["spec"], config["entered_at"], config.get("driver_at"))
+        run_trial(config["spec"], PhaseClock.starts(config))
     except DivergedError as diverged:
         if context.get_world_rank() == 0:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
-def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None) -> None:
+def run_trial(spec: JobSpec, starts: dict[str, float | None]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    clock = PhaseClock(device, entered_at, driver_at)
+    clock = PhaseClock(device, **starts)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(spec.training.seed)
@@ -396,6 +407,7 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None) -> None
         total_steps = min(total_steps, training.max_steps)
     # For the sweep's console (pipeline.console): rank 0 writes its step, loss and speed at each log interval.
     progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, training.log_every_steps)
+    progress.begin()
 
     checkpoint = ray.train.get_checkpoint()
     warmup_metrics: dict[str, float] = {}

@@ -22,12 +22,36 @@ from pipeline.results import DIVERGED_FILE, TRIAL_PREFIX
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """The worker entry point: imports the training code in the worker only (and notes when it began, so that
-    the import shows in the trial's start-up breakdown)."""
+    """The worker entry point: imports the training code in the worker only (and notes when it began, and when its
+    worker group got its resources after waiting for them, for the trial's start-up breakdown)."""
     entered_at = time.time()
+    placed_at = placed_after_waiting()
     from pipeline.train import train_loop_per_worker
 
-    train_loop_per_worker({**config, "entered_at": entered_at})
+    train_loop_per_worker({**config, "entered_at": entered_at, "placed_at": placed_at})
+
+
+def placed_after_waiting() -> float | None:
+    """When this worker's placement group (its worker group's resources) was placed, if Ray could not place it
+    at its first attempt: a staged trial that waited for a running trial's GPUs (:func:`pipeline.tune.trials_at_once`).
+    None when it was placed at once, outside a placement group, or where Ray's record lacks the times.
+
+    Ray's public ``placement_group_table`` gives how long the group waited but not when it was asked for; the GCS
+    record it is read from has both (``creation_request_received_ns``, Unix time)."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return None
+    try:
+        from ray._private.state import state
+        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+        record = state._connect_and_get_accessor().get_placement_group_info(group.id)
+        stats = PlacementGroupTableData.FromString(record).stats
+    except (AttributeError, ImportError, TypeError):  # a Ray whose private record moved: no queued part
+        return None
+    if stats.scheduling_attempt <= 1 or not stats.creation_request_received_ns:
+        return None
+    return stats.creation_request_received_ns / 1e9 + stats.end_to_end_creation_latency_us / 1e6
 
 
 def trial_gpus(spec: JobSpec) -> float:

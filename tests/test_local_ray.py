@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import ray
 
@@ -62,3 +63,38 @@ def test_the_raylets_worker_count_warning_fires_only_beyond_what_the_sweeps_tria
         assert 4 * concurrency + 2 * 4 > kept
         assert concurrency >= (os.cpu_count() or 1)  # never fewer processes starting at once than Ray's default
     assert ray_init_options(False, 12, 1) == {}  # an existing cluster keeps its own settings
+
+
+@ray.remote(num_cpus=1)
+def placement_seen_by_a_worker() -> float | None:
+    from pipeline.trial import placed_after_waiting
+
+    return placed_after_waiting()
+
+
+def test_a_worker_whose_placement_group_waited_knows_when_it_was_placed():
+    """A staged trial's worker group waits in Ray's placement-group queue for a running trial's resources; its
+    worker reads from Ray's record when the group was placed (where its GPU time begins), and a group placed at
+    once reads nothing. One CPU: the second group waits until the first is removed."""
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    ray.init(num_cpus=1, log_to_driver=False, include_dashboard=False)
+    try:
+        running = placement_group([{"CPU": 1}])
+        ray.get(running.ready())
+        in_running = PlacementGroupSchedulingStrategy(running)
+        assert ray.get(placement_seen_by_a_worker.options(scheduling_strategy=in_running).remote()) is None
+
+        asked = time.time()
+        staged = placement_group([{"CPU": 1}])
+        while placement_group_table(staged)["stats"]["scheduling_attempt"] < 1:  # Ray tried, and could not place it
+            pass
+        assert placement_group_table(staged)["state"] == "PENDING"
+        freed = time.time()
+        remove_placement_group(running)
+        ray.get(staged.ready())
+        placed = ray.get(placement_seen_by_a_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(staged)).remote())
+        assert placed is not None and asked < freed <= placed <= time.time()
+    finally:
+        ray.shutdown()

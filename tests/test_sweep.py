@@ -155,9 +155,14 @@ def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
         assert cost["gpus"] == 0  # a CPU sweep
         assert all(cost[part] >= 0 for part in ("startup", "training", "evaluation", "checkpointing", "teardown"))
         assert cost["training"] > 0 and cost["startup"] > 0
-        # Ray's part of start-up splits at the trial's Tune function: before it, and the Ray Train worker group
-        assert cost["startup_tune"] >= 0 and cost["startup_train"] > 0
-        assert cost["startup_tune"] + cost["startup_train"] == pytest.approx(cost["startup_ray"])
+        # A CPU sweep stages no trial, but a trial's worker group can wait for the CPUs of one ASHA just stopped:
+        # that wait is not the trial's time (it held nothing), and its time begins when its workers were placed.
+        assert cost["queued"] >= 0 and cost["wall"] == pytest.approx(cost["ended_at"] - cost["began_at"])
+        assert cost["began_at"] == pytest.approx(cost["started_at"] + cost["queued"])
+        if not cost["queued"]:  # Ray's part of start-up splits at the trial's Tune function: before it, and Ray Train
+            assert cost["startup_tune"] >= 0 and cost["startup_train"] > 0
+            assert cost["startup_tune"] + cost["startup_train"] == pytest.approx(cost["startup_ray"])
+        assert cost["started_at"] < cost["last_report_at"] < cost["ended_at"]
         assert abs(cost["other"]) <= 0.05 * cost["wall"], (trial.trial_id, cost)
     summary = (sweep_dir / "report" / "summary.md").read_text()
     assert "## Where the time went" in summary and "**total (s)**" in summary

@@ -14,7 +14,13 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
 from pipeline.config import parse_job
-from pipeline.tune import ResumableSearchGenerator, ResumableVariantGenerator, search_space, tune_config
+from pipeline.tune import (
+    ResumableSearchGenerator,
+    ResumableVariantGenerator,
+    search_space,
+    trials_at_once,
+    tune_config,
+)
 
 BASE = {"name": "t", "model": {"builtin": "digits"}, "training": {"epochs": 4}}
 
@@ -44,15 +50,35 @@ def test_asha_counts_reports_and_optuna_samples():
         {"metric": "eval/loss", "mode": "min", "scheduler": "asha", "grace_period": 2, "algorithm": "optuna",
          "num_samples": 12, "space": {"training.lr": {"loguniform": [1e-4, 1e-2]}}},
         resources={"max_concurrent_trials": 3},
-    ))  # fmt: skip
+    ), at_once=3)  # fmt: skip
     assert isinstance(config.search_alg.searcher.searcher, OptunaSearch)  # behind its concurrency limit
     assert isinstance(config.scheduler, ASHAScheduler) and config.scheduler._max_t == 4
     assert config.search_alg.searcher.max_concurrent == 3
     assert (config.metric, config.mode, config.num_samples) == ("eval/loss", "min", 12)
     # with a report every N steps besides each epoch, the number of reports is not the number of epochs
-    frequent = tune_config(spec_with({"scheduler": "asha"}, training={"epochs": 4, "eval_every_steps": 5}))
+    frequent = tune_config(spec_with({"scheduler": "asha"}, training={"epochs": 4, "eval_every_steps": 5}), 1)
     assert frequent.scheduler._max_t > 4
-    assert isinstance(tune_config(spec_with({})).scheduler, FIFOScheduler)
+    assert isinstance(tune_config(spec_with({}), 1).scheduler, FIFOScheduler)
+
+
+def test_one_trial_more_is_staged_only_where_the_running_trials_gpus_fill_the_cluster():
+    def at_once(local: bool, cluster_gpus: float, trial_gpus: float, limit: int, stage=None) -> int:
+        spec = spec_with({}, resources={"max_concurrent_trials": limit, "stage_next_trial": stage})
+        return trials_at_once(spec, local, cluster_gpus, trial_gpus)
+
+    assert at_once(True, 1, 1.0, 1) == 2  # one GPU, one trial at a time: the next one waits for it, staged
+    assert at_once(True, 8, 1.0, 8) == 9
+    assert at_once(True, 8, 2.0, 4) == 5  # trials of two workers
+    assert at_once(True, 1, 0.25, 4) == 5  # four quarters fill the GPU
+    assert at_once(True, 1, 1 / 16, 12) == 12  # a 13th sixteenth would run, not wait
+    assert at_once(True, 8, 1.0, 1) == 1  # a second trial would run on a free GPU
+    assert at_once(True, 1, 1.0, 8) == 8  # trials wait for the GPU already
+    assert at_once(True, 0, 0.0, 2) == 2  # CPU trials
+    assert at_once(False, 1, 1.0, 1) == 1  # a cluster sdtune connects to: its autoscaler might add a node
+    assert at_once(False, 1, 1.0, 1, stage=True) == 2
+    assert at_once(True, 1, 1.0, 1, stage=False) == 1
+    config = tune_config(spec_with({}), at_once=2)
+    assert config.search_alg.max_concurrent == 2 and config.max_concurrent_trials is None
 
 
 def three_trial_searcher(tmp_path, searcher_class):
