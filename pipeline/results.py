@@ -111,7 +111,7 @@ def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: fl
     ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``.
     """
     began = max(started, report.get("time/placed", started))
-    until_worker = report["time/worker_start"] - began  # Tune's trial actor, Ray Train's controller and workers
+    until_worker = report["time/worker_start"] - began  # the worker group's start (unstaged: Tune's, the controller's)
     parts = {
         "startup": until_worker + report.get("time/imports", 0.0) + report.get("time/setup", 0.0),
         "warmup": report.get("time/warmup", 0.0),

@@ -50,10 +50,12 @@ def trials_at_once(spec: JobSpec, local_cluster: bool, cluster_gpus: float, gpus
     those trials' GPUs fill the cluster and ``resources.stage_next_trial`` (None: ``local_cluster``) allows it. The
     staged trial's Tune function and Train controller start while the others train; its worker group waits in
     Ray's placement-group queue and is placed as soon as a running trial frees its GPUs. Without it, the next
-    trial's Ray processes would start only then, with the GPUs idle (about 4 s between trials and 3 s of the
-    controller's start on an H200 host). Where the GPUs do not bind (trials packed on fractions of GPUs, or more GPUs
-    than trials) the extra trial would run rather than wait, and where trials already wait for GPUs it adds nothing:
-    neither stages."""
+    trial's Ray processes would start only then, with the GPUs idle: on an H200 host a sequential sweep's GPU idled
+    20-23 s between trials, and 11-15 s staged (docs/benchmarks.md, session 13). Where one trial more would find
+    GPUs free (12 trials of 1/16 GPU on one GPU, or more GPUs than trials) it would run rather than wait, and where
+    trials already wait for GPUs it adds nothing: neither stages. A staged trial waiting longer than Ray Train's
+    worker-group start timeout asks for its GPUs again (Ray Train's retry; controller errors are retried without
+    limit)."""
     limit = spec.resources.max_concurrent_trials
     stage = spec.resources.stage_next_trial
     if not (local_cluster if stage is None else stage) or gpus_per_trial <= 0:
