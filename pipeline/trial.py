@@ -9,6 +9,7 @@ the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -103,10 +104,20 @@ def raise_if_diverged(spec: JobSpec, name: str) -> None:
         raise TrialDiverged(json.loads(marker.read_text())["reason"])
 
 
-def trial_driver(config: dict[str, Any], spec: JobSpec) -> None:
-    """One Tune trial: the sweep's spec with this trial's sampled values, run as a Ray Train worker group."""
+# How long a trial's worker group waits for its resources before Ray Train asks for them again, when it may wait for
+# a running trial's GPUs: as long as that trial trains. Asked again, the group would lose its place in Ray's queue,
+# and a group placed at its first request could not tell that its trial had waited (placed_after_waiting).
+WAIT_FOR_GPUS_S = 30 * 24 * 3600
+
+
+def trial_driver(config: dict[str, Any], spec: JobSpec, waits_for_gpus: bool) -> None:
+    """One Tune trial: the sweep's spec with this trial's sampled values, run as a Ray Train worker group.
+    ``waits_for_gpus``: the sweep runs more trials at once than the GPUs hold, and this one may wait for them."""
     driver_at = time.time()
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    if waits_for_gpus:  # Ray Train passes this variable on from here to the trial's controller
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(WAIT_FOR_GPUS_S)
 
     trial_spec = spec.with_overrides(config)
     name = f"{TRIAL_PREFIX}{tune.get_context().get_trial_id()}"

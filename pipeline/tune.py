@@ -41,8 +41,11 @@ def search_space(spec: JobSpec) -> dict[str, Any]:
     return {key: to_tune_domain(domain) for key, domain in spec.search.space.items()}
 
 
-def make_trainable(spec: JobSpec):
-    return tune.with_resources(tune.with_parameters(trial_driver, spec=spec), {"cpu": spec.resources.trial_cpus})
+def make_trainable(spec: JobSpec, waits_for_gpus: bool):
+    """Tune's trainable: :func:`pipeline.trial.trial_driver` with the spec; ``waits_for_gpus``: Tune runs more trials
+    at once than the cluster's GPUs hold (a staged trial, or more trials than fit), so a trial may wait for GPUs."""
+    driver = tune.with_parameters(trial_driver, spec=spec, waits_for_gpus=waits_for_gpus)
+    return tune.with_resources(driver, {"cpu": spec.resources.trial_cpus})
 
 
 def trials_at_once(spec: JobSpec, local_cluster: bool, cluster_gpus: float, gpus_per_trial: float) -> int:
@@ -53,9 +56,8 @@ def trials_at_once(spec: JobSpec, local_cluster: bool, cluster_gpus: float, gpus
     trial's Ray processes would start only then, with the GPUs idle: on an H200 host a sequential sweep's GPU idled
     20-23 s between trials, and 11-15 s staged (docs/benchmarks.md, session 13). Where one trial more would find
     GPUs free (12 trials of 1/16 GPU on one GPU, or more GPUs than trials) it would run rather than wait, and where
-    trials already wait for GPUs it adds nothing: neither stages. A staged trial waiting longer than Ray Train's
-    worker-group start timeout asks for its GPUs again (Ray Train's retry; controller errors are retried without
-    limit)."""
+    trials already wait for GPUs it adds nothing: neither stages. A trial that may wait for GPUs waits without Ray
+    Train's worker-group start timeout (:data:`pipeline.trial.WAIT_FOR_GPUS_S`)."""
     limit = spec.resources.max_concurrent_trials
     stage = spec.resources.stage_next_trial
     if not (local_cluster if stage is None else stage) or gpus_per_trial <= 0:
@@ -184,12 +186,10 @@ class StopSignals:
         os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends its loop, saves its state and stops the trials
 
 
-def make_experiment(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> tune.Tuner:
+def make_experiment(spec: JobSpec, tracker: SweepTracker, trainable, at_once: int) -> tune.Tuner:
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
-    gpus = trial_gpus(spec)
-    at_once = trials_at_once(spec, local_cluster, ray.cluster_resources().get("GPU", 0.0), gpus)
     return tune.Tuner(
-        make_trainable(spec),
+        trainable,
         param_space=search_space(spec),
         tune_config=tune_config(spec, at_once),
         run_config=tune.RunConfig(
@@ -197,7 +197,7 @@ def make_experiment(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -
             storage_path=str(tune_dir.parent),
             callbacks=[
                 MLflowSweepCallback(tracker),
-                TrialCostCallback(spec, tracker, gpus),
+                TrialCostCallback(spec, tracker, trial_gpus(spec)),
                 TrialLedger(spec.sweep_dir.resolve()),
                 ProgressCallback(spec, staged=at_once > spec.resources.max_concurrent_trials),
             ],
@@ -215,11 +215,14 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
     # pipeline.train). The state is small; save it at every step.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
+    cluster_gpus, gpus = ray.cluster_resources().get("GPU", 0.0), trial_gpus(spec)
+    at_once = trials_at_once(spec, local_cluster, cluster_gpus, gpus)  # a resumed sweep keeps the searcher it had
+    trainable = make_trainable(spec, waits_for_gpus=gpus * at_once > cluster_gpus + 1e-9)
     if tune.Tuner.can_restore(str(tune_dir)):
         # ray.tune.Tuner, not sdt.Tuner: the experiment of the whole sweep.
-        experiment = tune.Tuner.restore(str(tune_dir), trainable=make_trainable(spec), resume_errored=True)
+        experiment = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     else:
-        experiment = make_experiment(spec, tracker, local_cluster)
+        experiment = make_experiment(spec, tracker, trainable, at_once)
     try:
         with StopSignals() as signals:
             experiment.fit()
