@@ -324,6 +324,7 @@ class SweepConsole:
 
     def reported(self, trial_id: str, result: Mapping[str, Any]) -> None:
         row = self.rows[trial_id]
+        self._announce(trial_id, row)  # a trial that reported before the driver read its first progress
         row.metric, row.epoch = result.get(self.metric), result.get("epoch")
         detail = f"epoch {row.epoch}/{self.epochs}, {self.metric} {number(row.metric)}, train/loss {number(result.get('train/loss'))}"
         self.say(trial_id, "evaluated", detail)
@@ -342,9 +343,7 @@ class SweepConsole:
             row = self.rows.get(trial_id)
             if row is None or progress is None:
                 continue
-            if row.unannounced:
-                row.unannounced = False
-                self.say(trial_id, "started")
+            self._announce(trial_id, row)
             moved = "step" in progress and (row.progress is None or progress["step"] != row.progress.get("step"))
             row.progress = progress
             if self.live is None and moved and now - row.printed_at >= PLAIN_EVERY_S:
@@ -352,6 +351,12 @@ class SweepConsole:
         if self.live is not None and now - self.refreshed >= REFRESH_S:
             self.live.update(self._table())
             self.refreshed = now
+
+    def _announce(self, trial_id: str, row: TrialRow) -> None:
+        """The deferred "started" line of a staged sweep's trial, once its worker runs."""
+        if row.unannounced:
+            row.unannounced = False
+            self.say(trial_id, "started")
 
     def flush_progress(self, trial_id: str) -> None:
         """Without a terminal, a trial's progress line if none was printed yet (a trial shorter than the interval)."""

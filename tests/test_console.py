@@ -31,6 +31,15 @@ def test_a_staged_trial_is_announced_when_its_worker_begins_not_when_tune_starts
     assert lines_of(stream) == ["started", "progress", "stopped"]
 
 
+def test_a_staged_trial_that_reports_before_its_progress_is_read_is_announced_first():
+    stream = io.StringIO()
+    console = SweepConsole("eval/accuracy", 3, stream=stream)
+    console.started("a_00000", "lora · training.lr=0.01", announce=False)
+    console.reported("a_00000", {"epoch": 1, "eval/accuracy": 0.5, "train/loss": 1.0})
+    console.refresh({"a_00000": {"total_steps": 40, "time": 1.0}})
+    assert lines_of(stream) == ["started", "evaluated"]
+
+
 def test_an_unstaged_trial_is_announced_when_tune_starts_it():
     stream = io.StringIO()
     console = SweepConsole("eval/accuracy", 3, stream=stream)
