@@ -280,6 +280,11 @@ class TrialRow:
     printed_at: float = 0.0  # when its last plain progress line was printed (no terminal)
     unannounced: bool = False  # its "started" line waits for its worker's first progress (a staged sweep)
 
+    @property
+    def stepping(self) -> bool:
+        """Whether its progress has a step yet (before the first, its worker writes only that it runs)."""
+        return "step" in (self.progress or {})
+
 
 class SweepConsole:
     """The lines and the live display of one sweep, drawn with rich on a terminal and as plain lines elsewhere
@@ -361,7 +366,7 @@ class SweepConsole:
     def flush_progress(self, trial_id: str) -> None:
         """Without a terminal, a trial's progress line if none was printed yet (a trial shorter than the interval)."""
         row = self.rows.get(trial_id)
-        if self.live is None and row is not None and "step" in (row.progress or {}) and row.printed_at == 0.0:
+        if self.live is None and row is not None and row.stepping and row.printed_at == 0.0:
             self._print_progress(trial_id, row, time.time())
 
     def _print_progress(self, trial_id: str, row: TrialRow, now: float) -> None:
@@ -384,7 +389,7 @@ class SweepConsole:
 
         table = Table("trial", "arm", "step", "loss", self.metric, "tokens/s", "ETA", box=None, pad_edge=False)
         for trial_id, row in self.rows.items():
-            if "step" not in (row.progress or {}):
+            if not row.stepping:
                 table.add_row(trial_id, fit(row.label, LABEL_WIDTH), "starting", "", number(row.metric), "", "")
                 continue
             step, loss, metric, tokens, eta = self._cells(row)

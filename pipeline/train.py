@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +266,7 @@ class PhaseClock:
     GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
 
     def __init__(
-        self, device: torch.device, entered_at: float, driver_at: float | None, placed_at: float | None = None
+        self, device: torch.device, entered_at: float, driver_at: float | None, placed_at: float | None
     ) -> None:
         self.device = device
         self.worker_start = entered_at  # when the worker's training function began, before its imports
@@ -275,12 +275,6 @@ class PhaseClock:
         self.seconds: dict[str, float] = defaultdict(float)
         self.seconds["imports"] = time.time() - entered_at
         self.mark = time.perf_counter()
-
-    @staticmethod
-    def starts(config: Mapping[str, Any]) -> dict[str, float | None]:
-        """The moments :func:`pipeline.trial.train_loop` and the trial's Tune function noted, from the worker's
-        config, as keywords of the constructor."""
-        return {key: config.get(key) for key in ("entered_at", "driver_at", "placed_at")}
 
     def lap(self, phase: str) -> None:
         """Charge the time since the last lap to ``phase``."""
@@ -382,17 +376,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if context.get_world_rank() == 0:
         marker.unlink(missing_ok=True)  # a rerun's own outcome, not an earlier run's
     try:
-        run_trial(config["spec"], PhaseClock.starts(config))
+        run_trial(config["spec"], config["entered_at"], config.get("driver_at"), config.get("placed_at"))
     except DivergedError as diverged:
         if context.get_world_rank() == 0:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
-def run_trial(spec: JobSpec, starts: dict[str, float | None]) -> None:
+def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_at: float | None) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    clock = PhaseClock(device, **starts)
+    clock = PhaseClock(device, entered_at, driver_at, placed_at)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     torch.manual_seed(spec.training.seed)

@@ -62,8 +62,13 @@ def trials_at_once(spec: JobSpec, local_cluster: bool, cluster_gpus: float, gpus
     stage = spec.resources.stage_next_trial
     if not (local_cluster if stage is None else stage) or gpus_per_trial <= 0:
         return limit
-    fill = gpus_per_trial * limit <= cluster_gpus + 1e-9 < gpus_per_trial * (limit + 1)
+    fill = gpus_fit(limit, gpus_per_trial, cluster_gpus) and not gpus_fit(limit + 1, gpus_per_trial, cluster_gpus)
     return limit + 1 if fill else limit
+
+
+def gpus_fit(trials: int, gpus_per_trial: float, cluster_gpus: float) -> bool:
+    """Whether ``trials`` trials at once hold no more GPUs than the cluster has (fractions summed as Ray does)."""
+    return trials * gpus_per_trial <= cluster_gpus + 1e-9
 
 
 def tune_config(spec: JobSpec, at_once: int) -> tune.TuneConfig:
@@ -217,7 +222,7 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
     cluster_gpus, gpus = ray.cluster_resources().get("GPU", 0.0), trial_gpus(spec)
     at_once = trials_at_once(spec, local_cluster, cluster_gpus, gpus)  # a resumed sweep keeps the searcher it had
-    trainable = make_trainable(spec, waits_for_gpus=gpus * at_once > cluster_gpus + 1e-9)
+    trainable = make_trainable(spec, waits_for_gpus=not gpus_fit(at_once, gpus, cluster_gpus))
     if tune.Tuner.can_restore(str(tune_dir)):
         # ray.tune.Tuner, not sdt.Tuner: the experiment of the whole sweep.
         experiment = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
