@@ -3,9 +3,10 @@
     python bench/sweep_cost.py runs/quickstart [--json cost.json]
 
 Reads the cost records the sweep driver writes per trial (``<sweep dir>/trial-<id>/cost.json``, see
-:func:`pipeline.results.trial_cost`): the time a staged trial waited for a GPU (queued, not GPU time), start-up
-(placement to first training step, warmup excluded), warmup, training, evaluation, checkpointing, teardown (last
-report to the trial's end) and what none of them covers. ``sdtune report`` prints the same table.
+:func:`pipeline.results.trial_cost`): the time before a trial's worker group was placed (queued, not GPU time: its
+Ray processes starting, a staged trial's wait for a GPU), start-up (placement to first training step, warmup
+excluded), warmup, training, evaluation, checkpointing, teardown (last report to the trial's end) and what none of
+them covers. ``sdtune report`` prints the same table.
 
 When trials run one at a time, two more figures: the gap, from one trial's end to the next one's placement (the
 GPU held by nobody; negative when a staged trial was placed before Tune saw the other end), and the GPU's idle
@@ -60,7 +61,7 @@ def main() -> None:
             if values:
                 print(f"  {part}: mean {statistics.mean(values):.1f} s")
     if any(summary["queued_s"]):
-        print("queued for a GPU (staged trials): " + ", ".join(f"{s:.1f}" for s in summary["queued_s"]) + " s")
+        print("queued, Tune's start to the placement: " + ", ".join(f"{s:.1f}" for s in summary["queued_s"]) + " s")
     if gaps:
         print("last report to the next trial's placement (teardown + gap): "
               + ", ".join(f"{s:.1f}" for s in summary["teardown_plus_gap_s"]) + " s")  # fmt: skip

@@ -374,7 +374,7 @@ def summary_markdown(
 def cost_totals(trials: Sequence[TrialOutcome]) -> dict[str, float]:
     """Seconds per part summed over the trials that have a cost record, weighted by the GPUs each held (device
     seconds; plain seconds when the trials held no GPU), and ``wall``, the trials' summed wall time so weighted;
-    ``queued``, the seconds staged trials waited for GPUs (plain seconds: no GPU was theirs then)."""
+    ``queued``, the seconds before the trials' worker groups were placed (plain seconds: no GPU was theirs then)."""
     recorded = [trial.cost for trial in trials if trial.cost]
     totals = {part: 0.0 for part in ("wall", *COST_PARTS)}
     for cost in recorded:
@@ -386,7 +386,7 @@ def cost_totals(trials: Sequence[TrialOutcome]) -> dict[str, float]:
 
 
 def cost_table(trials: Sequence[TrialOutcome]) -> str:
-    """One row per trial with a cost record (seconds per part, and the seconds it waited for GPUs before them) and
+    """One row per trial with a cost record (seconds per part, and the seconds before its placement: queued) and
     a total row with each part's share."""
     recorded = [trial for trial in trials if trial.cost]
     if not recorded:

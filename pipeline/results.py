@@ -91,26 +91,32 @@ def trial_dir(spec: JobSpec, trial_id: str) -> StoragePath:
     return spec.sweep_dir.resolve() / f"{TRIAL_PREFIX}{trial_id}"
 
 
-def trial_cost(started: float, ended: float, report: Mapping[str, Any], gpus: float) -> dict[str, float]:
+def trial_cost(
+    started: float, ended: float, report: Mapping[str, Any], gpus: float, placed: float | None = None
+) -> dict[str, float]:
     """Where the wall time of one trial run (``started`` to ``ended``, epoch seconds) went, in seconds:
 
-    - ``queued``: how long a staged trial waited for a running trial's GPUs, its Ray processes already up
-      (:func:`pipeline.tune.trials_at_once`): not its GPU time, and not in its ``wall``. Its GPU time, and its
-      start-up, begin when its worker group was placed (``began_at``); an unstaged trial's at its start;
-    - ``startup``: from then to its first training step, warmup excluded: ``startup_ray`` (Tune's trial actor,
-      Ray Train's controller and worker group, up to the worker's training function; of an unstaged trial, of
+    - ``queued``: from Tune's start of the trial to its worker group's placement (``placed``, else the report's
+      ``time/placed``): its Ray processes starting (Tune's function, Ray Train's controller) and, for a staged trial
+      (:func:`pipeline.tune.trials_at_once`), its wait for a running trial's GPUs. The trial held no GPU then: not its
+      GPU time, and not in its ``wall``. Its GPU time, and its start-up, begin at the placement (``began_at``; at its
+      start where Ray did not record the placement);
+    - ``startup``: from then to its first training step, warmup excluded: ``startup_ray`` (Ray Train's worker
+      group, up to the worker's training function; where the placement is unknown, from the trial's start, of
       which ``startup_tune``, up to the trial's Tune function, and ``startup_train``, the rest),
       ``startup_imports`` (that function's imports: torch, transformers, DeepSpeed, ...), ``startup_setup``
       (model and data loading, the adapters, the DeepSpeed engine);
     - ``warmup``, ``training``, ``evaluation``, ``checkpointing`` (all but the last report's): as the worker
       measured them, up to its last report;
     - ``teardown``: from the last report to the trial's end (its checkpoint, the worker group's shutdown);
-    - ``other``: what none of these covers (the remainder; near zero when the accounting is complete).
+    - ``other``: what none of these covers (the remainder; near zero when the accounting is complete, a worker
+      group's failed attempt where Ray Train restarted it).
 
     ``last_report_at``: when its last report came (for the GPU's idle time between one trial and the next).
-    ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``.
+    ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``. ``placed``: the first placement
+    of the trial's worker groups, where Ray Train restarted one (the report is the last group's).
     """
-    began = max(started, report.get("time/placed", started))
+    began = max(started, placed or report.get("time/placed", started))
     until_worker = report["time/worker_start"] - began  # the worker group's start (unstaged: Tune's, the controller's)
     parts = {
         "startup": until_worker + report.get("time/imports", 0.0) + report.get("time/setup", 0.0),

@@ -52,9 +52,20 @@ class TrialCostCallback(Callback):
     def __init__(self, spec: JobSpec, tracker: SweepTracker, gpus_per_trial: float):
         self.spec, self.tracker, self.gpus_per_trial = spec, tracker, gpus_per_trial
         self._started: dict[str, float] = {}
+        self._placed: dict[str, float] = {}
+
+    def setup(self, **info) -> None:  # a sweep started before placements were noted restores a copy without them
+        self._placed = getattr(self, "_placed", {})
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._started[trial.trial_id] = time.time()
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        # Each report carries its worker group's placement; a group Ray Train restarted reports a later one, and the
+        # trial's GPU time began at the first.
+        placed = result.get("time/placed")
+        if placed is not None:
+            self._placed[trial.trial_id] = min(placed, self._placed.get(trial.trial_id, placed))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._record(trial)
@@ -64,11 +75,12 @@ class TrialCostCallback(Callback):
 
     def _record(self, trial) -> None:
         started, ended = self._started.pop(trial.trial_id, None), time.time()
+        placed = self._placed.pop(trial.trial_id, None)
         if started is None:  # it started in an earlier run of the driver: its start is unknown
             return
         report = trial.last_result or {}
         if report.get("time/report_at", 0.0) >= started:
-            cost = trial_cost(started, ended, report, self.gpus_per_trial)
+            cost = trial_cost(started, ended, report, self.gpus_per_trial, placed)
         else:  # no report of this run (it failed before its first, or re-sent an earlier run's last)
             cost = {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": self.gpus_per_trial,
                     "other": ended - started}  # fmt: skip

@@ -271,7 +271,7 @@ class PhaseClock:
         self.device = device
         self.worker_start = entered_at  # when the worker's training function began, before its imports
         self.driver_start = driver_at  # when the trial's Tune function began (None outside a sweep)
-        self.placed = placed_at  # when its worker group got its resources, if it waited for them (a staged trial)
+        self.placed = placed_at  # when its worker group got its resources (None: Ray did not say)
         self.seconds: dict[str, float] = defaultdict(float)
         self.seconds["imports"] = time.time() - entered_at
         self.mark = time.perf_counter()

@@ -24,21 +24,21 @@ from pipeline.results import DIVERGED_FILE, TRIAL_PREFIX
 
 def train_loop(config: dict[str, Any]) -> None:
     """The worker entry point: imports the training code in the worker only (and notes when it began, and when its
-    worker group got its resources after waiting for them, for the trial's start-up breakdown)."""
+    worker group got its resources, for the trial's start-up breakdown)."""
     entered_at = time.time()
-    placed_at = placed_after_waiting()
+    placed_at = placement_time()
     from pipeline.train import train_loop_per_worker
 
     train_loop_per_worker({**config, "entered_at": entered_at, "placed_at": placed_at})
 
 
-def placed_after_waiting() -> float | None:
-    """When this worker's placement group (its worker group's resources) was placed, if Ray could not place it
-    at its first attempt: a staged trial that waited for a running trial's GPUs (:func:`pipeline.tune.trials_at_once`).
-    None when it was placed at once, outside a placement group, or where Ray's record lacks the times.
+def placement_time() -> float | None:
+    """When this worker's placement group (its worker group's resources) was placed: where the trial's hold on its
+    GPUs begins, whether it got them at once or waited for a running trial's (a staged trial,
+    :func:`pipeline.tune.trials_at_once`). None outside a placement group, or where Ray's record lacks the times.
 
-    Ray's public ``placement_group_table`` gives how long the group waited but not when it was asked for; the GCS
-    record it is read from has both (``creation_request_received_ns``, Unix time)."""
+    Ray's public ``placement_group_table`` gives how long the group took to place but not when it was asked for; the
+    GCS record it is read from has both (``creation_request_received_ns``, Unix time)."""
     group = ray.util.get_current_placement_group()
     if group is None:
         return None
@@ -48,9 +48,9 @@ def placed_after_waiting() -> float | None:
 
         record = state._connect_and_get_accessor().get_placement_group_info(group.id)
         stats = PlacementGroupTableData.FromString(record).stats
-    except (AttributeError, ImportError, TypeError):  # a Ray whose private record moved: no queued part
+    except (AttributeError, ImportError, TypeError):  # a Ray whose private record moved: start-up from Tune's start
         return None
-    if stats.scheduling_attempt <= 1 or not stats.creation_request_received_ns:
+    if not stats.creation_request_received_ns:
         return None
     return stats.creation_request_received_ns / 1e9 + stats.end_to_end_creation_latency_us / 1e6
 
@@ -106,7 +106,7 @@ def raise_if_diverged(spec: JobSpec, name: str) -> None:
 
 # How long a trial's worker group waits for its resources before Ray Train asks for them again, when it may wait for
 # a running trial's GPUs: as long as that trial trains. Asked again, the group would lose its place in Ray's queue,
-# and a group placed at its first request could not tell that its trial had waited (placed_after_waiting).
+# and Ray Train would log a start-up failure at every timeout.
 WAIT_FOR_GPUS_S = 30 * 24 * 3600
 
 

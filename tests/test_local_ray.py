@@ -67,24 +67,27 @@ def test_the_raylets_worker_count_warning_fires_only_beyond_what_the_sweeps_tria
 
 @ray.remote(num_cpus=1)
 def placement_seen_by_a_worker() -> float | None:
-    from pipeline.trial import placed_after_waiting
+    from pipeline.trial import placement_time
 
-    return placed_after_waiting()
+    return placement_time()
 
 
-def test_a_worker_whose_placement_group_waited_knows_when_it_was_placed():
-    """A staged trial's worker group waits in Ray's placement-group queue for a running trial's resources; its
-    worker reads from Ray's record when the group was placed (where its GPU time begins), and a group placed at
-    once reads nothing. One CPU: the second group waits until the first is removed."""
+def test_a_worker_knows_when_its_placement_group_was_placed_at_once_or_after_waiting():
+    """A trial's worker reads from Ray's record when its worker group was placed (where the trial's GPU time
+    begins): at once, or, for a staged trial, once a running trial's resources were freed after it waited in Ray's
+    placement-group queue. One CPU: the second group waits until the first is removed."""
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     ray.init(num_cpus=1, log_to_driver=False, include_dashboard=False)
     try:
+        asked_first = time.time()
         running = placement_group([{"CPU": 1}])
         ray.get(running.ready())
+        ready = time.time()
         in_running = PlacementGroupSchedulingStrategy(running)
-        assert ray.get(placement_seen_by_a_worker.options(scheduling_strategy=in_running).remote()) is None
+        placed_at_once = ray.get(placement_seen_by_a_worker.options(scheduling_strategy=in_running).remote())
+        assert placed_at_once is not None and asked_first <= placed_at_once <= ready
 
         asked = time.time()
         staged = placement_group([{"CPU": 1}])

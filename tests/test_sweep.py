@@ -155,13 +155,12 @@ def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
         assert cost["gpus"] == 0  # a CPU sweep
         assert all(cost[part] >= 0 for part in ("startup", "training", "evaluation", "checkpointing", "teardown"))
         assert cost["training"] > 0 and cost["startup"] > 0
-        # A CPU sweep stages no trial, but a trial's worker group can wait for the CPUs of one ASHA just stopped:
-        # that wait is not the trial's time (it held nothing), and its time begins when its workers were placed.
-        assert cost["queued"] >= 0 and cost["wall"] == pytest.approx(cost["ended_at"] - cost["began_at"])
+        # A trial's time begins when its worker group was placed: before, Ray started its Tune function and Ray
+        # Train's controller (and its workers may have waited for the CPUs of a trial ASHA had just stopped), while
+        # it held nothing.
+        assert cost["queued"] > 0 and cost["wall"] == pytest.approx(cost["ended_at"] - cost["began_at"])
         assert cost["began_at"] == pytest.approx(cost["started_at"] + cost["queued"])
-        if not cost["queued"]:  # Ray's part of start-up splits at the trial's Tune function: before it, and Ray Train
-            assert cost["startup_tune"] >= 0 and cost["startup_train"] > 0
-            assert cost["startup_tune"] + cost["startup_train"] == pytest.approx(cost["startup_ray"])
+        assert cost["startup_ray"] > 0 and "startup_tune" not in cost  # the placement is known: no split at Tune's
         assert cost["started_at"] < cost["last_report_at"] < cost["ended_at"]
         assert abs(cost["other"]) <= 0.05 * cost["wall"], (trial.trial_id, cost)
     summary = (sweep_dir / "report" / "summary.md").read_text()
