@@ -54,8 +54,8 @@ class TrialCostCallback(Callback):
         self._started: dict[str, float] = {}
         self._placed: dict[str, float] = {}
 
-    def setup(self, **info) -> None:  # a sweep started before placements were noted restores a copy without them
-        self._placed = getattr(self, "_placed", {})
+    def setup(self, **info) -> None:  # a restored copy carries the placements of the run it was pickled in (or none)
+        self._placed = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._started[trial.trial_id] = time.time()
