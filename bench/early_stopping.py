@@ -5,9 +5,10 @@ trials held and the best validation metric found.
     python bench/early_stopping.py jobs/early-stopping.yaml --out early_stopping.json [--set key=value ...]
 
 GPU-seconds are each trial's wall time (its worker group's placement to its end, from its ``cost.json``) times the
-GPUs it held, summed; also from Tune's start of each trial instead (which charges the start of its Ray processes,
-before it held a GPU: sdtune's accounting before it read every trial's placement), and the sweep's own wall time. The two sweeps run one after the other under the same
-names with a suffix (``<name>-grid``, ``<name>-asha``); anything given with ``--set`` applies to both.
+GPUs it held, summed; also counted from Tune's start of each trial (which charges the start of its Ray processes,
+before it held a GPU: sdtune's accounting until it read every trial's placement); and the sweep's own wall time.
+The two sweeps run one after the other under the same names with a suffix (``<name>-grid``, ``<name>-asha``);
+anything given with ``--set`` applies to both.
 """
 
 from __future__ import annotations
