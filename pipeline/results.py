@@ -117,7 +117,8 @@ def trial_cost(
     of the trial's worker groups, where Ray Train restarted one (the report is the last group's).
     """
     began = max(started, placed or report.get("time/placed", started))
-    until_worker = report["time/worker_start"] - began  # the worker group's start (placement unknown: Tune's too)
+    reporting_group = max(began, report.get("time/placed", began))  # later than ``began`` in a restarted trial
+    until_worker = report["time/worker_start"] - reporting_group  # its start (placement unknown: Tune's too)
     parts = {
         "startup": until_worker + report.get("time/imports", 0.0) + report.get("time/setup", 0.0),
         "warmup": report.get("time/warmup", 0.0),
