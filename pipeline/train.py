@@ -409,9 +409,10 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_
         for number, candidate in enumerate(checkpoints_newest_first(checkpoint)):
             if number:  # the failed attempt may have attached adapters to the model: start from a fresh base
                 model, _ = load_base_model(spec.model, device, log=print)
+            read_from = candidate.path
             try:
                 with candidate.as_directory() as local:  # a download when the sweep is in object storage
-                    local = Path(local)
+                    local = read_from = Path(local)
                     state = json.loads((local / TRAINER_STATE).read_text())
                     if state["step"] >= total_steps or state["epoch"] >= training.epochs:
                         # Finished, but the sweep driver died before Tune recorded it: report the final state again.
@@ -421,8 +422,11 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_
                     tuner, engine = restore(local, model, spec, total_steps)
                 break
             except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
-                print(f"{WORKER_WARNING}checkpoint {candidate.path} cannot be restored "
-                      f"({' '.join(str(error).split())[:300]}); trying the one before it", flush=True)  # fmt: skip
+                # The reason first, its files named within the checkpoint: the console cuts a line at 300
+                # characters, and a checkpoint's path can take most of them.
+                reason = " ".join(str(error).split()).replace(f"{read_from}/", "")
+                print(f"{WORKER_WARNING}a checkpoint cannot be restored ({reason[:200]}); trying the one before it: "
+                      f"{candidate.path}", flush=True)  # fmt: skip
         else:
             raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
     else:

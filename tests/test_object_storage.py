@@ -1,8 +1,9 @@
 """A sweep in object storage, on a local two-node Ray cluster (`ray.cluster_utils.Cluster`) whose only common storage
-is a bucket on a real S3 server (moto on 127.0.0.1): `sdtune sweep` with `output_dir: s3://...`, its driver killed
-(SIGKILL) once Tune's state in the bucket records a finished trial; `sdtune resume` finishes the sweep without
-training that trial again, the shared warmup was computed once for the three trials, and the export in the bucket
-(and a merged one exported from it to a local directory) holds the best trial's adapter.
+is a bucket on a real S3 server (moto on 127.0.0.1): `sdtune sweep --address` with `output_dir: s3://...`, Optuna
+sampling its trials, two at a time, one on each node; its driver killed (SIGKILL) once Tune's state in the bucket
+records a finished trial. `sdtune resume` finishes the sweep without training that trial again, the shared warmup
+was computed once for the three trials, and the export in the bucket (and a merged one exported from it to a local
+directory) holds the best trial's adapter.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ JOB = {
     "model": {"builtin": "digits"},
     "data": {"task": "digits", "max_train_samples": 64, "max_eval_samples": 24},
     "method": {"name": "sdlora", "warmup_steps": 3},
+    "training": {"epochs": 1, "batch_size": 8, "lr": 2e-2, "warmup_lr": 2e-2, "eval_batch_size": 24},
     # A worker takes 0.9 of a one-CPU node, so no node holds two, wherever the Tune drivers (0.05 each) sit.
-    "training": {"epochs": 1, "batch_size": 8, "lr": 2e-2, "eval_batch_size": 24},
     "resources": {"num_workers": 1, "cpus_per_worker": 0.9, "trial_cpus": 0.05, "max_concurrent_trials": 2},
-    # three trials that differ only in a ratio the selection applies: one warmup for all of them
-    "search": {"space": {"method.channels_frozen": {"grid": [0.9, 0.8, 0.7]}}},
+    # The suite's real Optuna sweep. Its three trials differ in the learning rate and in a ratio the selection
+    # applies, not in the warmup (its learning rate is fixed): one warmup for all of them.
+    "search": {
+        "algorithm": "optuna",
+        "num_samples": 3,
+        "space": {"training.lr": {"loguniform": [1e-3, 3e-2]}, "method.channels_frozen": {"choice": [0.9, 0.8, 0.7]}},
+    },
 }
 EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "trial.json", "job.yaml", "README.md"}
 
@@ -85,6 +91,10 @@ def test_a_sweep_in_object_storage_resumes_after_its_driver_is_killed(sweep, two
         if trial.trial_id in finished_before:  # not trained again
             assert listing(trial.checkpoint.parent) == finished_before[trial.trial_id]
     assert {t.metrics["node_id"] for t in trials} == {node.node_id for node in two_nodes.list_all_nodes()}
+    # Optuna's samples, the resumed sweep's included, from the space
+    learning_rates = [t.config["training.lr"] for t in trials]
+    assert len(set(learning_rates)) == 3 and all(1e-3 <= lr <= 3e-2 for lr in learning_rates)
+    assert {t.config["method.channels_frozen"] for t in trials} <= {0.9, 0.8, 0.7}
     # this machine kept only the lock, the MLflow store and the libraries' logs; the sweep's files are in the bucket
     state = local_state_dir(spec.sweep_dir)
     assert {p.name for p in state.iterdir()} == {".sdtune.lock", "mlflow.db", "mlartifacts", "logs"}

@@ -1,10 +1,11 @@
 """Nothing lost, nothing lied about: one small CPU sweep taken through what users do to sweeps.
 
 Four trials on the built-in digits task, one at a time: LoRA with the DoRA variant and full fine-tuning, each at a
-learning rate of 2e-2 and of 1e30 (full fine-tuning's loss turns NaN at once there, as a user's bad grid would). While it runs, a second ``sdtune sweep`` of the same job is refused;
-then Ctrl+C (SIGINT to the command's process group, as a terminal sends it) stops it: exit 130, the MLflow parent and
-the running trial KILLED, nothing exported. ``sdtune resume`` finishes it: the diverged trial FAILED with its reason
-(in MLflow and the report), the others exported. A sweep of another spec under the same name is refused and leaves
+learning rate of 2e-2 and of 1e30 (full fine-tuning's loss turns NaN at once there, as a user's bad grid would).
+While it runs, a second ``sdtune sweep`` of the same job is refused; then Ctrl+C (SIGINT to the command's process
+group, as a terminal sends it) stops it: exit 130, the MLflow parent and the running trial KILLED, nothing exported.
+``sdtune resume`` finishes it without training a finished trial again: the diverged trial FAILED with its reason (in
+MLflow and the report), the others exported. A sweep of another spec under the same name is refused and leaves
 every file of the finished one as it was; its export still works. Real Ray, DeepSpeed and MLflow throughout.
 """
 
@@ -55,6 +56,10 @@ def sdtune(*args: str, env: dict, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, text=True, **popen)
 
 
+def checkpoints(sweep_dir: Path, trial_id: str) -> list[str]:
+    return sorted(p.name for p in (sweep_dir / f"trial-{trial_id}").glob("checkpoint_*"))
+
+
 def files_digest(directory: Path) -> dict[str, str]:
     """A hash per file of the sweep's own records (not Ray's or MLflow's live state)."""
     names = [p for p in directory.rglob("*") if p.is_file() and p.name != LOCK_FILE]
@@ -83,12 +88,13 @@ def sweep(tmp_path_factory, env):
         os.killpg(first.pid, signal.SIGINT)  # Ctrl+C in a terminal: the whole foreground process group
         interrupted = first.wait(timeout=600)
     interrupted_trials = load_trials(load_job(sweep_dir / "job.yaml"))
+    finished_before = {t.trial_id: checkpoints(sweep_dir, t.trial_id) for t in interrupted_trials if t.status == "TERMINATED"}
     exported_after_interrupt = (sweep_dir / "export").exists()
     resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "resume", str(sweep_dir)], env=env,
                              capture_output=True, text=True, timeout=1200)  # fmt: skip
     return {
         "root": root, "job": job, "sweep_dir": sweep_dir, "refused": refused, "interrupted": interrupted,
-        "first_output": log.read_text(), "interrupted_trials": interrupted_trials,
+        "first_output": log.read_text(), "interrupted_trials": interrupted_trials, "finished_before": finished_before,
         "exported_after_interrupt": exported_after_interrupt, "resumed": resumed,
     }  # fmt: skip
 
@@ -96,7 +102,7 @@ def sweep(tmp_path_factory, env):
 def test_a_second_sweep_of_the_same_directory_is_refused_at_once(sweep):
     code, output = sweep["refused"]
     assert code == 2, output
-    assert f"another sdtune command (pid" in output and "is working on it" in output
+    assert "another sdtune command (pid" in output and "is working on it" in output
 
 
 def test_ctrl_c_stops_the_sweep_as_killed_with_nothing_exported(sweep):
@@ -116,6 +122,9 @@ def test_resume_finishes_it_and_the_mlflow_runs_tell_what_happened(sweep):
     diverged, sane = trials["full@1e+30"], [trials["dora@0.02"], trials["full@0.02"]]
     assert diverged.status == "ERROR" and "diverged" in diverged.error
     assert all(t.status == "TERMINATED" for t in sane)
+    assert sweep["finished_before"]
+    for trial_id, before in sweep["finished_before"].items():  # not trained again
+        assert checkpoints(sweep["sweep_dir"], trial_id) == before
     client = MlflowClient(tracking_uri(spec))
     tracker = SweepTracker(spec)
     run = client.get_run(tracker.find_trial_run(diverged.trial_id))

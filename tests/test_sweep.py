@@ -1,11 +1,11 @@
 """`sdtune sweep jobs/quickstart.yaml` end to end on CPU, with real Ray Tune, Ray Train, DeepSpeed and MLflow.
 
 The quickstart's four trials (SDLoRA and a LoRA baseline, two learning rates each; ASHA, two at a time) run on
-reduced data. The sweep driver is killed (SIGKILL) once two trials have finished, and `sdtune resume`
-finishes it; both consoles are kept and read as a person would. Then a real `mlflow server` (`sdtune ui`) is asked
-over its REST API for the runs and looked at with a headless Chromium, the export directory is checked file by
-file, the merged model is scored again by plain transformers, and the registered champion is loaded back with
-`mlflow.transformers.load_model` and made to generate.
+reduced data; the console is kept and read as a person would. (A resume after the driver is killed is tested in
+object storage, tests/test_object_storage.py, and after Ctrl+C in tests/test_reliability.py.) Then a real `mlflow
+server` (`sdtune ui`) is asked over its REST API for the runs and looked at with a headless Chromium, the export
+directory is checked file by file, the merged model is scored again by plain transformers, and the registered
+champion is loaded back with `mlflow.transformers.load_model` and made to generate.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import html
 import json
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pipeline.metrics import evaluate
 from pipeline.tasks import load_task
 from pipeline.results import load_trials
 from pipeline.warmup import INFO_FILE, WARMUP_DIR
-from processes import finished_trials, free_port, wait_for
+from processes import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -41,7 +40,7 @@ TRIALS = 4
 SMALL = ["data.max_train_samples=160", "data.max_eval_samples=40", "training.epochs=2", "training.batch_size=8",
          "training.eval_batch_size=40"]  # fmt: skip
 EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "trial.json", "job.yaml", "README.md", "merged"}
-FIRST_CONSOLE, RESUME_CONSOLE = "console-sweep.txt", "console-resume.txt"  # beside the sweep directory
+CONSOLE = "console-sweep.txt"  # beside the sweep directory
 
 
 def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
@@ -55,10 +54,6 @@ def failure(result: subprocess.CompletedProcess) -> str:
     return result.stdout[-3000:] + result.stderr[-6000:]
 
 
-def checkpoints(sweep_dir: Path, trial_id: str) -> list[str]:
-    return sorted(p.name for p in (sweep_dir / f"trial-{trial_id}").glob("checkpoint_*"))
-
-
 @pytest.fixture(scope="module")
 def env(digits_cache):
     import os
@@ -68,45 +63,28 @@ def env(digits_cache):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, env):
-    """The quickstart, killed after two finished trials and resumed: (sweep dir, spec, the trials finished before
-    the kill with their checkpoints then, resume's stdout)."""
+    """The quickstart on reduced data: (sweep dir, spec, its stdout)."""
     output = tmp_path_factory.mktemp("quickstart")
     overrides = [arg for item in [*SMALL, f"output_dir={output}"] for arg in ("--set", item)]
+    result = sdtune("sweep", str(QUICKSTART), *overrides, env=env)
+    (output / CONSOLE).write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, failure(result)
     sweep_dir = output / "quickstart"
-    with (output / FIRST_CONSOLE).open("w") as console:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "sweep", str(QUICKSTART), *overrides],
-            env=env, stdout=console, stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for(lambda: finished_trials(sweep_dir / "tune") >= 2, timeout=900, what="two finished trials on disk")
-        finally:
-            driver.send_signal(signal.SIGKILL)  # as a crash would: no cleanup of any kind
-            driver.wait()
-    spec = load_job(sweep_dir / "job.yaml")
-    finished_before = {t.trial_id: checkpoints(sweep_dir, t.trial_id) for t in load_trials(spec) if t.status == "TERMINATED"}
-    assert len(finished_before) >= 2
-
-    resumed = sdtune("resume", str(sweep_dir), env=env)
-    assert resumed.returncode == 0, failure(resumed)
-    (output / RESUME_CONSOLE).write_text(resumed.stdout + resumed.stderr)
-    return sweep_dir, spec, finished_before, resumed.stdout
+    return sweep_dir, load_job(sweep_dir / "job.yaml"), result.stdout
 
 
-def test_resume_finishes_the_sweep_without_rerunning_finished_trials(sweep):
-    sweep_dir, spec, finished_before, stdout = sweep
+def test_the_quickstart_runs_its_four_trials_under_asha_two_at_a_time(sweep):
+    _, spec, stdout = sweep
     assert f"trials: {TRIALS} (0 failed)" in stdout
     trials = load_trials(spec)
     assert len(trials) == TRIALS and all(t.status == "TERMINATED" for t in trials)
-    for trial_id, before in finished_before.items():
-        assert checkpoints(sweep_dir, trial_id) == before  # not trained again
     methods = sorted(t.config["method"]["name"] for t in trials)
     assert methods == ["lora"] * 2 + ["sdlora"] * 2
     assert spec.search.scheduler == "asha" and spec.resources.max_concurrent_trials == 2
 
 
 def test_shared_warmup_ran_once_per_key(sweep):
-    sweep_dir, spec, _, _ = sweep
+    sweep_dir, spec, _ = sweep
     sdlora = [t for t in load_trials(spec) if t.config["method"]["name"] == "sdlora"]
     # the two SDLoRA trials differ only in their learning rate, and the warmup lr is fixed: one warmup key for both
     published = [json.loads(path.read_text()) for path in (sweep_dir / WARMUP_DIR).glob(f"*/{INFO_FILE}")]
@@ -119,7 +97,7 @@ def test_shared_warmup_ran_once_per_key(sweep):
 def test_reused_warmup_selects_as_a_recomputed_one(sweep, env, tmp_path):
     """A trial that reused the shared warmup, run again alone in an empty directory (so it computes its own):
     the same warmup key, bit-identical updates, the same selection."""
-    sweep_dir, spec, _, _ = sweep
+    sweep_dir, spec, _ = sweep
     reused = next(t for t in load_trials(spec) if t.metrics.get("warmup/shared") == 1)
     alone = spec.with_overrides({**reused.config, "output_dir": str(tmp_path), "name": "alone"})
     job = tmp_path / "alone.yaml"
@@ -144,13 +122,12 @@ def test_reused_warmup_selects_as_a_recomputed_one(sweep, env, tmp_path):
 
 
 def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
-    """Every trial the resumed driver ran has a cost record whose measured parts (the worker's phases and the
-    driver's ends) account for its wall time to within 5%; the report shows the breakdown."""
-    sweep_dir, spec, finished_before, _ = sweep
+    """Every trial has a cost record whose measured parts (the worker's phases and the driver's ends) account for
+    its wall time to within 5%; the report shows the breakdown."""
+    sweep_dir, spec, _ = sweep
     trials = load_trials(spec)
-    resumed = [t for t in trials if t.trial_id not in finished_before]
-    assert resumed and all(t.cost for t in resumed)
-    for trial in (t for t in trials if t.cost):
+    assert all(t.cost for t in trials)
+    for trial in trials:
         cost = trial.cost
         assert cost["gpus"] == 0  # a CPU sweep
         assert all(cost[part] >= 0 for part in ("startup", "training", "evaluation", "checkpointing", "teardown"))
@@ -168,11 +145,11 @@ def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
 
 
 def test_the_console_shows_trial_events_and_progress_and_no_library_noise(sweep):
-    """What the killed sweep and its resume printed: a line per trial event and progress lines, each trial named
+    """What the sweep printed: a line per trial event and progress lines, each trial named
     by its arm; none of the noise of Ray, DeepSpeed and transformers (it is in the sweep's logs/), no line over 300
     characters."""
-    sweep_dir, spec, _, _ = sweep
-    text = (sweep_dir.parent / FIRST_CONSOLE).read_text() + (sweep_dir.parent / RESUME_CONSOLE).read_text()
+    sweep_dir, spec, _ = sweep
+    text = (sweep_dir.parent / CONSOLE).read_text()
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 300
     for noise in ("LOAD_GLOBAL", "PreemptionWatcher", "mamba_ssm", "TrainingReport(", "Trial status:",
@@ -199,7 +176,7 @@ def test_the_champion_is_a_transformers_pipeline_that_generates(sweep, monkeypat
 
     from pipeline.export import example_prompt
 
-    sweep_dir, spec, _, _ = sweep
+    sweep_dir, spec, _ = sweep
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{sweep_dir}/mlflow.db")
     generator = mlflow.transformers.load_model("models:/quickstart@champion")
     assert generator.task == "text-generation"
@@ -256,7 +233,7 @@ def rest(base: str, endpoint: str, body: dict) -> dict:
 
 
 def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_server):
-    _, spec, _, _ = sweep
+    _, spec, _ = sweep
     base, _ = mlflow_server
     experiments = rest(base, "experiments/search", {"max_results": 100})["experiments"]
     [experiment] = [e for e in experiments if e["name"] == spec.name]
@@ -331,7 +308,7 @@ def test_the_printed_address_opens_the_training_view_of_the_sweep(sweep, mlflow_
 
 
 def test_export_holds_the_contract_and_the_merged_model_reproduces_the_metric(sweep):
-    sweep_dir, spec, _, stdout = sweep
+    sweep_dir, spec, stdout = sweep
     export = sweep_dir / "export"
     assert f"{export}" in stdout
     assert {p.name for p in export.iterdir()} == EXPORT_FILES
