@@ -88,7 +88,8 @@ def sweep(tmp_path_factory, env):
         os.killpg(first.pid, signal.SIGINT)  # Ctrl+C in a terminal: the whole foreground process group
         interrupted = first.wait(timeout=600)
     interrupted_trials = load_trials(load_job(sweep_dir / "job.yaml"))
-    finished_before = {t.trial_id: checkpoints(sweep_dir, t.trial_id) for t in interrupted_trials if t.status == "TERMINATED"}
+    finished = [t.trial_id for t in interrupted_trials if t.status == "TERMINATED"]
+    finished_before = {trial_id: checkpoints(sweep_dir, trial_id) for trial_id in finished}
     exported_after_interrupt = (sweep_dir / "export").exists()
     resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "resume", str(sweep_dir)], env=env,
                              capture_output=True, text=True, timeout=1200)  # fmt: skip
@@ -125,6 +126,11 @@ def test_resume_finishes_it_and_the_mlflow_runs_tell_what_happened(sweep):
     assert sweep["finished_before"]
     for trial_id, before in sweep["finished_before"].items():  # not trained again
         assert checkpoints(sweep["sweep_dir"], trial_id) == before
+    # the cost records of the trials the resumed driver ran (its callback restored from the interrupted run's) add up
+    resumed_sane = [t for t in sane if t.trial_id not in sweep["finished_before"]]
+    assert resumed_sane
+    for trial in resumed_sane:
+        assert trial.cost and abs(trial.cost["other"]) <= 0.05 * trial.cost["wall"], (trial.trial_id, trial.cost)
     client = MlflowClient(tracking_uri(spec))
     tracker = SweepTracker(spec)
     run = client.get_run(tracker.find_trial_run(diverged.trial_id))

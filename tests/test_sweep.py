@@ -145,9 +145,8 @@ def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
 
 
 def test_the_console_shows_trial_events_and_progress_and_no_library_noise(sweep):
-    """What the sweep printed: a line per trial event and progress lines, each trial named
-    by its arm; none of the noise of Ray, DeepSpeed and transformers (it is in the sweep's logs/), no line over 300
-    characters."""
+    """What the sweep printed: a line per trial event and progress lines, each trial named by its arm; none of the
+    noise of Ray, DeepSpeed and transformers (it is in the sweep's logs/), no line over 300 characters."""
     sweep_dir, spec, _ = sweep
     text = (sweep_dir.parent / CONSOLE).read_text()
     lines = text.splitlines()

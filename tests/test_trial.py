@@ -136,7 +136,8 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before(resumed_tria
     rerun = sdtune_train(directory / "job.yaml", cache_env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
     # on the console, the reason (cut to 300 characters, the checkpoint's path comes last); whole in the log
-    assert "a checkpoint cannot be restored (adapter/adapter_model.safetensors: unreadable" in rerun.stdout + rerun.stderr
+    output = rerun.stdout + rerun.stderr
+    assert "a checkpoint cannot be restored (adapter/adapter_model.safetensors: unreadable" in output
     [workers_log] = (directory / "runs").glob("**/logs/workers.log")
     assert f"trying the one before it: {latest}\n" in workers_log.read_text()
     assert int(printed(rerun.stdout)["step"]) == 3 * STEPS_PER_EPOCH
