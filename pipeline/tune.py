@@ -18,6 +18,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
+from ray.tune.utils import flatten_dict
 
 from pipeline.claims import end_coordinator
 from pipeline.config import Domain, JobSpec
@@ -116,10 +117,10 @@ class ResumableVariantGenerator(BasicVariantGenerator):
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
-        statuses = trial_statuses(Path(dirpath))
-        self._live_trials = {trial_id for trial_id, status in statuses.items() if status not in FINISHED}
+        trials = stored_trials(Path(dirpath))
+        self._live_trials = {trial_id for trial_id, trial in trials.items() if not trial.finished}
         for iterator in self._iterators:
-            while f"{iterator.uuid_prefix}{iterator.counter:05d}" in statuses:  # its trial ids, as Tune makes them
+            while f"{iterator.uuid_prefix}{iterator.counter:05d}" in trials:  # its trial ids, as Tune makes them
                 try:
                     next(iterator)
                 except StopIteration:  # all made: the searcher finds that out at its next trial
@@ -127,28 +128,56 @@ class ResumableVariantGenerator(BasicVariantGenerator):
 
 
 class ResumableSearchGenerator(SearchGenerator):
-    """The same for a model-based searcher (Optuna) behind Tune's ``ConcurrencyLimiter``, whose stored set of
-    running trials and count of trials made can be as old. Restored here, the limiter counts as running only the
-    trials it knows that the experiment has not finished, and no more trials are made than the experiment lacks. (A
-    trial the stored searcher never heard of runs uncounted: the searcher could not take its result.)"""
+    """The same for Optuna behind Tune's ``ConcurrencyLimiter``, whose stored trials can be as old. Restored as it
+    is, its limiter counts finished trials as running (and may never ask Optuna for the rest), Optuna never hears
+    how they ended, and a trial made after the searcher was saved, which Tune runs again, makes the sweep fail at
+    its first report (Optuna has no such trial: a sweep in object storage killed a second after its third trial
+    started did). Restored here, every trial of the experiment reaches Optuna with its configuration, the finished
+    ones with their last result; the limiter counts the unfinished ones, and no more trials are made than the
+    experiment lacks."""
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
-        statuses = trial_statuses(Path(dirpath))
-        self._counter = max(self._counter, len(statuses))
+        trials = stored_trials(Path(dirpath))
+        self._counter = max(self._counter, len(trials))
         limiter = self.searcher
-        limiter.live_trials = {t for t in limiter.live_trials if t in statuses and statuses[t] not in FINISHED}
+        optuna = limiter.searcher
+        for trial_id, trial in trials.items():
+            if trial_id not in optuna._ot_trials:  # made after the stored searcher was saved
+                optuna._ot_study.enqueue_trial({name: trial.config[name] for name in optuna._space})
+                optuna.suggest(trial_id)  # Optuna's next trial is the one enqueued: the trial's own parameters
+            if trial.finished and trial_id not in optuna._completed_trials:
+                optuna.on_trial_complete(trial_id, result=trial.last_result, error=trial.status == "ERROR")
+        limiter.live_trials = {trial_id for trial_id, trial in trials.items() if not trial.finished}
         limiter.num_unfinished_live_trials = len(limiter.live_trials)
 
 
-def trial_statuses(experiment_dir: Path) -> dict[str, str]:
-    """{trial id: status} in the experiment state Tune restores from: the newest ``experiment_state-*.json`` of
-    its experiment directory (by name, as Tune picks it; ``{}`` without one)."""
+@dataclass(frozen=True)
+class StoredTrial:
+    """A trial as Tune's experiment state holds it: its status, its configuration and its last result, flattened
+    as Tune hands them to a searcher."""
+
+    status: str
+    config: dict[str, Any]
+    last_result: dict[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+def stored_trials(experiment_dir: Path) -> dict[str, StoredTrial]:
+    """{trial id: trial} in the experiment state Tune restores from: the newest ``experiment_state-*.json`` of its
+    experiment directory (by name, as Tune picks it; ``{}`` without one)."""
     newest = max(experiment_dir.glob("experiment_state-*.json"), default=None)
     if newest is None:
         return {}
-    trials = (json.loads(state) for state, _ in json.loads(newest.read_text())["trial_data"])
-    return {trial["trial_id"]: trial["status"] for trial in trials}
+    trials = {}
+    for state, run_metadata in json.loads(newest.read_text())["trial_data"]:
+        trial, metadata = json.loads(state), json.loads(run_metadata)
+        trials[trial["trial_id"]] = StoredTrial(trial["status"], flatten_dict(trial.get("config", {})),
+                                                flatten_dict(metadata.get("last_result", {})))  # fmt: skip
+    return trials
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,12 @@ def three_trial_searcher(tmp_path, searcher_class):
     return made[0].trial_id.removesuffix("00000")
 
 
-def write_experiment_state(tmp_path, statuses: dict[str, str]) -> None:
+def write_experiment_state(tmp_path, statuses: dict[str, str], configs=None, last_results=None) -> None:
     """Tune's experiment state file (the fields Tune writes that the searcher reads), saved after the searcher's."""
-    trial_data = [[json.dumps({"trial_id": trial_id, "status": status}), "{}"] for trial_id, status in statuses.items()]
+    configs, last_results = configs or {}, last_results or {}
+    trial_data = [[json.dumps({"trial_id": trial_id, "status": status, "config": configs.get(trial_id, {})}),
+                   json.dumps({"last_result": last_results.get(trial_id, {})})]
+                  for trial_id, status in statuses.items()]  # fmt: skip
     (tmp_path / "experiment_state-2026-12-02_06-28-45.json").write_text(json.dumps({"trial_data": trial_data}))
 
 
@@ -154,3 +157,37 @@ def test_an_optuna_searcher_saved_before_its_trials_finished_is_restored_in_step
         assert restored.next_trial() is None  # three made: the samples asked for
         restored.on_trial_complete(third.trial_id, result={"eval/accuracy": 0.5, "training_iteration": 1})
         assert restored.is_finished()
+
+
+@pytest.mark.parametrize("searcher_class", [SearchGenerator, ResumableSearchGenerator])
+def test_a_trial_made_after_the_optuna_searcher_was_saved_reaches_optuna_on_resume(tmp_path, searcher_class):
+    """Saved with trial 0 running; then trial 0 finished and trial 1 started, and the driver died. Tune runs trial 1
+    again, and its first report made the resumed sweep fail: Tune's restored Optuna has no such trial (KeyError, a
+    sweep in object storage). sdtune's takes trial 1's results with its configuration, and learns how trial 0
+    ended."""
+    experiment = Experiment("optuna", lambda config: None, config={"training.lr": tune.loguniform(1e-4, 1e-2)},
+                            num_samples=3, storage_path=str(tmp_path / "storage"))  # fmt: skip
+    searcher = optuna_searcher(searcher_class)
+    searcher.add_configurations([experiment])
+    first = searcher.next_trial()
+    searcher.save_to_dir(str(tmp_path), session_str="2026-12-02_06-27-33")
+    second_id = first.trial_id[:-5] + "00001"  # Tune's id for the next trial of the experiment
+    configs = {first.trial_id: first.config, second_id: {"training.lr": 3e-3}}
+    write_experiment_state(tmp_path, {first.trial_id: "TERMINATED", second_id: "RUNNING"}, configs,
+                           {first.trial_id: {"eval/accuracy": 0.6, "training_iteration": 4}})  # fmt: skip
+    restored = optuna_searcher(searcher_class)
+    restored.restore_from_dir(str(tmp_path))
+    report = {"eval/accuracy": 0.7, "training_iteration": 1}
+    if searcher_class is SearchGenerator:
+        with pytest.raises(KeyError):
+            restored.on_trial_result(second_id, report)
+        return
+    restored.on_trial_result(second_id, report)
+    third = restored.next_trial()
+    assert third is not None and restored.next_trial() is None  # trial 1 and 2 running: the limit of two
+    restored.on_trial_complete(second_id, result={**report, "training_iteration": 4})
+    restored.on_trial_complete(third.trial_id, result={"eval/accuracy": 0.5, "training_iteration": 4})
+    assert restored.is_finished()
+    study = restored.searcher.searcher._ot_study
+    told = sorted((trial.params["training.lr"], trial.value) for trial in study.get_trials() if trial.value is not None)
+    assert told == sorted([(first.config["training.lr"], 0.6), (3e-3, 0.7), (third.config["training.lr"], 0.5)])
