@@ -16,7 +16,7 @@ import ray
 from pipeline.cli import own_state_api
 
 # Another Ray instance on this machine, up until its stdin closes.
-OTHER_INSTANCE = "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); sys.stdin.read()"
+OTHER_INSTANCE = "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False); print('up', flush=True); sys.stdin.read()"
 MARKER = "sdtune-own-instance"
 
 
@@ -39,7 +39,7 @@ def test_workers_ask_the_state_api_of_their_own_ray_instance():
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         try:
             assert other.stdout.readline().strip() == "up"
-            ray.init(num_cpus=1, log_to_driver=False, **own_state_api())
+            ray.init(address="local", num_cpus=1, log_to_driver=False, **own_state_api())
             try:
                 marker = Marker.options(name=MARKER).remote()
                 ray.get(marker.__ray_ready__.remote())
@@ -79,7 +79,7 @@ def test_a_worker_knows_when_its_placement_group_was_placed_at_once_or_after_wai
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    ray.init(num_cpus=1, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, log_to_driver=False, include_dashboard=False)
     try:
         asked_first = time.time()
         running = placement_group([{"CPU": 1}])

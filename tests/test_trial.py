@@ -1,7 +1,6 @@
 """One trial end to end on CPU: `sdtune train` runs 2 DeepSpeed ZeRO-2 workers under Ray Train on the built-in
-digits task with SDLoRA from the pretrained tiny base. One of its workers is killed after the first checkpoint, and
-the trial resumes from it by itself; run again with its latest checkpoint damaged, it falls back to the one
-before."""
+digits task with SDLoRA from the pretrained tiny base. One of its workers is killed once two checkpoints are kept,
+and the newer ones are damaged while the worker group is down: the trial resumes by itself from the one before."""
 
 from __future__ import annotations
 
@@ -59,36 +58,48 @@ def write_job(directory: Path, **changes) -> Path:
     return path
 
 
-def checkpointed_step(runs: Path) -> int | None:
-    """The step of a checkpoint Ray has stored under ``runs`` (read as it appears: Ray keeps only the last two)."""
-    for state in runs.glob("**/trainer_state.json"):
+def registered_checkpoints(runs: Path) -> list[Path]:
+    """The checkpoints Ray Train has registered for the trial under ``runs``, oldest first (its checkpoint manager's
+    snapshot, rewritten after each report)."""
+    for snapshot in runs.glob("**/checkpoint_manager_snapshot.json"):
         try:
-            return json.loads(state.read_text())["step"]
-        except (OSError, ValueError):  # caught mid-copy, or just removed
-            continue
-    return None
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):  # caught mid-write
+            return []
+        return [snapshot.parent / result["checkpoint_dir_name"] for result in results]
+    return []
 
 
 @pytest.fixture(scope="module")
 def resumed_trial(tmp_path_factory, cache_env):
-    """The trial run once, with SIGKILL of a worker after the first checkpoint (as an out-of-memory kill would take
-    it): Ray Train restarts the worker group from that checkpoint (training.max_failures), and the command ends as
-    an uninterrupted run does. One run serves the tests below (a trial costs about a minute of Ray on 2 cores)."""
+    """The trial run once, with SIGKILL of a worker once Ray keeps two checkpoints (as an out-of-memory kill would
+    take it). While the worker group is down, every kept checkpoint but the oldest gets its adapter truncated (as a
+    full disk would leave it): Ray Train restarts the group from its latest checkpoint (training.max_failures), the
+    run finds it unreadable, falls back to the oldest, and ends as an uninterrupted run does. One run serves the
+    tests below (a trial costs about a minute of Ray on 2 cores)."""
     directory = tmp_path_factory.mktemp("trial")
     job = write_job(directory)
     out, err = directory / "stdout.log", directory / "stderr.log"
     with out.open("w") as stdout, err.open("w") as stderr:  # files, not pipes: nothing blocks the trial's output
         trial = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(job)], env=cache_env,
                                  stdout=stdout, stderr=stderr)  # fmt: skip
-        killed_after = wait_for(lambda: checkpointed_step(directory / "runs"), 600, "a checkpoint")
+        wait_for(lambda: len(registered_checkpoints(directory / "runs")) >= 2, 600, "two checkpoints")
         [victim, *_] = wait_for(lambda: train_workers(trial.pid), 60, "the train workers")
         victim.kill()
+        # Read after the kill: no checkpoint is reported until the restarted group has restored one.
+        latest = registered_checkpoints(directory / "runs")[-1]
+        oldest, *newer = sorted(path for path in latest.parent.glob("checkpoint_*") if path.is_dir())
+        assert latest in newer
+        for checkpoint in newer:
+            weights = checkpoint / "adapter" / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+        restored_step = json.loads((oldest / "trainer_state.json").read_text())["step"]
         assert trial.wait(timeout=900) == 0, out.read_text()[-3000:] + err.read_text()[-5000:]
-    return directory, printed(out.read_text()), killed_after
+    return directory, printed(out.read_text()), out.read_text() + err.read_text(), latest, restored_step
 
 
 def test_sdlora_trial_learns_and_checkpoints(resumed_trial):
-    directory, metrics, _ = resumed_trial
+    directory, metrics, *_ = resumed_trial
     assert int(metrics["step"]) == 3 * STEPS_PER_EPOCH and int(metrics["epoch"]) == 3
     assert float(metrics["train/loss"]) > 0 and float(metrics["tokens_per_s"]) > 0  # a report with training in it
     assert float(metrics["warmup/steps"]) == 10
@@ -112,32 +123,18 @@ def test_sdlora_trial_learns_and_checkpoints(resumed_trial):
     assert (checkpoint / "engine" / "state").is_dir()
 
 
-def test_a_killed_worker_resumes_its_trial_by_itself(resumed_trial):
-    """The worker was killed part-way (after a checkpoint, before the last step), and the run still ended at its
-    last step, with the selection and the warmup of its checkpoint."""
-    directory, metrics, killed_after = resumed_trial
-    assert 0 < killed_after < int(metrics["step"]) == 3 * STEPS_PER_EPOCH
-    # every checkpoint kept, the ones written before and after the crash, holds the same selection
+def test_a_killed_worker_resumes_its_trial_by_itself_from_its_last_readable_checkpoint(resumed_trial):
+    """The worker was killed part-way (two checkpoints in, before the last step), the newer checkpoints were
+    damaged, and the run still ended at its last step, from the oldest one, with its selection and warmup."""
+    directory, metrics, output, latest, restored_step = resumed_trial
+    assert 0 < restored_step < int(metrics["step"]) == 3 * STEPS_PER_EPOCH
+    # on the console, the reason (cut to 300 characters, the checkpoint's path comes last); whole in the log
+    assert "a checkpoint cannot be restored (adapter/adapter_model.safetensors: unreadable" in output
+    [workers_log] = (directory / "runs").glob("**/logs/workers.log")
+    assert f"trying the one before it: {latest}\n" in workers_log.read_text()
+    # every checkpoint kept at the end (the damaged ones were replaced) holds the same selection
     adapters = [load_file(p) for p in sorted((directory / "runs").glob("**/adapter/adapter_model.safetensors"))]
     assert len(adapters) >= 2
     selection_keys = [k for k in adapters[0] if k.startswith("sdt_selection.")]
     assert selection_keys and all(torch.equal(a[k], adapters[0][k]) for a in adapters for k in selection_keys)
-    assert "warmup/loss" in metrics  # carried over from the crashed run's checkpoint, not recomputed
-
-
-def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before(resumed_trial, cache_env):
-    """The finished trial run again (last in this module: it damages the run): its latest checkpoint's adapter is
-    truncated, so the run says so, restores the checkpoint before it, and trains from there to the same final
-    step."""
-    directory, reference, _ = resumed_trial
-    latest = Path(reference["checkpoint"])
-    weights = latest / "adapter" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    rerun = sdtune_train(directory / "job.yaml", cache_env)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
-    # on the console, the reason (cut to 300 characters, the checkpoint's path comes last); whole in the log
-    output = rerun.stdout + rerun.stderr
-    assert "a checkpoint cannot be restored (adapter/adapter_model.safetensors: unreadable" in output
-    [workers_log] = (directory / "runs").glob("**/logs/workers.log")
-    assert f"trying the one before it: {latest}\n" in workers_log.read_text()
-    assert int(printed(rerun.stdout)["step"]) == 3 * STEPS_PER_EPOCH
+    assert "warmup/loss" in metrics  # carried over from the restored checkpoint, not recomputed
