@@ -40,13 +40,6 @@ def cache_env(digits_cache):
     return {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled"}
 
 
-def sdtune_train(job_path: Path, env: dict, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", str(job_path)],
-        env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=900,
-    )
-
-
 def printed(stdout: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in stdout.splitlines() if ": " in line)
 
@@ -86,7 +79,8 @@ def resumed_trial(tmp_path_factory, cache_env):
         wait_for(lambda: len(registered_checkpoints(directory / "runs")) >= 2, 600, "two checkpoints")
         [victim, *_] = wait_for(lambda: train_workers(trial.pid), 60, "the train workers")
         victim.kill()
-        # Read after the kill: no checkpoint is reported until the restarted group has restored one.
+        # Read after the kill: the surviving rank cannot finish another step or checkpoint without its peer, so
+        # nothing is reported until the restarted group has restored one.
         latest = registered_checkpoints(directory / "runs")[-1]
         oldest, *newer = sorted(path for path in latest.parent.glob("checkpoint_*") if path.is_dir())
         assert latest in newer
@@ -95,7 +89,8 @@ def resumed_trial(tmp_path_factory, cache_env):
             weights.write_bytes(weights.read_bytes()[:100])
         restored_step = json.loads((oldest / "trainer_state.json").read_text())["step"]
         assert trial.wait(timeout=900) == 0, out.read_text()[-3000:] + err.read_text()[-5000:]
-    return directory, printed(out.read_text()), out.read_text() + err.read_text(), latest, restored_step
+    stdout_text = out.read_text()
+    return directory, printed(stdout_text), stdout_text + err.read_text(), latest, restored_step
 
 
 def test_sdlora_trial_learns_and_checkpoints(resumed_trial):
