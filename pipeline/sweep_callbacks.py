@@ -81,7 +81,7 @@ class TrialCostCallback(Callback):
         report = trial.last_result or {}
         if report.get("time/report_at", 0.0) >= started:
             cost = trial_cost(started, ended, report, self.gpus_per_trial, placed)
-        else:  # no report of this run (it failed before its first, or re-sent an earlier run's last)
+        else:  # no report of this run (it failed before its first: its last result is an earlier run's)
             cost = {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": self.gpus_per_trial,
                     "other": ended - started}  # fmt: skip
         directory = trial_dir(self.spec, trial.trial_id)

@@ -382,6 +382,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
+def trial_inputs(
+    spec: JobSpec, device: torch.device, rank: int, world: int
+) -> tuple[torch.nn.Module, Any, TaskData, Batches, int]:
+    """What a trial starts from: the base model (loaded after seeding), its tokenizer, the task, this rank's
+    batches and the run's optimizer steps."""
+    torch.manual_seed(spec.training.seed)
+    model, tokenizer = load_base_model(spec.model, device, log=print)
+    task = load_task(spec.data, tokenizer)
+    training = spec.training
+    batches = Batches(task.train, training.batch_size, training.seed, rank, world, pad_token_id(tokenizer))
+    total_steps = training.epochs * (batches.per_epoch // training.gradient_accumulation)
+    if training.max_steps:
+        total_steps = min(total_steps, training.max_steps)
+    return model, tokenizer, task, batches, total_steps
+
+
 def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_at: float | None) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -389,16 +405,8 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_
     clock = PhaseClock(device, entered_at, driver_at, placed_at)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-    torch.manual_seed(spec.training.seed)
-
-    model, tokenizer = load_base_model(spec.model, device, log=print)
-    task = load_task(spec.data, tokenizer)
+    model, tokenizer, task, batches, total_steps = trial_inputs(spec, device, rank, world)
     training = spec.training
-    batches = Batches(task.train, training.batch_size, training.seed, rank, world, pad_token_id(tokenizer))
-    steps_per_epoch = batches.per_epoch // training.gradient_accumulation
-    total_steps = training.epochs * steps_per_epoch
-    if training.max_steps:
-        total_steps = min(total_steps, training.max_steps)
     # For the sweep's console (pipeline.console): rank 0 writes its step, loss and speed at each log interval.
     progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, training.log_every_steps)
     progress.begin()
@@ -415,9 +423,13 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_
                     local = read_from = Path(local)
                     state = json.loads((local / TRAINER_STATE).read_text())
                     if state["step"] >= total_steps or state["epoch"] >= training.epochs:
-                        # Finished, but the sweep driver died before Tune recorded it: report the final state again.
+                        # Finished, but the sweep driver died before Tune recorded it: report the final state
+                        # again, timed as this attempt (its start-up; the finished run's phases were another run's).
                         sdt.io.read(local / ADAPTER_DIR)  # checks the adapter before Tune is told of it
-                        ray.train.report(state["metrics"], checkpoint=ray.train.Checkpoint.from_directory(local))
+                        clock.lap("setup")
+                        final = {k: v for k, v in state["metrics"].items() if not k.startswith("time/")}
+                        final.update({**clock.metrics(), "time/report_at": time.time()})
+                        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(local))
                         return
                     tuner, engine = restore(local, model, spec, total_steps)
                 break

@@ -90,6 +90,8 @@ def test_a_sweep_in_object_storage_resumes_after_its_driver_is_killed(sweep, two
     for trial in trials:
         if trial.trial_id in finished_before:  # not trained again
             assert listing(trial.checkpoint.parent) == finished_before[trial.trial_id]
+        else:  # run by the resumed driver (trained on, or finished before the kill and only reported again): timed
+            assert trial.cost and abs(trial.cost["other"]) <= 0.05 * trial.cost["wall"], (trial.trial_id, trial.cost)
     assert {t.metrics["node_id"] for t in trials} == {node.node_id for node in two_nodes.list_all_nodes()}
     # Optuna's samples, the resumed sweep's included, from the space
     learning_rates = [t.config["training.lr"] for t in trials]

@@ -19,19 +19,23 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import sdt
 from pipeline.config import load_job
 from pipeline.metrics import evaluate
 from pipeline.tasks import load_task
-from pipeline.results import load_trials
-from pipeline.warmup import INFO_FILE, WARMUP_DIR
+from pipeline.results import ADAPTER_DIR, load_trials
+from pipeline.storage import content_hash
+from pipeline.train import run_warmup, trial_inputs
+from pipeline.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, warmup_key
 from processes import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,31 +98,47 @@ def test_shared_warmup_ran_once_per_key(sweep):
     assert published[0]["computed_by"] == f"trial-{computed_by[0].trial_id}"
 
 
-def test_reused_warmup_selects_as_a_recomputed_one(sweep, env, tmp_path):
-    """A trial that reused the shared warmup, run again alone in an empty directory (so it computes its own):
-    the same warmup key, bit-identical updates, the same selection."""
+@contextmanager
+def one_rank_process_group(monkeypatch) -> Iterator[None]:
+    """A gloo process group of one rank in this process, as Ray Train gives the worker of a one-worker trial (with
+    the launcher's variables DeepSpeed reads)."""
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_reused_warmup_is_the_one_the_trial_would_have_computed(sweep, monkeypatch):
+    """A trial that reused the shared warmup, its warmup computed again here by the trial's own code (one rank on
+    the CPU, one thread, as its worker ran): the same warmup key, bit-identical updates, and the selection its
+    checkpoint holds."""
     sweep_dir, spec, _ = sweep
     reused = next(t for t in load_trials(spec) if t.metrics.get("warmup/shared") == 1)
-    alone = spec.with_overrides({**reused.config, "output_dir": str(tmp_path), "name": "alone"})
-    job = tmp_path / "alone.yaml"
-    job.write_text(alone.to_yaml())
-    result = sdtune("train", str(job), env=env)
-    assert result.returncode == 0, failure(result)
+    trial, cpu = reused.spec, torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(trial.resources.cpus_per_worker)))
+    try:
+        with one_rank_process_group(monkeypatch):
+            model, _, _, batches, total_steps = trial_inputs(trial, cpu, rank=0, world=1)
+            tuner = sdt.apply(model, trial.method.to_sdt_config(seed=trial.training.seed))
+            _, recomputed = run_warmup(tuner, trial, batches, cpu, total_steps)
+    finally:
+        torch.set_num_threads(threads)
 
-    [shared_entry] = (sweep_dir / WARMUP_DIR).glob("*/updates.safetensors")
-    [own_entry] = (tmp_path / "alone" / WARMUP_DIR).glob("*/updates.safetensors")
-    assert own_entry.parent.name == shared_entry.parent.name
-    shared, own = load_file(shared_entry), load_file(own_entry)
-    assert shared.keys() == own.keys() and all(torch.equal(shared[k], own[k]) for k in shared)
+    [shared_entry] = (sweep_dir / WARMUP_DIR).iterdir()
+    assert shared_entry.name == content_hash(warmup_key(trial, total_steps, 1, cpu))
+    shared, _ = WarmupStore(sweep_dir).load(shared_entry.name)
+    assert shared.keys() == recomputed.keys()
+    assert all(torch.equal(shared[p][k], recomputed[p][k]) for p in shared for k in shared[p].keys() | recomputed[p].keys())
 
-    def selection(checkpoint: Path) -> dict[str, torch.Tensor]:
-        tensors = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
-        return {k: v for k, v in tensors.items() if k.startswith("sdt_selection.")}
-
-    from_sweep = selection(reused.checkpoint)
-    recomputed = selection(Path(dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)["checkpoint"]))
-    assert from_sweep and from_sweep.keys() == recomputed.keys()
-    assert all(torch.equal(from_sweep[k], recomputed[k]) for k in from_sweep)
+    selected = tuner.select(recomputed)
+    stored = sdt.io.read(reused.checkpoint / ADAPTER_DIR).selection
+    assert stored.keys() == selected.keys()
+    assert all(torch.equal(stored[p][k], selected[p][k]) for p in stored for k in stored[p].keys() | selected[p].keys())
 
 
 def test_each_trials_gpu_time_breakdown_adds_up_to_its_wall_time(sweep):
