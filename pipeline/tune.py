@@ -246,8 +246,11 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
     on what the caller does next (export, or a failure)."""
     # Tune saves its experiment state at most every 10 s by default: a driver dying in that window would run the
     # trials that finished in it again on resume (each then only re-reports its final checkpoint, see
-    # pipeline.train). The state is small; save it at every step.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # pipeline.train). On a local disk the state is small: save it at every step. In object storage each save
+    # uploads the experiment directory again (every trial's result files too), which at every step is an upload
+    # running back to back (about 80 requests a second with two trials running); there Tune's default stays.
+    if isinstance(spec.sweep_dir, Path):
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
     cluster_gpus, gpus = ray.cluster_resources().get("GPU", 0.0), trial_gpus(spec)
     at_once = trials_at_once(spec, local_cluster, cluster_gpus, gpus)  # a resumed sweep keeps the searcher it had

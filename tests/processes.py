@@ -24,14 +24,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str):
-    """``condition()``'s first truthy value, looked at every POLL_S seconds; fails after ``timeout`` seconds."""
+def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = POLL_S):
+    """``condition()``'s first truthy value, looked at every ``every`` seconds; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(POLL_S)
+        time.sleep(every)
     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
 
 
