@@ -376,7 +376,8 @@ def ui(
     else:
         raise fail("give a sweep directory (runs/<job name>) or set MLFLOW_TRACKING_URI")
     typer.echo(f"MLflow UI on {base}; {where}", err=True)
-    command = [sys.executable, "-m", "mlflow", "server", *store, "--host", host, "--port", str(port)]
+    # One worker process: one person looks at one sweep (MLflow's default of 4 each import its server, ~6 s of CPU)
+    command = [sys.executable, "-m", "mlflow", "server", *store, "--host", host, "--port", str(port), "--workers", "1"]
     os.execv(sys.executable, command)
 
 

@@ -20,11 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import yaml
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 import sdt
+from pipeline.cli import app
 from pipeline.config import load_job
 from pipeline.export import export_trials
 from pipeline.models import load_base_model
@@ -166,10 +169,11 @@ def test_the_dora_arm_trains_through_the_sweep_and_exports_merged(sweep, tmp_pat
 def test_another_spec_under_the_same_name_is_refused_and_changes_nothing(sweep, env):
     sweep_dir = sweep["sweep_dir"]
     before = files_digest(sweep_dir / "export") | {"job.yaml": files_digest(sweep_dir)["job.yaml"]}
-    other = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", str(sweep["job"]), "--set", "training.lr=0.5"],
-                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert other.returncode == 2
-    assert "holds another sweep" in other.stderr and "training.lr" in other.stderr and "sdtune resume" in other.stderr
+    # in this process: refused before anything starts (a subprocess would spend ~10 s importing the stack)
+    other = CliRunner().invoke(app, ["sweep", str(sweep["job"]), "--set", "training.lr=0.5"])
+    assert other.exit_code == 2, other.output
+    assert "holds another sweep" in other.output and "training.lr" in other.output and "sdtune resume" in other.output
+    assert not ray.is_initialized()
     after = files_digest(sweep_dir / "export") | {"job.yaml": files_digest(sweep_dir)["job.yaml"]}
     assert after == before
     again = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(sweep_dir)], env=env,
