@@ -159,7 +159,7 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
     full_bf16 = tuner.config.trains_all_weights and params[0].dtype == torch.bfloat16
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1 and get_accelerator().device_name() == "cpu":
+    if get_accelerator().device_name() == "cpu":
         skip_shared_memory_reduce()
     engine, _, _, _ = deepspeed.initialize(
         model=tuner.model,
@@ -178,9 +178,10 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
 
 def skip_shared_memory_reduce() -> None:
     """Keep DeepSpeed from compiling its CPU shared-memory all-reduce: its CPU accelerator builds that op with g++
-    when its communication starts, 41 s on an idle 2-core machine the first time under each HOME (the largest single
-    cost of a cold quickstart), and a single rank reduces nothing. The switch is DeepSpeed's own table of the ops
-    it may build; only the first engine of a process reads it."""
+    when its communication starts, 41-55 s on an idle 2-core machine the first time under each HOME (the largest
+    single cost of a cold quickstart), longer than a CPU trial of sdtune's trains; a single rank reduces nothing, and
+    several reduce through gloo, as torch does. The switch is DeepSpeed's own table of the ops it may build; only
+    the first engine of a process reads it."""
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # as deepspeed.comm.torch.build_shm_op
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False

@@ -33,14 +33,13 @@ def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})  # fmt: skip
     torch.set_num_threads(1)
-    import deepspeed
     from transformers import AutoModelForCausalLM
 
     import sdt
     from pipeline.config import parse_job
     from pipeline.train import gathered, make_engine
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    torch.distributed.init_process_group("gloo")  # as Ray Train does; DeepSpeed takes it up in make_engine
     for arch in ARCHS:
         for method in METHODS:
             for stage in (0, 2, 3) if world > 1 else ("plain", 0):
