@@ -383,6 +383,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
+def cpu_threads(spec: JobSpec) -> int:
+    """torch's threads in a worker on the CPU: its whole CPUs, at least one."""
+    return max(1, int(spec.resources.cpus_per_worker))
+
+
 def trial_inputs(
     spec: JobSpec, device: torch.device, rank: int, world: int
 ) -> tuple[torch.nn.Module, Any, TaskData, Batches, int]:
@@ -405,7 +410,7 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_
     device = ray.train.torch.get_device()
     clock = PhaseClock(device, entered_at, driver_at, placed_at)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+        torch.set_num_threads(cpu_threads(spec))
     model, tokenizer, task, batches, total_steps = trial_inputs(spec, device, rank, world)
     training = spec.training
     # For the sweep's console (pipeline.console): rank 0 writes its step, loss and speed at each log interval.

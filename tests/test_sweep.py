@@ -34,7 +34,7 @@ from pipeline.metrics import evaluate
 from pipeline.tasks import load_task
 from pipeline.results import ADAPTER_DIR, load_trials
 from pipeline.storage import content_hash
-from pipeline.train import run_warmup, trial_inputs
+from pipeline.train import cpu_threads, run_warmup, trial_inputs
 from pipeline.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, warmup_key
 from processes import free_port, wait_for
 
@@ -120,7 +120,7 @@ def test_reused_warmup_is_the_one_the_trial_would_have_computed(sweep, monkeypat
     reused = next(t for t in load_trials(spec) if t.metrics.get("warmup/shared") == 1)
     trial, cpu = reused.spec, torch.device("cpu")
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(trial.resources.cpus_per_worker)))
+    torch.set_num_threads(cpu_threads(trial))
     try:
         with one_rank_process_group(monkeypatch):
             model, _, _, batches, total_steps = trial_inputs(trial, cpu, rank=0, world=1)
