@@ -63,7 +63,10 @@ def arm_of(trial: TrialOutcome) -> Arm:
 
 
 def trial_label(config: Mapping[str, Any], method_name: str) -> str:
-    """``sdlora ch0.8 st0.5 warmup_steps=20 · training.lr=0.01``: the arm, then the trial's other sampled values."""
-    values = ", ".join(f"{key}={value_label(value)}" for key, value in config.items() if key not in METHOD_KEYS)
+    """``sdlora ch0.8 st0.5 warmup_steps=20 · training.lr=0.01``: the arm, then the trial's other sampled values,
+    whole mappings (a searched ``model``) last: where a console line cuts the label, it cuts those."""
+    sampled = [(key, value) for key, value in config.items() if key not in METHOD_KEYS]
+    sampled.sort(key=lambda item: isinstance(item[1], Mapping))
+    values = ", ".join(f"{key}={value_label(value)}" for key, value in sampled)
     label = arm_for(config, method_name).label
     return f"{label} · {values}" if values else label

@@ -249,7 +249,7 @@ class DivergedError(RuntimeError):
     (retrying it from a checkpoint would diverge again)."""
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
+def check_finite(loss: torch.Tensor, step: int, what: str = "the training loss") -> None:
     """Raise :class:`DivergedError` on every rank when any rank's ``loss`` is not finite (a collective, so that
     all ranks stop at the same step)."""
     value = loss.detach().float().reshape(1).clone()
@@ -257,9 +257,9 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         bad = (~torch.isfinite(value)).float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            raise DivergedError(f"diverged: the training loss is not finite at optimizer step {step}")
+            raise DivergedError(f"diverged: {what} is not finite at optimizer step {step}")
     elif not torch.isfinite(value).all():
-        raise DivergedError(f"diverged: the training loss is {value.item()} at optimizer step {step}")
+        raise DivergedError(f"diverged: {what} is {value.item()} at optimizer step {step}")
 
 
 class PhaseClock:
@@ -326,6 +326,10 @@ def run_warmup(
     with gathered(engine, tuner.trainable_parameters()):
         updates = on_cpu(tuner.warmup_updates())
     engine.destroy()
+    # A warmup that diverged ends the trial as a diverged training does, before its non-finite updates reach the
+    # selection (an error there would be retried by Ray Train, to diverge again).
+    finite = all(torch.isfinite(tensor).all() for per_parameter in updates.values() for tensor in per_parameter.values())
+    check_finite(losses.report_sum if finite else torch.tensor(math.nan), steps, "the SDT warmup's loss or update")
     mean, _ = losses.take()
     return {"warmup/loss": mean, "warmup/steps": steps}, updates
 

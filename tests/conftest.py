@@ -151,10 +151,11 @@ def s3_bucket() -> Iterator[str]:
             os.environ[name] = value
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_nodes(s3_bucket):
     """A local two-node Ray cluster (one CPU each) whose nodes share no directory that sdtune uses. Started after the
-    S3 server, so that its nodes (and their workers) have the server's credentials in the environment."""
+    S3 server, so that its nodes (and their workers) have the server's credentials in the environment. One for the
+    session (a start costs ~15 s): its tests use their own sweep directories and Ray namespaces."""
     from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+import pytest
 import ray
 
 from pipeline.cli import own_state_api
@@ -33,7 +34,9 @@ def live_actor_names() -> list[str]:
     return [actor.name for actor in list_actors(filters=[("state", "=", "ALIVE")])]
 
 
-def test_workers_ask_the_state_api_of_their_own_ray_instance():
+@pytest.fixture(scope="module")
+def own_instance():
+    """A one-CPU Ray instance started here as a sweep starts its own, beside another Ray instance on this machine."""
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as other_tmp:  # short: Ray's socket paths are limited
         other = subprocess.Popen([sys.executable, "-c", OTHER_INSTANCE], env={**os.environ, "RAY_TMPDIR": other_tmp},
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -41,14 +44,18 @@ def test_workers_ask_the_state_api_of_their_own_ray_instance():
             assert other.stdout.readline().strip() == "up"
             ray.init(address="local", num_cpus=1, log_to_driver=False, **own_state_api())
             try:
-                marker = Marker.options(name=MARKER).remote()
-                ray.get(marker.__ray_ready__.remote())
-                assert MARKER in ray.get(live_actor_names.remote())
+                yield
             finally:
                 ray.shutdown()
         finally:
             other.stdin.close()
             other.wait(timeout=300)
+
+
+def test_workers_ask_the_state_api_of_their_own_ray_instance(own_instance):
+    marker = Marker.options(name=MARKER).remote()
+    ray.get(marker.__ray_ready__.remote())
+    assert MARKER in ray.get(live_actor_names.remote())
 
 
 def test_the_raylets_worker_count_warning_fires_only_beyond_what_the_sweeps_trials_keep():
@@ -72,32 +79,28 @@ def placement_seen_by_a_worker() -> float | None:
     return placement_time()
 
 
-def test_a_worker_knows_when_its_placement_group_was_placed_at_once_or_after_waiting():
+def test_a_worker_knows_when_its_placement_group_was_placed_at_once_or_after_waiting(own_instance):
     """A trial's worker reads from Ray's record when its worker group was placed (where the trial's GPU time
     begins): at once, or, for a staged trial, once a running trial's resources were freed after it waited in Ray's
     placement-group queue. One CPU: the second group waits until the first is removed."""
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    ray.init(address="local", num_cpus=1, log_to_driver=False, include_dashboard=False)
-    try:
-        asked_first = time.time()
-        running = placement_group([{"CPU": 1}])
-        ray.get(running.ready())
-        ready = time.time()
-        in_running = PlacementGroupSchedulingStrategy(running)
-        placed_at_once = ray.get(placement_seen_by_a_worker.options(scheduling_strategy=in_running).remote())
-        assert placed_at_once is not None and asked_first <= placed_at_once <= ready
+    asked_first = time.time()
+    running = placement_group([{"CPU": 1}])
+    ray.get(running.ready())
+    ready = time.time()
+    in_running = PlacementGroupSchedulingStrategy(running)
+    placed_at_once = ray.get(placement_seen_by_a_worker.options(scheduling_strategy=in_running).remote())
+    assert placed_at_once is not None and asked_first <= placed_at_once <= ready
 
-        asked = time.time()
-        staged = placement_group([{"CPU": 1}])
-        while placement_group_table(staged)["stats"]["scheduling_attempt"] < 1:  # Ray tried, and could not place it
-            pass
-        assert placement_group_table(staged)["state"] == "PENDING"
-        freed = time.time()
-        remove_placement_group(running)
-        ray.get(staged.ready())
-        placed = ray.get(placement_seen_by_a_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(staged)).remote())
-        assert placed is not None and asked < freed <= placed <= time.time()
-    finally:
-        ray.shutdown()
+    asked = time.time()
+    staged = placement_group([{"CPU": 1}])
+    while placement_group_table(staged)["stats"]["scheduling_attempt"] < 1:  # Ray tried, and could not place it
+        pass
+    assert placement_group_table(staged)["state"] == "PENDING"
+    freed = time.time()
+    remove_placement_group(running)
+    ray.get(staged.ready())
+    placed = ray.get(placement_seen_by_a_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(staged)).remote())
+    assert placed is not None and asked < freed <= placed <= time.time()

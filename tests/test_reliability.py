@@ -1,12 +1,14 @@
-"""Nothing lost, nothing lied about: one small CPU sweep taken through what users do to sweeps.
+"""Nothing lost, nothing lied about: one small CPU sweep taken through what users do to sweeps, on the two other
+architectures.
 
-Four trials on the built-in digits task, one at a time: LoRA with the DoRA variant and full fine-tuning, each at a
-learning rate of 2e-2 and of 1e30 (full fine-tuning's loss turns NaN at once there, as a user's bad grid would).
-While it runs, a second ``sdtune sweep`` of the same job is refused; then Ctrl+C (SIGINT to the command's process
-group, as a terminal sends it) stops it: exit 130, the MLflow parent and the running trial KILLED, nothing exported.
-``sdtune resume`` finishes it without training a finished trial again: the diverged trial FAILED with its reason (in
-MLflow and the report), the others exported. A sweep of another spec under the same name is refused and leaves
-every file of the finished one as it was; its export still works. Real Ray, DeepSpeed and MLflow throughout.
+Four trials on the built-in digits task, one at a time: SDLoRA with the DoRA variant on a freshly built tiny Mamba-2
+and Jamba, each at a learning rate of 2e-2 and of 1e30 (the SDT warmup's loss turns NaN at once there, as a user's
+bad grid would). While it runs, a second ``sdtune sweep`` of the same job is refused; then Ctrl+C (SIGINT to the
+command's process group, as a terminal sends it) stops it: exit 130, the MLflow parent and the running trial KILLED,
+nothing exported. ``sdtune resume`` finishes it without training a finished trial again: the diverged trials FAILED
+with their reason (in MLflow and the report), the others exported, merged, as plain transformers loads them. A sweep
+of another spec under the same name is refused and leaves every file of the finished one as it was; its export still
+works. Real Ray, DeepSpeed and MLflow throughout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import ray
 import torch
 import yaml
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import sdt
@@ -36,23 +39,30 @@ from pipeline.storage import LOCK_FILE
 from pipeline.tracking import ERROR_TAG, SweepTracker, tracking_uri
 from processes import finished_trials, wait_for
 
-DORA = {"name": "lora", "lora_variant": "dora", "lora_rank": 4, "lora_targets": ["x_proj", "dt_proj", "out_proj"]}
+MAMBA2 = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 8, "n_groups": 2,
+          "chunk_size": 16}  # fmt: skip
+JAMBA = {"hidden_size": 32, "num_hidden_layers": 2, "attn_layer_period": 2, "attn_layer_offset": 1,
+         "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2, "intermediate_size": 64,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "mamba_d_state": 8}  # fmt: skip
+ARCHITECTURES = [{"architecture": "mamba2", "config": MAMBA2}, {"architecture": "jamba", "config": JAMBA}]
 SANE, DIVERGING = 2e-2, 1e30
 JOB = {
     "name": "reliability",
-    "model": {"builtin": "digits"},
+    "model": ARCHITECTURES[0],
     "data": {"task": "digits", "max_train_samples": 96, "max_eval_samples": 24},
-    "method": {"name": "sdlora", "channels_frozen": 0.9, "warmup_steps": 3},
-    "training": {"epochs": 2, "batch_size": 8, "lr": 2e-2, "eval_batch_size": 24},
+    # Mamba-2: 8 heads per layer, so an int count of frozen heads; half of the 32 hidden inputs per B/C row
+    "method": {"name": "sdlora", "lora_variant": "dora", "channels_frozen": 6, "states_frozen": 0.5,
+               "inputs_frozen": 0.5, "warmup_steps": 3},  # fmt: skip
+    "training": {"epochs": 2, "batch_size": 8, "lr": SANE, "eval_batch_size": 24},
     "resources": {"num_workers": 1, "cpus_per_worker": 1, "trial_cpus": 0.25, "max_concurrent_trials": 1},
-    "search": {"space": {"method": {"grid": [DORA, {"name": "full"}]}, "training.lr": {"grid": [SANE, DIVERGING]}}},
-    "export": {"register_model": False},
+    "search": {"space": {"model": {"grid": ARCHITECTURES}, "training.lr": {"grid": [SANE, DIVERGING]}}},
+    "export": {"merge": True, "register_model": False},
 }
+STEPS = 2 * 96 // 8
 
 
 def arm(trial) -> str:
-    method = "dora" if trial.spec.method.lora_variant == "dora" else trial.spec.method.name
-    return f"{method}@{trial.spec.training.lr:g}"
+    return f"{trial.spec.model.architecture}@{trial.spec.training.lr:g}"
 
 
 def sdtune(*args: str, env: dict, **popen) -> subprocess.Popen:
@@ -85,8 +95,9 @@ def sweep(tmp_path_factory, env):
         first = sdtune("sweep", str(job), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: (sweep_dir / LOCK_FILE).is_file() and (sweep_dir / LOCK_FILE).read_text().strip(), 300,
                  "the sweep to claim its directory")  # fmt: skip
-        second = sdtune("sweep", str(job), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        refused = (second.wait(timeout=300), second.stdout.read())
+        # in this process: refused before anything starts (a subprocess would spend ~10 s importing the stack)
+        second = CliRunner().invoke(app, ["sweep", str(job)])
+        refused = (second.exit_code, second.output, ray.is_initialized())
         wait_for(lambda: finished_trials(sweep_dir / "tune") >= 1, 900, "a finished trial")
         os.killpg(first.pid, signal.SIGINT)  # Ctrl+C in a terminal: the whole foreground process group
         interrupted = first.wait(timeout=600)
@@ -104,8 +115,8 @@ def sweep(tmp_path_factory, env):
 
 
 def test_a_second_sweep_of_the_same_directory_is_refused_at_once(sweep):
-    code, output = sweep["refused"]
-    assert code == 2, output
+    code, output, started_ray = sweep["refused"]
+    assert code == 2 and not started_ray, output
     assert "another sdtune command (pid" in output and "is working on it" in output
 
 
@@ -123,8 +134,8 @@ def test_resume_finishes_it_and_the_mlflow_runs_tell_what_happened(sweep):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     spec = load_job(sweep["sweep_dir"] / "job.yaml")
     trials = {arm(t): t for t in load_trials(spec)}
-    diverged, sane = trials["full@1e+30"], [trials["dora@0.02"], trials["full@0.02"]]
-    assert diverged.status == "ERROR" and "diverged" in diverged.error
+    diverged, sane = [trials["mamba2@1e+30"], trials["jamba@1e+30"]], [trials["mamba2@0.02"], trials["jamba@0.02"]]
+    assert all(t.status == "ERROR" and "diverged: the SDT warmup's loss" in t.error for t in diverged)
     assert all(t.status == "TERMINATED" for t in sane)
     assert sweep["finished_before"]
     for trial_id, before in sweep["finished_before"].items():  # not trained again
@@ -136,37 +147,53 @@ def test_resume_finishes_it_and_the_mlflow_runs_tell_what_happened(sweep):
         assert trial.cost and abs(trial.cost["other"]) <= 0.05 * trial.cost["wall"], (trial.trial_id, trial.cost)
     client = MlflowClient(tracking_uri(spec))
     tracker = SweepTracker(spec)
-    run = client.get_run(tracker.find_trial_run(diverged.trial_id))
-    assert run.info.status == "FAILED" and "diverged" in run.data.tags[ERROR_TAG]
+    for trial in diverged:
+        run = client.get_run(tracker.find_trial_run(trial.trial_id))
+        assert run.info.status == "FAILED" and "diverged" in run.data.tags[ERROR_TAG]
     assert all(client.get_run(tracker.find_trial_run(t.trial_id)).info.status == "FINISHED" for t in sane)
     parent = client.get_run(tracker.find_sweep())
     assert parent.info.status == "FINISHED"
     summary = (sweep["sweep_dir"] / "report" / "summary.md").read_text()
-    assert f"`{diverged.trial_id}` (full): " in summary and "diverged" in summary
-    # the console said so as it happened, in one line naming the arm and the reason
+    for trial in diverged:
+        [line] = [line for line in summary.splitlines() if line.startswith(f"- `{trial.trial_id}` (sdlora): ")]
+        assert "diverged: the SDT warmup's loss" in line
+    # the console said so as it happened, in one line naming the trial's values (the model last) and the reason
     consoles = (sweep["first_output"] + resumed.stdout).splitlines()
-    [failed] = [line for line in consoles if line.startswith("failed") and f" {diverged.trial_id} " in line]
-    assert "full · training.lr=1e+30: " in failed and "diverged" in failed and len(failed) <= 300
-    assert (sweep["sweep_dir"] / "export" / "trial.json").is_file()
+    [failed] = [line for line in consoles if line.startswith("failed") and f" {diverged[0].trial_id} " in line]
+    assert "sdlora · training.lr=1e+30, model=architecture=mamba2 " in failed and "diverged" in failed
+    assert len(failed) <= 300
 
 
-def test_the_dora_arm_trains_through_the_sweep_and_exports_merged(sweep, tmp_path):
-    spec = load_job(sweep["sweep_dir"] / "job.yaml")
-    [dora] = [t for t in load_trials(spec) if arm(t) == "dora@0.02"]
-    assert dora.status == "TERMINATED" and dora.metrics["eval/accuracy"] > 0
-    out = export_trials(spec, [dora], SweepTracker(spec), out=tmp_path / "dora", merge=True, log=lambda _: None)
-    base, _ = load_base_model(spec.model.model_copy(update={"dtype": "float32"}), "cpu")
-    adapted = sdt.load(base, dora.checkpoint / ADAPTER_DIR).model.eval()
+def test_both_architectures_train_through_the_sweep_and_export_merged(sweep, tmp_path):
+    """Each sane trial trained every step with its SDT selection and DoRA adapter, and merged into its base (as the
+    sweep's export of the winner is) it computes what the adapted model does."""
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    spec = load_job(sweep["sweep_dir"] / "job.yaml")
+    sane = [t for t in load_trials(spec) if t.status == "TERMINATED"]
+    assert sorted(t.spec.model.architecture for t in sane) == ["jamba", "mamba2"]
     tokens = torch.randint(0, 17, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=tokens).logits, adapted(input_ids=tokens).logits, atol=1e-4, rtol=1e-4)
-    assert json.loads((out / "adapter_config.json").read_text())["sdt"]["lora_variant"] == "dora"
+    for trial in sane:
+        assert trial.metrics["step"] == STEPS and trial.metrics["eval/accuracy"] > 0
+        adapter = trial.checkpoint / ADAPTER_DIR
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["model_type"] == trial.spec.model.architecture and config["sdt"]["lora_variant"] == "dora"
+        assert any(k.startswith("sdt_selection.") for k in load_file(adapter / "adapter_model.safetensors"))
+        out = export_trials(spec, [trial], SweepTracker(spec), out=tmp_path / trial.trial_id, merge=True,
+                            log=lambda _: None)  # fmt: skip
+        base, _ = load_base_model(trial.spec.model.model_copy(update={"dtype": "float32"}), "cpu")
+        adapted = sdt.load(base, adapter).model.eval()
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+        assert not any("parametrizations" in name for name, _ in merged.named_parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=tokens).logits, adapted(input_ids=tokens).logits, atol=1e-4,
+                                       rtol=1e-4)  # fmt: skip
+    export = sweep["sweep_dir"] / "export"
+    winner = json.loads((export / "trial.json").read_text())["hyperparameters"]["model"]["architecture"]
+    assert AutoModelForCausalLM.from_pretrained(export / "merged").config.model_type == winner
 
 
-def test_another_spec_under_the_same_name_is_refused_and_changes_nothing(sweep, env):
+def test_another_spec_under_the_same_name_is_refused_and_changes_nothing(sweep):
     sweep_dir = sweep["sweep_dir"]
     before = files_digest(sweep_dir / "export") | {"job.yaml": files_digest(sweep_dir)["job.yaml"]}
     # in this process: refused before anything starts (a subprocess would spend ~10 s importing the stack)
@@ -176,9 +203,8 @@ def test_another_spec_under_the_same_name_is_refused_and_changes_nothing(sweep, 
     assert not ray.is_initialized()
     after = files_digest(sweep_dir / "export") | {"job.yaml": files_digest(sweep_dir)["job.yaml"]}
     assert after == before
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(sweep_dir)], env=env,
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+    again = CliRunner().invoke(app, ["export", str(sweep_dir)])
+    assert again.exit_code == 0 and "up to date" in again.output, again.output
 
 
 def test_a_sweep_that_fails_after_validation_says_so_in_one_line(tmp_path, env):
