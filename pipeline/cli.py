@@ -418,10 +418,10 @@ def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
     resume_hint = f"continue with: sdtune resume {spec.sweep_dir}"
     try:
         outcome = run_sweep(spec, tracker, local_cluster=address is None)
-        finished = sum(trial.status == "TERMINATED" for trial in outcome.trials)
         if outcome.interrupted:
             tracker.finish_sweep("KILLED")
-            raise fail(f"interrupted: {finished} of {len(outcome.trials)} trials finished; nothing exported; {resume_hint}", INTERRUPTED)
+            ended = f"{outcome.num_ended} of {spec.search.planned_trials} trials ended"
+            raise fail(f"interrupted: {ended}; nothing exported; {resume_hint}", INTERRUPTED)
         typer.echo(f"trials: {len(outcome.trials)} ({outcome.num_errors} failed)")
         if not outcome.trained:
             typer.echo("every trial of this sweep had ended already: nothing new was trained")

@@ -34,7 +34,6 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-import sdt
 from pipeline import spec_yaml
 from pipeline.storage import StoragePath, secret_options, storage_path
 from sdt import SDTConfig, SDTConfigError
@@ -360,6 +359,11 @@ class SearchSpec(_Spec):
     # own (to measure what sharing saves).
     share_warmup: bool = True
     space: dict[str, Domain] = {}  # dotted path into the job spec -> its values, e.g. "training.lr"
+
+    @property
+    def planned_trials(self) -> int:
+        """How many trials the sweep runs: ``num_samples`` of each combination of the grids (optuna has none)."""
+        return self.num_samples * math.prod(len(domain.grid) for domain in self.space.values() if domain.grid)
 
     @model_validator(mode="after")
     def _searchable_space(self) -> SearchSpec:

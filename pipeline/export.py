@@ -339,7 +339,7 @@ def model_card(
     ]
     if registered_as:
         lines += [
-            f"From the MLflow registry (`MLFLOW_TRACKING_URI` set to the sweep's store), a transformers pipeline:",
+            "From the MLflow registry (`MLFLOW_TRACKING_URI` set to the sweep's store), a transformers pipeline:",
             "",
             "```python",
             "import mlflow",

@@ -34,7 +34,6 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import sdt
 from pipeline.arms import METHOD_KEYS, Arm, arm_of, canonical, value_label
 from pipeline.config import Domain, JobSpec
 from pipeline.results import (

@@ -19,6 +19,8 @@ from pipeline.results import (
     CHECKPOINT_KEY,
     COST_FILE,
     COST_PARTS,
+    TUNE_ERROR,
+    TUNE_TERMINATED,
     error_line,
     is_metric,
     metric_on_test,
@@ -95,7 +97,12 @@ class TrialCostCallback(Callback):
 class Ledger:
     trials: list  # Ray Tune's Trial objects, as they stand at the experiment's end
     started: bool  # whether any trial started in this run of the driver
-    unfinished: bool  # whether a trial that started in this run, or one still pending, did not end
+    cut_short: frozenset[str]  # the trials this run stopped before they ended (Tune calls them TERMINATED)
+    unfinished: bool  # whether a trial was cut short or is still pending
+
+
+def ended_ids(trials: list) -> set[str]:
+    return {trial.trial_id for trial in trials if trial.status in (TUNE_TERMINATED, TUNE_ERROR)}
 
 
 class TrialLedger(Callback):
@@ -113,9 +120,14 @@ class TrialLedger(Callback):
         self.sweep_dir = str(sweep_dir)
         self._started: set[str] = set()
         self._ended_trials: set[str] = set()
+        self._ended_before: set[str] | None = None  # the trials a resumed sweep had ended already
 
     def setup(self, **info) -> None:  # a restored copy carries the sets of the run it was pickled in
-        self._started, self._ended_trials = set(), set()
+        self._started, self._ended_trials, self._ended_before = set(), set(), None
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self._ended_before is None:  # the first step: the experiment's trials as it was restored
+            self._ended_before = ended_ids(trials)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._started.add(trial.trial_id)
@@ -128,9 +140,12 @@ class TrialLedger(Callback):
 
     def on_experiment_end(self, trials: list, **info) -> None:
         pending = any(trial.status == "PENDING" for trial in trials)
-        TrialLedger._ended[self.sweep_dir] = Ledger(
-            list(trials), bool(self._started), bool(self._started - self._ended_trials) or pending
-        )
+        # Tune sets a trial it stops (a signal) TERMINATED, also one that had not reported yet. No step at all: the
+        # restored sweep had nothing left to run.
+        ended = self._ended_trials | (ended_ids(trials) if self._ended_before is None else self._ended_before)
+        stopped = {trial.trial_id for trial in trials if trial.status == TUNE_TERMINATED and trial.trial_id not in ended}
+        cut_short = frozenset(stopped | (self._started - self._ended_trials))
+        TrialLedger._ended[self.sweep_dir] = Ledger(list(trials), bool(self._started), cut_short, bool(cut_short) or pending)
 
     @classmethod
     def take(cls, sweep_dir: StoragePath) -> Ledger:

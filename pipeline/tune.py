@@ -22,7 +22,7 @@ from ray.tune.utils import flatten_dict
 
 from pipeline.claims import end_coordinator
 from pipeline.config import Domain, JobSpec
-from pipeline.results import TUNE_DIR, TUNE_ERROR, TrialOutcome, outcomes
+from pipeline.results import TUNE_DIR, TUNE_ERROR, TUNE_TERMINATED, TrialOutcome, outcomes
 from pipeline.sweep_callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger
 from pipeline.tracking import SweepTracker
 from pipeline.trial import trial_driver, trial_gpus
@@ -189,6 +189,13 @@ class SweepOutcome:
     trials: list[TrialOutcome]
     interrupted: bool
     trained: bool
+    cut_short: frozenset[str]  # trials this run stopped before they ended
+
+    @property
+    def num_ended(self) -> int:
+        """Trials that ran to their end (trained, stopped early by the scheduler, or failed)."""
+        ended = (TUNE_TERMINATED, TUNE_ERROR)
+        return sum(trial.status in ended and trial.trial_id not in self.cut_short for trial in self.trials)
 
     @property
     def num_errors(self) -> int:
@@ -267,4 +274,4 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
         end_coordinator(spec.sweep_dir)  # the warmup claims of its trials (pipeline.claims): none is running now
     ledger = TrialLedger.take(spec.sweep_dir.resolve())
     interrupted = signals.received is not None or ledger.unfinished
-    return SweepOutcome(outcomes(spec, ledger.trials), interrupted=bool(interrupted), trained=ledger.started)
+    return SweepOutcome(outcomes(spec, ledger.trials), bool(interrupted), ledger.started, ledger.cut_short)
