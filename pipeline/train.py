@@ -329,7 +329,8 @@ def run_warmup(
     # A warmup that diverged ends the trial as a diverged training does, before its non-finite updates reach the
     # selection (an error there would be retried by Ray Train, to diverge again).
     finite = all(torch.isfinite(tensor).all() for per_parameter in updates.values() for tensor in per_parameter.values())
-    check_finite(losses.report_sum if finite else torch.tensor(math.nan), steps, "the SDT warmup's loss or update")
+    loss_sum = losses.report_sum if finite else torch.full_like(losses.report_sum, math.nan)  # on the collective's device
+    check_finite(loss_sum, steps, "the SDT warmup's loss or update")
     mean, _ = losses.take()
     return {"warmup/loss": mean, "warmup/steps": steps}, updates
 
