@@ -100,28 +100,20 @@ def train_plain(tuner, lr: float, batches: list[torch.Tensor]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def train_in_processes(world: int, model_dirs: dict[str, str], out: Path) -> Path:
+    args = (world, free_port(), model_dirs, str(out))
+    mp.start_processes(train_all, args=args, nprocs=world, join=True, start_method="spawn")
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dirs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zero3")
-    mp.start_processes(train_all, args=(2, free_port(), tiny_model_dirs, str(out)), nprocs=2, join=True,
-                       start_method="spawn")  # fmt: skip
-    return out
+    return train_in_processes(2, tiny_model_dirs, tmp_path_factory.mktemp("zero3"))
 
 
 @pytest.fixture(scope="module")
 def trained_one_rank(tiny_model_dirs, tmp_path_factory) -> Path:
-    """One rank, in this process (a spawned one would spend ~10 s importing the stack again)."""
-    out = tmp_path_factory.mktemp("zero0")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
-            patch.setenv(name, "")  # recorded, so that what train_all sets is undone
-        try:
-            train_all(0, 1, free_port(), tiny_model_dirs, str(out))
-        finally:
-            torch.distributed.destroy_process_group()
-            torch.set_num_threads(threads)
-    return out
+    return train_in_processes(1, tiny_model_dirs, tmp_path_factory.mktemp("zero0"))
 
 
 def assert_same_adapters(directory: Path, arch: str, method: str, stage, reference) -> None:
