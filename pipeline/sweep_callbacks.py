@@ -98,10 +98,15 @@ class Ledger:
     trials: list  # Ray Tune's Trial objects, as they stand at the experiment's end
     started: bool  # whether any trial started in this run of the driver
     cut_short: frozenset[str]  # the trials this run stopped before they ended (Tune calls them TERMINATED)
-    unfinished: bool  # whether a trial was cut short or is still pending
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether a trial was cut short or is still pending."""
+        return bool(self.cut_short) or any(trial.status == "PENDING" for trial in self.trials)
 
 
 def ended_ids(trials: list) -> set[str]:
+    """The trials (Ray Tune's, or outcomes) whose status says they ended: trained, stopped early, or failed."""
     return {trial.trial_id for trial in trials if trial.status in (TUNE_TERMINATED, TUNE_ERROR)}
 
 
@@ -139,13 +144,12 @@ class TrialLedger(Callback):
         self._ended_trials.add(trial.trial_id)
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        pending = any(trial.status == "PENDING" for trial in trials)
         # Tune sets a trial it stops (a signal) TERMINATED, also one that had not reported yet. No step at all: the
         # restored sweep had nothing left to run.
         ended = self._ended_trials | (ended_ids(trials) if self._ended_before is None else self._ended_before)
         stopped = {trial.trial_id for trial in trials if trial.status == TUNE_TERMINATED and trial.trial_id not in ended}
         cut_short = frozenset(stopped | (self._started - self._ended_trials))
-        TrialLedger._ended[self.sweep_dir] = Ledger(list(trials), bool(self._started), cut_short, bool(cut_short) or pending)
+        TrialLedger._ended[self.sweep_dir] = Ledger(list(trials), bool(self._started), cut_short)
 
     @classmethod
     def take(cls, sweep_dir: StoragePath) -> Ledger:

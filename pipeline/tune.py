@@ -22,8 +22,8 @@ from ray.tune.utils import flatten_dict
 
 from pipeline.claims import end_coordinator
 from pipeline.config import Domain, JobSpec
-from pipeline.results import TUNE_DIR, TUNE_ERROR, TUNE_TERMINATED, TrialOutcome, outcomes
-from pipeline.sweep_callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger
+from pipeline.results import TUNE_DIR, TUNE_ERROR, TrialOutcome, outcomes
+from pipeline.sweep_callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger, ended_ids
 from pipeline.tracking import SweepTracker
 from pipeline.trial import trial_driver, trial_gpus
 
@@ -194,8 +194,7 @@ class SweepOutcome:
     @property
     def num_ended(self) -> int:
         """Trials that ran to their end (trained, stopped early by the scheduler, or failed)."""
-        ended = (TUNE_TERMINATED, TUNE_ERROR)
-        return sum(trial.status in ended and trial.trial_id not in self.cut_short for trial in self.trials)
+        return len(ended_ids(self.trials) - self.cut_short)
 
     @property
     def num_errors(self) -> int:
