@@ -376,7 +376,10 @@ def ui(
     else:
         raise fail("give a sweep directory (runs/<job name>) or set MLFLOW_TRACKING_URI")
     typer.echo(f"MLflow UI on {base}; {where}", err=True)
-    # One worker process: one person looks at one sweep (MLflow's default of 4 each import its server, ~6 s of CPU)
+    # One worker process: one person looks at one sweep (MLflow's default of 4 each import its server, ~6 s of CPU).
+    # No job execution: its runner and 7 consumer processes (~4 s of CPU each to start) serve GenAI scorers, prompt
+    # optimisation and trace roll-ups, none of which a fine-tuning sweep's store has. The environment can turn it on.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     command = [sys.executable, "-m", "mlflow", "server", *store, "--host", host, "--port", str(port), "--workers", "1"]
     os.execv(sys.executable, command)
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -212,8 +213,8 @@ def test_the_champion_is_a_transformers_pipeline_that_generates(sweep, monkeypat
 
 @pytest.fixture(scope="module")
 def mlflow_server(sweep, env):
-    """`sdtune ui` (a real `mlflow server` on 127.0.0.1) over the sweep's store: its base URL, and the address of
-    the sweep's runs that it prints."""
+    """`sdtune ui` (a real `mlflow server` on 127.0.0.1) over the sweep's store: its base URL, the address of the
+    sweep's runs that it prints, and its process id."""
     sweep_dir = sweep[0]
     port = free_port()
     server = subprocess.Popen(
@@ -237,7 +238,7 @@ def mlflow_server(sweep, env):
 
         wait_for(accepting, 60, f"the mlflow server to accept connections on port {port}: {''.join(printed)[-3000:]}")
         [runs_url] = [word for word in printed[0].split() if "/#/experiments/" in word]
-        yield f"http://127.0.0.1:{port}", runs_url
+        yield f"http://127.0.0.1:{port}", runs_url, server.pid
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -253,7 +254,7 @@ def rest(base: str, endpoint: str, body: dict) -> dict:
 
 def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_server):
     _, spec, _ = sweep
-    base, _ = mlflow_server
+    base, _, _ = mlflow_server
     experiments = rest(base, "experiments/search", {"max_results": 100})["experiments"]
     [experiment] = [e for e in experiments if e["name"] == spec.name]
     assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
@@ -299,6 +300,14 @@ def test_mlflow_server_lists_the_parent_and_one_child_per_trial(sweep, mlflow_se
     assert (version["name"], version["version"]) == ("quickstart", champion["version"])
 
 
+def test_the_mlflow_server_starts_one_server_process_and_no_job_runner(mlflow_server):
+    """`sdtune ui` serves one person: one worker process, and none of MLflow's job runner and consumers (8 processes,
+    for GenAI features that a sweep's store does not use)."""
+    _, _, pid = mlflow_server
+    descendants = [" ".join(p.cmdline()) for p in psutil.Process(pid).children(recursive=True)]
+    assert len(descendants) == 1 and "uvicorn" in descendants[0] and "--workers 1" in descendants[0], descendants
+
+
 def browser() -> str | None:
     return shutil.which("chromium-headless-shell") or shutil.which("chromium")
 
@@ -309,10 +318,10 @@ def test_the_printed_address_opens_the_training_view_of_the_sweep(sweep, mlflow_
     the sweep, its trials named by their arm (and "stopped early" where ASHA stopped them), sorted by the metric,
     with the epochs reached. (MLflow 3.17 itself opens an experiment on its GenAI overview, "Traces 0" and a
     "Detect Issues" popover, whatever the experiment-kind tag says, mlflow/mlflow#24498: hence the address.)"""
-    _, runs_url = mlflow_server
+    _, runs_url, _ = mlflow_server
     dom = subprocess.run(
-        [browser(), "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}", "--window-size=2400,1200",
-         "--virtual-time-budget=20000", "--dump-dom", runs_url],
+        [browser(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+         "--window-size=2400,1200", "--virtual-time-budget=20000", "--dump-dom", runs_url],
         capture_output=True, text=True, timeout=300,
     ).stdout  # fmt: skip
     text = " | ".join(filter(None, (line.strip() for line in html.unescape(re.sub(r"<[^>]+>", "\n", re.sub(
