@@ -31,12 +31,17 @@ def kernel_paths(model_type: str) -> dict[str, str]:
     """For each kernel entry point of ``model_type``, the package that implements it ("pytorch" = the fallback).
 
     transformers wraps each entry point at import time and keeps the chosen implementation in the wrapper's
-    closure; reading it back is the only way to know which path a model will run.
+    closure; reading it back is the only way to know which path a model will run. Where the `kernels` package is
+    installed (a dependency from transformers 5.25), that wrapper sits inside a `kernels` function module, whose
+    forward calls it unless a model was kernelized with Hub kernels (sdtune never does).
     """
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     paths = {}
     for name in KERNEL_FUNCTIONS[model_type]:
-        implementation = inspect.getclosurevars(getattr(module, name)).nonlocals["implementation"]
+        wrapper = getattr(module, name)
+        if isinstance(wrapper, torch.nn.Module):
+            wrapper = inspect.getclosurevars(type(wrapper).forward).nonlocals["func"]
+        implementation = inspect.getclosurevars(wrapper).nonlocals["implementation"]
         package = implementation.__module__.split(".")[0]
         paths[name] = "pytorch" if package == "transformers" else package
     return paths
