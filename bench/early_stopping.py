@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from pipeline.config import load_job
-from pipeline.results import best_trial, load_trials, sweep_spec
+from pipeline.spec.job import load_job
+from pipeline.results.outcomes import best_trial, load_trials, sweep_spec
 
 ARMS = {
     "grid": ["search.scheduler=fifo", "search.share_warmup=false"],
@@ -31,7 +31,7 @@ ARMS = {
 def run_arm(job: str, arm: str, overrides: list[str]) -> dict:
     name = f"{load_job(job).name}-{arm}"
     settings = [f"name={name}", *overrides, *ARMS[arm]]
-    command = [sys.executable, "-m", "pipeline.cli", "sweep", job, *(arg for s in settings for arg in ("--set", s))]
+    command = [sys.executable, "-m", "pipeline.cli.commands", "sweep", job, *(arg for s in settings for arg in ("--set", s))]
     began = time.time()
     subprocess.run(command, check=True)
     wall = time.time() - began

@@ -1,4 +1,4 @@
-"""Generation eval speed: batched exact generation (pipeline.generation) against one prompt at a time, and whether
+"""Generation eval speed: batched exact generation (pipeline.tasks.decoding) against one prompt at a time, and whether
 their tokens agree.
 
     python bench/generation_speed.py --out generation.json       # 1.4b shape, 200 SAMSum-shaped prompts, 5 beams
@@ -20,7 +20,7 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 import sdt
-from pipeline.generation import generate
+from pipeline.tasks.decoding import generate
 
 EOS = PAD = 0
 

@@ -4,7 +4,7 @@
 
 Each shape (``<hidden>x<layers>``, state 16, expand 2, vocab 50280) is tried in a fresh process, smallest first:
 the bf16 model is built on the GPU, SDLoRA's warmup runs 2 real steps, then the trial's DeepSpeed engine
-(``pipeline.train.make_engine``, ZeRO stage 3, with ``offload_parameters`` and ``offload_optimizer`` for the
+(``pipeline.trial.worker.make_engine``, ZeRO stage 3, with ``offload_parameters`` and ``offload_optimizer`` for the
 offload run) takes 3 steps. A shape fits when those steps finish; the first shape that does not ends that run.
 """
 
@@ -25,8 +25,8 @@ def probe(hidden: int, layers: int, offload: bool, batch: int, seq: int) -> dict
     from transformers import MambaConfig, MambaForCausalLM
 
     import sdt
-    from pipeline.config import parse_job
-    from pipeline.train import make_engine, train_micro_batch
+    from pipeline.spec.job import parse_job
+    from pipeline.trial.worker import make_engine, train_micro_batch
 
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"})
     config = MambaConfig(vocab_size=50280, hidden_size=hidden, num_hidden_layers=layers, state_size=16, expand=2,

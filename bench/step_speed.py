@@ -28,7 +28,7 @@ import torch
 from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import sdt
-from pipeline.models import kernel_paths
+from pipeline.trial.models import kernel_paths
 from sdt.fused import uninstall_fused_path
 
 PATHS = ("hf", "fused")

@@ -3,7 +3,7 @@
     python bench/sweep_cost.py runs/quickstart [--json cost.json]
 
 Reads the cost records the sweep driver writes per trial (``<sweep dir>/trial-<id>/cost.json``, see
-:func:`pipeline.results.trial_cost`): the time before a trial's worker group was placed (queued, not GPU time: its
+:func:`pipeline.results.outcomes.trial_cost`): the time before a trial's worker group was placed (queued, not GPU time: its
 Ray processes starting, a staged trial's wait for a GPU), start-up (placement to first training step, warmup
 excluded), warmup, training, evaluation, checkpointing, teardown (last report to the trial's end) and what none of
 them covers. ``sdtune report`` prints the same table.
@@ -20,8 +20,8 @@ import argparse
 import json
 import statistics
 
-from pipeline.report import cost_table, cost_totals
-from pipeline.results import COST_PARTS, load_trials, sweep_spec
+from pipeline.results.report import cost_table, cost_totals
+from pipeline.results.outcomes import COST_PARTS, load_trials, sweep_spec
 
 
 def began(cost: dict) -> float:

@@ -8,10 +8,10 @@ sequences of ``--seq`` tokens, ``--batch`` per step:
 - ``bare``: forward, loss, backward, fused AdamW step on batches already on the GPU, as bench/step_speed.py does;
 - ``bare-clip``: the same with the trial's recipe, which a bare loop of that training would have too: gradient
   clipping at 1.0 (torch's foreach ``clip_grad_norm_``) and the linear learning-rate schedule;
-- ``trial-zeroN``: pipeline.train's loop body for a spec of ZeRO stage N: ``Batches`` (host collation, pinned
+- ``trial-zeroN``: pipeline.trial.worker's loop body for a spec of ZeRO stage N: ``Batches`` (host collation, pinned
   copies ahead of the step), ``train_micro_batch`` on the DeepSpeed engine of ``make_engine`` (torch fused AdamW,
   gradient clipping 1.0, the linear schedule), the loss kept on the device (``LossLog``, read every 10 steps). On
-  one rank ``pipeline.train.zero_stage`` runs stages 1 and 2 as stage 0;
+  one rank ``pipeline.trial.worker.zero_stage`` runs stages 1 and 2 as stage 0;
 - ``trial-zero0-unlightened``: stage 0 as DeepSpeed runs it by default (its all-reduce on one rank, its per-tensor
   clipping loop, its throughput timer that waits for the GPU twice a step), to show what ``make_engine`` saves.
 
@@ -33,9 +33,9 @@ import time
 import torch
 
 import sdt
-from pipeline.config import parse_job
-from pipeline.formatting import Example
-from pipeline.train import Batches, LossLog, make_engine, train_micro_batch
+from pipeline.spec.job import parse_job
+from pipeline.tasks.formatting import Example
+from pipeline.trial.worker import Batches, LossLog, make_engine, train_micro_batch
 
 JOB = {
     "name": "trial-speed",
@@ -101,7 +101,7 @@ def bare_block(tuner, runner, args, first: int, recipe: bool) -> int:
 
 
 def trial_block(engine, losses: LossLog, batches: Batches, args, first: int) -> int:
-    """pipeline.train's loop body (run_trial): ``--block`` optimizer steps from step ``first``."""
+    """pipeline.trial.worker's loop body (run_trial): ``--block`` optimizer steps from step ``first``."""
     step, count = first, 0
     while step < first + args.block:
         epoch, start = divmod(step, batches.per_epoch)

@@ -85,7 +85,7 @@ def digits_cache(tmp_path_factory):
 
     Exported as SDTUNE_CACHE so that `sdtune` subprocesses and their Ray workers use it too.
     """
-    from pipeline.digits import CACHE_ENV
+    from pipeline.tasks.digits import CACHE_ENV
 
     cache = tmp_path_factory.mktemp("sdtune-cache")
     previous = os.environ.get(CACHE_ENV)

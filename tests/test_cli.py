@@ -9,7 +9,7 @@ import ray
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.commands import app
 
 GOOD = {"name": "ok", "model": {"builtin": "digits"}, "data": {"task": "digits"}}
 MAMBA2 = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 8, "n_groups": 2}
@@ -132,7 +132,7 @@ def test_a_hub_model_the_hub_cannot_serve_is_one_line_naming_the_field(tmp_path)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**GOOD, "model": {"name_or_path": "state-spaces/mamba-130m-hf"}}))
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(job)], env=env,
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "validate", str(job)], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
@@ -141,11 +141,11 @@ def test_a_hub_model_the_hub_cannot_serve_is_one_line_naming_the_field(tmp_path)
 
 
 def test_a_package_without_compiled_bytecode_is_named_with_its_directory(tmp_path, monkeypatch):
-    """A sweep notes packages its workers would compile again at every trial (pipeline.preflight.missing_bytecode)."""
+    """A sweep notes packages its workers would compile again at every trial (pipeline.cli.preflight.missing_bytecode)."""
     import compileall
     import importlib
 
-    from pipeline.preflight import missing_bytecode
+    from pipeline.cli.preflight import missing_bytecode
 
     package = tmp_path / "uncompiled_package_for_test"
     package.mkdir()

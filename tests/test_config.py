@@ -99,7 +99,7 @@ def test_counts_are_checked_on_a_meta_skeleton_before_any_training(arch, tiny_mo
 
 def test_the_pipeline_accepts_exactly_the_registered_methods():
     """Every method and LoRA variant name the job spec accepts comes from sdt's registries, and nothing else."""
-    from pipeline.config import JobSpecError, parse_job
+    from pipeline.spec.job import JobSpecError, parse_job
 
     def accepted(method: dict) -> bool:
         try:
@@ -123,14 +123,14 @@ def test_method_spec_mirrors_the_sdt_config():
     """MethodSpec's fields are SDTConfig's: ``name`` is its ``method``, the seed comes from training.seed."""
     import dataclasses
 
-    from pipeline.config import MethodSpec
+    from pipeline.spec.job import MethodSpec
 
     sdt_fields = {field.name for field in dataclasses.fields(SDTConfig)} - {"method", "seed"}
     assert set(MethodSpec.model_fields) - {"name"} == sdt_fields
 
 
 def test_sdt_config_errors_carry_the_field_as_data():
-    from pipeline.config import JobSpecError, parse_job
+    from pipeline.spec.job import JobSpecError, parse_job
 
     with pytest.raises(sdt.SDTConfigError) as error:
         SDTConfig.preset("lora", lora_targets=())

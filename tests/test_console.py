@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipeline.console import SweepConsole
+from pipeline.sweep.console import SweepConsole
 
 
 def lines_of(stream: io.StringIO) -> list[str]:

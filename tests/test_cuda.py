@@ -9,7 +9,7 @@ from helpers import assert_mamba1_invariants, assert_mamba2_invariants
 from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import sdt
-from pipeline.models import kernel_paths
+from pipeline.trial.models import kernel_paths
 
 pytestmark = pytest.mark.cuda
 VOCAB = 512

@@ -1,4 +1,4 @@
-"""pipeline.tasks, .formatting and .metrics: tasks, prompt format, splits, collation, and metrics checked against
+"""pipeline.tasks.sources, .formatting and .metrics: tasks, prompt format, splits, collation, and metrics checked against
 hand-computed values."""
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutput
 
-from pipeline.config import DataSpec
-from pipeline.digits import BLANK_PIXELS, digits_pixel_sequences, digits_tokenizer
-from pipeline.formatting import Example, collate, pad_token_id
-from pipeline.metrics import evaluate
-from pipeline.tasks import load_task
+from pipeline.spec.job import DataSpec
+from pipeline.tasks.digits import BLANK_PIXELS, digits_pixel_sequences, digits_tokenizer
+from pipeline.tasks.formatting import Example, collate, pad_token_id
+from pipeline.tasks.metrics import evaluate
+from pipeline.tasks.sources import load_task
 
 DATA = Path(__file__).parent / "data"
 RTE = {"train": str(DATA / "rte" / "train.jsonl"), "validation": str(DATA / "rte" / "validation.jsonl")}

@@ -1,5 +1,5 @@
 """The export stage on real adapters of the builtin digits base and a real SQLite MLflow store, without Ray: the
-trials are built as :func:`pipeline.results.load_trials` would read them back from a sweep."""
+trials are built as :func:`pipeline.results.outcomes.load_trials` would read them back from a sweep."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdt
-from pipeline import export
-from pipeline.config import JobSpec, parse_job
-from pipeline.digits import digits_pixel_sequences, digits_tokenizer
-from pipeline.export import CHAMPION_ALIAS, export_trials
-from pipeline.models import load_base_model
-from pipeline.digits import SHIPPED_BASE
-from pipeline.results import NoUsableTrialError, TrialOutcome
-from pipeline.tracking import SweepTracker, tracking_uri
-from pipeline.results import ADAPTER_DIR
-from pipeline.train import ENGINE_DIR, TRAINER_STATE
+from pipeline.results import export
+from pipeline.spec.job import JobSpec, parse_job
+from pipeline.tasks.digits import digits_pixel_sequences, digits_tokenizer
+from pipeline.results.export import CHAMPION_ALIAS, export_trials
+from pipeline.trial.models import load_base_model
+from pipeline.tasks.digits import SHIPPED_BASE
+from pipeline.results.outcomes import NoUsableTrialError, TrialOutcome
+from pipeline.results.tracking import SweepTracker, tracking_uri
+from pipeline.storage.layout import ADAPTER_DIR
+from pipeline.trial.worker import ENGINE_DIR, TRAINER_STATE
 
 CONTRACT = {"adapter_model.safetensors", "adapter_config.json", "trial.json", "job.yaml", "README.md"}
 WINNER = "t_best"
@@ -261,7 +261,7 @@ def test_without_a_trial_run_the_export_is_not_registered(sweep, caplog):
         sweep.root, tracking={"experiment": "untracked"}, dir=str(sweep.root / "untracked"),
         registered_model_name="digits-unregistered",
     )
-    with caplog.at_level(logging.WARNING, logger="pipeline.export"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.results.export"):
         out = run_export(spec, trials_of(sweep, spec))
 
     assert {path.name for path in out.iterdir()} == CONTRACT

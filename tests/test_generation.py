@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import VOCAB
-from pipeline.generation import batches, generate
+from pipeline.tasks.decoding import batches, generate
 
 EOS = PAD = VOCAB - 1
 LENGTHS = [3, 11, 6, 1, 9, 6, 14]

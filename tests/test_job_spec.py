@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from pipeline.config import JobSpec, JobSpecError, load_job, parse_job
+from pipeline.spec.job import JobSpec, JobSpecError, load_job, parse_job
 from sdt import SDTConfig
 
 FULL_SPEC = """

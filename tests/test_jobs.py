@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import JobSpec, load_job
+from pipeline.spec.job import JobSpec, load_job
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 JOB_FILES = sorted(JOBS_DIR.glob("*.yaml"))

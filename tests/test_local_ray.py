@@ -14,7 +14,7 @@ import time
 import pytest
 import ray
 
-from pipeline.cli import own_state_api
+from pipeline.cli.commands import own_state_api
 
 # Another Ray instance on this machine, up until its stdin closes.
 OTHER_INSTANCE = "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False); print('up', flush=True); sys.stdin.read()"
@@ -62,7 +62,7 @@ def test_the_raylets_worker_count_warning_fires_only_beyond_what_the_sweeps_tria
     """The raylet warns (a ~500-character console line) once its Python workers, less twice its 4 I/O workers,
     reach 4x its startup concurrency (ray/src/ray/raylet/worker_pool.cc); on 16 cores 12 concurrent trials passed
     that at the old fixed concurrency of 8 (bench/early_stopping.py on the H200)."""
-    from pipeline.console import RAY_FIXED_PROCESSES, RAY_PROCESSES_PER_TRIAL, ray_init_options
+    from pipeline.sweep.console import RAY_FIXED_PROCESSES, RAY_PROCESSES_PER_TRIAL, ray_init_options
 
     for trials, workers in ((2, 1), (12, 1), (4, 4)):
         concurrency = ray_init_options(True, trials, workers)["_system_config"]["worker_maximum_startup_concurrency"]
@@ -74,7 +74,7 @@ def test_the_raylets_worker_count_warning_fires_only_beyond_what_the_sweeps_tria
 
 @ray.remote(num_cpus=1)
 def placement_seen_by_a_worker() -> float | None:
-    from pipeline.trial import placement_time
+    from pipeline.trial.driver import placement_time
 
     return placement_time()
 

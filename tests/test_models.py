@@ -1,4 +1,4 @@
-"""pipeline.digits and pipeline.models: the shipped digits base, rebuilding it, and loading a job's base model on
+"""pipeline.tasks.digits and pipeline.trial.models: the shipped digits base, rebuilding it, and loading a job's base model on
 CPU.
 
 One test rebuilds the real default base (~40-70 s on 2 cores) and compares it with the shipped one; the rest use
@@ -22,10 +22,10 @@ from transformers import (
     MambaForCausalLM,
 )
 
-from pipeline.config import ModelSpec
-from pipeline.digits import digits_pixel_sequences, digits_tokenizer
-from pipeline.models import compute_dtype, load_base_model, log_kernel_paths
-from pipeline.digits import (
+from pipeline.spec.job import ModelSpec
+from pipeline.tasks.digits import digits_pixel_sequences, digits_tokenizer
+from pipeline.trial.models import compute_dtype, load_base_model, log_kernel_paths
+from pipeline.tasks.digits import (
     DIGITS_BASE,
     SHIPPED_BASE,
     PretrainConfig,
@@ -102,7 +102,7 @@ def test_ensure_digits_base_caches_by_config(tmp_path, monkeypatch):
 
 def test_publish_keeps_a_base_that_appeared_meanwhile(tmp_path):
     """A worker that finishes training after another published keeps the published copy."""
-    from pipeline.digits import _publish
+    from pipeline.tasks.digits import _publish
 
     target = tmp_path / "digits-base-x"
     _publish(target, lambda tmp: (tmp / "pretrain.json").write_text("first"))
@@ -126,12 +126,12 @@ def test_the_rebuilt_base_matches_the_shipped_one(tmp_path):
     build and thread count; float rounding apart otherwise) and the same held-out next-pixel loss."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from pipeline.cli.commands import app
 
     result = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path / "rebuilt")])
     assert result.exit_code == 0, result.output
     assert f"digits base rebuilt in {tmp_path / 'rebuilt'}: validation loss " in result.output
-    from pipeline.digits import compare_bases
+    from pipeline.tasks.digits import compare_bases
 
     comparison = compare_bases(tmp_path / "rebuilt", SHIPPED_BASE)
     assert comparison["max_weight_difference"] < 1e-3, comparison
@@ -199,7 +199,7 @@ def test_load_from_path(tmp_path):
 def test_load_architecture_is_deterministic(caplog):
     spec = ModelSpec(architecture="mamba2", config=TINY_MAMBA2)
     state = torch.random.get_rng_state()
-    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+    with caplog.at_level(logging.INFO, logger="pipeline.trial.models"):
         model, tokenizer = load_base_model(spec, torch.device("cpu"))
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG stream is untouched
     assert "kernel path for mamba2: mamba2_split_conv1d_scan_combined=" in caplog.text
@@ -234,7 +234,7 @@ def test_load_builtin_digits():
 def test_slow_kernel_path_on_cuda_is_a_warning(caplog):
     """On this CPU machine every entry point is the PyTorch fallback: on a CUDA device that must warn."""
     messages = []
-    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+    with caplog.at_level(logging.INFO, logger="pipeline.trial.models"):
         paths = log_kernel_paths("mamba", torch.device("cuda"), log=messages.append)
         log_kernel_paths("mamba", torch.device("cpu"), log=messages.append)
     assert set(paths.values()) == {"pytorch"}

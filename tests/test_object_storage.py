@@ -21,13 +21,13 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import parse_job
-from pipeline.metrics import evaluate
-from pipeline.results import load_trials, sweep_spec
-from pipeline.storage import STATE_ENV, local_state_dir, storage_path
-from pipeline.tasks import load_task
-from pipeline.warmup import INFO_FILE, WARMUP_DIR
+from pipeline.cli.commands import app
+from pipeline.spec.job import parse_job
+from pipeline.tasks.metrics import evaluate
+from pipeline.results.outcomes import load_trials, sweep_spec
+from pipeline.storage.paths import STATE_ENV, local_state_dir, storage_path
+from pipeline.tasks.sources import load_task
+from pipeline.trial.warmup import INFO_FILE, WARMUP_DIR
 from processes import finished_trials, wait_for
 
 JOB = {
@@ -65,7 +65,7 @@ def sweep(two_nodes, s3_bucket, digits_cache, tmp_path_factory):
     job = root / "job.yaml"
     job.write_text(yaml.safe_dump({**JOB, "output_dir": str(storage_path(s3_bucket) / "runs")}))
     spec = parse_job({**JOB, "output_dir": str(storage_path(s3_bucket) / "runs")})
-    command = [sys.executable, "-m", "pipeline.cli"]
+    command = [sys.executable, "-m", "pipeline.cli.commands"]
     log = open(root / "killed-driver.log", "w")  # what it printed, for a failure of this fixture
     first = subprocess.Popen([*command, "sweep", str(job), "--address", two_nodes.address], env=env, stdout=log,
                              stderr=subprocess.STDOUT)  # fmt: skip

@@ -30,13 +30,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import sdt
-from pipeline.cli import app
-from pipeline.config import load_job
-from pipeline.export import export_trials
-from pipeline.models import load_base_model
-from pipeline.results import ADAPTER_DIR, load_trials
-from pipeline.storage import LOCK_FILE
-from pipeline.tracking import ERROR_TAG, SweepTracker, tracking_uri
+from pipeline.cli.commands import app
+from pipeline.spec.job import load_job
+from pipeline.results.export import export_trials
+from pipeline.trial.models import load_base_model
+from pipeline.storage.layout import ADAPTER_DIR
+from pipeline.results.outcomes import load_trials
+from pipeline.storage.paths import LOCK_FILE
+from pipeline.results.tracking import ERROR_TAG, SweepTracker, tracking_uri
 from processes import finished_trials, wait_for
 
 MAMBA2 = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 8, "n_groups": 2,
@@ -66,7 +67,7 @@ def arm(trial) -> str:
 
 
 def sdtune(*args: str, env: dict, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, text=True, **popen)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli.commands", *args], env=env, text=True, **popen)
 
 
 def checkpoints(sweep_dir: Path, trial_id: str) -> list[str]:
@@ -105,7 +106,7 @@ def sweep(tmp_path_factory, env):
     finished = [t.trial_id for t in interrupted_trials if t.status == "TERMINATED"]
     finished_before = {trial_id: checkpoints(sweep_dir, trial_id) for trial_id in finished}
     exported_after_interrupt = (sweep_dir / "export").exists()
-    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "resume", str(sweep_dir)], env=env,
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "resume", str(sweep_dir)], env=env,
                              capture_output=True, text=True, timeout=1200)  # fmt: skip
     return {
         "root": root, "job": job, "sweep_dir": sweep_dir, "refused": refused, "interrupted": interrupted,
@@ -218,7 +219,7 @@ def test_a_sweep_that_fails_after_validation_says_so_in_one_line(tmp_path, env):
         **JOB, "name": "all-diverge", "output_dir": str(tmp_path / "runs"), "method": {"name": "full"},
         "training": {**JOB["training"], "epochs": 1, "lr": DIVERGING}, "search": {"space": {}},
     }))  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", str(job)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "sweep", str(job)], env=env, capture_output=True,
                             text=True, timeout=900)  # fmt: skip
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.config import parse_job
-from pipeline.report import Arm, ArmSummary, Budget, Stats, sdlora_verdict, write_report
-from pipeline.results import TrialOutcome
-from pipeline.tracking import SweepTracker
+from pipeline.spec.job import parse_job
+from pipeline.results.report import Arm, ArmSummary, Budget, Stats, sdlora_verdict, write_report
+from pipeline.results.outcomes import TrialOutcome
+from pipeline.results.tracking import SweepTracker
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
 pytestmark = pytest.mark.usefixtures("clean_cwd")
@@ -170,7 +170,7 @@ def test_searched_method_mappings_are_distinct_arms(tmp_path, store, caplog):
     ]
     out = tmp_path / "elsewhere"
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.results.report"):
         folder = write_report(spec, trials, SweepTracker(spec), out=out, log=lambda _: None)
 
     assert folder == out
@@ -282,7 +282,7 @@ def test_a_trials_time_begins_at_its_first_placement_and_a_failed_attempt_is_oth
     """A trial holds its GPUs from its worker group's placement: the time before is queued, not in its wall. Where Ray
     Train restarted the worker group, the last group's report splits its own start-up, and the failed attempt
     between the first placement and the restart's is time none of the parts covers (other)."""
-    from pipeline.results import COST_PARTS, trial_cost
+    from pipeline.results.outcomes import COST_PARTS, trial_cost
 
     report = {"time/placed": 104.0, "time/worker_start": 107.0, "time/imports": 5.0, "time/setup": 2.0,
               "time/train": 30.0, "time/eval": 3.0, "time/report_at": 150.0}  # fmt: skip

@@ -1,7 +1,7 @@
 """A corpus of malformed job specs: each fails validation with one line naming the field (or the file), before
 anything starts or is written, in about a second.
 
-The whole corpus runs in-process through the validation entry point (``pipeline.preflight.load_checked``); a
+The whole corpus runs in-process through the validation entry point (``pipeline.cli.preflight.load_checked``); a
 sample runs through ``sdtune validate`` and ``sdtune sweep`` (exit 2, no sweep directory, no MLflow store, no
 Ray).
 """
@@ -17,9 +17,9 @@ import ray
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import JobSpecError
-from pipeline.preflight import load_checked
+from pipeline.cli.commands import app
+from pipeline.spec.job import JobSpecError
+from pipeline.cli.preflight import load_checked
 
 GOOD = {"name": "ok", "model": {"builtin": "digits"}, "data": {"task": "digits"}, "resources": {"cpus_per_worker": 0.5}}
 TINY_MAMBA = {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4}

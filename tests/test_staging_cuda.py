@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_job
-from pipeline.results import load_trials
+from pipeline.spec.job import load_job
+from pipeline.results.outcomes import load_trials
 
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_a_sequential_sweep_stages_the_next_trial_and_trains_one_at_a_time(tmp_p
     env = {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled",
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "sweep", str(ROOT / "jobs" / "quickstart.yaml"),
+        [sys.executable, "-m", "pipeline.cli.commands", "sweep", str(ROOT / "jobs" / "quickstart.yaml"),
          *(arg for item in overrides for arg in ("--set", item))],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import JobSpecError, parse_job
-from pipeline.storage import (
+from pipeline.cli.commands import app
+from pipeline.spec.job import JobSpecError, parse_job
+from pipeline.storage.paths import (
     INCOMPLETE_MARKER,
     LOCK_FILE,
     STATE_ENV,
@@ -94,7 +94,7 @@ def test_a_directory_is_written_whole_and_replaced_whole(directory):
 
 REPLACE = """
 import sys
-from pipeline.storage import storage_path, write_directory
+from pipeline.storage.paths import storage_path, write_directory
 
 def new(folder):
     for part in range(16):

@@ -30,13 +30,14 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdt
-from pipeline.config import load_job
-from pipeline.metrics import evaluate
-from pipeline.tasks import load_task
-from pipeline.results import ADAPTER_DIR, load_trials
-from pipeline.storage import content_hash
-from pipeline.train import cpu_threads, run_warmup, trial_inputs
-from pipeline.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, warmup_key
+from pipeline.spec.job import load_job
+from pipeline.tasks.metrics import evaluate
+from pipeline.tasks.sources import load_task
+from pipeline.storage.layout import ADAPTER_DIR
+from pipeline.results.outcomes import load_trials
+from pipeline.storage.paths import content_hash
+from pipeline.trial.worker import cpu_threads, run_warmup, trial_inputs
+from pipeline.trial.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, warmup_key
 from processes import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ CONSOLE = "console-sweep.txt"  # beside the sweep directory
 
 def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], env={**env, **extra_env}, capture_output=True, text=True,
+        [sys.executable, "-m", "pipeline.cli.commands", *args], env={**env, **extra_env}, capture_output=True, text=True,
         timeout=1200,
     )
 
@@ -194,7 +195,7 @@ def test_the_champion_is_a_transformers_pipeline_that_generates(sweep, monkeypat
     pipeline whose answer to a test image is the merged model's own greedy answer."""
     import mlflow
 
-    from pipeline.export import example_prompt
+    from pipeline.results.export import example_prompt
 
     sweep_dir, spec, _ = sweep
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{sweep_dir}/mlflow.db")
@@ -218,7 +219,7 @@ def mlflow_server(sweep, env):
     sweep_dir = sweep[0]
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "ui", str(sweep_dir), "--port", str(port)],
+        [sys.executable, "-m", "pipeline.cli.commands", "ui", str(sweep_dir), "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

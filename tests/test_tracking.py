@@ -14,9 +14,9 @@ import pytest
 from mlflow import MlflowClient
 from ray import cloudpickle
 
-from pipeline.config import parse_job
-from pipeline.sweep_callbacks import MLflowSweepCallback
-from pipeline.tracking import PARENT_TAG, TRIAL_ID_TAG, SweepTracker, default_tracking_uri, tracking_uri
+from pipeline.spec.job import parse_job
+from pipeline.sweep.callbacks import MLflowSweepCallback
+from pipeline.results.tracking import PARENT_TAG, TRIAL_ID_TAG, SweepTracker, default_tracking_uri, tracking_uri
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
 pytestmark = pytest.mark.usefixtures("clean_cwd")
@@ -161,7 +161,7 @@ def test_a_trial_the_scheduler_stopped_says_so(spec):
 def test_changed_params_warn_instead_of_failing(spec, caplog):
     tracker = SweepTracker(spec)
     run_id = tracker.trial_run("t", {"lr": 0.1, "note": "x" * 7000, "odd key{}": 1})
-    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.results.tracking"):
         assert tracker.trial_run("t", {"lr": 0.2, "extra": [1, 2]}) == run_id
     assert "lr" in caplog.text and "immutable" in caplog.text
     params = tracker.client.get_run(run_id).data.params
@@ -287,7 +287,7 @@ def test_tune_run_gives_one_child_per_trial(ray_session, spec, tmp_path):
             if x == 3 and i == 2:
                 raise RuntimeError("this trial fails")
             metrics = {"eval/accuracy": x * (i + 1) / 10, "step": 10 * i, "epoch": i + 1, "train/loss": 1.0, "junk": 1}
-            if i == 2:  # a final checkpoint with an adapter/ folder, as pipeline.train writes
+            if i == 2:  # a final checkpoint with an adapter/ folder, as pipeline.trial.worker writes
                 with tempfile.TemporaryDirectory() as tmp:
                     os.makedirs(os.path.join(tmp, "adapter"))
                     with open(os.path.join(tmp, "adapter", "adapter_config.json"), "w") as f:

@@ -15,10 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.config import load_job
-from pipeline.metrics import evaluate
-from pipeline.tasks import load_task
-from pipeline.models import load_base_model
+from pipeline.spec.job import load_job
+from pipeline.tasks.metrics import evaluate
+from pipeline.tasks.sources import load_task
+from pipeline.trial.models import load_base_model
 from processes import train_workers, wait_for
 
 JOB = {
@@ -74,7 +74,7 @@ def resumed_trial(tmp_path_factory, cache_env):
     job = write_job(directory)
     out, err = directory / "stdout.log", directory / "stderr.log"
     with out.open("w") as stdout, err.open("w") as stderr:  # files, not pipes: nothing blocks the trial's output
-        trial = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(job)], env=cache_env,
+        trial = subprocess.Popen([sys.executable, "-m", "pipeline.cli.commands", "train", str(job)], env=cache_env,
                                  stdout=stdout, stderr=stderr)  # fmt: skip
         wait_for(lambda: len(registered_checkpoints(directory / "runs")) >= 2, 600, "two checkpoints")
         [victim, *_] = wait_for(lambda: train_workers(trial.pid), 60, "the train workers")

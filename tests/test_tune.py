@@ -13,8 +13,8 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGen
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
-from pipeline.config import parse_job
-from pipeline.tune import (
+from pipeline.spec.job import parse_job
+from pipeline.sweep.tune import (
     ResumableSearchGenerator,
     ResumableVariantGenerator,
     search_space,

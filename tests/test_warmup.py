@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import parse_job
-from pipeline.storage import content_hash, storage_path
-from pipeline.warmup import UPDATES_FILE, WarmupStore, warmup_key
+from pipeline.spec.job import parse_job
+from pipeline.storage.paths import content_hash, storage_path
+from pipeline.trial.warmup import UPDATES_FILE, WarmupStore, warmup_key
 
 BASE = {
     "name": "w",

@@ -1,4 +1,4 @@
-"""Warmup sharing through Ray (pipeline.claims) on a local two-node Ray cluster (`ray.cluster_utils.Cluster`) with no
+"""Warmup sharing through Ray (pipeline.trial.claims) on a local two-node Ray cluster (`ray.cluster_utils.Cluster`) with no
 shared directory: the warmups are stored in a bucket on a real S3 server (moto on 127.0.0.1). While one trial
 computes a warmup the other waits; when the first dies (its actor killed on the other node) the waiting one computes
 it, and a later one loads it, bit for bit, without computing. A hung holder loses its claim when its lease runs out,
@@ -14,9 +14,9 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.claims import NAMESPACE, ClaimCoordinator, coordinator_name, end_coordinator
-from pipeline.storage import content_hash, storage_path
-from pipeline.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, shared_warmup
+from pipeline.trial.claims import NAMESPACE, ClaimCoordinator, coordinator_name, end_coordinator
+from pipeline.storage.paths import content_hash, storage_path
+from pipeline.trial.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, shared_warmup
 from processes import wait_for
 
 

@@ -2,10 +2,10 @@
 
 Two real DeepSpeed ranks (torch.multiprocessing, gloo) train each of lora, sdlora (training phase, a fixed
 selection) and full fine-tuning on tiny Mamba, Mamba-2 and Jamba models for a few steps through
-``pipeline.train.make_engine``, under ZeRO-0, ZeRO-2 and ZeRO-3 with every parameter partitioned
+``pipeline.trial.worker.make_engine``, under ZeRO-0, ZeRO-2 and ZeRO-3 with every parameter partitioned
 (``stage3_param_persistence_threshold: 0``: tiny models would otherwise keep every parameter whole and test
 nothing). One rank runs ZeRO-0 against a plain torch loop (AdamW, ``clip_grad_norm_``, the linear schedule): the
-engine's lightened stage 0 (``pipeline.train.lighten_stage0``) must be the same optimizer. Gradient clipping is set
+engine's lightened stage 0 (``pipeline.trial.worker.lighten_stage0``) must be the same optimizer. Gradient clipping is set
 low enough to act at every step. The adapters (gathered) must agree to fp32 rounding. The trial-level run (Ray
 Train, checkpoints, resume, export) is in tests/test_trial.py.
 """
@@ -36,8 +36,8 @@ def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out:
     from transformers import AutoModelForCausalLM
 
     import sdt
-    from pipeline.config import parse_job
-    from pipeline.train import gathered, make_engine
+    from pipeline.spec.job import parse_job
+    from pipeline.trial.worker import gathered, make_engine
 
     torch.distributed.init_process_group("gloo")  # as Ray Train does; DeepSpeed takes it up in make_engine
     for arch in ARCHS:

@@ -8,7 +8,7 @@ reuses its parent and the children of its trials instead of duplicating them:
 
 Everything goes through an :class:`mlflow.MlflowClient` bound to :func:`tracking_uri`; nothing here touches
 MLflow's fluent, process-global state (``mlflow.set_experiment`` / ``start_run`` would set ``MLFLOW_EXPERIMENT_ID``
-and steer other code in the driver). :class:`pipeline.sweep_callbacks.MLflowSweepCallback` drives a
+and steer other code in the driver). :class:`pipeline.sweep.callbacks.MLflowSweepCallback` drives a
 :class:`SweepTracker` from the Ray Tune driver.
 """
 
@@ -32,9 +32,9 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.config import JobSpec
-from pipeline.results import metric_on_test
-from pipeline.storage import local_state_dir
+from pipeline.spec.job import JobSpec
+from pipeline.results.outcomes import metric_on_test
+from pipeline.storage.paths import local_state_dir
 
 logger = logging.getLogger(__name__)
 

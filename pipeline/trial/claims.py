@@ -1,7 +1,7 @@
 """One computation per key across a Ray cluster: each sweep has a claim coordinator, a named Ray actor that grants a
 key to one holder at a time and takes it back when that holder dies. No shared filesystem is needed.
 
-:mod:`pipeline.warmup` uses it for the SDT warmup: of the trials that would compute the same warmup, the one granted
+:mod:`pipeline.trial.warmup` uses it for the SDT warmup: of the trials that would compute the same warmup, the one granted
 the key computes it and publishes it in the sweep's storage; the others wait, then load it from there. The
 coordinator keeps only the claims in progress. What is finished is in storage, and every asker looks there first
 (``done``), so a new coordinator (a resumed sweep, a restarted actor) never hands out finished work again.
@@ -31,7 +31,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from pipeline.storage import StoragePath, content_hash
+from pipeline.storage.paths import StoragePath, content_hash
 
 NAMESPACE = "sdtune"
 LEASE_S = 60.0  # a holder that renews nothing for this long has lost its claim

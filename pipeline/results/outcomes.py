@@ -14,17 +14,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import JobSpec, load_job
-from pipeline.storage import StoragePath, reported_path, storage_path
+from pipeline.spec.job import JobSpec, load_job
+from pipeline.storage.layout import CHECKPOINT_KEY, COST_FILE, JOB_FILE, TRIAL_PREFIX, TUNE_DIR
+from pipeline.storage.paths import StoragePath, reported_path, storage_path
 
-TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
-JOB_FILE = "job.yaml"  # the resolved spec, under the sweep dir
-CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneReportCallback
-ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selection (sdt.save)
-TRIAL_PREFIX = "trial-"  # <sweep dir>/trial-<trial id>: Ray Train's storage of one trial
-COST_FILE = "cost.json"  # in a trial's directory: where its wall time went (written by the sweep driver)
-DIVERGED_FILE = "diverged.json"  # in a trial's directory: why its training loss stopped being finite
-# Where a trial's wall time goes: the worker measures the middle four, the driver the ends (pipeline.train).
+# Where a trial's wall time goes: the worker measures the middle four, the driver the ends (pipeline.trial.worker).
 COST_PARTS = ("startup", "warmup", "training", "evaluation", "checkpointing", "teardown", "other")
 # Ray Tune's trial statuses (not MLflow's run statuses, which are FINISHED / FAILED / KILLED).
 TUNE_TERMINATED = "TERMINATED"  # finished, or stopped early by the scheduler
@@ -98,7 +92,7 @@ def trial_cost(
 
     - ``queued``: from Tune's start of the trial to its worker group's placement (``placed``, else the report's
       ``time/placed``): its Ray processes starting (Tune's function, Ray Train's controller) and, for a staged trial
-      (:func:`pipeline.tune.trials_at_once`), its wait for a running trial's GPUs. The trial held no GPU then: not its
+      (:func:`pipeline.sweep.tune.trials_at_once`), its wait for a running trial's GPUs. The trial held no GPU then: not its
       GPU time, and not in its ``wall``. Its GPU time, and its start-up, begin at the placement (``began_at``; at its
       start where Ray did not record the placement);
     - ``startup``: from then to its first training step, warmup excluded: ``startup_ray`` (Ray Train's worker

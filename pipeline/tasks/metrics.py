@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.config import DATA_SPLITS
-from pipeline.formatting import IGNORE_INDEX, Example, collate, label_token_ids, pad_token_id
-from pipeline.generation import generate
-from pipeline.tasks import TaskData
+from pipeline.tasks.registry import DATA_SPLITS
+from pipeline.tasks.formatting import IGNORE_INDEX, Example, collate, label_token_ids, pad_token_id
+from pipeline.tasks.decoding import generate
+from pipeline.tasks.sources import TaskData
 
 if TYPE_CHECKING:
-    from pipeline.config import DataSpec
+    from pipeline.spec.job import DataSpec
 
 
 def evaluate(
@@ -39,7 +39,7 @@ def evaluate(
     1 positive) for two classes, else macro.
 
     Generation decodes ``batch_size`` prompts at a time (greedy, or beam search for num_beams > 1), exactly as one
-    by one would (:mod:`pipeline.generation`). ROUGE is the mean F-measure (rouge-score, no stemming); ``bleu`` is
+    by one would (:mod:`pipeline.tasks.decoding`). ROUGE is the mean F-measure (rouge-score, no stemming); ``bleu`` is
     sacrebleu's corpus BLEU / 100; ``exact_match`` compares whitespace-stripped strings.
     """
     if split not in DATA_SPLITS:

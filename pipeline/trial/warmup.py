@@ -5,10 +5,10 @@ batch, the warmup length, its learning rate and schedule, the world size, the Lo
 compute dtype; it does not depend on the channel / state ratios, which act only in the selection afterwards. So
 trials that differ only in ratios (or in the training-phase lr) share one warmup: :func:`warmup_key` lists those
 inputs, its hash names ``<sweep dir>/warmup/<hash>/`` (``updates.safetensors``, then ``warmup.json``, the marker of
-a published warmup), in the sweep's storage, local or object storage (:mod:`pipeline.storage`), and
+a published warmup), in the sweep's storage, local or object storage (:mod:`pipeline.storage.paths`), and
 
 - a trial that finds it published loads it;
-- otherwise it asks the sweep's claim coordinator, a Ray actor (:mod:`pipeline.claims`): the one granted the key
+- otherwise it asks the sweep's claim coordinator, a Ray actor (:mod:`pipeline.trial.claims`): the one granted the key
   computes the warmup and publishes it; the others wait and then load it. A trial that dies while computing
   loses its claim, and the next one computes it. No shared filesystem is needed.
 
@@ -28,9 +28,9 @@ import torch.distributed as dist
 from safetensors.torch import load, save_file
 
 from pipeline import __version__
-from pipeline.claims import Lease, claimed
-from pipeline.config import JobSpec
-from pipeline.storage import StoragePath, content_hash, write_directory
+from pipeline.trial.claims import Lease, claimed
+from pipeline.spec.job import JobSpec
+from pipeline.storage.paths import StoragePath, content_hash, write_directory
 
 WARMUP_DIR = "warmup"
 UPDATES_FILE = "updates.safetensors"
@@ -45,7 +45,7 @@ Updates = dict[str, dict[str, torch.Tensor]]  # mixer prefix -> warmup tensor ke
 
 def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.device) -> dict[str, Any]:
     """Everything the warmup's result depends on, and nothing else."""
-    from pipeline.models import compute_dtype
+    from pipeline.trial.models import compute_dtype
 
     training = spec.training
     return {

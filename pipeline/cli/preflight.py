@@ -2,8 +2,8 @@
 the base model can be built and every searched method selects something in it, the batch fits the data, the
 metric is one the task reports, the tracking server answers, and a trial fits the cluster.
 
-:mod:`pipeline.config` checks the spec as a document; this module checks it against the machine, in seconds,
-writing nothing. Every problem is a :class:`~pipeline.config.JobSpecError` naming the field, so a sweep never
+:mod:`pipeline.spec.job` checks the spec as a document; this module checks it against the machine, in seconds,
+writing nothing. Every problem is a :class:`~pipeline.spec.job.JobSpecError` naming the field, so a sweep never
 starts only to fail in its trials over something knowable up front.
 """
 
@@ -21,9 +21,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import sdt
-from pipeline.config import DATA_FILE_FORMATS, JobSpec, JobSpecError, load_job, method_field
-from pipeline.storage import ObjectPath, check_reachable, storage_path
-from pipeline.tasks import CLASSIFICATION_METRICS, GENERATION_METRICS
+from pipeline.tasks.registry import DATA_FILE_FORMATS
+from pipeline.spec.job import JobSpec, JobSpecError, load_job, method_field
+from pipeline.storage.paths import ObjectPath, check_reachable, storage_path
+from pipeline.tasks.sources import CLASSIFICATION_METRICS, GENERATION_METRICS
 
 HUB_TIMEOUT_S = 5
 TRACKING_TIMEOUT_S = 3
@@ -92,7 +93,7 @@ def check_metric(spec: JobSpec) -> None:
 
 def skeleton(spec: JobSpec) -> PreTrainedModel:
     """The base's architecture on the meta device: shapes, no weights, nothing downloaded but a hub config."""
-    from pipeline.digits import digits_base_config
+    from pipeline.tasks.digits import digits_base_config
 
     model = spec.model
     trust = {"trust_remote_code": True} if model.trust_remote_code else {}
@@ -153,8 +154,8 @@ def check_method_fits(spec: JobSpec, model: PreTrainedModel) -> None:
 def train_examples(spec: JobSpec) -> int | None:
     """How many training examples the task will have, where that is known without downloading (the built-in
     tasks, local files); None for a Hugging Face dataset."""
-    from pipeline.digits import DIGITS_POOL
-    from pipeline.tasks import SYNTHETIC_POOL
+    from pipeline.tasks.digits import DIGITS_POOL
+    from pipeline.tasks.sources import SYNTHETIC_POOL
 
     data = spec.data
     if data.task in ("digits", "synthetic"):
@@ -194,7 +195,7 @@ def check_data_size(spec: JobSpec) -> None:
 
 def check_tracking(spec: JobSpec) -> None:
     """An MLflow tracking server named by ``tracking.uri`` (or $MLFLOW_TRACKING_URI) answers its health check."""
-    from pipeline.tracking import tracking_uri
+    from pipeline.results.tracking import tracking_uri
 
     uri = tracking_uri(spec)
     if not uri.startswith(("http://", "https://")):

@@ -2,7 +2,7 @@
 
 Ray Train V2 style: Tune runs a function trainable that builds the trial's ``TorchTrainer``; the Train→Tune
 ``TuneReportCallback`` forwards each report (and its ``checkpoint_path``) to Tune, and MLflow follows from the
-Tune driver (:class:`pipeline.sweep_callbacks.MLflowSweepCallback`).
+Tune driver (:class:`pipeline.sweep.callbacks.MLflowSweepCallback`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils import flatten_dict
 
-from pipeline.claims import end_coordinator
-from pipeline.config import Domain, JobSpec
-from pipeline.results import TUNE_DIR, TUNE_ERROR, TrialOutcome, outcomes
-from pipeline.sweep_callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger, ended_ids
-from pipeline.tracking import SweepTracker
-from pipeline.trial import trial_driver, trial_gpus
+from pipeline.trial.claims import end_coordinator
+from pipeline.spec.job import Domain, JobSpec
+from pipeline.storage.layout import TUNE_DIR
+from pipeline.results.outcomes import TUNE_ERROR, TrialOutcome, outcomes
+from pipeline.sweep.callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger, ended_ids
+from pipeline.results.tracking import SweepTracker
+from pipeline.trial.driver import trial_driver, trial_gpus
 
 
 def to_tune_domain(domain: Domain) -> Any:
@@ -43,7 +44,7 @@ def search_space(spec: JobSpec) -> dict[str, Any]:
 
 
 def make_trainable(spec: JobSpec, waits_for_gpus: bool):
-    """Tune's trainable: :func:`pipeline.trial.trial_driver` with the spec; ``waits_for_gpus``: Tune runs more trials
+    """Tune's trainable: :func:`pipeline.trial.driver.trial_driver` with the spec; ``waits_for_gpus``: Tune runs more trials
     at once than the cluster's GPUs hold (a staged trial, or more trials than fit), so a trial may wait for GPUs."""
     driver = tune.with_parameters(trial_driver, spec=spec, waits_for_gpus=waits_for_gpus)
     return tune.with_resources(driver, {"cpu": spec.resources.trial_cpus})
@@ -58,7 +59,7 @@ def trials_at_once(spec: JobSpec, local_cluster: bool, cluster_gpus: float, gpus
     20-23 s between trials, and 11-15 s staged (docs/benchmarks.md, session 13). Where one trial more would find
     GPUs free (12 trials of 1/16 GPU on one GPU, or more GPUs than trials) it would run rather than wait, and where
     trials already wait for GPUs it adds nothing: neither stages. A trial that may wait for GPUs waits without Ray
-    Train's worker-group start timeout (:data:`pipeline.trial.WAIT_FOR_GPUS_S`)."""
+    Train's worker-group start timeout (:data:`pipeline.trial.driver.WAIT_FOR_GPUS_S`)."""
     limit = spec.resources.max_concurrent_trials
     stage = spec.resources.stage_next_trial
     if not (local_cluster if stage is None else stage) or gpus_per_trial <= 0:
@@ -241,7 +242,7 @@ def make_experiment(spec: JobSpec, tracker: SweepTracker, trainable, at_once: in
                 TrialLedger(spec.sweep_dir.resolve()),
                 ProgressCallback(spec, staged=at_once > spec.resources.max_concurrent_trials),
             ],
-            verbose=0,  # no trial table: ProgressCallback shows the trials (pipeline.console)
+            verbose=0,  # no trial table: ProgressCallback shows the trials (pipeline.sweep.console)
         ),
     )
 
@@ -252,7 +253,7 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
     on what the caller does next (export, or a failure)."""
     # Tune saves its experiment state at most every 10 s by default: a driver dying in that window would run the
     # trials that finished in it again on resume (each then only re-reports its final checkpoint, see
-    # pipeline.train). On a local disk the state is small: save it at every step. In object storage each save
+    # pipeline.trial.worker). On a local disk the state is small: save it at every step. In object storage each save
     # uploads the experiment directory again (every trial's result files too), which at every step is an upload
     # running back to back (about 80 requests a second with two trials running); there Tune's default stays.
     if isinstance(spec.sweep_dir, Path):
@@ -270,7 +271,7 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
         with StopSignals() as signals:
             experiment.fit()
     finally:
-        end_coordinator(spec.sweep_dir)  # the warmup claims of its trials (pipeline.claims): none is running now
+        end_coordinator(spec.sweep_dir)  # the warmup claims of its trials (pipeline.trial.claims): none is running now
     ledger = TrialLedger.take(spec.sweep_dir.resolve())
     interrupted = signals.received is not None or ledger.unfinished
     return SweepOutcome(outcomes(spec, ledger.trials), bool(interrupted), ledger.started, ledger.cut_short)

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
-    from pipeline.config import DataSpec
+    from pipeline.spec.job import DataSpec
 
 SEP = "###"
 EOS = "<|endoftext|>"

@@ -2,8 +2,8 @@
 the ``report/`` artifacts of the sweep's MLflow parent run: a "best vs baselines" table and verdict, learning
 curves, the metric against every searched hyperparameter and where the time went.
 
-Each trial counts by its last report, as in :mod:`pipeline.results`; failed trials and trials without a finite
-metric are left out, and counted. Finished trials fall into *arms* (:mod:`pipeline.arms`), and within an arm into
+Each trial counts by its last report, as in :mod:`pipeline.results.outcomes`; failed trials and trials without a finite
+metric are left out, and counted. Finished trials fall into *arms* (:mod:`pipeline.results.arms`), and within an arm into
 *settings* of the other searched hyperparameters. Seeds (``training.seed``) are repetitions of a setting, not part
 of it: an arm is represented by its setting with the best mean validation metric over seeds, and the test metric is
 read for that setting only, so the test split never picks anything.
@@ -34,9 +34,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.arms import METHOD_KEYS, Arm, arm_of, canonical, value_label
-from pipeline.config import Domain, JobSpec
-from pipeline.results import (
+from pipeline.results.arms import METHOD_KEYS, Arm, arm_of, canonical, value_label
+from pipeline.spec.job import Domain, JobSpec
+from pipeline.results.outcomes import (
     COST_PARTS,
     TUNE_ERROR,
     TUNE_TERMINATED,
@@ -44,8 +44,8 @@ from pipeline.results import (
     TrialOutcome,
     metric_on_test,
 )
-from pipeline.storage import StoragePath, local_copy, storage_path, write_directory
-from pipeline.tracking import SweepTracker, is_finite_number
+from pipeline.storage.paths import StoragePath, local_copy, storage_path, write_directory
+from pipeline.results.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -615,7 +615,7 @@ COST_COLORS = {"startup": "#9e9e9e", "warmup": "#f2a541", "training": "#2e7d32",
 
 
 def plot_cost(trials: Sequence[TrialOutcome], path: Path) -> None:
-    """Each trial's wall time as one bar split into its parts (:data:`pipeline.results.COST_PARTS`), labelled with
+    """Each trial's wall time as one bar split into its parts (:data:`pipeline.results.outcomes.COST_PARTS`), labelled with
     its arm, longest first; GPU-seconds when the trials held GPUs."""
     recorded = sorted((trial for trial in trials if trial.cost), key=lambda trial: trial.cost["wall"])
     gpus = any(trial.cost["gpus"] for trial in recorded)

@@ -18,7 +18,7 @@ Files get the usual modes (0666 less the umask; safetensors writes 0600). The re
 transformers flavor of the merged model with its tokenizer (a ``text-generation`` pipeline), with the export
 directory beside it as ``sdtune_export/``: ``mlflow.transformers.load_model("models:/<name>@champion")`` returns a
 pipeline that generates. Everything, registration included, happens in a staging directory that then replaces the
-export whole (:func:`pipeline.storage.write_directory`: renamed into place locally, so a failure anywhere leaves the
+export whole (:func:`pipeline.storage.paths.write_directory`: renamed into place locally, so a failure anywhere leaves the
 previous export, and the champion it registered, as they were; uploaded with ``trial.json`` last in object storage,
 where a failure midway leaves no export rather than a mix of two).
 """
@@ -40,13 +40,14 @@ from transformers import PreTrainedTokenizerBase
 
 import sdt
 from pipeline import __version__
-from pipeline.arms import value_label
-from pipeline.config import DataSpec, JobSpec
-from pipeline.formatting import SEP
-from pipeline.models import load_base_model
-from pipeline.results import ADAPTER_DIR, JOB_FILE, TrialOutcome, best_trial, is_metric, metric_on_test
-from pipeline.storage import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
-from pipeline.tracking import SweepTracker, is_finite_number
+from pipeline.results.arms import value_label
+from pipeline.spec.job import DataSpec, JobSpec
+from pipeline.tasks.formatting import SEP
+from pipeline.trial.models import load_base_model
+from pipeline.storage.layout import ADAPTER_DIR, JOB_FILE
+from pipeline.results.outcomes import TrialOutcome, best_trial, is_metric, metric_on_test
+from pipeline.storage.paths import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
+from pipeline.results.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def export_trials(
     ``merged/`` when ``merge`` (default ``export.merge``), registered when ``export.register_model``.
 
     An export of the same trial from the same checkpoint is left as it is (and not registered again). Raises,
-    writing nothing, :class:`pipeline.results.NoUsableTrialError` when no trial finished with a finite metric and
+    writing nothing, :class:`pipeline.results.outcomes.NoUsableTrialError` when no trial finished with a finite metric and
     a checkpoint, and :class:`ExportRefused` when ``out`` is a directory that is not an sdtune export.
     """
     trial = best_trial(spec, trials)
@@ -251,7 +252,7 @@ def base_model_name(spec: JobSpec) -> str:
 
 def prompt_format(data: DataSpec) -> str:
     """What the model reads: ``<instruction><text>###`` (a pair: ``...<text>###<text_pair>###``)."""
-    from pipeline.tasks import GLUE_COLUMNS
+    from pipeline.tasks.sources import GLUE_COLUMNS
 
     roles = {**(GLUE_COLUMNS.get((data.subset or "").lower(), {}) if data.task == "glue" else {}), **data.columns}
     pair = f"<text_pair>{SEP}" if "text_pair" in roles else ""
@@ -262,7 +263,7 @@ def example_prompt(data: DataSpec) -> str:
     """A prompt to show and to try: the first test image for the digits task, else the format itself."""
     if data.task != "digits":
         return prompt_format(data)
-    from pipeline.digits import digits_splits
+    from pipeline.tasks.digits import digits_splits
 
     return f"{data.instruction}{digits_splits(data.validation_fraction, data.split_seed)['test'][0]['text']}{SEP}"
 
@@ -301,7 +302,7 @@ def model_card(
     name = registry_name(spec)
     builtin = spec.model.builtin is not None
     load_base = (
-        ["from pipeline.digits import SHIPPED_BASE  # the builtin digits base ships with sdtune", "",
+        ["from pipeline.tasks.digits import SHIPPED_BASE  # the builtin digits base ships with sdtune", "",
          "base = AutoModelForCausalLM.from_pretrained(SHIPPED_BASE)"]
         if builtin else [f'base = AutoModelForCausalLM.from_pretrained("{adapter_config["base_model"]}")']
     )  # fmt: skip

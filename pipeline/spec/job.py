@@ -7,6 +7,7 @@ override or a value is a :class:`JobSpecError` whose one-line message starts wit
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Mapping, Sequence
 from functools import reduce
@@ -34,14 +35,11 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from pipeline import spec_yaml
-from pipeline.storage import StoragePath, secret_options, storage_path
+from pipeline.spec import yaml_reader as spec_yaml
+from pipeline.tasks.registry import COLUMN_ROLES, DATA_FILE_FORMATS, DATA_SPLITS
+from pipeline.storage.paths import StoragePath, secret_options, storage_path
 from sdt import SDTConfig, SDTConfigError
 
-DATA_SPLITS: tuple[str, ...] = ("train", "validation", "test")
-COLUMN_ROLES: tuple[str, ...] = ("text", "text_pair", "label", "target")
-# File suffix -> the `datasets` builder that reads it.
-DATA_FILE_FORMATS: dict[str, str] = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Trials may differ only in what they train; resources, tracking and export belong to the sweep as a whole.
 SEARCHABLE_SECTIONS: tuple[str, ...] = ("model", "data", "method", "training")
 DOMAIN_KINDS: tuple[str, ...] = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -355,7 +353,7 @@ class SearchSpec(_Spec):
     scheduler: Literal["asha", "fifo"] = "fifo"
     grace_period: PositiveInt = 1  # ASHA, in reports (epochs or eval_every_steps)
     reduction_factor: float = Field(2.0, gt=1)  # ASHA
-    # Trials whose SDT warmups would be identical compute it once (pipeline.warmup); off, every trial computes its
+    # Trials whose SDT warmups would be identical compute it once (pipeline.trial.warmup); off, every trial computes its
     # own (to measure what sharing saves).
     share_warmup: bool = True
     space: dict[str, Domain] = {}  # dotted path into the job spec -> its values, e.g. "training.lr"
@@ -399,8 +397,11 @@ class JobSpec(_Spec):
     """One sweep: a model, data, a fine-tuning method and how to search its hyperparameters."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=100)  # a directory and an MLflow experiment name
+    # Python modules imported before the spec is validated, by the command and by every trial's processes: where
+    # your own methods (sdt.register_method) and tasks (pipeline.tasks.registry.register_task) register themselves.
+    imports: list[str] = []
     # The sweep lives in <output_dir>/<name>: a local directory, or object storage (s3://bucket/prefix?options,
-    # any URI pyarrow.fs opens; credentials from the environment), see pipeline.storage.
+    # any URI pyarrow.fs opens; credentials from the environment), see pipeline.storage.paths.
     output_dir: str = "runs"
     model: ModelSpec
     data: DataSpec = DataSpec()
@@ -523,11 +524,24 @@ def parse_job(data: Mapping[str, Any], source: str = "<spec>", trial: bool = Fal
     one trial of a validated sweep, whose search space needs no second check."""
     if not isinstance(data, Mapping):
         raise JobSpecError(source, f"the spec must be a mapping, got {type(data).__name__}", source)
+    import_modules(data.get("imports", []), source)
     try:
         return JobSpec.model_validate(data, context={TRIAL_CONTEXT: trial})
     except ValidationError as error:
         where, reason = _first_error(error)
         raise JobSpecError(where or "spec", reason, source) from error
+
+
+def import_modules(modules: Any, source: str = "<spec>") -> None:
+    """Imports the spec's ``imports`` (a module registers its methods and tasks when imported); each failure is a
+    :class:`JobSpecError` naming the module."""
+    if not isinstance(modules, list) or not all(isinstance(module, str) for module in modules):
+        raise JobSpecError("imports", f"a list of module names, got {modules!r}", source)
+    for position, module in enumerate(modules):
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001  (whatever the module raises, the spec cannot run)
+            raise JobSpecError(f"imports.{position}", f"cannot import {module!r}: {type(error).__name__}: {error}", source) from None
 
 
 def load_job(path: str | StoragePath, overrides: Sequence[str] = ()) -> JobSpec:

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import sdt
-from pipeline.config import ModelSpec
-from pipeline.console import WORKER_WARNING
+from pipeline.spec.job import ModelSpec
+from pipeline.trial.progress import WORKER_WARNING
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def load_base_model(
     is a ValueError. Logs the kernel path the model will run through ``log``; on CUDA a reference-PyTorch fallback
     is also a WARNING on this module's logger.
     """
-    from pipeline.digits import digits_tokenizer, ensure_digits_base  # imports datasets; keep `kernel_paths` light
+    from pipeline.tasks.digits import digits_tokenizer, ensure_digits_base  # imports datasets; keep `kernel_paths` light
 
     device = torch.device(device)
     trust = {"trust_remote_code": True} if spec.trust_remote_code else {}

@@ -1,6 +1,6 @@
 """Tasks: where train / validation / test come from and how each is split (sdt-spec.md section 6).
 
-``digits`` (scikit-learn's bundled 8x8 digits as pixel-token sequences, :mod:`pipeline.digits`; no download),
+``digits`` (scikit-learn's bundled 8x8 digits as pixel-token sequences, :mod:`pipeline.tasks.digits`; no download),
 ``synthetic`` (a tiny generated task for tests), ``glue`` and ``generation`` (Hugging Face datasets or local
 files), and ``files`` (local files with a column mapping).
 """
@@ -15,15 +15,15 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.config import DATA_FILE_FORMATS, DATA_SPLITS
-from pipeline.digits import digits_splits
-from pipeline.formatting import Example, classification_examples, generation_examples, label_token_ids
+from pipeline.tasks.registry import DATA_FILE_FORMATS, DATA_SPLITS
+from pipeline.tasks.digits import digits_splits
+from pipeline.tasks.formatting import Example, classification_examples, generation_examples, label_token_ids
 
 if TYPE_CHECKING:
-    from pipeline.config import DataSpec
+    from pipeline.spec.job import DataSpec
 
 Kind = Literal["classification", "generation"]
-# The keys `pipeline.metrics.evaluate` returns per kind; the first is the task's headline metric.
+# The keys `pipeline.tasks.metrics.evaluate` returns per kind; the first is the task's headline metric.
 CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "f1", "matthews", "out_of_label", "loss")
 GENERATION_METRICS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match", "loss")
 

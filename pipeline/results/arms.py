@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.results import TrialOutcome
+from pipeline.results.outcomes import TrialOutcome
 
 METHOD_KEYS = ("method", "method.name")  # searched keys that pick the arm rather than a setting within it
 # Method fields that tell arms apart, in label order, with their short prefix ("lora r2 out_proj+x_proj").

@@ -3,7 +3,7 @@ builds and fits it (``trial_driver``).
 
 This module stays light on purpose. Ray runs the Tune function and the Train controller in fresh processes, and
 what they import is start-up time during which the trial's GPU idles: they import this module (Ray, pydantic,
-the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod:`pipeline.train`.
+the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod:`pipeline.trial.worker`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import ray.train
 import ray.train.torch
 from ray import tune
 
-from pipeline.config import JobSpec
-from pipeline.results import DIVERGED_FILE, TRIAL_PREFIX
+from pipeline.spec.job import JobSpec, import_modules
+from pipeline.storage.layout import DIVERGED_FILE, TRIAL_PREFIX
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -27,7 +27,8 @@ def train_loop(config: dict[str, Any]) -> None:
     worker group got its resources, for the trial's start-up breakdown)."""
     entered_at = time.time()
     placed_at = placement_time()
-    from pipeline.train import train_loop_per_worker
+    import_modules(config["spec"].imports)  # the spec's own methods and tasks, registered in this process too
+    from pipeline.trial.worker import train_loop_per_worker
 
     train_loop_per_worker({**config, "entered_at": entered_at, "placed_at": placed_at})
 
@@ -35,7 +36,7 @@ def train_loop(config: dict[str, Any]) -> None:
 def placement_time() -> float | None:
     """When this worker's placement group (its worker group's resources) was placed: where the trial's hold on its
     GPUs begins, whether it got them at once or waited for a running trial's (a staged trial,
-    :func:`pipeline.tune.trials_at_once`). None outside a placement group, or where Ray's record lacks the times.
+    :func:`pipeline.sweep.tune.trials_at_once`). None outside a placement group, or where Ray's record lacks the times.
 
     Ray's public ``placement_group_table`` gives how long the group took to place but not when it was asked for; the
     GCS record it is read from has both (``creation_request_received_ns``, Unix time)."""

@@ -45,9 +45,9 @@ from transformers import MambaConfig, MambaForCausalLM, PreTrainedModel, PreTrai
 
 import sdt
 from sdt.io import FORMAT_VERSION
-from pipeline.config import DATA_SPLITS
-from pipeline.formatting import EOS, SEP
-from pipeline.storage import content_hash, file_lock
+from pipeline.tasks.registry import DATA_SPLITS
+from pipeline.tasks.formatting import EOS, SEP
+from pipeline.storage.paths import content_hash, file_lock
 
 # Digits: images [0, 1500) are shuffled (split_seed) into train/validation, [1500, 1797) are the test set (297).
 # A fixed test set keeps test numbers comparable across split seeds and validation fractions.

@@ -12,24 +12,12 @@ from typing import Any
 
 from ray.tune import Callback
 
-from pipeline.arms import trial_label
-from pipeline.config import JobSpec
-from pipeline.results import (
-    ADAPTER_DIR,
-    CHECKPOINT_KEY,
-    COST_FILE,
-    COST_PARTS,
-    TUNE_ERROR,
-    TUNE_TERMINATED,
-    error_line,
-    is_metric,
-    metric_on_test,
-    reached_the_end,
-    trial_cost,
-    trial_dir,
-)
-from pipeline.storage import StoragePath, local_copy, reported_path
-from pipeline.tracking import ERROR_TAG, SweepTracker
+from pipeline.results.arms import trial_label
+from pipeline.spec.job import JobSpec
+from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_KEY, COST_FILE
+from pipeline.results.outcomes import COST_PARTS, TUNE_ERROR, TUNE_TERMINATED, error_line, is_metric, metric_on_test, reached_the_end, trial_cost, trial_dir
+from pipeline.storage.paths import StoragePath, local_copy, reported_path
+from pipeline.results.tracking import ERROR_TAG, SweepTracker
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +35,7 @@ def guarded(what: str, action, *args, strict: bool = False) -> Any:
 
 
 class TrialCostCallback(Callback):
-    """Where each trial's wall time went (:func:`pipeline.results.trial_cost`): the driver notes when a trial
+    """Where each trial's wall time went (:func:`pipeline.results.outcomes.trial_cost`): the driver notes when a trial
     starts and ends, the worker's last report says how long it spent in each phase. Written to
     ``<trial dir>/cost.json`` and logged as ``cost/<part>_s`` metrics on the trial's MLflow run."""
 
@@ -246,16 +234,16 @@ class MLflowSweepCallback(Callback):
 
 
 class ProgressCallback(Callback):
-    """The console of a sweep (:class:`pipeline.console.SweepConsole`): a line per trial event, and the progress
-    each running trial's rank 0 writes (:class:`pipeline.console.TrialProgress`), read at most every
-    :data:`pipeline.console.REFRESH_S` seconds. Tune pickles its callbacks into ``tuner.pkl``: the console, which
+    """The console of a sweep (:class:`pipeline.sweep.console.SweepConsole`): a line per trial event, and the progress
+    each running trial's rank 0 writes (:class:`pipeline.sweep.console.TrialProgress`), read at most every
+    :data:`pipeline.sweep.console.REFRESH_S` seconds. Tune pickles its callbacks into ``tuner.pkl``: the console, which
     holds the terminal, is made in ``setup`` and never pickled."""
 
     staged = False  # a sweep resumed from a driver of before sdtune staged trials pickled none
 
     def __init__(self, spec: JobSpec, staged: bool = False):
         self.spec = spec
-        # whether Tune runs one trial more than train at once (pipeline.tune.trials_at_once): then a trial's start
+        # whether Tune runs one trial more than train at once (pipeline.sweep.tune.trials_at_once): then a trial's start
         # is announced at its worker's first progress, where there is progress (not in object storage)
         self.staged = staged
         self._console = None
@@ -265,7 +253,7 @@ class ProgressCallback(Callback):
         return {**self.__dict__, "_console": None}
 
     def setup(self, **info) -> None:
-        from pipeline.console import SweepConsole
+        from pipeline.sweep.console import SweepConsole
 
         self._console = SweepConsole(self.spec.search.metric, self.spec.training.epochs)
 
@@ -278,7 +266,7 @@ class ProgressCallback(Callback):
         self._console.reported(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        from pipeline.console import read_progress
+        from pipeline.trial.progress import read_progress
 
         self._console.track(trial.trial_id, self._label(trial))
         self._console.refresh({trial.trial_id: read_progress(trial_dir(self.spec, trial.trial_id))})
@@ -293,7 +281,7 @@ class ProgressCallback(Callback):
             self._console.ended(trial.trial_id, "stopped", f"early by the scheduler (ASHA) after {epochs}; {score}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        from pipeline.console import REASON_WIDTH, WORKERS_LOG, fit, log_dir
+        from pipeline.sweep.console import REASON_WIDTH, WORKERS_LOG, fit, log_dir
 
         where = log_dir(self.spec.sweep_dir) / WORKERS_LOG
         reason = error_line(Path(trial.error_file).read_text() if trial.error_file else None)
@@ -301,7 +289,8 @@ class ProgressCallback(Callback):
         self._console.ended(trial.trial_id, "failed", f"{fit(reason, REASON_WIDTH)} (its output is in {where})")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        from pipeline.console import REFRESH_S, read_progress
+        from pipeline.trial.progress import read_progress
+        from pipeline.sweep.console import REFRESH_S
 
         now = time.time()
         if now - self._polled < REFRESH_S:

@@ -5,12 +5,12 @@ new optimizer and schedule -> train for ``training.epochs`` -> evaluate every ep
 ``training.eval_every_steps``; the test split at the end) -> ``ray.train.report(metrics, checkpoint)``. A
 checkpoint holds the adapter (with its selection), the engine's optimizer and schedule state, and the data
 position; a restarted trial resumes at that optimizer step with the same selection. Warmup is short and is redone
-if a trial dies inside it; trials whose warmups would be identical share one (:mod:`pipeline.warmup`).
+if a trial dies inside it; trials whose warmups would be identical share one (:mod:`pipeline.trial.warmup`).
 
 The loop never waits for the GPU inside a step: losses stay on the device and are read every
 ``training.log_every_steps`` steps, and batches are copied to the device ahead of their step. Every report carries
 the seconds the worker spent per phase (``time/*``), from which the sweep's GPU-time breakdown is built
-(:func:`pipeline.results.trial_cost`).
+(:func:`pipeline.results.outcomes.trial_cost`).
 """
 
 from __future__ import annotations
@@ -56,15 +56,15 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_grad
 
 import sdt
-from pipeline.config import JobSpec
-from pipeline.console import WORKER_WARNING, TrialProgress
-from pipeline.formatting import Example, pad_rows, pad_token_id, token_row
-from pipeline.metrics import evaluate
-from pipeline.models import load_base_model
-from pipeline.results import ADAPTER_DIR, DIVERGED_FILE
-from pipeline.storage import sibling_directories
-from pipeline.tasks import TaskData, load_task
-from pipeline.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
+from pipeline.spec.job import JobSpec
+from pipeline.trial.progress import TrialProgress, WORKER_WARNING
+from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
+from pipeline.tasks.metrics import evaluate
+from pipeline.trial.models import load_base_model
+from pipeline.storage.layout import ADAPTER_DIR, DIVERGED_FILE
+from pipeline.storage.paths import sibling_directories
+from pipeline.tasks.sources import TaskData, load_task
+from pipeline.trial.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
 TRAINER_STATE = "trainer_state.json"
 ENGINE_DIR = "engine"
@@ -376,7 +376,7 @@ def evaluation_metrics(engine, task: TaskData, tokenizer, spec: JobSpec, rank: i
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One worker's trial. A diverged trial ends on every rank without an error, which Ray Train would retry
     from the last checkpoint (to diverge again): rank 0 records why, and the trial's driver fails it
-    (:func:`pipeline.trial.raise_if_diverged`)."""
+    (:func:`pipeline.trial.driver.raise_if_diverged`)."""
     context = ray.train.get_context()
     marker = config["spec"].sweep_dir / context.get_experiment_name() / DIVERGED_FILE
     if context.get_world_rank() == 0:
@@ -418,7 +418,7 @@ def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_
         torch.set_num_threads(cpu_threads(spec))
     model, tokenizer, task, batches, total_steps = trial_inputs(spec, device, rank, world)
     training = spec.training
-    # For the sweep's console (pipeline.console): rank 0 writes its step, loss and speed at each log interval.
+    # For the sweep's console (pipeline.sweep.console): rank 0 writes its step, loss and speed at each log interval.
     progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, training.log_every_steps)
     progress.begin()
 

@@ -23,9 +23,10 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from pipeline import __version__
-from pipeline.config import JobSpec, JobSpecError
-from pipeline.results import JOB_FILE, sweep_spec
-from pipeline.storage import DirectoryBusy, StoragePath, claim_directory, local_state_dir, storage_path, write_file
+from pipeline.spec.job import JobSpec, JobSpecError
+from pipeline.storage.layout import JOB_FILE
+from pipeline.results.outcomes import sweep_spec
+from pipeline.storage.paths import DirectoryBusy, StoragePath, claim_directory, local_state_dir, storage_path, write_file
 
 
 
@@ -96,7 +97,7 @@ def load_or_exit(job: Path, overrides: list[str] | None, address: str | None = N
     """The validated spec, its relative paths made absolute (Ray workers run elsewhere), checked against this
     machine (files, model, data, metric, tracking server; a trial's resources when Ray will start here); bad
     input: one line naming the field, exit 2."""
-    from pipeline.preflight import load_checked
+    from pipeline.cli.preflight import load_checked
 
     try:
         return load_checked(job, overrides or [], local_cluster=address is None, in_sweep=in_sweep)
@@ -112,12 +113,12 @@ def spec_error_line(path: Path, error: JobSpecError) -> str:
 def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool = True) -> None:
     """A local Ray instance, or the cluster at ``address`` (whose resources must fit a trial, ``in_sweep`` with
     its Tune driver: exit 2). Library output goes to ``RUN_DIR/logs/`` (and, ``verbose``, to the console too:
-    :mod:`pipeline.console`)."""
+    :mod:`pipeline.sweep.console`)."""
     import ray
     import torch
 
-    from pipeline.console import capture_worker_output, quiet_environment, ray_init_options, route_logs
-    from pipeline.preflight import check_resources, missing_bytecode
+    from pipeline.sweep.console import capture_worker_output, quiet_environment, ray_init_options, route_logs
+    from pipeline.cli.preflight import check_resources, missing_bytecode
 
     local = address is None
     gpu = torch.cuda.is_available() if local else spec.resources.use_gpu is not False
@@ -213,7 +214,7 @@ def pretrain(
 
     Examples: `sdtune pretrain` · `sdtune pretrain --out pipeline/digits_base` (refresh the shipped base)
     """
-    from pipeline.digits import SHIPPED_BASE, digits_base_dir, rebuild_digits_base
+    from pipeline.tasks.digits import SHIPPED_BASE, digits_base_dir, rebuild_digits_base
 
     out = out or digits_base_dir()
     comparison = rebuild_digits_base(out, log=typer.echo)
@@ -235,13 +236,13 @@ def train(job: JobArgument, overrides: SetOption = None, address: AddressOption 
     """
     spec = load_or_exit(job, overrides, address, in_sweep=False)
     start_ray(spec, address, verbose, in_sweep=False)
-    from pipeline.claims import end_coordinator
-    from pipeline.trial import TrialDiverged, build_trainer, raise_if_diverged
+    from pipeline.trial.claims import end_coordinator
+    from pipeline.trial.driver import TrialDiverged, build_trainer, raise_if_diverged
 
     try:
         result = build_trainer(spec, name="train").fit()
     finally:
-        end_coordinator(spec.sweep_dir)  # its warmup claim (pipeline.claims)
+        end_coordinator(spec.sweep_dir)  # its warmup claim (pipeline.trial.claims)
     try:
         raise_if_diverged(spec, "train")
     except TrialDiverged as diverged:
@@ -320,9 +321,9 @@ def export(
     """
     import torch
 
-    from pipeline.console import route_logs
-    from pipeline.export import ExportRefused, export_trials
-    from pipeline.tracking import SweepTracker
+    from pipeline.sweep.console import route_logs
+    from pipeline.results.export import ExportRefused, export_trials
+    from pipeline.results.tracking import SweepTracker
 
     spec = spec_of_run(run_dir)
     trials = trials_of_run(spec)
@@ -343,8 +344,8 @@ def report(run_dir: RunDirArgument) -> None:
 
     Example: `sdtune report runs/quickstart`
     """
-    from pipeline.report import write_report
-    from pipeline.tracking import SweepTracker
+    from pipeline.results.report import write_report
+    from pipeline.results.tracking import SweepTracker
 
     spec = spec_of_run(run_dir)
     write_report(spec, trials_of_run(spec), SweepTracker(spec), log=typer.echo)
@@ -362,7 +363,7 @@ def ui(
 
     Examples: `sdtune ui runs/quickstart` · `sdtune ui runs/quickstart --port 5001`
     """
-    from pipeline.tracking import ARTIFACTS_DIR, SweepTracker, tracking_uri
+    from pipeline.results.tracking import ARTIFACTS_DIR, SweepTracker, tracking_uri
 
     base = f"http://{host}:{port}"
     if run_dir is not None:
@@ -400,7 +401,7 @@ def spec_of_run(run_dir: str) -> JobSpec:
 
 def trials_of_run(spec: JobSpec) -> list:
     """The trials of a sweep, read back from its directory; a sweep that never ran a trial: exit 2."""
-    from pipeline.results import load_trials
+    from pipeline.results.outcomes import load_trials
 
     try:
         return load_trials(spec)
@@ -412,10 +413,10 @@ def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
     """Run (or resume) the sweep, then export its best trial and write its report; the MLflow parent run ends
     FINISHED, KILLED (interrupted: nothing exported) or FAILED (one line here, the traceback in the sweep dir)."""
     start_ray(spec, address, verbose)
-    from pipeline.export import ExportRefused, export_trials
-    from pipeline.report import write_report
-    from pipeline.tracking import SweepTracker
-    from pipeline.tune import run_sweep
+    from pipeline.results.export import ExportRefused, export_trials
+    from pipeline.results.report import write_report
+    from pipeline.results.tracking import SweepTracker
+    from pipeline.sweep.tune import run_sweep
 
     tracker = SweepTracker(spec)
     resume_hint = f"continue with: sdtune resume {spec.sweep_dir}"

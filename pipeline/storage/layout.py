@@ -1,0 +1,9 @@
+"""The names of what a sweep directory holds, shared by the trials that write it and the commands that read it."""
+
+TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
+JOB_FILE = "job.yaml"  # the resolved spec, under the sweep dir
+CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneReportCallback
+ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selection (sdt.save)
+TRIAL_PREFIX = "trial-"  # <sweep dir>/trial-<trial id>: Ray Train's storage of one trial
+COST_FILE = "cost.json"  # in a trial's directory: where its wall time went (written by the sweep driver)
+DIVERGED_FILE = "diverged.json"  # in a trial's directory: why its training loss stopped being finite
