@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from pipeline.spec.job import load_job
 from pipeline.results.outcomes import best_trial, load_trials, sweep_spec
+from pipeline.spec.job import load_job
 
 ARMS = {
     "grid": ["search.scheduler=fifo", "search.share_warmup=false"],
@@ -31,7 +31,14 @@ ARMS = {
 def run_arm(job: str, arm: str, overrides: list[str]) -> dict:
     name = f"{load_job(job).name}-{arm}"
     settings = [f"name={name}", *overrides, *ARMS[arm]]
-    command = [sys.executable, "-m", "pipeline.cli.commands", "sweep", job, *(arg for s in settings for arg in ("--set", s))]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli.commands",
+        "sweep",
+        job,
+        *(arg for s in settings for arg in ("--set", s)),
+    ]
     began = time.time()
     subprocess.run(command, check=True)
     wall = time.time() - began
@@ -61,7 +68,9 @@ def main() -> None:
     args = parser.parse_args()
     results = {arm: run_arm(args.job, arm, args.overrides) for arm in ARMS}
     grid, asha = results["grid"], results["asha"]
-    print("| sweep | trials | epochs trained | GPU-seconds | from Tune's start | sweep wall s | best validation metric |")
+    print(
+        "| sweep | trials | epochs trained | GPU-seconds | from Tune's start | sweep wall s | best validation metric |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in (grid, asha):
         print(f"| {r['arm']} | {r['trials']} | {r['epochs_trained']} | {r['gpu_seconds']:.1f} "

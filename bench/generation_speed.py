@@ -78,14 +78,24 @@ def main() -> None:
     generate(model, batch[:2], max_new_tokens=4, num_beams=args.beams, eos_token_id=EOS, pad_token_id=PAD,
              batch_size=2)  # warm-up: kernels, allocator  # fmt: skip
     alone, alone_s = timed(lambda: [one_at_a_time(model, p, args.new_tokens, args.beams) for p in batch[: args.alone]])
-    together, together_s = timed(lambda: generate(
-        model, batch, max_new_tokens=args.new_tokens, num_beams=args.beams, eos_token_id=EOS, pad_token_id=PAD,
-        batch_size=args.batch,
-    ))
+    together, together_s = timed(
+        lambda: generate(
+            model,
+            batch,
+            max_new_tokens=args.new_tokens,
+            num_beams=args.beams,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            batch_size=args.batch,
+        )
+    )
     per_prompt_alone = alone_s / args.alone
     result = {
         "shape": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
-        "prompts": args.prompts, "new_tokens": args.new_tokens, "beams": args.beams, "batch": args.batch,
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "beams": args.beams,
+        "batch": args.batch,
         "alone_s_per_prompt": per_prompt_alone,
         "alone_s_extrapolated": per_prompt_alone * args.prompts,
         "batched_s": together_s,
@@ -98,7 +108,9 @@ def main() -> None:
     checks = prompts(16, 100, 60, 1024, seed=1)
     for beams in (1, args.beams):
         expected = [one_at_a_time(small, p, 32, beams) for p in checks]
-        got = generate(small, checks, max_new_tokens=32, num_beams=beams, eos_token_id=EOS, pad_token_id=PAD, batch_size=8)
+        got = generate(
+            small, checks, max_new_tokens=32, num_beams=beams, eos_token_id=EOS, pad_token_id=PAD, batch_size=8
+        )
         result[f"fp32_agreement_beams{beams}"] = agreement(expected, got)
     print(json.dumps(result, indent=2))
     print(

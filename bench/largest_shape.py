@@ -28,7 +28,9 @@ def probe(hidden: int, layers: int, offload: bool, batch: int, seq: int) -> dict
     from pipeline.spec.job import parse_job
     from pipeline.trial.worker import make_engine, train_micro_batch
 
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"})
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
+    )
     config = MambaConfig(vocab_size=50280, hidden_size=hidden, num_hidden_layers=layers, state_size=16, expand=2,
                          tie_word_embeddings=True)  # fmt: skip
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 build of the large shapes would not fit
@@ -36,7 +38,9 @@ def probe(hidden: int, layers: int, offload: bool, batch: int, seq: int) -> dict
         model = MambaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
     parameters = sum(p.numel() for p in model.parameters())
-    tuner = sdt.apply(sdt.to_compute_dtype(model, torch.bfloat16).train(), sdt.SDTConfig.preset("sdlora", warmup_steps=2))
+    tuner = sdt.apply(
+        sdt.to_compute_dtype(model, torch.bfloat16).train(), sdt.SDTConfig.preset("sdlora", warmup_steps=2)
+    )
     optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3)
     tokens = torch.randint(0, 50280, (batch, seq), device="cuda")
     for _ in range(2):
@@ -45,8 +49,16 @@ def probe(hidden: int, layers: int, offload: bool, batch: int, seq: int) -> dict
         optimizer.zero_grad(set_to_none=True)
     del optimizer
     tuner.start_training(tuner.select())
-    training = {"zero_stage": 3, "batch_size": batch, "lr": 1e-3, "offload_parameters": offload, "offload_optimizer": offload}
-    spec = parse_job({"name": "largest", "model": {"architecture": "mamba"}, "method": {"name": "sdlora"}, "training": training})
+    training = {
+        "zero_stage": 3,
+        "batch_size": batch,
+        "lr": 1e-3,
+        "offload_parameters": offload,
+        "offload_optimizer": offload,
+    }
+    spec = parse_job(
+        {"name": "largest", "model": {"architecture": "mamba"}, "method": {"name": "sdlora"}, "training": training}
+    )
     engine = make_engine(tuner, spec, 1e-3, total_steps=10)
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -84,7 +96,11 @@ def main() -> None:
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
-                outcome = json.loads(lines[-1][6:]) if lines else {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                outcome = (
+                    json.loads(lines[-1][6:])
+                    if lines
+                    else {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                )
             except subprocess.TimeoutExpired:
                 outcome = {"error": f"timed out after {PROBE_TIMEOUT_S} s"}
             outcome.update(shape=shape, offload=offload, fits="error" not in outcome, seconds=time.time() - began)

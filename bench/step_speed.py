@@ -76,13 +76,28 @@ def model_config(args):
     if args.arch == "mamba2":
         heads = 2 * args.hidden // 64
         return Mamba2ForCausalLM, Mamba2Config(
-            **common, state_size=128, num_heads=heads, head_dim=64, n_groups=1, expand=2, chunk_size=256,
+            **common,
+            state_size=128,
+            num_heads=heads,
+            head_dim=64,
+            n_groups=1,
+            expand=2,
+            chunk_size=256,
             tie_word_embeddings=True,
         )
     return JambaForCausalLM, JambaConfig(
-        **common, attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1,
-        num_experts=4, num_experts_per_tok=2, intermediate_size=4 * args.hidden, num_attention_heads=16,
-        num_key_value_heads=4, mamba_d_state=16, tie_word_embeddings=True,
+        **common,
+        attn_layer_period=8,
+        attn_layer_offset=4,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=4 * args.hidden,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        mamba_d_state=16,
+        tie_word_embeddings=True,
     )
 
 

@@ -20,8 +20,8 @@ import argparse
 import json
 import statistics
 
-from pipeline.results.report import cost_table, cost_totals
 from pipeline.results.outcomes import COST_PARTS, load_trials, sweep_spec
+from pipeline.results.report import cost_table, cost_totals
 
 
 def began(cost: dict) -> float:
@@ -54,7 +54,9 @@ def main() -> None:
         ],
     }
     if startups:
-        print(f"\nstart-up per trial: mean {summary['startup_s']['mean']:.1f} s, max {summary['startup_s']['max']:.1f} s")
+        print(
+            f"\nstart-up per trial: mean {summary['startup_s']['mean']:.1f} s, max {summary['startup_s']['max']:.1f} s"
+        )
         for part in ("startup_ray", "startup_tune", "startup_train", "startup_imports", "startup_setup"):
             values = [t.cost[part] for t in trials if part in t.cost]
             summary[f"{part}_s"] = statistics.mean(values) if values else None

@@ -53,7 +53,9 @@ def build(args, zero_stage: int | None, lightened: bool = True):
                          state_size=16, expand=2, tie_word_embeddings=True)  # fmt: skip
     with torch.device("cuda"):
         model = MambaForCausalLM(config)
-    tuner = sdt.apply(sdt.to_compute_dtype(model, torch.bfloat16).train(), sdt.SDTConfig.preset("sdlora", warmup_steps=2))
+    tuner = sdt.apply(
+        sdt.to_compute_dtype(model, torch.bfloat16).train(), sdt.SDTConfig.preset("sdlora", warmup_steps=2)
+    )
     optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
     for step in range(2):  # a real warmup, so the selection ranks real updates
         step_bare(model, optimizer, tokens(args, step))
@@ -130,7 +132,9 @@ def main() -> None:
     parser.add_argument("--unlightened", action="store_true", help="also time stage 0 as DeepSpeed runs it by default")
     parser.add_argument("--out")
     args = parser.parse_args()
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"})
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    )
 
     modes = {"bare": build(args, None), "bare-clip": build(args, None)}
     modes.update({f"trial-zero{stage}": build(args, stage) for stage in args.stages})
@@ -158,7 +162,10 @@ def main() -> None:
             "tokens_per_s": statistics.median(samples),
             "host_ms_per_step": statistics.median(host_ms[mode]),
             "blocks": samples,
-            **{f"vs_{base}": statistics.median(a / b for a, b in zip(samples, rates[base])) for base in ("bare", "bare-clip")},
+            **{
+                f"vs_{base}": statistics.median(a / b for a, b in zip(samples, rates[base]))
+                for base in ("bare", "bare-clip")
+            },
         }
     for mode, numbers in result.items():
         blocks = numbers["blocks"]

@@ -66,12 +66,22 @@ config = sdt.SDTConfig.preset(
 )
 tuner = sdt.apply(load_base(), config)
 training_args = TrainingArguments(
-    output_dir=str(out / "run"), per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
-    learning_rate=args.lr, lr_scheduler_type="linear", weight_decay=0.0, logging_steps=10, save_steps=20,
-    eval_strategy="epoch", report_to=[], disable_tqdm=True,
+    output_dir=str(out / "run"),
+    per_device_train_batch_size=args.batch,
+    num_train_epochs=args.epochs,
+    learning_rate=args.lr,
+    lr_scheduler_type="linear",
+    weight_decay=0.0,
+    logging_steps=10,
+    save_steps=20,
+    eval_strategy="epoch",
+    report_to=[],
+    disable_tqdm=True,
 )
 trainer = Trainer(
-    model=tuner.model, args=training_args, train_dataset=StrideSequences(args.examples, seed=0),
+    model=tuner.model,
+    args=training_args,
+    train_dataset=StrideSequences(args.examples, seed=0),
     eval_dataset=StrideSequences(64, seed=1),
 )
 base_loss = trainer.evaluate()["eval_loss"]

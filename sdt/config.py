@@ -97,7 +97,9 @@ class SDTConfig:
         return cls(**{**get_method(name).defaults, **overrides, "method": name})
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SDTConfig:
@@ -113,7 +115,9 @@ class SDTConfig:
         ``kept_per_layer``: the selection's count per axis, when every layer keeps the same."""
         parts = [f"{self.method} ({self.method_info.summary})"]
         if self.uses_lora:
-            variant = "" if self.lora_variant == "lora" else f" ({self.lora_variant}: {VARIANTS[self.lora_variant].summary})"
+            variant = (
+                "" if self.lora_variant == "lora" else f" ({self.lora_variant}: {VARIANTS[self.lora_variant].summary})"
+            )
             parts.append(
                 f"LoRA{variant} rank {self.lora_rank}, alpha {self.lora_alpha:g} on {', '.join(self.lora_targets)}"
             )
@@ -122,7 +126,11 @@ class SDTConfig:
             ratios = ", ".join(
                 f"{name} {getattr(self, name)}" for name in SELECTION_FIELDS if name.removesuffix("_frozen") in axes
             )
-            kept = "; kept per layer: " + ", ".join(f"{a} {n}" for a, n in kept_per_layer.items()) if kept_per_layer else ""
+            kept = (
+                "; kept per layer: " + ", ".join(f"{a} {n}" for a, n in kept_per_layer.items())
+                if kept_per_layer
+                else ""
+            )
             parts.append(f"SDT on {', '.join(self.sdt_targets)} ({ratios}{kept})")
         return "; ".join(parts)
 
@@ -155,10 +163,10 @@ def trainable_count(frozen: float | int, size: int, *, field_name: str = "count"
 
 
 __all__ = [
+    "LORA_TARGETS",
+    "SDT_TARGETS",
+    "SELECTION_FIELDS",
     "SDTConfig",
     "SDTConfigError",
-    "SDT_TARGETS",
-    "LORA_TARGETS",
-    "SELECTION_FIELDS",
     "trainable_count",
 ]

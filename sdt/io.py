@@ -346,8 +346,10 @@ def restore(tuner: Tuner, directory: str | os.PathLike) -> None:
 
 
 def _same_selection(a: dict[str, Selection], b: dict[str, Selection] | None) -> bool:
-    return b is not None and a.keys() == b.keys() and all(
-        a[p].keys() == b[p].keys() and all(torch.equal(a[p][k].cpu(), b[p][k].cpu()) for k in a[p]) for p in a
+    return (
+        b is not None
+        and a.keys() == b.keys()
+        and all(a[p].keys() == b[p].keys() and all(torch.equal(a[p][k].cpu(), b[p][k].cpu()) for k in a[p]) for p in a)
     )
 
 

@@ -195,7 +195,9 @@ class Tuner:
                     elif not torch.count_nonzero(part):
                         # dL/dA = B^T(...) vanishes while B is still all zero, as at the first step (B = 0 by init).
                         lora_b = getattr(adapter, "lora_B", None)
-                        excused = param_name == "lora_A" and lora_b is not None and not torch.count_nonzero(lora_b.detach())
+                        excused = (
+                            param_name == "lora_A" and lora_b is not None and not torch.count_nonzero(lora_b.detach())
+                        )
                         if not excused:
                             problems.append(f"{part_name}: all-zero gradient")
         if self.config.trains_all_weights:

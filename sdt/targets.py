@@ -87,7 +87,9 @@ class Mamba1Family:
 
     def select(self, prefix: str, mixer: nn.Module, updates: WarmupUpdates, config: SDTConfig) -> Selection:
         counts = self.counts(prefix, mixer, config)
-        return select_channels_and_states(updates["A_log"], counts["channels"], counts["states"], name=f"{prefix}.A_log")
+        return select_channels_and_states(
+            updates["A_log"], counts["channels"], counts["states"], name=f"{prefix}.A_log"
+        )
 
     def sparse_specs(self, mixer: nn.Module, selection: Selection, targets: tuple[str, ...]) -> list[SparseSpec]:
         channels, states, dt_rank = self._dims(mixer)

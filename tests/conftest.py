@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 import torch
+from helpers import VOCAB
 from transformers import (
     AutoModelForCausalLM,
     JambaConfig,
@@ -20,8 +21,6 @@ from transformers import (
     MambaConfig,
     MambaForCausalLM,
 )
-
-from helpers import VOCAB
 
 # The Ray clusters the tests start here (ray.cluster_utils.Cluster) and the sdtune commands they run as
 # subprocesses must agree on authentication: Ray 2.60 turns token authentication on by default, and a command run
@@ -33,16 +32,33 @@ TINY_CONFIGS = {
     "mamba2": (
         Mamba2ForCausalLM,
         Mamba2Config(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, state_size=8, num_heads=8, head_dim=4,
-            n_groups=2, expand=2, chunk_size=8,
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            state_size=8,
+            num_heads=8,
+            head_dim=4,
+            n_groups=2,
+            expand=2,
+            chunk_size=8,
         ),
     ),
     "jamba": (
         JambaForCausalLM,
         JambaConfig(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=1,
-            expert_layer_period=2, expert_layer_offset=1, num_experts=2, intermediate_size=32,
-            num_attention_heads=2, num_key_value_heads=1, mamba_d_state=8, mamba_dt_rank=4,
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=4,
+            attn_layer_period=4,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=2,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            mamba_d_state=8,
+            mamba_dt_rank=4,
         ),
     ),
 }
@@ -134,14 +150,20 @@ def s3_bucket() -> Iterator[str]:
     would, so `sdtune` subprocesses and Ray clusters started afterwards find them too."""
     from moto.server import ThreadedMotoServer
 
-    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     previous = {name: os.environ.get(name) for name in credentials}
     os.environ.update(credentials)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-    pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir("sdtune")
+    pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(
+        "sdtune"
+    )
     yield f"s3://sdtune?endpoint_override={endpoint}&region=us-east-1"
     server.stop()
     for name, value in previous.items():

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     width = weight.shape[-1]
     y = F.conv1d(
-        x.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), padding=width - 1,
+        x.float(),
+        weight.float().unsqueeze(1),
+        None if bias is None else bias.float(),
+        padding=width - 1,
         groups=x.shape[1],
     )
     return F.silu(y[..., : x.shape[-1]])
@@ -69,6 +72,12 @@ class ReferenceKernels:
             du, ddelta, dA, dB, dC, dD, dz_value, ddelta_bias = torch.autograd.grad(out_z, leaves, dout.float())
         dz.copy_(dz_value)
         return (
-            _like(u, du), _like(delta, ddelta), dA, _like(B, dB), _like(C, dC), dD, ddelta_bias,
+            _like(u, du),
+            _like(delta, ddelta),
+            dA,
+            _like(B, dB),
+            _like(C, dC),
+            dD,
+            ddelta_bias,
             _like(out, out_z.detach()),
         )

@@ -41,7 +41,9 @@ def finished_trials(tune_dir: str | Path) -> int:
     filesystem, path = pyarrow.fs.FileSystem.from_uri(str(tune_dir))
     try:
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-        latest = max(e.path for e in entries if e.base_name.startswith("experiment_state-") and e.path.endswith(".json"))
+        latest = max(
+            e.path for e in entries if e.base_name.startswith("experiment_state-") and e.path.endswith(".json")
+        )
         with filesystem.open_input_stream(latest) as stream:
             state = json.loads(stream.readall())
     except (ValueError, OSError):  # none yet, or caught mid-write

@@ -117,7 +117,9 @@ CORRUPTIONS = {
     "truncated": (truncate, WEIGHTS_NAME, "unreadable: truncated or not a safetensors file"),
     "nan-filled": (lambda d: rewrite_tensors(d, fill_with_nan), WEIGHTS_NAME, "sha256 is not the one"),
     "lora_alpha 8 -> 800": (
-        lambda d: edit_config(d, sdt__lora_alpha=800.0), CONFIG_NAME, "sdt.lora_alpha is 800.0, saved as 8.0",
+        lambda d: edit_config(d, sdt__lora_alpha=800.0),
+        CONFIG_NAME,
+        "sdt.lora_alpha is 800.0, saved as 8.0",
     ),
     "rank edited": (lambda d: edit_config(d, sdt__lora_rank=4), CONFIG_NAME, "sdt.lora_rank is 4, saved as 2"),
     "not JSON": (lambda d: (d / CONFIG_NAME).write_text("{'sdt':"), CONFIG_NAME, "not valid JSON"),

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from helpers import random_tokens, train
 
 import sdt
-from helpers import random_tokens, train
 
 ARCHS = ["mamba", "mamba2", "jamba"]
 WORKABLE = {"channels_frozen": 2, "states_frozen": 0.5, "inputs_frozen": 0.5, "warmup_steps": 2}
@@ -47,7 +47,9 @@ def test_checkpointing_gives_the_same_gradients(load_base, arch, phase):
         assert checkpointed.keys() == plain.keys()
         for name, grad in plain.items():
             assert torch.count_nonzero(grad), name
-            torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=0, msg=f"{name} (reentrant={reentrant})")
+            torch.testing.assert_close(
+                checkpointed[name], grad, atol=1e-6, rtol=0, msg=f"{name} (reentrant={reentrant})"
+            )
 
 
 def test_a_deep_copy_shares_nothing_with_the_original(load_base):

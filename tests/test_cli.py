@@ -31,8 +31,14 @@ BAD_SPECS = [
     ({**GOOD, "search": {"mode": "best"}}, "search.mode"),
     ({**GOOD, "unknown_section": {}}, "unknown_section"),
     # the selection's counts, checked against the base's shapes before any warmup: 0.99 of 32 inputs trains none
-    ({**GOOD, "model": {"architecture": "mamba2", "config": MAMBA2}, "method": {"channels_frozen": 6}}, "method.inputs_frozen"),
-    ({**GOOD, "search": {"space": {"method.channels_frozen": {"grid": [0.5, 1.0]}}}}, "search.space.method.channels_frozen"),
+    (
+        {**GOOD, "model": {"architecture": "mamba2", "config": MAMBA2}, "method": {"channels_frozen": 6}},
+        "method.inputs_frozen",
+    ),
+    (
+        {**GOOD, "search": {"space": {"method.channels_frozen": {"grid": [0.5, 1.0]}}}},
+        "search.space.method.channels_frozen",
+    ),
 ]
 
 
@@ -119,7 +125,9 @@ def test_an_unreadable_spec_names_its_path_once(tmp_path):
 
 @pytest.mark.parametrize("command", ["export", "report"])
 def test_export_or_report_before_any_trial_says_to_run_the_sweep(command, tmp_path):
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump({**GOOD, "output_dir": str(tmp_path.parent), "name": tmp_path.name}))
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump({**GOOD, "output_dir": str(tmp_path.parent), "name": tmp_path.name})
+    )
     result = CliRunner().invoke(app, [command, str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert "run `sdtune sweep` first" in result.output and len(result.output.strip().splitlines()) == 1
@@ -131,7 +139,12 @@ def test_a_hub_model_the_hub_cannot_serve_is_one_line_naming_the_field(tmp_path)
     spec valid."""
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({**GOOD, "model": {"name_or_path": "state-spaces/mamba-130m-hf"}}))
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "0",
+    }
     result = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "validate", str(job)], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr

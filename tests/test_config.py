@@ -8,7 +8,10 @@ def test_sdlora_preset_matches_the_paper_defaults():
     cfg = SDTConfig.preset("sdlora")
     assert (cfg.method, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) == ("sdlora", 8, 8.0, ("out_proj",))
     assert (cfg.sdt_targets, cfg.channels_frozen, cfg.states_frozen, cfg.warmup_steps) == (
-        ("A_log", "B", "C"), 0.99, 0.75, 500,
+        ("A_log", "B", "C"),
+        0.99,
+        0.75,
+        500,
     )
     assert SDTConfig() == cfg
 
@@ -134,7 +137,12 @@ def test_sdt_config_errors_carry_the_field_as_data():
 
     with pytest.raises(sdt.SDTConfigError) as error:
         SDTConfig.preset("lora", lora_targets=())
-    assert (error.value.field, error.value.reason) == ("lora_targets", "method 'lora' needs at least one of in_proj, x_proj, dt_proj, out_proj")
+    assert (error.value.field, error.value.reason) == (
+        "lora_targets",
+        "method 'lora' needs at least one of in_proj, x_proj, dt_proj, out_proj",
+    )
     with pytest.raises(JobSpecError) as spec_error:
-        parse_job({"name": "m", "model": {"builtin": "digits"}, "method": {"name": "sdt", "lora_targets": ["out_proj"]}})
+        parse_job(
+            {"name": "m", "model": {"builtin": "digits"}, "method": {"name": "sdt", "lora_targets": ["out_proj"]}}
+        )
     assert spec_error.value.where == "method.lora_targets"

@@ -57,7 +57,11 @@ def sdlora_cycle(model, config):
 
 def test_mamba_sdlora_on_the_fused_cuda_path():
     paths = kernel_paths("mamba")
-    assert paths == {"mamba_inner_fn": "mamba_ssm", "mamba_selective_scan": "mamba_ssm", "causal_conv1d_fn": "causal_conv1d"}
+    assert paths == {
+        "mamba_inner_fn": "mamba_ssm",
+        "mamba_selective_scan": "mamba_ssm",
+        "causal_conv1d_fn": "causal_conv1d",
+    }
     config = MambaConfig(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, state_size=16)
     model = bf16_model(MambaForCausalLM, config)
     mixer = model.backbone.layers[0].mixer
@@ -81,8 +85,15 @@ def test_mamba2_sdlora_on_the_triton_path():
     paths = kernel_paths("mamba2")
     assert paths["mamba2_split_conv1d_scan_combined"] == "mamba_ssm" and paths["causal_conv1d_fn"] == "causal_conv1d"
     config = Mamba2Config(
-        vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, state_size=64, num_heads=8, head_dim=64,
-        n_groups=2, expand=2, chunk_size=64,
+        vocab_size=VOCAB,
+        hidden_size=256,
+        num_hidden_layers=2,
+        state_size=64,
+        num_heads=8,
+        head_dim=64,
+        n_groups=2,
+        expand=2,
+        chunk_size=64,
     )
     model = bf16_model(Mamba2ForCausalLM, config)
     cfg = sdt.SDTConfig(warmup_steps=5, channels_frozen=6, states_frozen=0.75, inputs_frozen=0.99)
@@ -96,9 +107,18 @@ def test_mamba2_sdlora_on_the_triton_path():
 def test_jamba_sdlora_on_the_cuda_kernels():
     assert kernel_paths("jamba") == {"mamba_selective_scan": "mamba_ssm", "causal_conv1d_fn": "causal_conv1d"}
     config = JambaConfig(
-        vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=1,
-        expert_layer_period=2, expert_layer_offset=1, num_experts=2, intermediate_size=256,
-        num_attention_heads=4, num_key_value_heads=2, mamba_d_state=16,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        num_hidden_layers=4,
+        attn_layer_period=4,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=2,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_d_state=16,
     )
     model = bf16_model(JambaForCausalLM, config)
     cfg = sdt.SDTConfig(warmup_steps=5, channels_frozen=250)

@@ -20,14 +20,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdt
 from pipeline.results import export
-from pipeline.spec.job import JobSpec, parse_job
-from pipeline.tasks.digits import digits_pixel_sequences, digits_tokenizer
 from pipeline.results.export import CHAMPION_ALIAS, export_trials
-from pipeline.trial.models import load_base_model
-from pipeline.tasks.digits import SHIPPED_BASE
 from pipeline.results.outcomes import NoUsableTrialError, TrialOutcome
 from pipeline.results.tracking import SweepTracker, tracking_uri
+from pipeline.spec.job import JobSpec, parse_job
 from pipeline.storage.layout import ADAPTER_DIR
+from pipeline.tasks.digits import SHIPPED_BASE, digits_pixel_sequences, digits_tokenizer
+from pipeline.trial.models import load_base_model
 from pipeline.trial.worker import ENGINE_DIR, TRAINER_STATE
 
 CONTRACT = {"adapter_model.safetensors", "adapter_config.json", "trial.json", "job.yaml", "README.md"}
@@ -86,9 +85,7 @@ def write_checkpoint(spec: JobSpec, config: dict, directory: Path) -> Path:
     return directory
 
 
-def outcome(
-    spec: JobSpec, trial_id: str, status: str, config: dict, accuracy: float, checkpoint: Path
-) -> TrialOutcome:
+def outcome(spec: JobSpec, trial_id: str, status: str, config: dict, accuracy: float, checkpoint: Path) -> TrialOutcome:
     report = {
         "eval/accuracy": accuracy,
         "train/loss": 0.5,
@@ -157,7 +154,9 @@ def test_export_writes_the_contract(sweep, digits_cache):
     assert config["ratios"] == {"channels_frozen": 0.9, "states_frozen": 0.75, "inputs_frozen": 0.99}
     assert config["targets"] == {"lora": ["out_proj"], "sdt": ["A_log", "B", "C"]}
     # 128 channels, 0.9 frozen: 13 kept; 8 states, 0.75 frozen: 2 kept per channel; in each of the 2 layers
-    assert config["selected"] == {layer: {"channels": 13, "states_per_channel": 2} for layer in trained_config["selected"]}
+    assert config["selected"] == {
+        layer: {"channels": 13, "states_per_channel": 2} for layer in trained_config["selected"]
+    }
     assert {shapes["states"][0] for shapes in trained_config["selected"].values()} == {13}  # sdt.save's shapes
     assert "sdt_selection.<layer>.<axis>" in config["selected_indices"]
     assert config["base_model"] == str(SHIPPED_BASE)
@@ -168,7 +167,13 @@ def test_export_writes_the_contract(sweep, digits_cache):
     record = json.loads((out / "trial.json").read_text())
     assert record["trial_id"] == WINNER
     assert record["hyperparameters"] == {"training.lr": 1e-2, "method.lora_rank": 4}
-    assert record["metrics"] == {"eval/accuracy": 0.8, "test/accuracy": pytest.approx(0.7), "train/loss": 0.5, "step": 2, "epoch": 1}
+    assert record["metrics"] == {
+        "eval/accuracy": 0.8,
+        "test/accuracy": pytest.approx(0.7),
+        "train/loss": 0.5,
+        "step": 2,
+        "epoch": 1,
+    }
     assert (record["metric"], record["mode"], record["value"]) == ("eval/accuracy", "max", 0.8)
     assert record["checkpoint"] == str(sweep.best_checkpoint)
     assert record["mlflow"]["run_id"] == sweep.runs[WINNER]
@@ -178,7 +183,9 @@ def test_export_writes_the_contract(sweep, digits_cache):
     assert (job.training.lr, job.method.lora_rank) == (1e-2, 4)
 
     card = (out / "README.md").read_text()
-    assert all(text in card for text in ("eval/accuracy", WINNER, "sdt.load", "merged", "test score: test/accuracy **0.7**"))
+    assert all(
+        text in card for text in ("eval/accuracy", WINNER, "sdt.load", "merged", "test score: test/accuracy **0.7**")
+    )
     assert "`training.lr` = 0.01, `method.lora_rank` = 4" in card
     assert "- base model: builtin digits" in card and str(digits_cache) not in card and "site-packages" not in card
     assert "channels_frozen 0.9" in card and "inputs_frozen" not in card  # a Mamba-2 ratio, meaningless here
@@ -196,7 +203,9 @@ def test_export_writes_the_contract(sweep, digits_cache):
     with torch.no_grad():
         expected, got, plain = adapted(tokens).logits, merged(tokens).logits, fp32_base(spec)(tokens).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(plain, expected, atol=1e-4), "the adapter must change the logits for this to test anything"
+    assert not torch.allclose(plain, expected, atol=1e-4), (
+        "the adapter must change the logits for this to test anything"
+    )
 
     # the registry: alias champion -> a version listed under the parent run, an MLflow model logged from the
     # winner's run (the transformers flavor, the export beside it); the export is also the winner's artifacts
@@ -258,7 +267,9 @@ def test_no_usable_trial_exports_nothing(sweep):
 
 def test_without_a_trial_run_the_export_is_not_registered(sweep, caplog):
     spec = make_spec(
-        sweep.root, tracking={"experiment": "untracked"}, dir=str(sweep.root / "untracked"),
+        sweep.root,
+        tracking={"experiment": "untracked"},
+        dir=str(sweep.root / "untracked"),
         registered_model_name="digits-unregistered",
     )
     with caplog.at_level(logging.WARNING, logger="pipeline.results.export"):
@@ -266,7 +277,9 @@ def test_without_a_trial_run_the_export_is_not_registered(sweep, caplog):
 
     assert {path.name for path in out.iterdir()} == CONTRACT
     assert json.loads((out / "trial.json").read_text())["mlflow"] == {
-        "run_id": None, "parent_run_id": None, "registered_model": None,
+        "run_id": None,
+        "parent_run_id": None,
+        "registered_model": None,
     }
     assert any("not registered" in record.message for record in caplog.records)
     client = MlflowClient(tracking_uri(spec))

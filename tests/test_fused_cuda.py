@@ -187,10 +187,16 @@ def compare_kernels(kernels, reference, device: str) -> None:
     mask = torch.ones(batch, 1, length, device=device)
     mask[0, :, :7] = 0
     differentiable = {
-        "xz": xz, "conv_weight": mixer.conv1d.weight, "conv_bias": mixer.conv1d.bias,
-        "x_proj_weight": mixer.x_proj.weight, "dt_proj_weight": mixer.dt_proj.weight,
-        "dt_bias": mixer.dt_proj.bias.float(), "A": -torch.exp(mixer.A_log.float()), "D": mixer.D.float(),
-        "out_weight": mixer.out_proj.weight, "lora_A": 0.02 * torch.randn(rank, inner, device=device),
+        "xz": xz,
+        "conv_weight": mixer.conv1d.weight,
+        "conv_bias": mixer.conv1d.bias,
+        "x_proj_weight": mixer.x_proj.weight,
+        "dt_proj_weight": mixer.dt_proj.weight,
+        "dt_bias": mixer.dt_proj.bias.float(),
+        "A": -torch.exp(mixer.A_log.float()),
+        "D": mixer.D.float(),
+        "out_weight": mixer.out_proj.weight,
+        "lora_A": 0.02 * torch.randn(rank, inner, device=device),
         "lora_B": 0.02 * torch.randn(64, rank, device=device),
     }
     leaves = {name: t.detach().requires_grad_() for name, t in differentiable.items()}
@@ -199,9 +205,26 @@ def compare_kernels(kernels, reference, device: str) -> None:
     for k in (kernels, reference):
         l = leaves
         out = MambaInnerFn.apply(
-            l["xz"], l["conv_weight"], l["conv_bias"], l["x_proj_weight"], l["dt_proj_weight"], l["dt_bias"], l["A"],
-            l["D"], l["out_weight"], None, l["lora_A"], l["lora_B"], 1.0, None, None, None, (0.0, 0.0, 0.0), mask,
-            None, k,
+            l["xz"],
+            l["conv_weight"],
+            l["conv_bias"],
+            l["x_proj_weight"],
+            l["dt_proj_weight"],
+            l["dt_bias"],
+            l["A"],
+            l["D"],
+            l["out_weight"],
+            None,
+            l["lora_A"],
+            l["lora_B"],
+            1.0,
+            None,
+            None,
+            None,
+            (0.0, 0.0, 0.0),
+            mask,
+            None,
+            k,
         )
         results.append((out, torch.autograd.grad(out, list(leaves.values()), gradient)))
     (out, grads), (out_ref, grads_ref) = results
@@ -224,9 +247,18 @@ def test_mamba_fused_path_matches_transformers_fused_path(shape, method):
 @pytest.mark.parametrize("method", ["lora", "sdlora", "full"])
 def test_jamba_fused_path_matches_transformers_kernel_path(method):
     config = JambaConfig(
-        vocab_size=4096, hidden_size=1024, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=1,
-        expert_layer_period=2, expert_layer_offset=1, num_experts=2, intermediate_size=2048,
-        num_attention_heads=8, num_key_value_heads=2, mamba_d_state=16,
+        vocab_size=4096,
+        hidden_size=1024,
+        num_hidden_layers=4,
+        attn_layer_period=4,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=2,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        mamba_d_state=16,
     )
     tuner, tuner32 = twin_tuners(JambaForCausalLM, config, method, vocab=4096)
     compare_with_transformers_path(tuner, tuner32, f"jamba {method}", vocab=4096)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import VOCAB
+
 from pipeline.tasks.decoding import batches, generate
 
 EOS = PAD = VOCAB - 1

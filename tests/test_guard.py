@@ -41,9 +41,13 @@ def test_guard_names_an_adapter_that_a_kernel_bypasses(load_base):
 def test_guard_flags_an_all_zero_gradient(load_base):
     tuner = sdt.apply(load_base("mamba"), SDTConfig.preset("lora", lora_targets=("out_proj",)))
     backward_once(tuner.model)
-    lora_b = dict(tuner.named_trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_B"]
+    lora_b = dict(tuner.named_trainable_parameters())[
+        "backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_B"
+    ]
     lora_b.grad = torch.zeros_like(lora_b)
-    with pytest.raises(sdt.AdapterCoverageError, match=r"layers\.0\.mixer\.out_proj\.parametrizations\.weight\.0\.lora_B: all-zero"):
+    with pytest.raises(
+        sdt.AdapterCoverageError, match=r"layers\.0\.mixer\.out_proj\.parametrizations\.weight\.0\.lora_B: all-zero"
+    ):
         tuner.check_gradients()
 
 

@@ -57,8 +57,10 @@ def test_adapter_files_hold_tensors_and_json_only(load_base, tmp_path):
     assert config["num_trainable_parameters"] == tuner.num_trainable_parameters()
     assert config["selected"]["backbone.layers.0.mixer"] == {"channels": [8], "states": [8, 4]}
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    assert torch.equal(tensors["sdt_selection.backbone.layers.1.mixer.channels"],
-                       tuner.selection["backbone.layers.1.mixer"]["channels"])
+    assert torch.equal(
+        tensors["sdt_selection.backbone.layers.1.mixer.channels"],
+        tuner.selection["backbone.layers.1.mixer"]["channels"],
+    )
     assert "backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_B" in tensors
     assert not any(k.endswith(".original") for k in tensors)  # base weights are not part of the adapter
 

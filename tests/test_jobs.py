@@ -89,6 +89,10 @@ def test_documented_overrides_validate():
     assert cpu.resources.use_gpu is False
     jamba = load_job(
         JOBS_DIR / "jamba.yaml",
-        ["model.name_or_path=ai21labs/AI21-Jamba-Mini-1.6", "data.max_train_samples=null", "data.max_eval_samples=null"],
+        [
+            "model.name_or_path=ai21labs/AI21-Jamba-Mini-1.6",
+            "data.max_train_samples=null",
+            "data.max_eval_samples=null",
+        ],
     )
     assert jamba.data.max_train_samples is None

@@ -28,7 +28,9 @@ def build_pair():
             dt_rank = mixer.x_proj.weight.shape[0] - 2 * STATES
             mixer.x_proj.weight[dt_rank:, channels] += 0.5 * torch.randn(2 * STATES, 4, generator=generator)
             out_features, in_features = mixer.out_proj.weight.shape
-            low_rank = torch.randn(out_features, 2, generator=generator) @ torch.randn(2, in_features, generator=generator)
+            low_rank = torch.randn(out_features, 2, generator=generator) @ torch.randn(
+                2, in_features, generator=generator
+            )
             mixer.out_proj.weight += 0.05 * low_rank
     return base.eval(), teacher.eval()
 

@@ -63,7 +63,9 @@ def test_mamba2_invariants(load_base):
         k_s = sdt.trainable_count(cfg.states_frozen, mixer.ssm_state_size)
         k_d = sdt.trainable_count(cfg.inputs_frozen, hidden)
         # heads -> groups: a group is selected iff it holds a selected head
-        assert set(selection[prefix]["groups"].tolist()) == {int(h) // (heads // groups) for h in selection[prefix]["channels"]}
+        assert set(selection[prefix]["groups"].tolist()) == {
+            int(h) // (heads // groups) for h in selection[prefix]["channels"]
+        }
         n_groups = selection[prefix]["groups"].numel()
         expected_trainable += k_h + 2 * n_groups * k_s * k_d + cfg.lora_rank * (inner + hidden)
     assert tuner.num_trainable_parameters() == expected_trainable
@@ -106,7 +108,9 @@ def test_warmup_trains_a_dense_delta_and_restart_restores_the_base(load_base):
     # warmup trains the dense fp32 delta on A_log plus LoRA; B/C stay frozen (spec section 2)
     names = [n for n, _ in tuner.named_trainable_parameters()]
     assert all(("A_log" in n and n.endswith(".delta")) or "lora_" in n for n in names)
-    warmup_lora_a = dict(tuner.named_trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
+    warmup_lora_a = dict(tuner.named_trainable_parameters())[
+        "backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"
+    ]
     warmup_lora_a = warmup_lora_a.detach().clone()
     train(tuner, 3)
     updates = tuner.warmup_updates()
@@ -120,10 +124,14 @@ def test_warmup_trains_a_dense_delta_and_restart_restores_the_base(load_base):
         module_name, _, tensor = name.rpartition(".")
         assert torch.equal(getattr(model.get_submodule(module_name), tensor), value), name
     # fresh LoRA, not warmup's
-    fresh = dict(tuner.named_trainable_parameters())["backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"]
+    fresh = dict(tuner.named_trainable_parameters())[
+        "backbone.layers.0.mixer.out_proj.parametrizations.weight.0.lora_A"
+    ]
     assert not torch.equal(fresh, warmup_lora_a)
-    assert not any("parametrizations.A_log.0.delta" in n and p.numel() == delta.numel()
-                   for n, p in tuner.named_trainable_parameters())
+    assert not any(
+        "parametrizations.A_log.0.delta" in n and p.numel() == delta.numel()
+        for n, p in tuner.named_trainable_parameters()
+    )
 
 
 def test_lora_and_full_presets(load_base):

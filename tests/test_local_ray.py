@@ -102,5 +102,7 @@ def test_a_worker_knows_when_its_placement_group_was_placed_at_once_or_after_wai
     freed = time.time()
     remove_placement_group(running)
     ray.get(staged.ready())
-    placed = ray.get(placement_seen_by_a_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(staged)).remote())
+    placed = ray.get(
+        placement_seen_by_a_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(staged)).remote()
+    )
     assert placed is not None and asked < freed <= placed <= time.time()

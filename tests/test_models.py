@@ -23,23 +23,30 @@ from transformers import (
 )
 
 from pipeline.spec.job import ModelSpec
-from pipeline.tasks.digits import digits_pixel_sequences, digits_tokenizer
-from pipeline.trial.models import compute_dtype, load_base_model, log_kernel_paths
 from pipeline.tasks.digits import (
     DIGITS_BASE,
     SHIPPED_BASE,
     PretrainConfig,
     digits_base_dir,
+    digits_pixel_sequences,
+    digits_tokenizer,
     ensure_digits_base,
     next_pixel_loss,
     pretrain_digits_base,
 )
+from pipeline.trial.models import compute_dtype, load_base_model, log_kernel_paths
 from sdt import mixers
 
 SMALL = PretrainConfig(hidden=16, layers=1, state=4, steps=12, batch=16, lr=1e-2, seed=3)
 TINY_MAMBA2 = {
-    "hidden_size": 16, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 4, "n_groups": 2,
-    "expand": 2, "chunk_size": 8,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "state_size": 8,
+    "num_heads": 8,
+    "head_dim": 4,
+    "n_groups": 2,
+    "expand": 2,
+    "chunk_size": 8,
 }
 
 
@@ -216,7 +223,9 @@ def test_load_architecture_is_deterministic(caplog):
     assert all(torch.equal(first[key], second[key]) for key in first)
 
     with pytest.raises(ValueError, match=r"model\.config\.vocab_size is 8"):
-        load_base_model(ModelSpec(architecture="mamba", config={"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1}), "cpu")
+        load_base_model(
+            ModelSpec(architecture="mamba", config={"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1}), "cpu"
+        )
 
 
 def test_load_builtin_digits():

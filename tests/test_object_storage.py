@@ -18,17 +18,17 @@ import pyarrow.fs
 import pytest
 import torch
 import yaml
+from processes import finished_trials, wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from pipeline.cli.commands import app
-from pipeline.spec.job import parse_job
-from pipeline.tasks.metrics import evaluate
 from pipeline.results.outcomes import load_trials, sweep_spec
+from pipeline.spec.job import parse_job
 from pipeline.storage.paths import STATE_ENV, local_state_dir, storage_path
+from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import load_task
 from pipeline.trial.warmup import INFO_FILE, WARMUP_DIR
-from processes import finished_trials, wait_for
 
 JOB = {
     "name": "s3-sweep",
@@ -72,7 +72,9 @@ def sweep(two_nodes, s3_bucket, digits_cache, tmp_path_factory):
     try:
         # Once a second: each look is two requests to the S3 server, which serves them in this process, on the
         # CPUs the sweep runs on (at ten a second, the server took as much CPU as the sweep's trials).
-        wait_for(lambda: finished_trials(spec.sweep_dir / "tune") >= 1, 600, "a finished trial in the bucket", every=1.0)
+        wait_for(
+            lambda: finished_trials(spec.sweep_dir / "tune") >= 1, 600, "a finished trial in the bucket", every=1.0
+        )
     finally:
         first.send_signal(signal.SIGKILL)  # as a crash would: no cleanup of any kind
         first.wait()

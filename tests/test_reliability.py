@@ -26,19 +26,19 @@ import ray
 import torch
 import yaml
 from mlflow import MlflowClient
+from processes import finished_trials, wait_for
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import sdt
 from pipeline.cli.commands import app
-from pipeline.spec.job import load_job
 from pipeline.results.export import export_trials
-from pipeline.trial.models import load_base_model
-from pipeline.storage.layout import ADAPTER_DIR
 from pipeline.results.outcomes import load_trials
-from pipeline.storage.paths import LOCK_FILE
 from pipeline.results.tracking import ERROR_TAG, SweepTracker, tracking_uri
-from processes import finished_trials, wait_for
+from pipeline.spec.job import load_job
+from pipeline.storage.layout import ADAPTER_DIR
+from pipeline.storage.paths import LOCK_FILE
+from pipeline.trial.models import load_base_model
 
 MAMBA2 = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 8, "n_groups": 2,
           "chunk_size": 16}  # fmt: skip
@@ -52,8 +52,14 @@ JOB = {
     "model": ARCHITECTURES[0],
     "data": {"task": "digits", "max_train_samples": 96, "max_eval_samples": 24},
     # Mamba-2: 8 heads per layer, so an int count of frozen heads; half of the 32 hidden inputs per B/C row
-    "method": {"name": "sdlora", "lora_variant": "dora", "channels_frozen": 6, "states_frozen": 0.5,
-               "inputs_frozen": 0.5, "warmup_steps": 3},  # fmt: skip
+    "method": {
+        "name": "sdlora",
+        "lora_variant": "dora",
+        "channels_frozen": 6,
+        "states_frozen": 0.5,
+        "inputs_frozen": 0.5,
+        "warmup_steps": 3,
+    },  # fmt: skip
     "training": {"epochs": 2, "batch_size": 8, "lr": SANE, "eval_batch_size": 24},
     "resources": {"num_workers": 1, "cpus_per_worker": 1, "trial_cpus": 0.25, "max_concurrent_trials": 1},
     "search": {"space": {"model": {"grid": ARCHITECTURES}, "training.lr": {"grid": [SANE, DIVERGING]}}},

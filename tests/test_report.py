@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.spec.job import parse_job
-from pipeline.results.report import Arm, ArmSummary, Budget, Stats, sdlora_verdict, write_report
 from pipeline.results.outcomes import TrialOutcome
+from pipeline.results.report import Arm, ArmSummary, Budget, Stats, sdlora_verdict, write_report
 from pipeline.results.tracking import SweepTracker
+from pipeline.spec.job import parse_job
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
 pytestmark = pytest.mark.usefixtures("clean_cwd")
@@ -45,14 +45,16 @@ FAILURE = "TrialDiverged: diverged: the training loss is nan at optimizer step 7
 
 
 def make_spec(tmp_path: Path, store: str, space: dict):
-    return parse_job({
-        "name": "report",
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"builtin": "digits"},
-        "training": {"epochs": 2},
-        "search": {"metric": "eval/accuracy", "mode": "max", "space": space},
-        "tracking": {"uri": store},
-    })
+    return parse_job(
+        {
+            "name": "report",
+            "output_dir": str(tmp_path / "runs"),
+            "model": {"builtin": "digits"},
+            "training": {"epochs": 2},
+            "search": {"metric": "eval/accuracy", "mode": "max", "space": space},
+            "tracking": {"uri": store},
+        }
+    )
 
 
 def trial(spec, number: int, status: str, config: dict, metrics: dict) -> TrialOutcome:
@@ -152,7 +154,9 @@ def test_best_setting_per_arm_with_seeds_as_repetitions(tmp_path, store):
     assert all(row["error"] == "" for row in listed if row["status"] != "ERROR")
     first = listed[0]
     assert (first["method.name"], float(first["eval/accuracy"]), float(first["tokens_per_s"])) == (
-        "lora", VALIDATION["lora", 1e-3][0], 100.0
+        "lora",
+        VALIDATION["lora", 1e-3][0],
+        100.0,
     )
 
     artifacts = MlflowClient(tracking_uri=store).list_artifacts(parent, "report")
@@ -164,7 +168,9 @@ def test_searched_method_mappings_are_distinct_arms(tmp_path, store, caplog):
     spec = make_spec(tmp_path, store, space)
     accuracies = [(LORA_R2, [0.70, 0.74]), (LORA_R8, [0.80, 0.82]), (SDLORA, [0.76, 0.78])]
     trials = [
-        trial(spec, 2 * arm + seed, "TERMINATED", {"method": method, "training.seed": seed}, {"eval/accuracy": accuracy})
+        trial(
+            spec, 2 * arm + seed, "TERMINATED", {"method": method, "training.seed": seed}, {"eval/accuracy": accuracy}
+        )
         for arm, (method, values) in enumerate(accuracies)
         for seed, accuracy in enumerate(values)
     ]
@@ -184,7 +190,10 @@ def test_searched_method_mappings_are_distinct_arms(tmp_path, store, caplog):
     assert all(row["test/accuracy mean"] == "" for row in rows.values())
     # No test metric: the comparison falls back to validation, against the better LoRA arm.
     summary = (folder / "summary.md").read_text()
-    assert "SDLoRA does not beat the best LoRA arm (lora r8 out_proj+x_proj) on eval/accuracy after the whole training: " in summary
+    assert (
+        "SDLoRA does not beat the best LoRA arm (lora r8 out_proj+x_proj) on eval/accuracy after the whole training: "
+        in summary
+    )
     assert "a difference of -0.04, 2.8 pooled standard deviations." in summary
     assert "no MLflow run for sweep" in caplog.text
 

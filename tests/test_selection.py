@@ -49,9 +49,7 @@ def test_mamba2_heads_groups_rows_and_inputs():
     delta_c[0, 1] = torch.tensor([0.5, 0.0, 0.0, 0.0])
     delta_b[1, 0] = torch.tensor([0.0, 0.0, 2.0, 1.0])
     delta_c[1, 0] = torch.tensor([0.0, 3.0, 0.0, 0.0])
-    sel = select_heads_and_rows(
-        delta_a, delta_b, delta_c, n_heads=2, n_states=2, n_inputs=2, heads_per_group=2
-    )
+    sel = select_heads_and_rows(delta_a, delta_b, delta_c, n_heads=2, n_states=2, n_inputs=2, heads_per_group=2)
     assert sel["channels"].tolist() == [3, 0]
     assert sel["groups"].tolist() == [0, 1]
     # group 0: row 2 (1.0) then row 1 (0.25); group 1: row 0 (14.0) then tie between rows 1, 2 -> 1

@@ -18,8 +18,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli.commands import app
-from pipeline.spec.job import JobSpecError
 from pipeline.cli.preflight import load_checked
+from pipeline.spec.job import JobSpecError
 
 GOOD = {"name": "ok", "model": {"builtin": "digits"}, "data": {"task": "digits"}, "resources": {"cpus_per_worker": 0.5}}
 TINY_MAMBA = {"hidden_size": 16, "num_hidden_layers": 2, "state_size": 4}
@@ -37,14 +37,20 @@ def space(key: str, domain: dict, **search) -> dict:
 CORPUS: list[tuple[object, str]] = [
     # the document
     ("name: a\nname: b\nmodel: {builtin: digits}\n", "job.yaml: invalid YAML: duplicate key 'name'"),
-    ("name: ok\nmodel: {builtin: digits}\ntraining: {epochs: 3, epochs: 4}\n", "job.yaml: invalid YAML: duplicate key 'epochs'"),
+    (
+        "name: ok\nmodel: {builtin: digits}\ntraining: {epochs: 3, epochs: 4}\n",
+        "job.yaml: invalid YAML: duplicate key 'epochs'",
+    ),
     ("name: ok\nmodel: [builtin\n", "job.yaml: invalid YAML"),
     ("- a\n- b\n", "job.yaml: the spec must be a mapping"),
     ("just words\n", "job.yaml: the spec must be a mapping"),
     (b"name: caf\xe9\nmodel: {builtin: digits}\n", "job.yaml: not a UTF-8 text file"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "job.yaml: not a UTF-8 text file"),
-    ("a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n"
-                                               for p, c in zip("abcdefgh", "bcdefghi")), "job.yaml: invalid YAML: the aliases expand"),  # fmt: skip
+    (
+        "a: &a [x,x,x,x,x,x,x,x,x]\n"
+        + "".join(f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+        "job.yaml: invalid YAML: the aliases expand",
+    ),  # fmt: skip
     ("name: ok\nmodel: {builtin: digits}\n# " + "x" * (1 << 20) + "\n", "job.yaml: invalid YAML: the file is larger"),
     # names and places
     ({"model": {"builtin": "digits"}}, "name: Field required"),
@@ -58,7 +64,10 @@ CORPUS: list[tuple[object, str]] = [
     ({**GOOD, "model": {"builtin": "digits", "architecture": "mamba"}}, "model:"),
     ({**GOOD, "model": {"builtin": "cifar"}}, "model.builtin:"),
     ({**GOOD, "model": {"architecture": "transformer"}}, "model.architecture:"),
-    ({**GOOD, "model": {"architecture": "mamba", "config": {**TINY_MAMBA, "hidden_size": -4}}}, "model.config: cannot build"),
+    (
+        {**GOOD, "model": {"architecture": "mamba", "config": {**TINY_MAMBA, "hidden_size": -4}}},
+        "model.config: cannot build",
+    ),
     ({**GOOD, "model": {"builtin": "digits", "config": {"hidden_size": 8}}}, "model.config:"),
     ({**GOOD, "model": {"name_or_path": "/nowhere/model"}}, "model.name_or_path: no such directory"),
     ({**GOOD, "model": {"name_or_path": "./missing-model"}}, "model.name_or_path: no such directory"),
@@ -68,7 +77,10 @@ CORPUS: list[tuple[object, str]] = [
     (with_("data", task="imagenet"), "data.task:"),
     (with_("data", task="files"), "data.data_files:"),
     (with_("data", task="files", data_files={"train": "FILES/train.jsonl"}), "data.kind:"),
-    (with_("data", task="files", kind="classification", data_files={"train": "/nowhere/train.jsonl"}), "data.data_files.train: no such file"),
+    (
+        with_("data", task="files", kind="classification", data_files={"train": "/nowhere/train.jsonl"}),
+        "data.data_files.train: no such file",
+    ),
     (with_("data", task="files", kind="classification", data_files={"train": "FILES/train.txt"}), "data.data_files:"),
     (with_("data", task="files", kind="classification", data_files={"dev": "FILES/train.jsonl"}), "data.data_files:"),
     (with_("data", task="glue"), "data.dataset:"),
@@ -113,7 +125,10 @@ CORPUS: list[tuple[object, str]] = [
     (with_("resources", gpus_per_worker=1.5), "resources.gpus_per_worker:"),
     (with_("resources", num_workers=2, gpus_per_worker=0.5, use_gpu=True), "resources.gpus_per_worker:"),
     # the search
-    ({**GOOD, "search": {"metric": "eval/bleu"}}, "search.metric: 'eval/bleu' is not reported by a classification task"),
+    (
+        {**GOOD, "search": {"metric": "eval/bleu"}},
+        "search.metric: 'eval/bleu' is not reported by a classification task",
+    ),
     ({**GOOD, "search": {"metric": "test/accuracy"}}, "search.metric: test/accuracy: the test split never picks"),
     ({**GOOD, "search": {"mode": "maximize"}}, "search.mode:"),
     ({**GOOD, "search": {"scheduler": "pbt"}}, "search.scheduler:"),
@@ -123,14 +138,20 @@ CORPUS: list[tuple[object, str]] = [
     (space("training.lr", {"loguniform": [0, 1e-3]}), "search.space.training.lr:"),
     (space("training.lr", {"grid": [1e-3, -1.0]}), "search.space.training.lr: value -1.0 fails"),
     (space("training.epochs", {"uniform": [1, 3]}), "search.space.training.epochs:"),
-    (space("training.offload_parameters", {"grid": [False, True]}), "search.space.training.offload_parameters: value True fails"),
+    (
+        space("training.offload_parameters", {"grid": [False, True]}),
+        "search.space.training.offload_parameters: value True fails",
+    ),
     (space("resources.num_workers", {"grid": [1, 2]}), "search.space.resources.num_workers: not searchable"),
     (space("training.nope", {"grid": [1]}), "search.space.training.nope: no such field"),
     (space("method.channels_frozen", {"grid": [0.5, 1.0]}), "search.space.method.channels_frozen: value 1.0 fails"),
     (space("method.name", {"grid": ["sdlora", "qlora"]}), "search.space.method.name: value 'qlora' fails"),
     (space("training.lr", {"choice": [1e-3]}, algorithm="bayes"), "search.algorithm:"),
     # tracking and export
-    ({**GOOD, "tracking": {"uri": "http://127.0.0.1:9"}}, "tracking.uri: the MLflow server at http://127.0.0.1:9 did not answer"),
+    (
+        {**GOOD, "tracking": {"uri": "http://127.0.0.1:9"}},
+        "tracking.uri: the MLflow server at http://127.0.0.1:9 did not answer",
+    ),
     ({**GOOD, "export": {"merge": "sometimes"}}, "export.merge:"),
 ]
 

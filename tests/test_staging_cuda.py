@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.spec.job import load_job
 from pipeline.results.outcomes import load_trials
+from pipeline.spec.job import load_job
 
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parents[1]

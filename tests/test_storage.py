@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 import yaml
+from processes import wait_for
 from typer.testing import CliRunner
 
 from pipeline.cli.commands import app
@@ -29,7 +30,6 @@ from pipeline.storage.paths import (
     storage_path,
     write_directory,
 )
-from processes import wait_for
 
 MARKER = "done.json"
 

@@ -27,18 +27,18 @@ import psutil
 import pytest
 import torch
 import yaml
+from processes import free_port, wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdt
+from pipeline.results.outcomes import load_trials
 from pipeline.spec.job import load_job
+from pipeline.storage.layout import ADAPTER_DIR
+from pipeline.storage.paths import content_hash
 from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import load_task
-from pipeline.storage.layout import ADAPTER_DIR
-from pipeline.results.outcomes import load_trials
-from pipeline.storage.paths import content_hash
-from pipeline.trial.worker import cpu_threads, run_warmup, trial_inputs
 from pipeline.trial.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, warmup_key
-from processes import free_port, wait_for
+from pipeline.trial.worker import cpu_threads, run_warmup, trial_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -51,7 +51,10 @@ CONSOLE = "console-sweep.txt"  # beside the sweep directory
 
 def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli.commands", *args], env={**env, **extra_env}, capture_output=True, text=True,
+        [sys.executable, "-m", "pipeline.cli.commands", *args],
+        env={**env, **extra_env},
+        capture_output=True,
+        text=True,
         timeout=1200,
     )
 
@@ -135,7 +138,9 @@ def test_reused_warmup_is_the_one_the_trial_would_have_computed(sweep, monkeypat
     assert shared_entry.name == content_hash(warmup_key(trial, total_steps, 1, cpu))
     shared, _ = WarmupStore(sweep_dir).load(shared_entry.name)
     assert shared.keys() == recomputed.keys()
-    assert all(torch.equal(shared[p][k], recomputed[p][k]) for p in shared for k in shared[p].keys() | recomputed[p].keys())
+    assert all(
+        torch.equal(shared[p][k], recomputed[p][k]) for p in shared for k in shared[p].keys() | recomputed[p].keys()
+    )
 
     selected = tuner.select(recomputed)
     stored = sdt.io.read(reused.checkpoint / ADAPTER_DIR).selection
@@ -206,7 +211,9 @@ def test_the_champion_is_a_transformers_pipeline_that_generates(sweep, monkeypat
     merged = AutoModelForCausalLM.from_pretrained(sweep_dir / "export" / "merged", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(sweep_dir / "export" / "merged")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    expected = tokenizer.decode(merged.generate(ids, max_new_tokens=1, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True)
+    expected = tokenizer.decode(
+        merged.generate(ids, max_new_tokens=1, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True
+    )
     assert answer["generated_text"] == expected
     export = mlflow.artifacts.download_artifacts("models:/quickstart@champion")
     assert (Path(export) / "sdtune_export" / "adapter_model.safetensors").is_file()
@@ -220,7 +227,10 @@ def mlflow_server(sweep, env):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli.commands", "ui", str(sweep_dir), "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         printed = []
@@ -247,7 +257,9 @@ def mlflow_server(sweep, env):
 
 def rest(base: str, endpoint: str, body: dict) -> dict:
     request = urllib.request.Request(
-        f"{base}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        f"{base}/api/2.0/mlflow/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.load(response)

@@ -14,9 +14,9 @@ import pytest
 from mlflow import MlflowClient
 from ray import cloudpickle
 
+from pipeline.results.tracking import PARENT_TAG, TRIAL_ID_TAG, SweepTracker, default_tracking_uri, tracking_uri
 from pipeline.spec.job import parse_job
 from pipeline.sweep.callbacks import MLflowSweepCallback
-from pipeline.results.tracking import PARENT_TAG, TRIAL_ID_TAG, SweepTracker, default_tracking_uri, tracking_uri
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
 pytestmark = pytest.mark.usefixtures("clean_cwd")
@@ -125,7 +125,10 @@ def test_an_experiment_made_before_keeps_a_kind_someone_chose(spec, store):
     client = MlflowClient(tracking_uri=store)
     untagged = client.create_experiment("older")
     chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
-    for name, experiment_id, kind in (("older", untagged, "custom_model_development"), ("chosen", chosen, "genai_development")):
+    for name, experiment_id, kind in (
+        ("older", untagged, "custom_model_development"),
+        ("chosen", chosen, "genai_development"),
+    ):
         SweepTracker(spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"experiment": name})}))
         assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == kind
 
@@ -241,11 +244,21 @@ def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
     a, b = fake_trial("a", {"training.lr": 0.1}), fake_trial("b", {"training.lr": 0.2})
     for trial in (a, b):
         callback.on_trial_start(iteration=1, trials=[a, b], trial=trial)
-    result = {"eval/accuracy": 0.5, "step": 0, "training_iteration": 1, "checkpoint_path": str(checkpoint),
-              "time_total_s": 3.0, "config": {"training.lr": 0.1}, "warmup/loss": 1.5, "epoch": 1}
+    result = {
+        "eval/accuracy": 0.5,
+        "step": 0,
+        "training_iteration": 1,
+        "checkpoint_path": str(checkpoint),
+        "time_total_s": 3.0,
+        "config": {"training.lr": 0.1},
+        "warmup/loss": 1.5,
+        "epoch": 1,
+    }
     callback.on_trial_result(iteration=2, trials=[a, b], trial=a, result=result)
     a.last_result = result  # as Tune keeps it
-    callback.on_trial_result(iteration=2, trials=[a, b], trial=b, result={"eval/accuracy": 0.1, "training_iteration": 3})
+    callback.on_trial_result(
+        iteration=2, trials=[a, b], trial=b, result={"eval/accuracy": 0.1, "training_iteration": 3}
+    )
     callback.on_trial_complete(iteration=3, trials=[a, b], trial=a)
     callback.on_experiment_end(trials=[a, b])
 

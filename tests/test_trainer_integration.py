@@ -17,10 +17,10 @@ from helpers import VOCAB, logits
 from safetensors.torch import load_file
 
 pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install 'sdtune[hf]')")
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-import sdt  # noqa: E402
-from sdt.integrations.trainer import WARMUP_DIR, train_sdt  # noqa: E402
+import sdt
+from sdt.integrations.trainer import WARMUP_DIR, train_sdt
 
 CONFIG = sdt.SDTConfig(channels_frozen=0.75, states_frozen=0.5, lora_rank=2, lora_alpha=2.0, warmup_steps=3)
 STEPS_PER_EPOCH = 4  # 16 sequences, batch 4
@@ -39,9 +39,19 @@ class Tokens(torch.utils.data.Dataset):
 
 def arguments(output_dir: Path, **overrides) -> TrainingArguments:
     settings = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-2,
-        lr_scheduler_type="linear", save_strategy="steps", save_steps=2, logging_steps=1, report_to=[],
-        use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     return TrainingArguments(**{**settings, **overrides})
 
@@ -49,8 +59,11 @@ def arguments(output_dir: Path, **overrides) -> TrainingArguments:
 def sdt_trainer(load_base, output_dir: Path, callbacks=(), **overrides) -> tuple[Trainer, sdt.Tuner]:
     tuner = sdt.apply(load_base("mamba"), CONFIG)
     trainer = Trainer(
-        model=tuner.model, args=arguments(output_dir, **overrides), train_dataset=Tokens(),
-        eval_dataset=Tokens(size=8, seed=1), callbacks=list(callbacks),
+        model=tuner.model,
+        args=arguments(output_dir, **overrides),
+        train_dataset=Tokens(),
+        eval_dataset=Tokens(size=8, seed=1),
+        callbacks=list(callbacks),
     )
     return trainer, tuner
 
@@ -72,8 +85,12 @@ def test_warmup_select_and_a_restarted_main_run(load_base, tmp_path):
     warmup = tmp_path / "run" / WARMUP_DIR
     assert sorted(p.name for p in warmup.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # every 2 steps, and its end
     assert phase_in(warmup / "checkpoint-3") == "warmup"
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4",
-                                                                              "checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
     assert phase_in(tmp_path / "run" / "checkpoint-8") == "train"
     # the selection comes from the warmup's last checkpoint
     warmed = sdt.load(load_base("mamba"), warmup / "checkpoint-3")
@@ -138,7 +155,11 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(phase, step, uninte
 
 def test_load_best_model_at_end_loads_the_best_adapter_and_warmup_is_not_evaluated(load_base, tmp_path):
     trainer, tuner = sdt_trainer(
-        load_base, tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+        load_base,
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
     )
     train_sdt(trainer, tuner)
@@ -155,7 +176,9 @@ def test_an_optimizer_passed_in_is_refused(load_base, tmp_path):
     tuner = sdt.apply(load_base("mamba"), CONFIG)
     optimizer = torch.optim.AdamW(tuner.trainable_parameters())
     trainer = Trainer(
-        model=tuner.model, args=arguments(tmp_path), train_dataset=Tokens(),
+        model=tuner.model,
+        args=arguments(tmp_path),
+        train_dataset=Tokens(),
         optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)),
     )
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from processes import train_workers, wait_for
 from safetensors.torch import load_file
 
 from pipeline.spec.job import load_job
 from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import load_task
 from pipeline.trial.models import load_base_model
-from processes import train_workers, wait_for
 
 JOB = {
     "name": "digits-trial",
@@ -28,7 +28,14 @@ JOB = {
     "method": {"name": "sdlora", "channels_frozen": 0.9, "warmup_steps": 10},
     # an evaluation every half epoch, so one falls on each epoch's last step (once reported twice, the second with
     # no training loss): the epoch's report is the only one there
-    "training": {"epochs": 3, "batch_size": 8, "lr": 2e-2, "zero_stage": 2, "eval_batch_size": 32, "eval_every_steps": 15},
+    "training": {
+        "epochs": 3,
+        "batch_size": 8,
+        "lr": 2e-2,
+        "zero_stage": 2,
+        "eval_batch_size": 32,
+        "eval_every_steps": 15,
+    },
     "resources": {"num_workers": 2, "cpus_per_worker": 1},
 }
 STEPS_PER_EPOCH = 480 // (8 * 2)

@@ -38,12 +38,24 @@ def texts(size: int = 16, length: int = 10) -> datasets.Dataset:
 def sft_trainer(load_base, output_dir: Path, callbacks=()) -> tuple[trl.SFTTrainer, sdt.Tuner]:
     tuner = sdt.apply(load_base("mamba"), CONFIG)
     args = trl.SFTConfig(  # fp32 (TRL's default is bf16 autocast), so that logits compare exactly
-        output_dir=str(output_dir), max_length=16, per_device_train_batch_size=4, num_train_epochs=2,
-        learning_rate=1e-2, save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        max_length=16,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=1e-2,
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
         bf16=False,
     )
     trainer = trl.SFTTrainer(
-        model=tuner.model, args=args, train_dataset=texts(), processing_class=word_tokenizer(),
+        model=tuner.model,
+        args=args,
+        train_dataset=texts(),
+        processing_class=word_tokenizer(),
         callbacks=list(callbacks),
     )
     return trainer, tuner

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import logits, random_tokens, train
 
 import sdt
-from helpers import logits, random_tokens, train
 
 DORA = sdt.SDTConfig.preset("lora", lora_variant="dora", lora_targets=("x_proj", "dt_proj", "out_proj"))
 

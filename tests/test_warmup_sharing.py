@@ -12,12 +12,12 @@ import threading
 import pytest
 import ray
 import torch
+from processes import wait_for
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.trial.claims import NAMESPACE, ClaimCoordinator, coordinator_name, end_coordinator
 from pipeline.storage.paths import content_hash, storage_path
+from pipeline.trial.claims import NAMESPACE, ClaimCoordinator, coordinator_name, end_coordinator
 from pipeline.trial.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, shared_warmup
-from processes import wait_for
 
 
 @ray.remote(num_cpus=0)

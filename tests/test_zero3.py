@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
-
 from processes import free_port
+from safetensors.torch import load_file, save_file
 
 ARCHS = ("mamba", "mamba2", "jamba")
 METHODS = ("lora", "sdlora", "full")

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import plot, write_csv
 from transformers import MambaConfig, MambaForCausalLM
 
 import sdt
-from common import plot, write_csv
 
 HIDDEN, EXPAND, VOCAB = 64, 2, 32
 INNER = EXPAND * HIDDEN
@@ -160,9 +160,7 @@ def run(method: str, cfg: dict, frozen: MambaForCausalLM, target: MambaForCausal
         tuner.start_training(tuner.select())  # base restored, fresh LoRA, sparse deltas; a new optimizer below
     if method == "full":
         student.backbone.embeddings.requires_grad_(False)  # frozen in every arm (and tied to the head)
-    losses = fit(
-        student, tuner.trainable_parameters(), target, args.iterations, args, tuner.check_gradients
-    )
+    losses = fit(student, tuner.trainable_parameters(), target, args.iterations, args, tuner.check_gradients)
     return student, tuner.num_trainable_parameters(), losses
 
 

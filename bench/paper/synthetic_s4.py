@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import plot, write_csv
 from torch import nn
 
 import sdt
-from common import plot, write_csv
 
 H, L = 64, 200  # model width and sequence length of the paper's run
 FROZEN_LAYERS, FROZEN_N = 4, 16

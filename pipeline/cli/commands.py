@@ -23,11 +23,17 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from pipeline import __version__
+from pipeline.results.outcomes import sweep_spec
 from pipeline.spec.job import JobSpec, JobSpecError
 from pipeline.storage.layout import JOB_FILE
-from pipeline.results.outcomes import sweep_spec
-from pipeline.storage.paths import DirectoryBusy, StoragePath, claim_directory, local_state_dir, storage_path, write_file
-
+from pipeline.storage.paths import (
+    DirectoryBusy,
+    StoragePath,
+    claim_directory,
+    local_state_dir,
+    storage_path,
+    write_file,
+)
 
 
 class ReadableHelp:
@@ -70,18 +76,31 @@ app = typer.Typer(
 command = partial(app.command, cls=Command)
 
 JobArgument = Annotated[Path, typer.Argument(help="A job spec (YAML), e.g. jobs/quickstart.yaml")]
-RunDirArgument = Annotated[str, typer.Argument(metavar="RUN_DIR", help="A sweep directory: runs/NAME (the spec's output_dir/name), or its s3://... URI")]
+RunDirArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="RUN_DIR", help="A sweep directory: runs/NAME (the spec's output_dir/name), or its s3://... URI"
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a field of the spec, e.g. `--set training.lr=1e-3` (repeatable)"),
+    typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a field of the spec, e.g. `--set training.lr=1e-3` (repeatable)"
+    ),
 ]
 AddressOption = Annotated[
     str | None,
-    typer.Option("--address", metavar="ADDRESS", envvar="RAY_ADDRESS", help="An existing Ray cluster (default: start one here)"),
+    typer.Option(
+        "--address", metavar="ADDRESS", envvar="RAY_ADDRESS", help="An existing Ray cluster (default: start one here)"
+    ),
 ]
 VerboseOption = Annotated[
     bool,
-    typer.Option("--verbose", "-v", help="Also show what Ray, DeepSpeed, MLflow and transformers print (always kept in RUN_DIR/logs/)"),
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Also show what Ray, DeepSpeed, MLflow and transformers print (always kept in RUN_DIR/logs/)",
+    ),
 ]
 LOOPBACK = "127.0.0.1"  # where a Ray instance started here serves its dashboard
 ERROR_LOG = "driver-error.log"  # in the sweep's local state directory: the traceback of a failed run
@@ -117,8 +136,8 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     import ray
     import torch
 
-    from pipeline.sweep.console import capture_worker_output, quiet_environment, ray_init_options, route_logs
     from pipeline.cli.preflight import check_resources, missing_bytecode
+    from pipeline.sweep.console import capture_worker_output, quiet_environment, ray_init_options, route_logs
 
     local = address is None
     gpu = torch.cuda.is_available() if local else spec.resources.use_gpu is not False
@@ -204,7 +223,10 @@ def validate(job: JobArgument, overrides: SetOption = None, address: AddressOpti
 def pretrain(
     out: Annotated[
         Path | None,
-        typer.Option(metavar="DIR", help="Where to write the rebuilt base. Default: digits-base-HASH in $SDTUNE_CACHE or ~/.cache/sdtune"),
+        typer.Option(
+            metavar="DIR",
+            help="Where to write the rebuilt base. Default: digits-base-HASH in $SDTUNE_CACHE or ~/.cache/sdtune",
+        ),
     ] = None,
 ) -> None:
     """Rebuild the built-in digits base from its recipe and compare it with the shipped one.
@@ -226,7 +248,9 @@ def pretrain(
 
 
 @command()
-def train(job: JobArgument, overrides: SetOption = None, address: AddressOption = None, verbose: VerboseOption = False) -> None:
+def train(
+    job: JobArgument, overrides: SetOption = None, address: AddressOption = None, verbose: VerboseOption = False
+) -> None:
     """Run one trial of a job spec (no Tune) through Ray Train, for debugging.
 
     Rerun it to resume from its last checkpoint. Prints the last report's metrics and the checkpoint; a trial
@@ -253,7 +277,9 @@ def train(job: JobArgument, overrides: SetOption = None, address: AddressOption 
 
 
 @command()
-def sweep(job: JobArgument, overrides: SetOption = None, address: AddressOption = None, verbose: VerboseOption = False) -> None:
+def sweep(
+    job: JobArgument, overrides: SetOption = None, address: AddressOption = None, verbose: VerboseOption = False
+) -> None:
     """Run the sweep of a job spec, then export the best trial and write the report.
 
     Ray Tune runs the trials, each a Ray Train worker group; MLflow tracks them. The console shows a line per trial
@@ -306,7 +332,9 @@ def resume(run_dir: RunDirArgument, address: AddressOption = None, verbose: Verb
 @command()
 def export(
     run_dir: RunDirArgument,
-    out: Annotated[str | None, typer.Option(metavar="DIR", help="Default: the spec's export.dir, else RUN_DIR/export")] = None,
+    out: Annotated[
+        str | None, typer.Option(metavar="DIR", help="Default: the spec's export.dir, else RUN_DIR/export")
+    ] = None,
     merge: Annotated[
         bool | None, typer.Option("--merge/--no-merge", help="Also write merged/ (default: the spec's export.merge)")
     ] = None,
@@ -321,9 +349,9 @@ def export(
     """
     import torch
 
-    from pipeline.sweep.console import route_logs
     from pipeline.results.export import ExportRefused, export_trials
     from pipeline.results.tracking import SweepTracker
+    from pipeline.sweep.console import route_logs
 
     spec = spec_of_run(run_dir)
     trials = trials_of_run(spec)
@@ -392,7 +420,9 @@ def spec_of_run(run_dir: str) -> JobSpec:
     except (OSError, ValueError) as error:  # object storage that does not answer, a URI that pyarrow cannot open
         raise fail(f"{run_dir}: cannot read it ({' '.join(str(error).split())[:300]})") from None
     if not found:
-        raise fail(f"{run_dir}: not a sweep directory (no job.yaml); run `sdtune sweep JOB.yaml` first, or give runs/<job name>")
+        raise fail(
+            f"{run_dir}: not a sweep directory (no job.yaml); run `sdtune sweep JOB.yaml` first, or give runs/<job name>"
+        )
     try:
         return sweep_spec(run_dir)
     except JobSpecError as error:
@@ -443,7 +473,9 @@ def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
         log = local_state_dir(spec.sweep_dir) / ERROR_LOG
         log.write_text(traceback.format_exc())
         tracker.finish_sweep("FAILED")
-        raise fail(f"sweep failed: {type(error).__name__}: {' '.join(str(error).split())[:500]} (traceback: {log})", 1) from None
+        raise fail(
+            f"sweep failed: {type(error).__name__}: {' '.join(str(error).split())[:500]} (traceback: {log})", 1
+        ) from None
     tracker.finish_sweep("FINISHED")
 
 

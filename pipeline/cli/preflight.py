@@ -21,9 +21,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import sdt
-from pipeline.tasks.registry import DATA_FILE_FORMATS
 from pipeline.spec.job import JobSpec, JobSpecError, load_job, method_field
 from pipeline.storage.paths import ObjectPath, check_reachable, storage_path
+from pipeline.tasks.registry import DATA_FILE_FORMATS
 from pipeline.tasks.sources import CLASSIFICATION_METRICS, GENERATION_METRICS
 
 HUB_TIMEOUT_S = 5
@@ -88,7 +88,9 @@ def check_metric(spec: JobSpec) -> None:
         raise JobSpecError("search.metric", f"{metric}: the test split never picks trials (it is scored once, at the "
                                             f"end); use {metric.replace('test/', 'eval/', 1)}")  # fmt: skip
     if metric not in allowed:
-        raise JobSpecError("search.metric", f"{metric!r} is not reported by a {kind} task; choose one of {', '.join(allowed)}")
+        raise JobSpecError(
+            "search.metric", f"{metric!r} is not reported by a {kind} task; choose one of {', '.join(allowed)}"
+        )
 
 
 def skeleton(spec: JobSpec) -> PreTrainedModel:
@@ -206,7 +208,9 @@ def check_tracking(spec: JobSpec) -> None:
             response.read()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise JobSpecError(field, f"the MLflow server at {uri} did not answer within {TRACKING_TIMEOUT_S} s ({reason})") from None
+        raise JobSpecError(
+            field, f"the MLflow server at {uri} did not answer within {TRACKING_TIMEOUT_S} s ({reason})"
+        ) from None
 
 
 def check_resources(spec: JobSpec, cpus: float, gpus: float, in_sweep: bool = True) -> None:
@@ -219,7 +223,8 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, in_sweep: bool = Tr
         raise JobSpecError(
             "resources.cpus_per_worker",
             f"a trial needs {needs_cpus:g} CPUs ({resources.num_workers} workers x {resources.cpus_per_worker:g}"
-            + (f" + {driver:g} for its driver" if driver else "") + f"); the cluster has {cpus:g}",
+            + (f" + {driver:g} for its driver" if driver else "")
+            + f"); the cluster has {cpus:g}",
         )
     if resources.use_gpu:
         needs_gpus = resources.num_workers * resources.gpus_per_worker

@@ -41,13 +41,13 @@ from transformers import PreTrainedTokenizerBase
 import sdt
 from pipeline import __version__
 from pipeline.results.arms import value_label
+from pipeline.results.outcomes import TrialOutcome, best_trial, is_metric, metric_on_test
+from pipeline.results.tracking import SweepTracker, is_finite_number
 from pipeline.spec.job import DataSpec, JobSpec
+from pipeline.storage.layout import ADAPTER_DIR, JOB_FILE
+from pipeline.storage.paths import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
 from pipeline.tasks.formatting import SEP
 from pipeline.trial.models import load_base_model
-from pipeline.storage.layout import ADAPTER_DIR, JOB_FILE
-from pipeline.results.outcomes import TrialOutcome, best_trial, is_metric, metric_on_test
-from pipeline.storage.paths import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
-from pipeline.results.tracking import SweepTracker, is_finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def answer_format(spec: JobSpec) -> str:
     if generates_text(spec.data):
         return "the target text, then the tokenizer's end-of-sequence token"
     names = spec.data.label_names
-    return f"one of {', '.join(names)}" if names else "the class index as text (\"0\", \"1\", ...)"
+    return f"one of {', '.join(names)}" if names else 'the class index as text ("0", "1", ...)'
 
 
 def registry_name(spec: JobSpec) -> str:
@@ -297,7 +297,9 @@ def model_card(
     metric, metrics = record["metric"], record["metrics"]
     test = metric_on_test(metric)
     others = [f"{key} {value:.4g}" for key, value in sorted(metrics.items()) if key.startswith("test/") and key != test]
-    test_score = f"{test} **{metrics[test]:.4g}**" + (f" ({', '.join(others)})" if others else "") if test in metrics else None
+    test_score = (
+        f"{test} **{metrics[test]:.4g}**" + (f" ({', '.join(others)})" if others else "") if test in metrics else None
+    )
     hyperparameters = ", ".join(f"`{key}` = {value_label(value)}" for key, value in record["hyperparameters"].items())
     name = registry_name(spec)
     builtin = spec.model.builtin is not None
@@ -321,7 +323,9 @@ def model_card(
         f"- base model: {base_model_name(spec)}",
         f"- method: {adapter_config['description']}",
         f"- trainable parameters: {adapter_config['num_trainable_parameters']:,}",
-        f"- test score: {test_score}" if test_score else "- test score: none (no test split, or the trial stopped early)",
+        f"- test score: {test_score}"
+        if test_score
+        else "- test score: none (no test split, or the trial stopped early)",
         f"- {metric} (validation, which picked it): {record['value']:.4g} ({record['mode']}), trial "
         f"`{record['trial_id']}`" + "".join(f", {key} {metrics[key]}" for key in POSITION_KEYS if key in metrics),
         f"- hyperparameters of the trial: {hyperparameters or 'none searched'}",
@@ -359,7 +363,7 @@ def model_card(
             "",
             f'model = AutoModelForCausalLM.from_pretrained("{out / MERGED_DIR}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{out / MERGED_DIR}")',
-            "ids = tokenizer(PROMPT, return_tensors=\"pt\").input_ids",
+            'ids = tokenizer(PROMPT, return_tensors="pt").input_ids',
             "answer = tokenizer.decode(model.generate(ids, max_new_tokens=1, do_sample=False)[0, ids.shape[1]:])",
             "```",
             "",
@@ -391,7 +395,8 @@ def register_staged_export(
     if run_id is None:
         logger.warning(
             "no MLflow run for trial %s in experiment %r: the export is not registered",
-            record["trial_id"], tracker.experiment_name,
+            record["trial_id"],
+            tracker.experiment_name,
         )
         return
     name = registry_name(spec)
@@ -452,9 +457,13 @@ def log_mlflow_model(
         params={key: str(value) for key, value in record["hyperparameters"].items()},
     )  # fmt: skip
     generator = pipeline(
-        "text-generation", model=AutoModelForCausalLM.from_pretrained(merged), tokenizer=AutoTokenizer.from_pretrained(merged)
+        "text-generation",
+        model=AutoModelForCausalLM.from_pretrained(merged),
+        tokenizer=AutoTokenizer.from_pretrained(merged),
     )
-    description = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id)
+    description = Model(
+        artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id
+    )
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / "model"
         mlflow.transformers.save_model(

@@ -35,7 +35,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.results.arms import METHOD_KEYS, Arm, arm_of, canonical, value_label
-from pipeline.spec.job import Domain, JobSpec
 from pipeline.results.outcomes import (
     COST_PARTS,
     TUNE_ERROR,
@@ -44,8 +43,9 @@ from pipeline.results.outcomes import (
     TrialOutcome,
     metric_on_test,
 )
-from pipeline.storage.paths import StoragePath, local_copy, storage_path, write_directory
 from pipeline.results.tracking import SweepTracker, is_finite_number
+from pipeline.spec.job import Domain, JobSpec
+from pipeline.storage.paths import StoragePath, local_copy, storage_path, write_directory
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,15 @@ STEP_LOSS = "train/step_loss"  # the per-step training loss each trial's MLflow 
 CONSOLE_WIDTH = 110  # the verdict and notes are wrapped to this on the console
 TICK_WIDTH = 22  # characters per line of a category's label under its tick
 # Columns of trials.csv besides the searched values: the last report's, where present.
-TRIAL_COLUMNS = ("step", "epoch", "train/loss", "trainable_parameters", "tokens_per_s", "peak_memory_gib", "warmup/shared")
+TRIAL_COLUMNS = (
+    "step",
+    "epoch",
+    "train/loss",
+    "trainable_parameters",
+    "tokens_per_s",
+    "peak_memory_gib",
+    "warmup/shared",
+)
 SEED_KEY = "training.seed"
 SDLORA, LORA = "sdlora", "lora"
 LOG_SPAN = 10  # positive values spanning this factor or more are drawn on a log axis
@@ -188,7 +196,9 @@ def common_budget(spec: JobSpec, by_arm: Mapping[str, Sequence[TrialOutcome]], c
     return Budget(min(reached), "epoch" if spec.training.eval_every_steps is None else "evaluation")
 
 
-def summarize(spec: JobSpec, arm: Arm, settings: Sequence[list[TrialOutcome]], curves: Curves, budget: Budget) -> ArmSummary:
+def summarize(
+    spec: JobSpec, arm: Arm, settings: Sequence[list[TrialOutcome]], curves: Curves, budget: Budget
+) -> ArmSummary:
     """The arm's row: its best setting by last report (what export would pick), and its best at ``budget``."""
     metric = spec.search.metric
     seeds = best_setting(spec, settings, lambda trial: trial.score(metric))
@@ -231,7 +241,9 @@ def arm_summaries(spec: JobSpec, trials: Sequence[TrialOutcome], curves: Curves)
         raise NoUsableTrialError(f"nothing to report: {exclusion_note(metric, trials)}")
     by_arm = {key: [trial for seeds in by_setting.values() for trial in seeds] for key, by_setting in settings.items()}
     budget = common_budget(spec, by_arm, curves)
-    rows = [summarize(spec, arms[key], list(by_setting.values()), curves, budget) for key, by_setting in settings.items()]
+    rows = [
+        summarize(spec, arms[key], list(by_setting.values()), curves, budget) for key, by_setting in settings.items()
+    ]
     comparable = all(row.at_budget for row in rows)
     rows.sort(key=lambda row: (row.at_budget if comparable else row.validation).mean, reverse=spec.search.mode == "max")
     return [replace(rows[0], best=True), *rows[1:]], budget
@@ -339,11 +351,19 @@ def summary_table(spec: JobSpec, rows: Sequence[ArmSummary], budget: Budget) -> 
 
 
 def summary_markdown(
-    spec: JobSpec, trials: Sequence[TrialOutcome], table: str, verdict: str, cost: str, budget: Budget, plots: Sequence[str]
+    spec: JobSpec,
+    trials: Sequence[TrialOutcome],
+    table: str,
+    verdict: str,
+    cost: str,
+    budget: Budget,
+    plots: Sequence[str],
 ) -> str:
     metric, mode = spec.search.metric, spec.search.mode
     stopped = sum(trial.stopped_early for trial in trials)
-    how_far = "the most training every arm reached: ASHA stopped some trials sooner" if stopped else "the whole training"
+    how_far = (
+        "the most training every arm reached: ASHA stopped some trials sooner" if stopped else "the whole training"
+    )
     pictures = [f"![{Path(name).stem}]({name})" for name in plots if name not in (CURVES_PNG, COST_PNG)]
     time_picture = [f"![time]({COST_PNG})"] if COST_PNG in plots else []
     return "\n\n".join([
@@ -395,7 +415,13 @@ def cost_table(trials: Sequence[TrialOutcome]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for trial in recorded:
         cost = trial.cost
-        cells = [trial.trial_id, arm_of(trial).label, f"{cost['gpus']:g}", f"{cost.get('queued', 0.0):.1f}", f"{cost['wall']:.1f}"]
+        cells = [
+            trial.trial_id,
+            arm_of(trial).label,
+            f"{cost['gpus']:g}",
+            f"{cost.get('queued', 0.0):.1f}",
+            f"{cost['wall']:.1f}",
+        ]
         cells += [f"{cost.get(part, 0.0):.1f}" for part in COST_PARTS]
         lines.append("| " + " | ".join(cells) + " |")
     totals = cost_totals(recorded)
@@ -536,7 +562,9 @@ def plot_hyperparameter(
         color, curve = colors[arm_of(trial).label], curves[trial.trial_id]
         end = curve[max(curve)]
         if budget.reports in curve:
-            axes.scatter([position], [curve[budget.reports]], color=color, edgecolors="black", linewidths=0.5, s=45, zorder=3)
+            axes.scatter(
+                [position], [curve[budget.reports]], color=color, edgecolors="black", linewidths=0.5, s=45, zorder=3
+            )
         if max(curve) > budget.reports:
             start = curve.get(budget.reports, end)
             axes.plot([position, position], [start, end], color=color, linewidth=1, alpha=0.6)
@@ -584,7 +612,9 @@ def plot_learning_curves(
         style = styles[setting_text({k: trial.config.get(k) for k in setting_keys(spec)})]
         points = sorted(curves[trial.trial_id].items())
         left.plot(*zip(*points), color=color, linestyle=style, alpha=0.85, marker="o", markersize=3)
-        end = {"facecolors": "none", "edgecolors": color, "linewidths": 1.5} if trial.stopped_early else {"color": color}
+        end = (
+            {"facecolors": "none", "edgecolors": color, "linewidths": 1.5} if trial.stopped_early else {"color": color}
+        )
         left.scatter(*points[-1], s=55, zorder=3, **end)
         if step_losses.get(trial.trial_id):
             right.plot(*zip(*step_losses[trial.trial_id]), color=color, linestyle=style, alpha=0.7, linewidth=1)
@@ -602,7 +632,11 @@ def plot_learning_curves(
     right.grid(alpha=0.3)
     if not any(step_losses.values()):
         right.text(0.5, 0.5, "no per-step loss in MLflow", ha="center", va="center", transform=right.transAxes)
-    extra = [Line2D([], [], color="grey", linestyle=style, label=setting) for setting, style in styles.items() if setting != MISSING]
+    extra = [
+        Line2D([], [], color="grey", linestyle=style, label=setting)
+        for setting, style in styles.items()
+        if setting != MISSING
+    ]
     if any(trial.stopped_early for trial in scored):
         extra.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", linestyle="",
                             label="hollow end: stopped early by ASHA"))  # fmt: skip
@@ -621,7 +655,9 @@ def plot_cost(trials: Sequence[TrialOutcome], path: Path) -> None:
     gpus = any(trial.cost["gpus"] for trial in recorded)
     figure = new_figure(11, 1.2 + 0.45 * len(recorded))
     axes = figure.add_subplot()
-    labels = [f"{trial.trial_id}  {arm_of(trial).label}" + (" (stopped)" if trial.stopped_early else "") for trial in recorded]
+    labels = [
+        f"{trial.trial_id}  {arm_of(trial).label}" + (" (stopped)" if trial.stopped_early else "") for trial in recorded
+    ]
     left = [0.0] * len(recorded)
     for part in COST_PARTS:
         seconds = [max(0.0, trial.cost.get(part, 0.0)) * (trial.cost["gpus"] or 1.0) for trial in recorded]

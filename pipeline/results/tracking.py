@@ -32,8 +32,8 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.spec.job import JobSpec
 from pipeline.results.outcomes import metric_on_test
+from pipeline.spec.job import JobSpec
 from pipeline.storage.paths import local_state_dir
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,9 @@ class SweepTracker:
         if experiment.lifecycle_stage == "deleted":
             logger.warning("restoring the deleted MLflow experiment %r", self.experiment_name)
             self.client.restore_experiment(experiment.experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older sdtune, or by hand: a kind someone chose stays
+        if (
+            EXPERIMENT_KIND_TAG not in experiment.tags
+        ):  # made by an older sdtune, or by hand: a kind someone chose stays
             self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return experiment.experiment_id
 
@@ -311,7 +313,10 @@ class SweepTracker:
                 if existing[key] != value:
                     logger.warning(
                         "MLflow run %s keeps param %s=%r (params are immutable); not logging %r",
-                        run.info.run_id, key, existing[key], value,
+                        run.info.run_id,
+                        key,
+                        existing[key],
+                        value,
                     )
                 continue
             new[key] = value
@@ -457,7 +462,9 @@ class SweepTracker:
             where = f"stopped early at epoch {epochs:g} of {total_epochs}" if epochs is not None else "stopped early"
             if where not in name:
                 self.client.set_tag(run_id, "mlflow.runName", f"{name} · {where}")
-            note = f"The scheduler (ASHA) {where}: its metrics are those of a shorter training, and it has no test score."
+            note = (
+                f"The scheduler (ASHA) {where}: its metrics are those of a shorter training, and it has no test score."
+            )
             self.client.set_tag(run_id, "mlflow.note.content", note)
 
     def metric_history(self, trial_id: str, key: str) -> list[tuple[int, float]]:

@@ -24,10 +24,10 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SerializerFunctionWrapHandler,
     StrictFloat,
     StrictInt,
     ValidationError,
-    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -36,8 +36,8 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.spec import yaml_reader as spec_yaml
-from pipeline.tasks.registry import COLUMN_ROLES, DATA_FILE_FORMATS, DATA_SPLITS
 from pipeline.storage.paths import StoragePath, secret_options, storage_path
+from pipeline.tasks.registry import COLUMN_ROLES, DATA_FILE_FORMATS, DATA_SPLITS
 from sdt import SDTConfig, SDTConfigError
 
 # Trials may differ only in what they train; resources, tracking and export belong to the sweep as a whole.
@@ -421,7 +421,9 @@ class JobSpec(_Spec):
         directory: Ray workers run elsewhere. Only paths change, so the copy is not validated again."""
         data = self.data
         if data.data_files:
-            data = data.model_copy(update={"data_files": {k: str(Path(v).resolve()) for k, v in data.data_files.items()}})
+            data = data.model_copy(
+                update={"data_files": {k: str(Path(v).resolve()) for k, v in data.data_files.items()}}
+            )
         model = self.model
         if model.name_or_path and Path(model.name_or_path).exists():
             model = model.model_copy(update={"name_or_path": str(Path(model.name_or_path).resolve())})
@@ -457,7 +459,6 @@ class JobSpec(_Spec):
                 "state and MLflow; give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
             )
         return output_dir
-
 
     @model_validator(mode="after")
     def _space_values_fit(self, info: ValidationInfo) -> JobSpec:
@@ -540,8 +541,10 @@ def import_modules(modules: Any, source: str = "<spec>") -> None:
     for position, module in enumerate(modules):
         try:
             importlib.import_module(module)
-        except Exception as error:  # noqa: BLE001  (whatever the module raises, the spec cannot run)
-            raise JobSpecError(f"imports.{position}", f"cannot import {module!r}: {type(error).__name__}: {error}", source) from None
+        except Exception as error:
+            raise JobSpecError(
+                f"imports.{position}", f"cannot import {module!r}: {type(error).__name__}: {error}", source
+            ) from None
 
 
 def load_job(path: str | StoragePath, overrides: Sequence[str] = ()) -> JobSpec:
@@ -574,17 +577,17 @@ def load_job(path: str | StoragePath, overrides: Sequence[str] = ()) -> JobSpec:
 
 
 __all__ = [
+    "DataSpec",
+    "Domain",
+    "ExportSpec",
     "JobSpec",
     "JobSpecError",
-    "ModelSpec",
-    "DataSpec",
     "MethodSpec",
-    "TrainingSpec",
+    "ModelSpec",
     "ResourcesSpec",
     "SearchSpec",
-    "Domain",
     "TrackingSpec",
-    "ExportSpec",
+    "TrainingSpec",
     "load_job",
     "parse_job",
 ]

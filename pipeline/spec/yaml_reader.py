@@ -37,8 +37,10 @@ class _SpecLoader(yaml.SafeLoader):
 # YAML 1.2's floats: an exponent without a dot (1e-3, 5E+2) included.
 _SpecLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),  # fmt: skip
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),  # fmt: skip
     list("-+0123456789."),
 )
 
@@ -48,11 +50,13 @@ def load(text: str) -> Any:
     if len(text.encode()) > MAX_BYTES:
         raise SpecYAMLError(f"the file is larger than {MAX_BYTES // 1024} KiB; a job spec is a few KiB")
     try:
-        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         problem = getattr(error, "problem", None) or str(error)
-        raise SpecYAMLError(f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem) from None
+        raise SpecYAMLError(
+            f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+        ) from None
     if _expanded_size(data, MAX_VALUES) > MAX_VALUES:
         raise SpecYAMLError(f"the aliases expand it to more than {MAX_VALUES:,} values")
     return data

@@ -255,7 +255,9 @@ def _upload(folder: Path, directory: ObjectPath, marker: str) -> None:
     """The files of the local ``folder`` into ``directory``, ``marker`` last."""
     filesystem, path = directory.filesystem()
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != marker):
-        pyarrow.fs.copy_files(str(file), f"{path}/{file.relative_to(folder).as_posix()}", destination_filesystem=filesystem)
+        pyarrow.fs.copy_files(
+            str(file), f"{path}/{file.relative_to(folder).as_posix()}", destination_filesystem=filesystem
+        )
     pyarrow.fs.copy_files(str(folder / marker), f"{path}/{marker}", destination_filesystem=filesystem)
 
 

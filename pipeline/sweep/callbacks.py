@@ -13,11 +13,21 @@ from typing import Any
 from ray.tune import Callback
 
 from pipeline.results.arms import trial_label
+from pipeline.results.outcomes import (
+    COST_PARTS,
+    TUNE_ERROR,
+    TUNE_TERMINATED,
+    error_line,
+    is_metric,
+    metric_on_test,
+    reached_the_end,
+    trial_cost,
+    trial_dir,
+)
+from pipeline.results.tracking import ERROR_TAG, SweepTracker
 from pipeline.spec.job import JobSpec
 from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_KEY, COST_FILE
-from pipeline.results.outcomes import COST_PARTS, TUNE_ERROR, TUNE_TERMINATED, error_line, is_metric, metric_on_test, reached_the_end, trial_cost, trial_dir
 from pipeline.storage.paths import StoragePath, local_copy, reported_path
-from pipeline.results.tracking import ERROR_TAG, SweepTracker
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +88,9 @@ class TrialCostCallback(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / COST_FILE).write_text(json.dumps(cost, indent=2, sort_keys=True) + "\n")
         metrics = {f"cost/{part}_s": cost[part] for part in ("queued", "wall", *COST_PARTS) if part in cost}
-        guarded(f"cost of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, report.get("step", 0))
+        guarded(
+            f"cost of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, report.get("step", 0)
+        )
 
 
 @dataclass(frozen=True)
@@ -135,7 +147,9 @@ class TrialLedger(Callback):
         # Tune sets a trial it stops (a signal) TERMINATED, also one that had not reported yet. No step at all: the
         # restored sweep had nothing left to run.
         ended = self._ended_trials | (ended_ids(trials) if self._ended_before is None else self._ended_before)
-        stopped = {trial.trial_id for trial in trials if trial.status == TUNE_TERMINATED and trial.trial_id not in ended}
+        stopped = {
+            trial.trial_id for trial in trials if trial.status == TUNE_TERMINATED and trial.trial_id not in ended
+        }
         cut_short = frozenset(stopped | (self._started - self._ended_trials))
         TrialLedger._ended[self.sweep_dir] = Ledger(list(trials), bool(self._started), cut_short)
 
@@ -289,8 +303,8 @@ class ProgressCallback(Callback):
         self._console.ended(trial.trial_id, "failed", f"{fit(reason, REASON_WIDTH)} (its output is in {where})")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        from pipeline.trial.progress import read_progress
         from pipeline.sweep.console import REFRESH_S
+        from pipeline.trial.progress import read_progress
 
         now = time.time()
         if now - self._polled < REFRESH_S:

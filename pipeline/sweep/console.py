@@ -25,7 +25,6 @@ transformers' hints to install the CUDA kernels.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -321,7 +320,12 @@ class SweepConsole:
                 continue
             step, loss, metric, tokens, eta = self._cells(row)
             table.add_row(
-                trial_id, fit(row.label, LABEL_WIDTH), step.removeprefix("step "), loss.removeprefix("loss "),
-                number(row.metric), tokens.removesuffix(" tokens/s"), eta.removeprefix("ETA "),
+                trial_id,
+                fit(row.label, LABEL_WIDTH),
+                step.removeprefix("step "),
+                loss.removeprefix("loss "),
+                number(row.metric),
+                tokens.removesuffix(" tokens/s"),
+                eta.removeprefix("ETA "),
             )
         return table

@@ -20,12 +20,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils import flatten_dict
 
-from pipeline.trial.claims import end_coordinator
+from pipeline.results.outcomes import TUNE_ERROR, TrialOutcome, outcomes
+from pipeline.results.tracking import SweepTracker
 from pipeline.spec.job import Domain, JobSpec
 from pipeline.storage.layout import TUNE_DIR
-from pipeline.results.outcomes import TUNE_ERROR, TrialOutcome, outcomes
 from pipeline.sweep.callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger, ended_ids
-from pipeline.results.tracking import SweepTracker
+from pipeline.trial.claims import end_coordinator
 from pipeline.trial.driver import trial_driver, trial_gpus
 
 

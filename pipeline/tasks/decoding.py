@@ -37,7 +37,11 @@ def batches(prompts: list[list[int]], batch_size: int, mixed_lengths: bool) -> l
     result: list[list[int]] = []
     for index in order:
         last = result[-1] if result else None
-        if last is None or len(last) == batch_size or (not mixed_lengths and len(prompts[last[0]]) != len(prompts[index])):
+        if (
+            last is None
+            or len(last) == batch_size
+            or (not mixed_lengths and len(prompts[last[0]]) != len(prompts[index]))
+        ):
             result.append([index])
         else:
             last.append(index)

@@ -44,10 +44,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MambaConfig, MambaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 import sdt
-from sdt.io import FORMAT_VERSION
-from pipeline.tasks.registry import DATA_SPLITS
-from pipeline.tasks.formatting import EOS, SEP
 from pipeline.storage.paths import content_hash, file_lock
+from pipeline.tasks.formatting import EOS, SEP
+from pipeline.tasks.registry import DATA_SPLITS
+from sdt.io import FORMAT_VERSION
 
 # Digits: images [0, 1500) are shuffled (split_seed) into train/validation, [1500, 1797) are the test set (297).
 # A fixed test set keeps test numbers comparable across split seeds and validation fractions.
@@ -155,7 +155,9 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def config_hash(config: PretrainConfig = DIGITS_BASE) -> str:
-    return content_hash({"config": dataclasses.asdict(config), "recipe": RECIPE_VERSION, "format_version": FORMAT_VERSION}, 12)
+    return content_hash(
+        {"config": dataclasses.asdict(config), "recipe": RECIPE_VERSION, "format_version": FORMAT_VERSION}, 12
+    )
 
 
 def digits_base_dir(cache_dir: str | os.PathLike | None = None, config: PretrainConfig = DIGITS_BASE) -> Path:
@@ -288,7 +290,9 @@ def compare_bases(rebuilt: Path, reference: Path) -> dict[str, float]:
     if ours.keys() != theirs.keys():
         raise ValueError(f"{rebuilt} and {reference} hold different weights: {sorted(ours.keys() ^ theirs.keys())[:5]}")
     validation = torch.tensor(digits_pixel_sequences("validation"), dtype=torch.long)
-    losses = [next_pixel_loss(MambaForCausalLM.from_pretrained(path).float(), validation) for path in (rebuilt, reference)]
+    losses = [
+        next_pixel_loss(MambaForCausalLM.from_pretrained(path).float(), validation) for path in (rebuilt, reference)
+    ]
     return {
         "max_weight_difference": max((ours[key] - theirs[key]).abs().max().item() for key in ours),
         "validation_loss": losses[0],

@@ -131,5 +131,3 @@ def pad_rows(rows: list[tuple[torch.Tensor, int]], pad_id: int) -> dict[str, tor
         labels[row, answer_start : len(tokens)] = tokens[answer_start:]
         attention_mask[row, : len(tokens)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-

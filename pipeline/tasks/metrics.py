@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.tasks.registry import DATA_SPLITS
-from pipeline.tasks.formatting import IGNORE_INDEX, Example, collate, label_token_ids, pad_token_id
 from pipeline.tasks.decoding import generate
+from pipeline.tasks.formatting import IGNORE_INDEX, Example, collate, label_token_ids, pad_token_id
+from pipeline.tasks.registry import DATA_SPLITS
 from pipeline.tasks.sources import TaskData
 
 if TYPE_CHECKING:

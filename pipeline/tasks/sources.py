@@ -15,9 +15,9 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.tasks.registry import DATA_FILE_FORMATS, DATA_SPLITS
 from pipeline.tasks.digits import digits_splits
 from pipeline.tasks.formatting import Example, classification_examples, generation_examples, label_token_ids
+from pipeline.tasks.registry import DATA_FILE_FORMATS, DATA_SPLITS
 
 if TYPE_CHECKING:
     from pipeline.spec.job import DataSpec
@@ -184,5 +184,3 @@ def _label_names(splits: dict[str, datasets.Dataset | None], column: str, given:
         return sorted(set(train[column]))
     largest = max(max(split[column]) for split in splits.values() if split is not None and len(split))
     return [str(index) for index in range(largest + 1)]
-
-

@@ -80,14 +80,15 @@ def load_base_model(
     is a ValueError. Logs the kernel path the model will run through ``log``; on CUDA a reference-PyTorch fallback
     is also a WARNING on this module's logger.
     """
-    from pipeline.tasks.digits import digits_tokenizer, ensure_digits_base  # imports datasets; keep `kernel_paths` light
+    from pipeline.tasks.digits import (
+        digits_tokenizer,
+        ensure_digits_base,
+    )  # imports datasets; keep `kernel_paths` light
 
     device = torch.device(device)
     trust = {"trust_remote_code": True} if spec.trust_remote_code else {}
     if spec.architecture is not None:
-        tokenizer = (
-            AutoTokenizer.from_pretrained(spec.tokenizer, **trust) if spec.tokenizer else digits_tokenizer()
-        )
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, **trust) if spec.tokenizer else digits_tokenizer()
         defaults = {"vocab_size": len(tokenizer)}
         eos = tokenizer.eos_token_id
         for key, value in (

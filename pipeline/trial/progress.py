@@ -17,7 +17,6 @@ PROGRESS_FILE = "progress.json"  # in a trial's directory, written by its rank 0
 WORKER_WARNING = "WARNING: "  # how sdtune's worker code starts a line the person at the console must see
 
 
-
 class TrialProgress:
     """Rank 0 of a sweep's trial writes its training progress to ``<trial dir>/progress.json`` every
     ``training.log_every_steps`` optimizer steps: the step, the steps in all, the loss of that step, tokens/s and
@@ -35,7 +34,6 @@ class TrialProgress:
     def of_this_worker(cls, sweep_dir: Path, total_steps: int, log_every_steps: int) -> TrialProgress:
         """For the Ray Train worker calling it: its trial's directory when it is rank 0 of a sweep's trial."""
         import ray.train
-
 
         context = ray.train.get_context()
         name = context.get_experiment_name()

@@ -28,9 +28,9 @@ import torch.distributed as dist
 from safetensors.torch import load, save_file
 
 from pipeline import __version__
-from pipeline.trial.claims import Lease, claimed
 from pipeline.spec.job import JobSpec
 from pipeline.storage.paths import StoragePath, content_hash, write_directory
+from pipeline.trial.claims import Lease, claimed
 
 WARMUP_DIR = "warmup"
 UPDATES_FILE = "updates.safetensors"

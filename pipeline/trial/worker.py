@@ -57,13 +57,13 @@ from deepspeed.utils import safe_get_full_grad
 
 import sdt
 from pipeline.spec.job import JobSpec
-from pipeline.trial.progress import TrialProgress, WORKER_WARNING
-from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
-from pipeline.tasks.metrics import evaluate
-from pipeline.trial.models import load_base_model
 from pipeline.storage.layout import ADAPTER_DIR, DIVERGED_FILE
 from pipeline.storage.paths import sibling_directories
+from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
+from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import TaskData, load_task
+from pipeline.trial.models import load_base_model
+from pipeline.trial.progress import WORKER_WARNING, TrialProgress
 from pipeline.trial.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
 TRAINER_STATE = "trainer_state.json"
@@ -86,7 +86,9 @@ class Batches:
         self.rank, self.world, self.pad_id = rank, world, pad_id
         self.per_epoch = len(examples) // (batch_size * world)
         if self.per_epoch == 0:
-            raise ValueError(f"training.batch_size: {batch_size} x {world} workers exceeds the {len(examples)} examples")
+            raise ValueError(
+                f"training.batch_size: {batch_size} x {world} workers exceeds the {len(examples)} examples"
+            )
 
     def epoch(self, epoch: int, device: torch.device, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """The epoch's micro-batches on ``device``, each copied there while the step before it still runs."""
@@ -328,8 +330,12 @@ def run_warmup(
     engine.destroy()
     # A warmup that diverged ends the trial as a diverged training does, before its non-finite updates reach the
     # selection (an error there would be retried by Ray Train, to diverge again).
-    finite = all(torch.isfinite(tensor).all() for per_parameter in updates.values() for tensor in per_parameter.values())
-    loss_sum = losses.report_sum if finite else torch.full_like(losses.report_sum, math.nan)  # on the collective's device
+    finite = all(
+        torch.isfinite(tensor).all() for per_parameter in updates.values() for tensor in per_parameter.values()
+    )
+    loss_sum = (
+        losses.report_sum if finite else torch.full_like(losses.report_sum, math.nan)
+    )  # on the collective's device
     check_finite(loss_sum, steps, "the SDT warmup's loss or update")
     mean, _ = losses.take()
     return {"warmup/loss": mean, "warmup/steps": steps}, updates

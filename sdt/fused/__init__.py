@@ -19,11 +19,11 @@ from .install import install_fused_path, mamba1_mixers, uninstall_fused_path
 from .kernels import CudaKernels, MambaKernels, load_cuda_kernels
 
 __all__ = [
-    "install_fused_path",
-    "uninstall_fused_path",
-    "mamba1_mixers",
+    "CudaKernels",
     "MambaInnerFn",
     "MambaKernels",
-    "CudaKernels",
+    "install_fused_path",
     "load_cuda_kernels",
+    "mamba1_mixers",
+    "uninstall_fused_path",
 ]

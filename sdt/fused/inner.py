@@ -47,7 +47,10 @@ def rms_norm_channels(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def _ssm_inputs(
-    x_dbl: torch.Tensor, rank: int, state: int, norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    x_dbl: torch.Tensor,
+    rank: int,
+    state: int,
+    norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     eps: tuple[float, float, float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_proj's output rows [dt | B | C], through Jamba's norms when there are any."""
@@ -120,8 +123,25 @@ class MambaInnerFn(torch.autograd.Function):
         if out_bias is not None:
             y += out_bias.to(y.dtype)
         ctx.save_for_backward(
-            xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
-            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
+            xz,
+            conv_weight,
+            conv_bias,
+            x_dbl,
+            x_proj_weight,
+            dt_proj_weight,
+            dt_bias,
+            A,
+            D,
+            out_weight,
+            lora_a,
+            lora_b,
+            low,
+            out,
+            saved,
+            dt_norm_weight,
+            b_norm_weight,
+            c_norm_weight,
+            token_mask,
         )
         ctx.lora_scaling, ctx.norm_eps, ctx.kernels = lora_scaling, norm_eps, kernels
         ctx.has_out_bias = out_bias is not None
@@ -131,8 +151,25 @@ class MambaInnerFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (
-            xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
-            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
+            xz,
+            conv_weight,
+            conv_bias,
+            x_dbl,
+            x_proj_weight,
+            dt_proj_weight,
+            dt_bias,
+            A,
+            D,
+            out_weight,
+            lora_a,
+            lora_b,
+            low,
+            out,
+            saved,
+            dt_norm_weight,
+            b_norm_weight,
+            c_norm_weight,
+            token_mask,
         ) = ctx.saved_tensors
         need = ctx.needs_input_grad
         kernels, scaling = ctx.kernels, ctx.lora_scaling
@@ -165,8 +202,18 @@ class MambaInnerFn(torch.autograd.Function):
         dxz = torch.empty_like(xz)  # the kernels write d(x) and d(z) into its two halves
         dx, dz = dxz[:, :inner], dxz[:, inner:]
         du, ddelta, dA, db, dc, dD, ddt_bias, out_z = kernels.scan_bwd(
-            conv_out, as_batched(delta, batch), A, as_batched(b.detach(), batch).unsqueeze(1),
-            as_batched(c.detach(), batch).unsqueeze(1), D, z, dt_bias, as_batched(dout_z, batch), saved, out, dz,
+            conv_out,
+            as_batched(delta, batch),
+            A,
+            as_batched(b.detach(), batch).unsqueeze(1),
+            as_batched(c.detach(), batch).unsqueeze(1),
+            D,
+            z,
+            dt_bias,
+            as_batched(dout_z, batch),
+            saved,
+            out,
+            dz,
         )
 
         o = as_matrix(out_z)

@@ -24,9 +24,7 @@ CONV_WIDTHS = range(2, 5)
 def mamba1_mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Mamba-1 mixers (Mamba's, Jamba's mamba layers), matched along the MRO: parametrize subclasses them."""
     return [
-        (name, m)
-        for name, m in model.named_modules()
-        if any(cls.__name__ in MIXER_CLASSES for cls in type(m).__mro__)
+        (name, m) for name, m in model.named_modules() if any(cls.__name__ in MIXER_CLASSES for cls in type(m).__mro__)
     ]
 
 
@@ -86,12 +84,14 @@ def install_fused_path(
     plans = " | ".join(sorted({_plan(m) for _, m in mixers}))
     line = f"fused path: {len(mixers)} {kind}s on sdt.fused.MambaInnerFn ({kernels.name}); {plans}"
     # an adapter this path does not know costs its weight's full gradient, as on transformers' path: say so
-    unknown = sorted({
-        name
-        for _, m in mixers
-        for name in ("in_proj", "out_proj")
-        if parametrize.is_parametrized(getattr(m, name), "weight") and kind_of(getattr(m, name)) == "weight"
-    })
+    unknown = sorted(
+        {
+            name
+            for _, m in mixers
+            for name in ("in_proj", "out_proj")
+            if parametrize.is_parametrized(getattr(m, name), "weight") and kind_of(getattr(m, name)) == "weight"
+        }
+    )
     if unknown:
         line += f" (unrecognised adapters on {', '.join(unknown)} train through their full weight gradient)"
     if kernels.device_type not in (None, device_type):  # the forward checks the device at every call

@@ -39,6 +39,6 @@ get_method = METHODS.lookup
 
 
 # The registered methods, in the order help texts list them.
-from . import sdlora, sdt, lora, full  # noqa: E402,F401  (registration happens on import)
+from . import full, lora, sdlora, sdt  # noqa: E402,F401  (registration happens on import)
 
-__all__ = ["Method", "METHODS", "get_method", "register_method"]
+__all__ = ["METHODS", "Method", "get_method", "register_method"]

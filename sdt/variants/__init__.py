@@ -33,4 +33,4 @@ get_variant = VARIANTS.lookup
 
 from . import dora, lora  # noqa: E402,F401  (registration happens on import)
 
-__all__ = ["LoraVariant", "VARIANTS", "get_variant", "register_variant"]
+__all__ = ["VARIANTS", "LoraVariant", "get_variant", "register_variant"]

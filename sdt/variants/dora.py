@@ -27,4 +27,6 @@ class WeightDecomposedDelta(Adapter):
         return ((self.magnitude / direction.norm(dim=1)).unsqueeze(1) * direction).to(weight.dtype)
 
 
-register_variant(LoraVariant(name="dora", summary="magnitude · direction(W0 + (alpha/r)·BA)", build=WeightDecomposedDelta))
+register_variant(
+    LoraVariant(name="dora", summary="magnitude · direction(W0 + (alpha/r)·BA)", build=WeightDecomposedDelta)
+)
