@@ -39,6 +39,6 @@ get_method = METHODS.lookup
 
 
 # The registered methods, in the order help texts list them.
-from . import full, lora, sdlora, sdt  # noqa: E402,F401  (registration happens on import)
+from . import sdlora, sdt, lora, full  # noqa: E402,F401,I001  (registration happens on import, in the order help texts list them)
 
 __all__ = ["METHODS", "Method", "get_method", "register_method"]
