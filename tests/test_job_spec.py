@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from pipeline.spec.job import JobSpec, JobSpecError, load_job, parse_job
+from pipeline.spec.job import JobSpec, JobSpecError, TrialSpecs, load_job, parse_job
 from sdt import SDTConfig
 
 FULL_SPEC = """
@@ -288,3 +288,14 @@ def test_overridden_values_are_validated(tmp_path):
     path = write(tmp_path, "name: tiny\nmodel: {builtin: digits}\n")
     with pytest.raises(JobSpecError, match=r"^training\.batch_size: "):
         load_job(path, ["training.batch_size=many"])
+
+
+def test_a_trials_spec_is_resolved_once_and_shared():
+    spec = parse_job(
+        {"name": "t", "model": {"builtin": "digits"}, "search": {"space": {"training.lr": {"grid": [0.1, 0.2]}}}}
+    )
+    specs = TrialSpecs(spec)
+    first = specs.of("a", {"training.lr": 0.1})
+    assert first.training.lr == 0.1 and spec.training.lr != 0.1
+    assert specs.of("a", {"training.lr": 0.1}) is first  # every later ask gets the object built the first time
+    assert specs.of("b", {"training.lr": 0.2}).training.lr == 0.2

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from ray import cloudpickle
 
 from pipeline.results.tracking import PARENT_TAG, TRIAL_ID_TAG, SweepTracker, default_tracking_uri, tracking_uri
-from pipeline.spec.job import parse_job
+from pipeline.spec.job import TrialSpecs, parse_job
 from pipeline.sweep.callbacks import MLflowSweepCallback
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
@@ -238,7 +238,7 @@ def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
     checkpoint = tmp_path / "trial-a" / "checkpoint_000001"
     (checkpoint / "adapter").mkdir(parents=True)
     (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 8)
-    callback = MLflowSweepCallback(SweepTracker(spec), finish_sweep=True, strict=True)
+    callback = MLflowSweepCallback(TrialSpecs(spec), SweepTracker(spec), finish_sweep=True, strict=True)
     callback = cloudpickle.loads(cloudpickle.dumps(callback))  # as Tune stores it in tuner.pkl
     callback.setup()
     a, b = fake_trial("a", {"training.lr": 0.1}), fake_trial("b", {"training.lr": 0.2})
@@ -317,7 +317,7 @@ def test_tune_run_gives_one_child_per_trial(ray_session, spec, tmp_path):
         run_config=tune.RunConfig(
             name="tiny",
             storage_path=str(tmp_path / "ray"),
-            callbacks=[MLflowSweepCallback(tracker, strict=True)],
+            callbacks=[MLflowSweepCallback(TrialSpecs(tracker.spec), tracker, strict=True)],
             verbose=0,
         ),
     )

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.spec.job import JobSpec, load_job
+from pipeline.spec.job import JobSpec, TrialSpecs, load_job
 from pipeline.storage.layout import CHECKPOINT_KEY, COST_FILE, JOB_FILE, TRIAL_PREFIX, TUNE_DIR
 from pipeline.storage.paths import StoragePath, reported_path, storage_path
 
@@ -134,15 +134,15 @@ def trial_cost(
     return {**moments, "queued": began - started, "wall": ended - began, "gpus": gpus, **parts, **startup}
 
 
-def outcomes(spec: JobSpec, trials: Iterable[Any]) -> list[TrialOutcome]:
-    """Ray Tune's ``Trial`` objects as outcomes, in trial-id order; each trial's spec is resolved here, once."""
-    result = []
+def outcomes(specs: TrialSpecs, trials: Iterable[Any]) -> list[TrialOutcome]:
+    """Ray Tune's ``Trial`` objects as outcomes, in trial-id order, each with its resolved spec."""
+    spec, result = specs.spec, []
     for t in sorted(trials, key=lambda t: t.trial_id):
         cost_file = trial_dir(spec, t.trial_id) / COST_FILE
         cost = json.loads(cost_file.read_text()) if cost_file.is_file() else None
         error = error_line(t.get_error()) if t.status == TUNE_ERROR else None
         config, report = dict(t.config), dict(t.last_result or {})
-        result.append(TrialOutcome(t.trial_id, t.status, config, report, spec.with_overrides(config), cost, error))
+        result.append(TrialOutcome(t.trial_id, t.status, config, report, specs.of(t.trial_id, config), cost, error))
     return result
 
 
@@ -165,7 +165,7 @@ def load_trials(spec: JobSpec) -> list[TrialOutcome]:
     tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
     if not tune_dir.is_dir():
         raise FileNotFoundError(f"{spec.sweep_dir}: no sweep here (missing {TUNE_DIR}/); run `sdtune sweep` first")
-    return outcomes(spec, ExperimentAnalysis(str(tune_dir)).trials)
+    return outcomes(TrialSpecs(spec), ExperimentAnalysis(str(tune_dir)).trials)
 
 
 def best_trial(spec: JobSpec, trials: list[TrialOutcome]) -> TrialOutcome:

@@ -487,6 +487,20 @@ class JobSpec(_Spec):
         return None
 
 
+class TrialSpecs:
+    """The resolved spec of each trial of a sweep: the sweep's spec with the trial's sampled values, validated once
+    per trial (the first time anyone asks) and handed to everyone after: the sweep's callbacks and its outcomes."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self._by_trial: dict[str, JobSpec] = {}
+
+    def of(self, trial_id: str, config: Mapping[str, Any]) -> JobSpec:
+        if trial_id not in self._by_trial:
+            self._by_trial[trial_id] = self.spec.with_overrides(config)
+        return self._by_trial[trial_id]
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -582,6 +596,7 @@ __all__ = [
     "ExportSpec",
     "JobSpec",
     "JobSpecError",
+    "TrialSpecs",
     "MethodSpec",
     "ModelSpec",
     "ResourcesSpec",

@@ -25,7 +25,7 @@ from pipeline.results.outcomes import (
     trial_dir,
 )
 from pipeline.results.tracking import ERROR_TAG, SweepTracker
-from pipeline.spec.job import JobSpec
+from pipeline.spec.job import JobSpec, TrialSpecs
 from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_KEY, COST_FILE
 from pipeline.storage.paths import StoragePath, local_copy, reported_path
 
@@ -98,6 +98,7 @@ class Ledger:
     trials: list  # Ray Tune's Trial objects, as they stand at the experiment's end
     started: bool  # whether any trial started in this run of the driver
     cut_short: frozenset[str]  # the trials this run stopped before they ended (Tune calls them TERMINATED)
+    specs: TrialSpecs  # each trial's resolved spec
 
     @property
     def unfinished(self) -> bool:
@@ -121,8 +122,9 @@ class TrialLedger(Callback):
 
     _ended: dict[str, Ledger] = {}
 
-    def __init__(self, sweep_dir: StoragePath):
-        self.sweep_dir = str(sweep_dir)
+    def __init__(self, specs: TrialSpecs):
+        self.specs = specs
+        self.sweep_dir = str(specs.spec.sweep_dir.resolve())
         self._started: set[str] = set()
         self._ended_trials: set[str] = set()
         self._ended_before: set[str] | None = None  # the trials a resumed sweep had ended already
@@ -151,7 +153,7 @@ class TrialLedger(Callback):
             trial.trial_id for trial in trials if trial.status == TUNE_TERMINATED and trial.trial_id not in ended
         }
         cut_short = frozenset(stopped | (self._started - self._ended_trials))
-        TrialLedger._ended[self.sweep_dir] = Ledger(list(trials), bool(self._started), cut_short)
+        TrialLedger._ended[self.sweep_dir] = Ledger(list(trials), bool(self._started), cut_short, self.specs)
 
     @classmethod
     def take(cls, sweep_dir: StoragePath) -> Ledger:
@@ -184,8 +186,8 @@ class MLflowSweepCallback(Callback):
     Tracking must not end a long sweep: errors are logged and swallowed unless ``strict``.
     """
 
-    def __init__(self, tracker: SweepTracker, finish_sweep: bool = False, strict: bool = False):
-        self.tracker = tracker
+    def __init__(self, specs: TrialSpecs, tracker: SweepTracker, finish_sweep: bool = False, strict: bool = False):
+        self.specs, self.tracker = specs, tracker
         self.finish_sweep = finish_sweep
         self.strict = strict
         self._checkpoints: dict[str, str] = {}  # trial id -> latest reported checkpoint path
@@ -198,7 +200,7 @@ class MLflowSweepCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         config = dict(trial.config or {})
-        label = trial_label(config, self.tracker.spec.with_overrides(config).method.name)
+        label = trial_label(config, self.specs.of(trial.trial_id, config).method.name)
         self._guard(f"start trial {trial.trial_id}", self.tracker.trial_run, trial.trial_id, config, label)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
@@ -215,7 +217,7 @@ class MLflowSweepCallback(Callback):
             with local_copy(adapter) as local:
                 self._guard(f"artifacts of trial {trial.trial_id}", self.tracker.log_artifacts, trial.trial_id, local)
         report = trial.last_result or {}
-        trial_spec = self.tracker.spec.with_overrides(dict(trial.config or {}))
+        trial_spec = self.specs.of(trial.trial_id, dict(trial.config or {}))
         stopped = not reached_the_end(trial_spec, report)
         end = (trial.trial_id, stopped, report.get("epoch"), trial_spec.training.epochs)
         self._guard(f"end of trial {trial.trial_id}", self.tracker.record_trial_end, *end)
@@ -255,8 +257,8 @@ class ProgressCallback(Callback):
 
     staged = False  # a sweep resumed from a driver of before sdtune staged trials pickled none
 
-    def __init__(self, spec: JobSpec, staged: bool = False):
-        self.spec = spec
+    def __init__(self, specs: TrialSpecs, staged: bool = False):
+        self.specs, self.spec = specs, specs.spec
         # whether Tune runs one trial more than train at once (pipeline.sweep.tune.trials_at_once): then a trial's start
         # is announced at its worker's first progress, where there is progress (not in object storage)
         self.staged = staged
@@ -317,7 +319,7 @@ class ProgressCallback(Callback):
         self._console.close()
 
     def _spec_of(self, trial) -> JobSpec:
-        return self.spec.with_overrides(dict(trial.config or {}))
+        return self.specs.of(trial.trial_id, dict(trial.config or {}))
 
     def _label(self, trial) -> str:
         return trial_label(dict(trial.config or {}), self._spec_of(trial).method.name)

@@ -22,7 +22,7 @@ from ray.tune.utils import flatten_dict
 
 from pipeline.results.outcomes import TUNE_ERROR, TrialOutcome, outcomes
 from pipeline.results.tracking import SweepTracker
-from pipeline.spec.job import Domain, JobSpec
+from pipeline.spec.job import Domain, JobSpec, TrialSpecs
 from pipeline.storage.layout import TUNE_DIR
 from pipeline.sweep.callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger, ended_ids
 from pipeline.trial.claims import end_coordinator
@@ -228,7 +228,7 @@ class StopSignals:
 
 
 def make_experiment(spec: JobSpec, tracker: SweepTracker, trainable, at_once: int) -> tune.Tuner:
-    tune_dir = spec.sweep_dir.resolve() / TUNE_DIR
+    tune_dir, specs = spec.sweep_dir.resolve() / TUNE_DIR, TrialSpecs(spec)
     return tune.Tuner(
         trainable,
         param_space=search_space(spec),
@@ -236,11 +236,12 @@ def make_experiment(spec: JobSpec, tracker: SweepTracker, trainable, at_once: in
         run_config=tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(tune_dir.parent),
+            # one TrialSpecs for all of them (pickled with them into Tune's state, so a restored sweep shares it too)
             callbacks=[
-                MLflowSweepCallback(tracker),
+                MLflowSweepCallback(specs, tracker),
                 TrialCostCallback(spec, tracker, trial_gpus(spec)),
-                TrialLedger(spec.sweep_dir.resolve()),
-                ProgressCallback(spec, staged=at_once > spec.resources.max_concurrent_trials),
+                TrialLedger(specs),
+                ProgressCallback(specs, staged=at_once > spec.resources.max_concurrent_trials),
             ],
             verbose=0,  # no trial table: ProgressCallback shows the trials (pipeline.sweep.console)
         ),
@@ -274,4 +275,4 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
         end_coordinator(spec.sweep_dir)  # the warmup claims of its trials (pipeline.trial.claims): none is running now
     ledger = TrialLedger.take(spec.sweep_dir.resolve())
     interrupted = signals.received is not None or ledger.unfinished
-    return SweepOutcome(outcomes(spec, ledger.trials), bool(interrupted), ledger.started, ledger.cut_short)
+    return SweepOutcome(outcomes(ledger.specs, ledger.trials), bool(interrupted), ledger.started, ledger.cut_short)
