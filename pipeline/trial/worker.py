@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -415,136 +416,198 @@ def trial_inputs(
     return model, tokenizer, task, batches, total_steps
 
 
-def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_at: float | None) -> None:
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    clock = PhaseClock(device, entered_at, driver_at, placed_at)
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(spec))
-    model, tokenizer, task, batches, total_steps = trial_inputs(spec, device, rank, world)
-    training = spec.training
-    # For the sweep's console (pipeline.sweep.console): rank 0 writes its step, loss and speed at each log interval.
-    progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, training.log_every_steps)
-    progress.begin()
+@dataclass
+class TrialRun:
+    """What one worker's trial runs with: its place in the worker group, its device, clock and inputs."""
 
+    spec: JobSpec
+    rank: int
+    world: int
+    trial_name: str
+    device: torch.device
+    clock: PhaseClock
+    model: torch.nn.Module
+    tokenizer: Any
+    task: TaskData
+    batches: Batches
+    total_steps: int
+    progress: TrialProgress
+
+    @classmethod
+    def set_up(cls, spec: JobSpec, entered_at: float, driver_at: float | None, placed_at: float | None) -> TrialRun:
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+        clock = PhaseClock(device, entered_at, driver_at, placed_at)
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads(spec))
+        model, tokenizer, task, batches, total_steps = trial_inputs(spec, device, rank, world)
+        # For the sweep's console (pipeline.sweep.console): rank 0 writes its step, loss and speed at each log interval.
+        progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, spec.training.log_every_steps)
+        progress.begin()
+        name = context.get_experiment_name()
+        return cls(spec, rank, world, name, device, clock, model, tokenizer, task, batches, total_steps, progress)
+
+    def fresh_base(self) -> torch.nn.Module:
+        self.model, _ = load_base_model(self.spec.model, self.device, log=print)
+        return self.model
+
+
+def run_trial(spec: JobSpec, entered_at: float, driver_at: float | None, placed_at: float | None) -> None:
+    """The trial, top to bottom: set up; restore the latest readable checkpoint, or warm up and select; train,
+    evaluating and checkpointing at every report."""
+    run = TrialRun.set_up(spec, entered_at, driver_at, placed_at)
     checkpoint = ray.train.get_checkpoint()
-    warmup_metrics: dict[str, float] = {}
     if checkpoint:
-        for number, candidate in enumerate(checkpoints_newest_first(checkpoint)):
-            if number:  # the failed attempt may have attached adapters to the model: start from a fresh base
-                model, _ = load_base_model(spec.model, device, log=print)
-            read_from = candidate.path
-            try:
-                with candidate.as_directory() as local:  # a download when the sweep is in object storage
-                    local = read_from = Path(local)
-                    state = json.loads((local / TRAINER_STATE).read_text())
-                    if state["step"] >= total_steps or state["epoch"] >= training.epochs:
-                        # Finished, but the sweep driver died before Tune recorded it: report the final state
-                        # again, timed as this attempt (its start-up; the finished run's phases were another run's).
-                        sdt.io.read(local / ADAPTER_DIR)  # checks the adapter before Tune is told of it
-                        clock.lap("setup")
-                        final = {k: v for k, v in state["metrics"].items() if not k.startswith("time/")}
-                        final.update({**clock.metrics(), "time/report_at": time.time()})
-                        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(local))
-                        return
-                    tuner, engine = restore(local, model, spec, total_steps)
-                break
-            except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
-                # The reason first, its files named within the checkpoint: the console cuts a line at 300
-                # characters, and a checkpoint's path can take most of them.
-                reason = " ".join(str(error).split()).replace(f"{read_from}/", "")
-                print(f"{WORKER_WARNING}a checkpoint cannot be restored ({reason[:200]}); trying the one before it: "
-                      f"{candidate.path}", flush=True)  # fmt: skip
-        else:
-            raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
+        restored = restore_latest(run, checkpoint)
+        if restored is None:  # it had finished: its final report is made again
+            return
+        tuner, engine, state = restored
     else:
-        tuner = sdt.apply(model, spec.method.to_sdt_config(seed=training.seed))
-        if tuner.phase == "warmup":
-            clock.lap("setup")
-            compute = lambda: run_warmup(tuner, spec, batches, device, total_steps)  # noqa: E731
-            if spec.search.share_warmup:
-                updates, warmup_metrics = shared_warmup(
-                    WarmupStore(spec.sweep_dir),
-                    warmup_key(spec, total_steps, world, device),
-                    rank,
-                    trial_name=context.get_experiment_name(),
-                    compute=compute,
-                )
-            else:
-                warmup_metrics, updates = compute()
-                warmup_metrics["warmup/shared"] = 0
-            clock.lap("warmup")
-            if training.zero_stage == 3:
-                # The warmup engine left its parameters partitioned: the training phase starts from a fresh base
-                # (as the official code does anyway), with the selection and a LoRA initialised as it would be.
-                del tuner, model
-                model, _ = load_base_model(spec.model, device, log=print)
-                sdt_config = spec.method.to_sdt_config(seed=training.seed)
-                tuner = sdt.Tuner(model, sdt_config, selection=sdt.select(model, sdt_config, updates))
-            else:
-                tuner.start_training(tuner.select(updates))
-        engine = make_engine(tuner, spec, training.lr, total_steps)
+        tuner, warmup_metrics = warm_up_and_select(run)
+        engine = make_engine(tuner, spec, spec.training.lr, run.total_steps)
         state = {"step": 0, "epoch": 0, "next_batch": 0, "warmup": warmup_metrics}
     print(tuner.kernel_path, flush=True)
+    Training(run, tuner, engine, state, guarded=bool(checkpoint)).run()
 
-    step, tokens, guarded = state["step"], 0, bool(checkpoint)
-    losses = LossLog(device, training.log_every_steps)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    clock.lap("setup")
-    trained_before = 0.0  # training seconds up to the last report
 
-    def report(epoch: int, next_batch: int, final: bool = False) -> None:
-        nonlocal tokens, trained_before
+def restore_latest(run: TrialRun, checkpoint: ray.train.Checkpoint) -> tuple[sdt.Tuner, Any, dict] | None:
+    """The tuner, engine and data position of the newest readable checkpoint of the trial (a truncated or corrupted
+    one falls back to the one before); None when that checkpoint is the trial's end, reported again here."""
+    for number, candidate in enumerate(checkpoints_newest_first(checkpoint)):
+        if number:  # the failed attempt may have attached adapters to the model: start from a fresh base
+            run.fresh_base()
+        read_from = candidate.path
+        try:
+            with candidate.as_directory() as local:  # a download when the sweep is in object storage
+                local = read_from = Path(local)
+                state = json.loads((local / TRAINER_STATE).read_text())
+                if state["step"] >= run.total_steps or state["epoch"] >= run.spec.training.epochs:
+                    report_finished_again(run, local, state)
+                    return None
+                tuner, engine = restore(local, run.model, run.spec, run.total_steps)
+                return tuner, engine, state
+        except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
+            # The reason first, its files named within the checkpoint: the console cuts a line at 300
+            # characters, and a checkpoint's path can take most of them.
+            reason = " ".join(str(error).split()).replace(f"{read_from}/", "")
+            print(f"{WORKER_WARNING}a checkpoint cannot be restored ({reason[:200]}); trying the one before it: "
+                  f"{candidate.path}", flush=True)  # fmt: skip
+    raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
+
+
+def report_finished_again(run: TrialRun, local: Path, state: dict) -> None:
+    """A trial that finished before the sweep driver died, so Tune never recorded it: its final state is reported
+    again, timed as this attempt (its start-up; the finished run's phases were another run's)."""
+    sdt.io.read(local / ADAPTER_DIR)  # checks the adapter before Tune is told of it
+    run.clock.lap("setup")
+    final = {k: v for k, v in state["metrics"].items() if not k.startswith("time/")}
+    final.update({**run.clock.metrics(), "time/report_at": time.time()})
+    ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(local))
+
+
+def warm_up_and_select(run: TrialRun) -> tuple[sdt.Tuner, dict[str, float]]:
+    """The adapters on the base and, for a method with an SDT warmup, the warmup (shared with the trials whose
+    warmup would be the same) and the selection it gives; returns the tuner ready to train and the warmup's
+    metrics."""
+    spec = run.spec
+    sdt_config = spec.method.to_sdt_config(seed=spec.training.seed)
+    tuner = sdt.apply(run.model, sdt_config)
+    if tuner.phase != "warmup":
+        return tuner, {}
+    run.clock.lap("setup")
+    compute = lambda: run_warmup(tuner, spec, run.batches, run.device, run.total_steps)  # noqa: E731
+    if spec.search.share_warmup:
+        key = warmup_key(spec, run.total_steps, run.world, run.device)
+        store = WarmupStore(spec.sweep_dir)
+        updates, metrics = shared_warmup(store, key, run.rank, trial_name=run.trial_name, compute=compute)
+    else:
+        metrics, updates = compute()
+        metrics["warmup/shared"] = 0
+    run.clock.lap("warmup")
+    if spec.training.zero_stage == 3:
+        # The warmup engine left its parameters partitioned: the training phase starts from a fresh base (as the
+        # official code does anyway), with the selection and a LoRA initialised as it would be.
+        del tuner
+        model = run.fresh_base()
+        return sdt.Tuner(model, sdt_config, selection=sdt.select(model, sdt_config, updates)), metrics
+    tuner.start_training(tuner.select(updates))
+    return tuner, metrics
+
+
+class Training:
+    """The training phase from a data position (``state``: step, epoch, next batch): steps, and a report (the
+    evaluation, the metrics and a checkpoint) after every epoch and every ``training.eval_every_steps``."""
+
+    def __init__(self, run: TrialRun, tuner: sdt.Tuner, engine, state: dict, guarded: bool) -> None:
+        self.trial, self.tuner, self.engine, self.state = run, tuner, engine, state
+        self.step, self.tokens, self.guarded = state["step"], 0, guarded
+        self.losses = LossLog(run.device, run.spec.training.log_every_steps)
+        self.trained_before = 0.0  # training seconds up to the last report
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        run.clock.lap("setup")
+
+    def run(self) -> None:
+        training, batches = self.trial.spec.training, self.trial.batches
+        for epoch in range(self.state["epoch"], training.epochs):
+            start = self.state["next_batch"] if epoch == self.state["epoch"] else 0
+            for index, batch in batches.epoch(epoch, self.trial.device, start=start):
+                if self.step >= self.trial.total_steps:
+                    break
+                boundary = self.train_step(batch)
+                # An evaluation that falls on the epoch's (or the run's) last step is the epoch's report below.
+                epoch_ends = index + 1 == batches.per_epoch or self.step >= self.trial.total_steps
+                every = training.eval_every_steps
+                if boundary and every and self.step % every == 0 and not epoch_ends:
+                    self.report(epoch, index + 1)
+            finished = epoch + 1 == training.epochs or self.step >= self.trial.total_steps
+            self.report(epoch + 1, 0, final=finished)
+            if finished:
+                break
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
+        """One micro-batch; returns whether it ended an optimizer step. The first step's gradients are checked: every
+        adapter tensor must get one (a kernel that bypasses an adapter would leave it at zero)."""
+        loss, boundary = train_micro_batch(self.engine, batch)
+        self.losses.add(loss)
+        self.tokens += int(batch["input_ids"].numel())
+        if boundary and not self.guarded:
+            self.tuner.check_gradients(grad_of=safe_get_full_grad)
+            self.guarded = True
+        self.engine.step()
+        self.step += boundary
+        if boundary:
+            self.losses.end_step(self.step)
+            self.trial.progress.step(self.step, self.losses, self.tokens)
+        return boundary
+
+    def report(self, epoch: int, next_batch: int, final: bool = False) -> None:
+        """The metrics since the last report, the evaluation, and a checkpoint at this data position."""
+        run, clock = self.trial, self.trial.clock
         clock.lap("train")
-        train_seconds, trained_before = clock.seconds["train"] - trained_before, clock.seconds["train"]
-        mean_loss, points = losses.take()
-        check_finite(torch.tensor(mean_loss, device=device), step)
+        train_seconds, self.trained_before = clock.seconds["train"] - self.trained_before, clock.seconds["train"]
+        mean_loss, points = self.losses.take()
+        check_finite(torch.tensor(mean_loss, device=run.device), self.step)
         metrics = {
-            "step": step,
+            "step": self.step,
             "epoch": epoch,
             "train/loss": mean_loss,
             "train/step_loss": points,  # a series: MLflow logs each point at its own step
-            "tokens_per_s": tokens * world / train_seconds if train_seconds > 0 else 0.0,
-            "trainable_parameters": tuner.num_trainable_parameters(),
+            "tokens_per_s": self.tokens * run.world / train_seconds if train_seconds > 0 else 0.0,
+            "trainable_parameters": self.tuner.num_trainable_parameters(),
             "node_id": ray.get_runtime_context().get_node_id(),
-            **state["warmup"],
+            **self.state["warmup"],
         }
-        metrics.update(evaluation_metrics(engine, task, tokenizer, spec, rank, final))
+        metrics.update(evaluation_metrics(self.engine, run.task, run.tokenizer, run.spec, run.rank, final))
         clock.lap("eval")
-        if device.type == "cuda":
-            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if run.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         metrics.update({**clock.metrics(), "time/report_at": time.time()})
         with tempfile.TemporaryDirectory() as tmp:
-            position = {"step": step, "epoch": epoch, "next_batch": next_batch, "warmup": state["warmup"]}
+            position = {"step": self.step, "epoch": epoch, "next_batch": next_batch, "warmup": self.state["warmup"]}
             position["metrics"] = metrics  # what to report again if the trial is restarted once finished
-            save_checkpoint(Path(tmp), engine, tuner, position, rank)
+            save_checkpoint(Path(tmp), self.engine, self.tuner, position, run.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         clock.lap("checkpoint")
-        tokens = 0
-
-    for epoch in range(state["epoch"], training.epochs):
-        start = state["next_batch"] if epoch == state["epoch"] else 0
-        for index, batch in batches.epoch(epoch, device, start=start):
-            if step >= total_steps:
-                break
-            loss, boundary = train_micro_batch(engine, batch)
-            losses.add(loss)
-            tokens += int(batch["input_ids"].numel())
-            if boundary and not guarded:
-                tuner.check_gradients(grad_of=safe_get_full_grad)
-                guarded = True
-            engine.step()
-            step += boundary
-            if boundary:
-                losses.end_step(step)
-                progress.step(step, losses, tokens)
-            # An evaluation that falls on the epoch's (or the run's) last step is the epoch's report below.
-            epoch_ends = index + 1 == batches.per_epoch or step >= total_steps
-            if boundary and training.eval_every_steps and step % training.eval_every_steps == 0 and not epoch_ends:
-                report(epoch, index + 1)
-        finished = epoch + 1 == training.epochs or step >= total_steps
-        report(epoch + 1, 0, final=finished)
-        if finished:
-            break
+        self.tokens = 0
