@@ -69,49 +69,24 @@ def load_base_model(
 
     * ``name_or_path``: ``from_pretrained`` in fp32 (cast afterwards, so A_log never passes through bf16);
       tokenizer from ``spec.tokenizer`` or the same path.
-    * ``architecture``: ``AutoConfig.for_model(architecture, **spec.config)`` with weights drawn on ``device`` under a
-      fixed seed (:data:`ARCHITECTURE_SEED`): every call on that kind of device builds the same model. The tokenizer is ``spec.tokenizer`` if given,
-      else the digits tokenizer; unless ``spec.config`` sets them, ``vocab_size`` defaults to the tokenizer's
-      length and bos / eos / pad ids to the tokenizer's.
-    * ``builtin: digits``: the cached pretrained digits base (:func:`pipeline.pretrain.ensure_digits_base`,
+    * ``architecture``: ``AutoConfig.for_model(architecture, **spec.config)`` with weights drawn on ``device`` under
+      a fixed seed (:data:`ARCHITECTURE_SEED`): every call on that kind of device builds the same model. The
+      tokenizer is ``spec.tokenizer`` if given, else the digits tokenizer; unless ``spec.config`` sets them,
+      ``vocab_size`` defaults to the tokenizer's length and bos / eos / pad ids to the tokenizer's.
+    * ``builtin: digits``: the digits base (:func:`pipeline.tasks.digits.ensure_digits_base`: the shipped one, or
       pretrained on first use).
 
     Remote code runs only when ``spec.trust_remote_code`` is set. A tokenizer longer than ``model.config.vocab_size``
     is a ValueError. Logs the kernel path the model will run through ``log``; on CUDA a reference-PyTorch fallback
     is also a WARNING on this module's logger.
     """
-    from pipeline.tasks.digits import (
-        digits_tokenizer,
-        ensure_digits_base,
-    )  # imports datasets; keep `kernel_paths` light
-
     device = torch.device(device)
     trust = {"trust_remote_code": True} if spec.trust_remote_code else {}
     if spec.architecture is not None:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, **trust) if spec.tokenizer else digits_tokenizer()
-        defaults = {"vocab_size": len(tokenizer)}
-        eos = tokenizer.eos_token_id
-        for key, value in (
-            ("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos),
-            ("eos_token_id", eos),
-            ("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
-        ):
-            if value is not None:
-                defaults[key] = value
-        config = AutoConfig.for_model(spec.architecture, **{**defaults, **spec.config})
-        # Built where it will run: initialising a 1.4b model on the host takes minutes of the trial's GPU time.
-        # The weights then come from that device's generator: the same on every call, not across device types.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-            torch.manual_seed(ARCHITECTURE_SEED)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trust)
+        model, tokenizer = fresh_model(spec, device, trust)
         log(f"base model: fresh {spec.architecture} (seed {ARCHITECTURE_SEED}), {_size(model)}")
     else:
-        if spec.builtin is not None:
-            if spec.builtin != "digits":
-                raise ValueError(f"unknown builtin base {spec.builtin!r}")
-            path = str(ensure_digits_base(log=log))
-        else:
-            path = spec.name_or_path
+        path = pretrained_path(spec, log)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **trust)
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or path, **trust)
         log(f"base model: {path}, {_size(model)}")
@@ -127,6 +102,44 @@ def load_base_model(
     model.eval()
     log_kernel_paths(model.config.model_type, device, log, getattr(model.config, "use_mambapy", False))
     return model, tokenizer
+
+
+def fresh_model(
+    spec: ModelSpec, device: torch.device, trust: dict[str, bool]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``spec.architecture`` built from its config with weights drawn under :data:`ARCHITECTURE_SEED`, and its
+    tokenizer (``spec.tokenizer``, else the digits tokenizer, whose length and special ids are the config's
+    defaults)."""
+    from pipeline.tasks.digits import digits_tokenizer  # imports datasets; keep `kernel_paths` light
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, **trust) if spec.tokenizer else digits_tokenizer()
+    defaults = {"vocab_size": len(tokenizer)}
+    eos = tokenizer.eos_token_id
+    for key, value in (
+        ("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos),
+        ("eos_token_id", eos),
+        ("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
+    ):
+        if value is not None:
+            defaults[key] = value
+    config = AutoConfig.for_model(spec.architecture, **{**defaults, **spec.config})
+    # Built where it will run: initialising a 1.4b model on the host takes minutes of the trial's GPU time.
+    # The weights then come from that device's generator: the same on every call, not across device types.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(ARCHITECTURE_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trust)
+    return model, tokenizer
+
+
+def pretrained_path(spec: ModelSpec, log: Callable[[str], Any]) -> str:
+    """Where the pretrained base of ``spec`` loads from: ``name_or_path``, or the cached built-in base."""
+    if spec.builtin is None:
+        return spec.name_or_path
+    from pipeline.tasks.digits import ensure_digits_base  # imports datasets; keep `kernel_paths` light
+
+    if spec.builtin != "digits":
+        raise ValueError(f"unknown builtin base {spec.builtin!r}")
+    return str(ensure_digits_base(log=log))
 
 
 def log_kernel_paths(
