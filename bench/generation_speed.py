@@ -75,8 +75,8 @@ def main() -> None:
 
     model = build(args.hidden, args.layers, args.vocab, torch.bfloat16)
     batch = prompts(args.prompts, args.prompt_tokens, 60, args.vocab, seed=0)
-    generate(model, batch[:2], max_new_tokens=4, num_beams=args.beams, eos_token_id=EOS, pad_token_id=PAD,
-             batch_size=2)  # warm-up: kernels, allocator  # fmt: skip
+    # warm-up: kernels, allocator
+    generate(model, batch[:2], max_new_tokens=4, num_beams=args.beams, eos_token_id=EOS, pad_token_id=PAD, batch_size=2)
     alone, alone_s = timed(lambda: [one_at_a_time(model, p, args.new_tokens, args.beams) for p in batch[: args.alone]])
     together, together_s = timed(
         lambda: generate(
@@ -102,7 +102,7 @@ def main() -> None:
         "speedup": per_prompt_alone * args.prompts / together_s,
         "bf16_agreement": agreement(alone, together[: args.alone]),
     }
-    del model
+    model = None  # its memory, for the fp32 check below
     # fp32, a smaller model: greedy and beams, one at a time against batched, token for token.
     small = build(768, 4, 1024, torch.float32)
     checks = prompts(16, 100, 60, 1024, seed=1)
