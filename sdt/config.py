@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SDTConfigError
 from .methods import METHODS, Method, get_method
 from .variants import VARIANTS, get_variant
 
@@ -13,15 +14,6 @@ SDT_TARGETS: tuple[str, ...] = ("A_log", "B", "C")
 LORA_TARGETS: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
 # Fields that act only after the warmup, in the selection: trials differing only in them share one warmup.
 SELECTION_FIELDS: tuple[str, ...] = ("channels_frozen", "states_frozen", "inputs_frozen")
-
-
-class SDTConfigError(ValueError):
-    """A config that cannot work. ``field`` names the :class:`SDTConfig` field at fault (``"method"`` for the
-    method itself), ``reason`` says why; ``str()`` is ``"<field>: <reason>"``."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        self.field, self.reason = field, reason
-        super().__init__(f"{field}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +159,5 @@ __all__ = [
     "SDT_TARGETS",
     "SELECTION_FIELDS",
     "SDTConfig",
-    "SDTConfigError",
     "trainable_count",
 ]

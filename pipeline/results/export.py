@@ -140,8 +140,8 @@ def export_trials(
 
 def write_adapter(directory: Path, tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
     """``adapter_model.safetensors`` and ``adapter_config.json`` in ``directory``; returns the config."""
-    description = sdt.io.describe(tuner, adapter_metadata(tuner, spec))
-    sdt.io.write_files(directory, tuner, description)
+    description = sdt.saving.describe(tuner, adapter_metadata(tuner, spec))
+    sdt.saving.write_files(directory, tuner, description)
     return description
 
 

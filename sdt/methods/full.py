@@ -1,6 +1,6 @@
 """Full fine-tuning: the baseline every PEFT method is measured against."""
 
-from . import Method, register_method
+from .base import Method, register_method
 
 register_method(
     Method(

@@ -1,7 +1,7 @@
 """SDLoRA, the paper's method (spec 0.1): SDT on A_log and the B/C weights of the selected channels, LoRA r=8,
 alpha=8 on out_proj, 500 warmup steps (the config's defaults)."""
 
-from . import Method, register_method
+from .base import Method, register_method
 
 register_method(
     Method(

@@ -1,6 +1,6 @@
 """SDT alone: the sparse SSM deltas of SDLoRA without any LoRA."""
 
-from . import Method, register_method
+from .base import Method, register_method
 
 register_method(
     Method(
