@@ -26,7 +26,7 @@ Supported: ``MambaForCausalLM``, ``JambaForCausalLM`` (its mamba layers; attenti
 generalisation, not the paper's; see :mod:`sdt.targets`.
 """
 
-from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SDTConfig, trainable_count
+from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SETTINGS, SDTConfig, Setting, trainable_count
 from .errors import SDTConfigError
 from .io import AdapterFileError, load, read_config
 from .methods import METHODS, Method, register_method
@@ -41,6 +41,7 @@ __all__ = [
     "METHODS",
     "SDT_TARGETS",
     "SELECTION_FIELDS",
+    "SETTINGS",
     "VARIANTS",
     "AdapterCoverageError",
     "AdapterFileError",
@@ -49,6 +50,7 @@ __all__ = [
     "SDTConfig",
     "SDTConfigError",
     "SelectionError",
+    "Setting",
     "Tuner",
     "adapter_tensors",
     "apply",

@@ -17,6 +17,7 @@ class Method:
 
     ``lora`` / ``sdt``: whether the method's config must name LoRA targets (SDT targets), may, or must not.
     ``defaults``: the :class:`sdt.SDTConfig` fields the method's preset sets (others keep the dataclass default).
+    ``baseline``: the method this one claims to beat, by name: a sweep that trains both says whether it does.
     """
 
     name: str
@@ -25,6 +26,12 @@ class Method:
     sdt: Need
     trains_all_weights: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    title: str = ""  # how people write the name in a sentence ("SDLoRA"); empty: the name itself
+    baseline: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.title:
+            object.__setattr__(self, "title", self.name)
 
 
 METHODS: Registry[Method] = Registry("method")

@@ -5,6 +5,7 @@ from .base import Method, register_method
 register_method(
     Method(
         name="full",
+        title="full fine-tuning",
         summary="every weight of the model",
         lora="none",
         sdt="none",

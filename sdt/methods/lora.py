@@ -6,6 +6,7 @@ from .base import Method, register_method
 register_method(
     Method(
         name="lora",
+        title="LoRA",
         summary="LoRA on the projections only",
         lora="required",
         sdt="none",

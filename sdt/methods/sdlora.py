@@ -6,6 +6,8 @@ from .base import Method, register_method
 register_method(
     Method(
         name="sdlora",
+        title="SDLoRA",
+        baseline="lora",
         summary="SDT on the most-updated SSM channels and states, plus LoRA on the projections",
         lora="optional",
         sdt="required",

@@ -5,6 +5,7 @@ from .base import Method, register_method
 register_method(
     Method(
         name="sdt",
+        title="SDT",
         summary="SDT on the most-updated SSM channels and states only",
         lora="none",
         sdt="required",
