@@ -26,10 +26,12 @@ Supported: ``MambaForCausalLM``, ``JambaForCausalLM`` (its mamba layers; attenti
 generalisation, not the paper's; see :mod:`sdt.targets`.
 """
 
-from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SDTConfig, SDTConfigError, trainable_count
-from .io import AdapterFileError, adapter_tensors, load, read_config, save, save_merged, write_atomically
+from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SETTINGS, SDTConfig, Setting, trainable_count
+from .errors import SDTConfigError
+from .io import AdapterFileError, load, read_config
 from .methods import METHODS, Method, register_method
 from .model import AdapterCoverageError, Tuner, apply, select, to_compute_dtype
+from .saving import adapter_tensors, save, save_merged, write_atomically
 from .selection import SelectionError, select_channels_and_states, select_heads_and_rows, top_indices
 from .targets import check_counts, mixers
 from .variants import VARIANTS, LoraVariant, register_variant
@@ -39,6 +41,7 @@ __all__ = [
     "METHODS",
     "SDT_TARGETS",
     "SELECTION_FIELDS",
+    "SETTINGS",
     "VARIANTS",
     "AdapterCoverageError",
     "AdapterFileError",
@@ -47,6 +50,7 @@ __all__ = [
     "SDTConfig",
     "SDTConfigError",
     "SelectionError",
+    "Setting",
     "Tuner",
     "adapter_tensors",
     "apply",

@@ -1,11 +1,14 @@
-"""SDT configuration: one dataclass, the methods' presets from the registry, and the spec's count rounding."""
+"""SDT configuration: one dataclass, the methods' presets from the registry, the fields a person sets
+(:data:`SETTINGS`) and the spec's count rounding."""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SDTConfigError
 from .methods import METHODS, Method, get_method
 from .variants import VARIANTS, get_variant
 
@@ -15,13 +18,9 @@ LORA_TARGETS: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
 SELECTION_FIELDS: tuple[str, ...] = ("channels_frozen", "states_frozen", "inputs_frozen")
 
 
-class SDTConfigError(ValueError):
-    """A config that cannot work. ``field`` names the :class:`SDTConfig` field at fault (``"method"`` for the
-    method itself), ``reason`` says why; ``str()`` is ``"<field>: <reason>"``."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        self.field, self.reason = field, reason
-        super().__init__(f"{field}: {reason}")
+def _field(default: Any, *, short: str | None = None, settable: bool = True) -> Any:
+    """A field with what :data:`SETTINGS` tells of it: its prefix in a short label, whether a person sets it."""
+    return dataclasses.field(default=default, metadata={"short": short, "settable": settable})
 
 
 @dataclass(frozen=True)
@@ -36,20 +35,21 @@ class SDTConfig:
 
     method: str = "sdlora"  # a name from sdt.METHODS
     # LoRA, in weight space. alpha/rank is the scale; the default 8/8 = 1 is the official SDLoRA setting.
-    lora_rank: int = 8
+    lora_rank: int = _field(8, short="r")
     lora_alpha: float = 8.0
-    lora_targets: tuple[str, ...] = ("out_proj",)
+    lora_targets: tuple[str, ...] = _field(("out_proj",), short="")
     lora_variant: str = "lora"  # a name from sdt.VARIANTS: how the factors make a weight
     # SDT: A_log entries of the selected channels/states, and the B/C weights of the selected channels.
     sdt_targets: tuple[str, ...] = SDT_TARGETS
-    channels_frozen: float | int = 0.99
-    states_frozen: float | int = 0.75
+    channels_frozen: float | int = _field(0.99, short="ch")
+    states_frozen: float | int = _field(0.75, short="st")
     # Mamba-2 only: how many of the hidden inputs of each selected B/C row of in_proj stay frozen (spec 9.3).
     inputs_frozen: float | int = 0.99
     # Warmup length in optimizer steps (the official code's num_warmup_it + 1).
     warmup_steps: int = 500
-    # Seeds the LoRA initialisation, so every data-parallel rank builds the same adapters.
-    seed: int = 0
+    # Seeds the LoRA initialisation, so every data-parallel rank builds the same adapters. Not a setting: a
+    # training run derives it from its own seed.
+    seed: int = _field(0, settable=False)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -106,6 +106,15 @@ class SDTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def overview(self) -> dict[str, dict[str, Any]]:
+        """The config grouped for readers who do not parse it (an adapter's card): LoRA's size, SDT's frozen
+        fractions or counts, and where each kind of adapter goes."""
+        return {
+            "ranks": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha},
+            "ratios": {name: getattr(self, name) for name in SELECTION_FIELDS},
+            "targets": {"lora": list(self.lora_targets), "sdt": list(self.sdt_targets)},
+        }
+
     def warmup_inputs(self) -> dict[str, Any]:
         """The fields a warmup's result depends on: all but :data:`SELECTION_FIELDS`, which act after it."""
         return {k: v for k, v in self.to_dict().items() if k not in SELECTION_FIELDS}
@@ -135,6 +144,29 @@ class SDTConfig:
         return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A field of :class:`SDTConfig` that a person sets to choose and shape a method: every field but ``seed``. A
+    job spec's ``method`` section is made of them, so a new field appears there by being declared here."""
+
+    name: str
+    type: Any  # the field's annotation, resolved; ``float | int`` is a count (an int) or a fraction (a float)
+    default: Any
+    short: str | None  # its prefix in a short label ("r" of lora_rank: "r8"); None: written as name=value
+
+
+def _settings() -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(SDTConfig)
+    return tuple(
+        Setting(f.name, hints[f.name], f.default, f.metadata.get("short"))
+        for f in dataclasses.fields(SDTConfig)
+        if f.metadata.get("settable", True)
+    )
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
+
+
 def _check_method(method: Method, config: SDTConfig) -> None:
     """What the method needs and forbids, each error naming the field."""
     name = method.name
@@ -156,7 +188,7 @@ def _check_method(method: Method, config: SDTConfig) -> None:
 
 def trainable_count(frozen: float | int, size: int, *, field_name: str = "count") -> int:
     """How many of ``size`` entries train when ``frozen`` of them are frozen (spec section 3 rounding)."""
-    n_frozen = int(round(frozen * size)) if isinstance(frozen, float) else int(frozen)
+    n_frozen = round(frozen * size) if isinstance(frozen, float) else int(frozen)
     if n_frozen > size:
         raise SDTConfigError(field_name, f"freezes {n_frozen} of only {size}")
     return size - n_frozen
@@ -166,7 +198,8 @@ __all__ = [
     "LORA_TARGETS",
     "SDT_TARGETS",
     "SELECTION_FIELDS",
+    "SETTINGS",
     "SDTConfig",
-    "SDTConfigError",
+    "Setting",
     "trainable_count",
 ]

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from . import parametrize as P
-from .config import SDTConfig, SDTConfigError
+from .config import SDTConfig
+from .errors import SDTConfigError
 from .fused import install_fused_path, uninstall_fused_path
+from .saving import save_into
 from .targets import Selection, check_counts, family_of, mixers
 from .variants import get_variant
 
@@ -230,8 +232,6 @@ class Tuner:
         if push_to_hub:
             raise NotImplementedError("push_to_hub with an adapter: save_pretrained, then upload the directory")
         if is_main_process:
-            from .io import save_into  # sdt.io builds on Tuner
-
             save_into(self, save_directory)
 
     def merge(self) -> nn.Module:

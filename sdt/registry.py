@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Generic, Protocol, TypeVar
 
+from .errors import SDTConfigError
+
 
 class Named(Protocol):
     name: str
@@ -26,8 +28,6 @@ class Registry(dict[str, Entry], Generic[Entry]):
         return entry
 
     def lookup(self, name: str) -> Entry:
-        from .config import SDTConfigError
-
         if name not in self:
             raise SDTConfigError(self.field, f"{name!r} is not one of {', '.join(self)}")
         return self[name]

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import SDTConfig, SDTConfigError, trainable_count
+from .config import SDTConfig, trainable_count
+from .errors import SDTConfigError
 from .selection import select_channels_and_states, select_heads_and_rows
 
 # (module, tensor name) -> dense warmup update of that tensor (or of its row block)

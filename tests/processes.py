@@ -1,4 +1,5 @@
-"""Real faults for the tests that need them: wait for a sweep's state in its storage, then kill a driver or a worker.
+"""The sdtune command in a subprocess, as a person runs it, and real faults for the tests that need them: wait for a
+sweep's state in its storage, then kill a driver or a worker.
 
 No product code knows about these: the tests kill processes from outside, as a crash or an operator would.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,22 @@ import psutil
 import pyarrow.fs
 
 POLL_S = 0.1  # how often a condition on files or processes is looked at again (an event wait, not a delay)
+
+
+def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
+    """``sdtune ARGS`` run to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli.commands", *args],
+        env={**env, **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+
+def failure(result: subprocess.CompletedProcess) -> str:
+    """The end of what a failed command printed."""
+    return result.stdout[-3000:] + result.stderr[-6000:]
 
 
 def free_port() -> int:

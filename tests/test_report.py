@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.results.outcomes import TrialOutcome
-from pipeline.results.report import Arm, ArmSummary, Budget, Stats, sdlora_verdict, write_report
+from pipeline.results.report import Arm, ArmSummary, Budget, Stats, baseline_verdicts, write_report
 from pipeline.results.tracking import SweepTracker
 from pipeline.spec.job import parse_job
 
@@ -205,10 +205,10 @@ def test_a_difference_inside_the_seeds_spread_is_called_no_clear_difference(tmp_
         return ArmSummary(Arm(method, method, method), {}, Stats.of([0.5, 0.6]), Stats.of(test), None, None)
 
     budget = Budget(2, "epoch")
-    close = sdlora_verdict(spec, [row("sdlora", [0.70, 0.74, 0.78]), row("lora", [0.69, 0.73, 0.77])], budget)
+    close = baseline_verdicts(spec, [row("sdlora", [0.70, 0.74, 0.78]), row("lora", [0.69, 0.73, 0.77])], budget)
     assert close.startswith("SDLoRA beats the best LoRA arm (lora)")
     assert close.endswith("0.25 pooled standard deviations: within the spread over seeds, not a clear difference.")
-    clear = sdlora_verdict(spec, [row("sdlora", [0.80, 0.81, 0.82]), row("lora", [0.69, 0.70, 0.71])], budget)
+    clear = baseline_verdicts(spec, [row("sdlora", [0.80, 0.81, 0.82]), row("lora", [0.69, 0.70, 0.71])], budget)
     assert clear.endswith("11 pooled standard deviations.")
 
 

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from processes import free_port, wait_for
+from processes import failure, free_port, sdtune, wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdt
@@ -47,20 +47,6 @@ SMALL = ["data.max_train_samples=160", "data.max_eval_samples=40", "training.epo
          "training.eval_batch_size=40"]  # fmt: skip
 EXPORT_FILES = {"adapter_config.json", "adapter_model.safetensors", "trial.json", "job.yaml", "README.md", "merged"}
 CONSOLE = "console-sweep.txt"  # beside the sweep directory
-
-
-def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli.commands", *args],
-        env={**env, **extra_env},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-
-
-def failure(result: subprocess.CompletedProcess) -> str:
-    return result.stdout[-3000:] + result.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sdt
 from pipeline.results.outcomes import TrialOutcome
 
 METHOD_KEYS = ("method", "method.name")  # searched keys that pick the arm rather than a setting within it
-# Method fields that tell arms apart, in label order, with their short prefix ("lora r2 out_proj+x_proj").
-LABEL_PREFIXES = {"lora_rank": "r", "lora_targets": "", "channels_frozen": "ch", "states_frozen": "st"}
+# Method fields that sdt gives a short prefix, in label order ("lora r2 out_proj+x_proj").
+LABEL_PREFIXES = {setting.name: setting.short for setting in sdt.SETTINGS if setting.short is not None}
 
 
 @dataclass(frozen=True)

@@ -140,8 +140,8 @@ def export_trials(
 
 def write_adapter(directory: Path, tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
     """``adapter_model.safetensors`` and ``adapter_config.json`` in ``directory``; returns the config."""
-    description = sdt.io.describe(tuner, adapter_metadata(tuner, spec))
-    sdt.io.write_files(directory, tuner, description)
+    description = sdt.saving.describe(tuner, adapter_metadata(tuner, spec))
+    sdt.saving.write_files(directory, tuner, description)
     return description
 
 
@@ -164,13 +164,7 @@ def adapter_metadata(tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
     return {
         "method": config.method,
         "description": config.describe(counts[0] if counts and all(c == counts[0] for c in counts) else None),
-        "ranks": {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha},
-        "ratios": {
-            "channels_frozen": config.channels_frozen,
-            "states_frozen": config.states_frozen,
-            "inputs_frozen": config.inputs_frozen,
-        },
-        "targets": {"lora": list(config.lora_targets), "sdt": list(config.sdt_targets)},
+        **config.overview(),
         "selected": {layer: readable_counts(selection) for layer, selection in (tuner.selection or {}).items()},
         "selected_indices": "in adapter_model.safetensors, as sdt_selection.<layer>.<axis>",
         "base_model_source": spec.model.model_dump(mode="json", exclude_defaults=True),

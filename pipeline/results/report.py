@@ -10,8 +10,9 @@ read for that setting only, so the test split never picks anything.
 
 Arms are compared at equal budgets. ASHA stops trials early, so the last reports of two arms can stand for 3 epochs
 against 1: the *common budget* is the most evaluations (epochs, when trials evaluate once an epoch) that every arm
-reached with at least one trial, and the ranking and the SDLoRA-vs-LoRA verdict use each arm's best setting at that
-budget, read from the per-report history the trials' MLflow runs hold. The last-report and test columns, the epochs
+reached with at least one trial, and the ranking and the verdicts (a method against the baseline it names in
+``sdt.METHODS``: SDLoRA against LoRA) use each arm's best setting at that budget, read from the per-report history
+the trials' MLflow runs hold. The last-report and test columns, the epochs
 each setting reached and how many trials the scheduler stopped are shown beside it. Only when the compared settings
 all trained to the end does the verdict use their last reports (and the test metric).
 """
@@ -34,6 +35,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import sdt
 from pipeline.results.arms import METHOD_KEYS, Arm, arm_of, canonical, value_label
 from pipeline.results.outcomes import (
     COST_PARTS,
@@ -69,7 +71,6 @@ TRIAL_COLUMNS = (
     "warmup/shared",
 )
 SEED_KEY = "training.seed"
-SDLORA, LORA = "sdlora", "lora"
 LOG_SPAN = 10  # positive values spanning this factor or more are drawn on a log axis
 JITTER = 0.15  # half-width of the spread of points around a category, so repeated seeds do not hide each other
 MISSING = "–"
@@ -258,35 +259,51 @@ def pooled_std(a: Stats, b: Stats) -> float | None:
     return math.sqrt(squares / degrees)
 
 
-def sdlora_verdict(spec: JobSpec, rows: Sequence[ArmSummary], budget: Budget) -> str:
-    """Whether the best SDLoRA arm beats the best LoRA arm, at equal budgets, and by how many pooled standard
-    deviations. When both arms' chosen settings trained to the end, on their test metric means (validation when
-    either lacks one); otherwise, when ASHA stopped one of them, on the validation metric of each arm's best setting
-    at the common ``budget``."""
+def baseline_verdicts(spec: JobSpec, rows: Sequence[ArmSummary], budget: Budget) -> str:
+    """The :func:`verdict` of each method that names a baseline (``sdt.Method.baseline``: SDLoRA's is LoRA) and of
+    which, or of whose baseline, the sweep finished an arm; of every such method when the sweep finished none of
+    them. One paragraph each."""
+    pairs = [(name, method.baseline) for name, method in sdt.METHODS.items() if method.baseline]
+    present = {row.arm.method for row in rows}
+    compared = [pair for pair in pairs if present & set(pair)] or pairs
+    return "\n\n".join(verdict(spec, rows, budget, method, baseline) for method, baseline in compared)
+
+
+def method_title(method: str) -> str:
+    """How people write the method's name (``SDLoRA``); a baseline nobody registered goes by its name."""
+    return sdt.METHODS[method].title if method in sdt.METHODS else method
+
+
+def verdict(spec: JobSpec, rows: Sequence[ArmSummary], budget: Budget, method: str, baseline: str) -> str:
+    """Whether the best arm of ``method`` beats the best arm of ``baseline``, at equal budgets, and by how many
+    pooled standard deviations. When both arms' chosen settings trained to the end, on their test metric means
+    (validation when either lacks one); otherwise, when ASHA stopped one of them, on the validation metric of each
+    arm's best setting at the common ``budget``."""
     metric = spec.search.metric
-    sdlora = next((row for row in rows if row.arm.method == SDLORA), None)
-    lora = next((row for row in rows if row.arm.method == LORA), None)
-    if sdlora is None or lora is None:
-        missing = " and ".join(name for name, row in ((SDLORA, sdlora), (LORA, lora)) if row is None)
-        return f"No SDLoRA vs LoRA comparison: no {missing} trial finished with a finite {metric}."
+    ours_title, theirs_title = method_title(method), method_title(baseline)
+    ours_row = next((row for row in rows if row.arm.method == method), None)
+    theirs_row = next((row for row in rows if row.arm.method == baseline), None)
+    if ours_row is None or theirs_row is None:
+        missing = " and ".join(name for name, row in ((method, ours_row), (baseline, theirs_row)) if row is None)
+        return f"No {ours_title} vs {theirs_title} comparison: no {missing} trial finished with a finite {metric}."
     note = ""
-    if sdlora.finished and lora.finished and sdlora.epochs == lora.epochs:
+    if ours_row.finished and theirs_row.finished and ours_row.epochs == theirs_row.epochs:
         where = "after the whole training"
-        if sdlora.test and lora.test:
-            compared, ours, theirs = metric_on_test(metric), sdlora.test, lora.test
+        if ours_row.test and theirs_row.test:
+            compared, ours, theirs = metric_on_test(metric), ours_row.test, theirs_row.test
         else:
-            compared, ours, theirs = metric, sdlora.validation, lora.validation
-    elif sdlora.at_budget is None or lora.at_budget is None:
+            compared, ours, theirs = metric, ours_row.validation, theirs_row.validation
+    elif ours_row.at_budget is None or theirs_row.at_budget is None:
         return (
-            f"No SDLoRA vs LoRA comparison at equal budget: ASHA stopped trials early, and without the trials' "
-            f"per-evaluation history (their MLflow runs) their {metric} after {budget} is unknown."
+            f"No {ours_title} vs {theirs_title} comparison at equal budget: ASHA stopped trials early, and without "
+            f"the trials' per-evaluation history (their MLflow runs) their {metric} after {budget} is unknown."
         )
     else:
         where = f"at equal budget, after {budget} each"
-        compared, ours, theirs = metric, sdlora.at_budget, lora.at_budget
+        compared, ours, theirs = metric, ours_row.at_budget, theirs_row.at_budget
         note = (
-            f" ASHA stopped trials early (SDLoRA's best setting reached {epochs_text(sdlora)} epochs, LoRA's "
-            f"{epochs_text(lora)}), so their last reports and test scores are not compared."
+            f" ASHA stopped trials early ({ours_title}'s best setting reached {epochs_text(ours_row)} epochs, "
+            f"{theirs_title}'s {epochs_text(theirs_row)}), so their last reports and test scores are not compared."
         )
     difference = ours.mean - theirs.mean
     beats = difference > 0 if spec.search.mode == "max" else difference < 0
@@ -300,8 +317,9 @@ def sdlora_verdict(spec: JobSpec, rows: Sequence[ArmSummary], budget: Budget) ->
         if abs(difference) < spread:
             relative += ": within the spread over seeds, not a clear difference"
     return (
-        f"SDLoRA {'beats' if beats else 'does not beat'} the best LoRA arm ({lora.arm.label}) on {compared} {where}: "
-        f"{ours} (n={ours.n}) vs {theirs} (n={theirs.n}), a difference of {difference:+.4g}, {relative}.{note}"
+        f"{ours_title} {'beats' if beats else 'does not beat'} the best {theirs_title} arm ({theirs_row.arm.label}) "
+        f"on {compared} {where}: {ours} (n={ours.n}) vs {theirs} (n={theirs.n}), a difference of {difference:+.4g}, "
+        f"{relative}.{note}"
     )
 
 
@@ -354,7 +372,7 @@ def summary_markdown(
     spec: JobSpec,
     trials: Sequence[TrialOutcome],
     table: str,
-    verdict: str,
+    verdicts: str,
     cost: str,
     budget: Budget,
     plots: Sequence[str],
@@ -375,7 +393,7 @@ def summary_markdown(
         f"`{metric_on_test(metric)}` (scored only for trials that trained to the end). Mean ± sample standard "
         f"deviation over seeds ({MISSING} for one seed).",
         table,
-        verdict,
+        verdicts,
         f"![learning curves]({CURVES_PNG})",
         "## Failed trials",
         failures_text(trials),
@@ -704,7 +722,7 @@ def write_report(
     curves = metric_curves(spec, trials, tracker)
     step_losses = {trial_id: tracker.metric_history(trial_id, STEP_LOSS) for trial_id in curves}
     rows, budget = arm_summaries(spec, trials, curves)
-    table, verdict, cost = summary_table(spec, rows, budget), sdlora_verdict(spec, rows, budget), cost_table(trials)
+    table, verdicts, cost = summary_table(spec, rows, budget), baseline_verdicts(spec, rows, budget), cost_table(trials)
     colors = arm_colors([trial for trial in trials if trial.trial_id in curves])
 
     def write(folder: Path) -> None:
@@ -716,16 +734,17 @@ def write_report(
         for key, domain in spec.search.space.items():
             plot_hyperparameter(spec, key, domain, trials, curves, budget, colors, folder / plot_name(key))
             plots.append(plot_name(key))
-        (folder / SUMMARY_MD).write_text(summary_markdown(spec, trials, table, verdict, cost, budget, plots))
+        (folder / SUMMARY_MD).write_text(summary_markdown(spec, trials, table, verdicts, cost, budget, plots))
         write_csv(spec, rows, budget, folder / SUMMARY_CSV)
         write_trials_csv(spec, trials, folder / TRIALS_CSV)
 
     write_directory(out, write, marker=SUMMARY_MD)
     log(f"report written to {out}")
-    log(f"{table}\n\n{textwrap.fill(verdict, CONSOLE_WIDTH)}\n\nWhere the time went:\n{cost}")
+    wrapped = "\n\n".join(textwrap.fill(paragraph, CONSOLE_WIDTH) for paragraph in verdicts.split("\n\n"))
+    log(f"{table}\n\n{wrapped}\n\nWhere the time went:\n{cost}")
     with local_copy(out) as folder:
         log_to_parent_run(spec, tracker, folder, cost_totals(trials), log)
     return out
 
 
-__all__ = ["ArmSummary", "Stats", "arm_summaries", "sdlora_verdict", "write_report"]
+__all__ = ["ArmSummary", "Stats", "arm_summaries", "baseline_verdicts", "write_report"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from functools import reduce
 from pathlib import Path
@@ -29,6 +30,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_serializer,
     model_validator,
@@ -38,7 +40,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pipeline.spec import yaml_reader as spec_yaml
 from pipeline.storage.paths import StoragePath, secret_options, storage_path
 from pipeline.tasks.registry import COLUMN_ROLES, DATA_FILE_FORMATS, DATA_SPLITS
-from sdt import SDTConfig, SDTConfigError
+from sdt import SETTINGS, SDTConfig, SDTConfigError, Setting
 
 # Trials may differ only in what they train; resources, tracking and export belong to the sweep as a whole.
 SEARCHABLE_SECTIONS: tuple[str, ...] = ("model", "data", "method", "training")
@@ -182,28 +184,39 @@ def _count_or_fraction(value: Any) -> Any:
 CountOrFraction = Annotated[StrictInt | StrictFloat | None, BeforeValidator(_count_or_fraction)]
 
 
-class MethodSpec(_Spec):
-    """The fine-tuning method: a preset of :class:`sdt.SDTConfig` (a name from ``sdt.METHODS``); a field left at
-    None keeps the preset's value. The fields mirror SDTConfig's (``name`` is its ``method``; ``seed`` comes from
-    ``training.seed``), and sdt owns every rule about them."""
+def _setting_type(kind: Any) -> Any:
+    """The spec's type for an :class:`sdt.SDTConfig` setting of type ``kind``, None allowed (the preset's value)."""
+    if kind == float | int:  # a count or a fraction: each stays what it is
+        return CountOrFraction
+    if kind is float:  # strict pydantic would turn an int into a float; the spec keeps the value as written
+        return StrictFloat | StrictInt | None
+    if typing.get_origin(kind) is tuple:  # YAML has lists, not tuples
+        return list[typing.get_args(kind)[0]] | None
+    return kind | None
 
-    name: str = "sdlora"
-    lora_rank: StrictInt | None = None
-    lora_alpha: StrictFloat | StrictInt | None = None
-    lora_targets: list[str] | None = None
-    lora_variant: str | None = None
-    sdt_targets: list[str] | None = None
-    channels_frozen: CountOrFraction = None
-    states_frozen: CountOrFraction = None
-    inputs_frozen: CountOrFraction = None
-    warmup_steps: StrictInt | None = None
+
+def method_field(sdt_field: str) -> str:
+    """The :class:`MethodSpec` field of an :class:`sdt.SDTConfig` field (SDTConfig calls the name ``method``)."""
+    return "name" if sdt_field == "method" else sdt_field
+
+
+def _spec_field(setting: Setting) -> tuple[str, tuple[Any, Any]]:
+    """A setting as a field of the spec's method section: ``method`` is ``name`` there, with SDTConfig's default;
+    every other field defaults to None, the preset's value."""
+    if setting.name == "method":
+        return method_field(setting.name), (setting.type, setting.default)
+    return setting.name, (_setting_type(setting.type), None)
+
+
+class _MethodSection(_Spec):
+    """What :class:`MethodSpec` does; its fields are made from :data:`sdt.SETTINGS` below."""
 
     def to_sdt_config(self, seed: int) -> SDTConfig:
         overrides = self.model_dump(exclude={"name"}, exclude_none=True)
         return SDTConfig.preset(self.name, **overrides, seed=seed)
 
     @model_validator(mode="after")
-    def _valid_sdt_config(self) -> MethodSpec:
+    def _valid_sdt_config(self) -> _MethodSection:
         try:
             self.to_sdt_config(seed=0)
         except SDTConfigError as error:
@@ -212,9 +225,15 @@ class MethodSpec(_Spec):
         return self
 
 
-def method_field(sdt_field: str) -> str:
-    """The :class:`MethodSpec` field of an :class:`sdt.SDTConfig` field (SDTConfig calls the name ``method``)."""
-    return "name" if sdt_field == "method" else sdt_field
+MethodSpec = create_model(
+    "MethodSpec",
+    __base__=_MethodSection,
+    __module__=__name__,
+    __doc__="""The fine-tuning method: a preset of :class:`sdt.SDTConfig` (a name from ``sdt.METHODS``); a field left
+    at None keeps the preset's value. The fields are sdt's :data:`sdt.SETTINGS` (``name`` is SDTConfig's ``method``;
+    its ``seed`` comes from ``training.seed``), and sdt owns every rule about them.""",
+    **dict(_spec_field(setting) for setting in SETTINGS),
+)
 
 
 class TrainingSpec(_Spec):

@@ -1,10 +1,11 @@
 """Full fine-tuning: the baseline every PEFT method is measured against."""
 
-from . import Method, register_method
+from .base import Method, register_method
 
 register_method(
     Method(
         name="full",
+        title="full fine-tuning",
         summary="every weight of the model",
         lora="none",
         sdt="none",

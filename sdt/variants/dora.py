@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..parametrize import Adapter, low_rank_factors
-from . import LoraVariant, register_variant
+from .base import LoraVariant, register_variant
 
 
 class WeightDecomposedDelta(Adapter):

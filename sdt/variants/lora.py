@@ -1,7 +1,7 @@
 """Standard LoRA (Hu et al.): W0 + (alpha / rank) · B @ A, A kaiming-uniform and B zero, as PEFT initialises it."""
 
 from ..parametrize import LowRankDelta
-from . import LoraVariant, register_variant
+from .base import LoraVariant, register_variant
 
 register_variant(
     LoraVariant(
