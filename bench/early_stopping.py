@@ -73,13 +73,17 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for r in (grid, asha):
-        print(f"| {r['arm']} | {r['trials']} | {r['epochs_trained']} | {r['gpu_seconds']:.1f} "
-              f"| {r['gpu_seconds_from_tune_start']:.1f} | {r['sweep_wall_s']:.0f} | {r['best_metric']:.4f} |")  # fmt: skip
+        print(
+            f"| {r['arm']} | {r['trials']} | {r['epochs_trained']} | {r['gpu_seconds']:.1f} "
+            f"| {r['gpu_seconds_from_tune_start']:.1f} | {r['sweep_wall_s']:.0f} | {r['best_metric']:.4f} |"
+        )
     ratio = asha["gpu_seconds"] / grid["gpu_seconds"]
     from_start = asha["gpu_seconds_from_tune_start"] / grid["gpu_seconds_from_tune_start"]
     gap = (asha["best_metric"] - grid["best_metric"]) * 100
-    print(f"ASHA / grid GPU-seconds: {ratio:.3f} (from Tune's start: {from_start:.3f}); "
-          f"best metric ASHA - grid: {gap:+.2f} points")  # fmt: skip
+    print(
+        f"ASHA / grid GPU-seconds: {ratio:.3f} (from Tune's start: {from_start:.3f}); "
+        f"best metric ASHA - grid: {gap:+.2f} points"
+    )
     if args.out:
         with open(args.out, "w") as file:
             summary = {"gpu_seconds_ratio": ratio, "gpu_seconds_from_tune_start_ratio": from_start}

@@ -27,8 +27,16 @@ EOS = PAD = 0
 
 def build(hidden: int, layers: int, vocab: int, dtype: torch.dtype) -> MambaForCausalLM:
     torch.manual_seed(0)
-    config = MambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=16, expand=2,
-                         tie_word_embeddings=True, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    config = MambaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        state_size=16,
+        expand=2,
+        tie_word_embeddings=True,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     with torch.device("cuda"):
         model = MambaForCausalLM(config)
     return sdt.to_compute_dtype(model, dtype).eval()
@@ -42,8 +50,15 @@ def prompts(count: int, mean: int, spread: int, vocab: int, seed: int) -> list[l
 
 def one_at_a_time(model, prompt: list[int], new_tokens: int, beams: int) -> list[int]:
     ids = torch.tensor([prompt], device="cuda")
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         num_beams=beams, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)[0, len(prompt):].tolist()  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        num_beams=beams,
+        do_sample=False,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )[0, len(prompt) :].tolist()
     return out[: out.index(EOS) + 1] if EOS in out else out
 
 
@@ -114,7 +129,8 @@ def main() -> None:
         result[f"fp32_agreement_beams{beams}"] = agreement(expected, got)
     print(json.dumps(result, indent=2))
     print(
-        f"\n{args.prompts} prompts x {args.new_tokens} tokens, {args.beams} beams, hidden {args.hidden} x {args.layers}:"
+        f"\n{args.prompts} prompts x {args.new_tokens} tokens, {args.beams} beams,"
+        f" hidden {args.hidden} x {args.layers}:"
         f" one at a time {per_prompt_alone:.2f} s/prompt (~{per_prompt_alone * args.prompts:.0f} s for all),"
         f" batched {together_s:.1f} s: {result['speedup']:.1f}x"
     )

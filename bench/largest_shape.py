@@ -31,8 +31,14 @@ def probe(hidden: int, layers: int, offload: bool, batch: int, seq: int) -> dict
     os.environ.update(
         {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
     )
-    config = MambaConfig(vocab_size=50280, hidden_size=hidden, num_hidden_layers=layers, state_size=16, expand=2,
-                         tie_word_embeddings=True)  # fmt: skip
+    config = MambaConfig(
+        vocab_size=50280,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        state_size=16,
+        expand=2,
+        tie_word_embeddings=True,
+    )
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 build of the large shapes would not fit
     with torch.device("cuda"):
         model = MambaForCausalLM(config)
@@ -69,8 +75,12 @@ def probe(hidden: int, layers: int, offload: bool, batch: int, seq: int) -> dict
         engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"parameters": parameters, "trainable": tuner.num_trainable_parameters(),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tokens_per_s": batch * seq / min(times[1:])}  # fmt: skip
+    return {
+        "parameters": parameters,
+        "trainable": tuner.num_trainable_parameters(),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "tokens_per_s": batch * seq / min(times[1:]),
+    }
 
 
 def main() -> None:
@@ -90,8 +100,16 @@ def main() -> None:
     results = []
     for offload in {"off": [False], "on": [True], "both": [False, True]}[args.offload]:
         for shape in args.shapes:
-            command = [sys.executable, __file__, "--probe", shape + ("+offload" if offload else ""),
-                       "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--probe",
+                shape + ("+offload" if offload else ""),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ]
             began = time.time()
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)

@@ -3,8 +3,8 @@
     python bench/sweep_cost.py runs/quickstart [--json cost.json]
 
 Reads the cost records the sweep driver writes per trial (``<sweep dir>/trial-<id>/cost.json``, see
-:func:`pipeline.results.outcomes.trial_cost`): the time before a trial's worker group was placed (queued, not GPU time: its
-Ray processes starting, a staged trial's wait for a GPU), start-up (placement to first training step, warmup
+:func:`pipeline.results.outcomes.trial_cost`): the time before a trial's worker group was placed (queued, not GPU
+time: its Ray processes starting, a staged trial's wait for a GPU), start-up (placement to first training step, warmup
 excluded), warmup, training, evaluation, checkpointing, teardown (last report to the trial's end) and what none of
 them covers. ``sdtune report`` prints the same table.
 
@@ -17,6 +17,7 @@ sequential sweep loses per trial to Ray, imports and set-up.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 
@@ -37,7 +38,7 @@ def main() -> None:
     trials = [t for t in load_trials(sweep_spec(args.run_dir)) if t.cost]
     print(cost_table(trials))
     ordered = sorted(trials, key=lambda t: began(t.cost))
-    pairs = list(zip(ordered, ordered[1:]))
+    pairs = list(itertools.pairwise(ordered))
     gaps = [began(b.cost) - a.cost["ended_at"] for a, b in pairs]
     startups = [t.cost["startup"] for t in trials if "startup" in t.cost]
     summary = {

@@ -108,7 +108,7 @@ def trial_block(engine, losses: LossLog, batches: Batches, args, first: int) -> 
     while step < first + args.block:
         epoch, start = divmod(step, batches.per_epoch)
         for _, batch in batches.epoch(epoch, torch.device("cuda"), start=start):
-            loss, boundary = train_micro_batch(engine, batch)
+            loss, _ = train_micro_batch(engine, batch)
             losses.add(loss)
             count += int(batch["input_ids"].numel())
             engine.step()

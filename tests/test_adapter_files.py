@@ -51,7 +51,7 @@ def test_a_plain_from_pretrained_refuses_an_adapter_directory(trained, load_base
     with pytest.raises(ValueError, match=refusal):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     for kwargs in ({}, {"config": load_base("mamba").config}):
-        with pytest.raises(OSError, match="no file named model.safetensors"):
+        with pytest.raises(OSError, match=r"no file named model\.safetensors"):
             MambaForCausalLM.from_pretrained(tmp_path / "out", **kwargs)
 
 
@@ -157,7 +157,7 @@ def test_without_its_checksum_an_adapter_is_still_checked_for_nan(adapter_dir, l
     """Adapters saved before the checksum existed: NaN still fails (and tensors that do not fit, below)."""
     drop_checksum(adapter_dir)
     rewrite_tensors(adapter_dir, fill_with_nan)
-    with pytest.raises(sdt.AdapterFileError, match="NaN or inf in backbone.layers.0.mixer.out_proj"):
+    with pytest.raises(sdt.AdapterFileError, match=r"NaN or inf in backbone\.layers\.0\.mixer\.out_proj"):
         sdt.load(load_base("mamba"), adapter_dir)
 
 
@@ -180,7 +180,7 @@ def test_a_directory_without_an_adapter_points_at_its_checkpoints(adapter_dir, t
     run = tmp_path / "run"
     (run / "checkpoint-4").mkdir(parents=True)
     (run / "checkpoint-4" / CONFIG_NAME).write_text("{}")
-    with pytest.raises(sdt.AdapterFileError, match="no adapter here .* Trainer checkpoints \\(checkpoint-4\\)"):
+    with pytest.raises(sdt.AdapterFileError, match=r"no adapter here .* Trainer checkpoints \(checkpoint-4\)"):
         sdt.load(load_base("mamba"), run)
 
 
@@ -192,5 +192,5 @@ def test_restore_moves_a_warmup_tuner_to_the_saved_selection(trained, adapter_di
     assert torch.equal(logits(model), logits(trained.model))
     sdt.io.restore(fresh, adapter_dir)  # again: the same selection, tensors reloaded
     other = sdt.apply(load_base("mamba"), sdt.SDTConfig(**{**CONFIG.to_dict(), "lora_alpha": 4}))
-    with pytest.raises(sdt.AdapterFileError, match="than this tuner's \\(lora_alpha is 4, saved as 8.0\\)"):
+    with pytest.raises(sdt.AdapterFileError, match=r"than this tuner's \(lora_alpha is 4, saved as 8\.0\)"):
         sdt.io.restore(other, adapter_dir)

@@ -154,7 +154,8 @@ def test_a_hub_model_the_hub_cannot_serve_is_one_line_naming_the_field(tmp_path)
 
 
 def test_a_package_without_compiled_bytecode_is_named_with_its_directory(tmp_path, monkeypatch):
-    """A sweep notes packages its workers would compile again at every trial (pipeline.cli.preflight.missing_bytecode)."""
+    """A sweep notes packages its workers would compile again at every trial
+    (pipeline.cli.preflight.missing_bytecode)."""
     import compileall
     import importlib
 

@@ -70,7 +70,7 @@ def test_bad_configs_name_the_field(kwargs, field):
 
 
 def test_unknown_method_names_the_field():
-    with pytest.raises(sdt.SDTConfigError, match="^method: 'qlora' is not one of sdlora, sdt, lora, full") as error:
+    with pytest.raises(sdt.SDTConfigError, match=r"^method: 'qlora' is not one of sdlora, sdt, lora, full") as error:
         SDTConfig.preset("qlora")
     assert error.value.field == "method"
 

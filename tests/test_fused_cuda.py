@@ -203,20 +203,20 @@ def compare_kernels(kernels, reference, device: str) -> None:
     gradient = torch.randn(batch, length, 64, device=device)
     results = []
     for k in (kernels, reference):
-        l = leaves
+        leaf = leaves
         out = MambaInnerFn.apply(
-            l["xz"],
-            l["conv_weight"],
-            l["conv_bias"],
-            l["x_proj_weight"],
-            l["dt_proj_weight"],
-            l["dt_bias"],
-            l["A"],
-            l["D"],
-            l["out_weight"],
+            leaf["xz"],
+            leaf["conv_weight"],
+            leaf["conv_bias"],
+            leaf["x_proj_weight"],
+            leaf["dt_proj_weight"],
+            leaf["dt_bias"],
+            leaf["A"],
+            leaf["D"],
+            leaf["out_weight"],
             None,
-            l["lora_A"],
-            l["lora_B"],
+            leaf["lora_A"],
+            leaf["lora_B"],
             1.0,
             None,
             None,

@@ -1,8 +1,8 @@
 """SDLoRA learns: a Mamba analogue of the spec's teacher-student check (7.3, point 5).
 
 The "pretrained" base is a random tiny Mamba; the teacher is that base with a few channels' SSM parameters
-(A_log and their B/C columns) changed and a low-rank change to out_proj. The student starts from the base and must match the
-teacher's next-token distribution. SDT has to find the changed channels from its warmup alone.
+(A_log and their B/C columns) changed and a low-rank change to out_proj. The student starts from the base and must
+match the teacher's next-token distribution. SDT has to find the changed channels from its warmup alone.
 """
 
 import torch

@@ -159,7 +159,7 @@ def test_lora_on_a_module_mamba2_lacks(load_base):
 
 def test_ratio_that_freezes_every_channel_names_the_field_before_any_warmup(load_base):
     model = load_base("mamba")
-    with pytest.raises(sdt.SDTConfigError, match="^channels_frozen: 0.99 freezes all 32 channels") as error:
+    with pytest.raises(sdt.SDTConfigError, match=r"^channels_frozen: 0\.99 freezes all 32 channels") as error:
         sdt.apply(model, SDTConfig())  # 0.99 of 32 channels freezes all 32
     assert error.value.field == "channels_frozen"
     assert not any(p.requires_grad is False for p in model.parameters())  # nothing was attached

@@ -17,7 +17,10 @@ import ray
 from pipeline.cli.commands import own_state_api
 
 # Another Ray instance on this machine, up until its stdin closes.
-OTHER_INSTANCE = "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False); print('up', flush=True); sys.stdin.read()"
+OTHER_INSTANCE = (
+    "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+    "print('up', flush=True); sys.stdin.read()"
+)
 MARKER = "sdtune-own-instance"
 
 

@@ -1,5 +1,5 @@
-"""pipeline.tasks.digits and pipeline.trial.models: the shipped digits base, rebuilding it, and loading a job's base model on
-CPU.
+"""pipeline.tasks.digits and pipeline.trial.models: the shipped digits base, rebuilding it, and loading a job's
+base model on CPU.
 
 One test rebuilds the real default base (~40-70 s on 2 cores) and compares it with the shipped one; the rest use
 the shipped base, a reduced config or tiny models.

@@ -40,11 +40,28 @@ from pipeline.storage.layout import ADAPTER_DIR
 from pipeline.storage.paths import LOCK_FILE
 from pipeline.trial.models import load_base_model
 
-MAMBA2 = {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "num_heads": 8, "head_dim": 8, "n_groups": 2,
-          "chunk_size": 16}  # fmt: skip
-JAMBA = {"hidden_size": 32, "num_hidden_layers": 2, "attn_layer_period": 2, "attn_layer_offset": 1,
-         "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2, "intermediate_size": 64,
-         "num_attention_heads": 2, "num_key_value_heads": 1, "mamba_d_state": 8}  # fmt: skip
+MAMBA2 = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "state_size": 8,
+    "num_heads": 8,
+    "head_dim": 8,
+    "n_groups": 2,
+    "chunk_size": 16,
+}
+JAMBA = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "attn_layer_period": 2,
+    "attn_layer_offset": 1,
+    "expert_layer_period": 2,
+    "expert_layer_offset": 1,
+    "num_experts": 2,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "mamba_d_state": 8,
+}
 ARCHITECTURES = [{"architecture": "mamba2", "config": MAMBA2}, {"architecture": "jamba", "config": JAMBA}]
 SANE, DIVERGING = 2e-2, 1e30
 JOB = {
@@ -59,7 +76,7 @@ JOB = {
         "states_frozen": 0.5,
         "inputs_frozen": 0.5,
         "warmup_steps": 3,
-    },  # fmt: skip
+    },
     "training": {"epochs": 2, "batch_size": 8, "lr": SANE, "eval_batch_size": 24},
     "resources": {"num_workers": 1, "cpus_per_worker": 1, "trial_cpus": 0.25, "max_concurrent_trials": 1},
     "search": {"space": {"model": {"grid": ARCHITECTURES}, "training.lr": {"grid": [SANE, DIVERGING]}}},
@@ -100,8 +117,11 @@ def sweep(tmp_path_factory, env):
     log = root / "first.log"
     with log.open("w") as out:
         first = sdtune("sweep", str(job), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: (sweep_dir / LOCK_FILE).is_file() and (sweep_dir / LOCK_FILE).read_text().strip(), 300,
-                 "the sweep to claim its directory")  # fmt: skip
+        wait_for(
+            lambda: (sweep_dir / LOCK_FILE).is_file() and (sweep_dir / LOCK_FILE).read_text().strip(),
+            300,
+            "the sweep to claim its directory",
+        )
         # in this process: refused before anything starts (a subprocess would spend ~10 s importing the stack)
         second = CliRunner().invoke(app, ["sweep", str(job)])
         refused = (second.exit_code, second.output, ray.is_initialized())
@@ -112,13 +132,25 @@ def sweep(tmp_path_factory, env):
     finished = [t.trial_id for t in interrupted_trials if t.status == "TERMINATED"]
     finished_before = {trial_id: checkpoints(sweep_dir, trial_id) for trial_id in finished}
     exported_after_interrupt = (sweep_dir / "export").exists()
-    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "resume", str(sweep_dir)], env=env,
-                             capture_output=True, text=True, timeout=1200)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli.commands", "resume", str(sweep_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     return {
-        "root": root, "job": job, "sweep_dir": sweep_dir, "refused": refused, "interrupted": interrupted,
-        "first_output": log.read_text(), "interrupted_trials": interrupted_trials, "finished_before": finished_before,
-        "exported_after_interrupt": exported_after_interrupt, "resumed": resumed,
-    }  # fmt: skip
+        "root": root,
+        "job": job,
+        "sweep_dir": sweep_dir,
+        "refused": refused,
+        "interrupted": interrupted,
+        "first_output": log.read_text(),
+        "interrupted_trials": interrupted_trials,
+        "finished_before": finished_before,
+        "exported_after_interrupt": exported_after_interrupt,
+        "resumed": resumed,
+    }
 
 
 def test_a_second_sweep_of_the_same_directory_is_refused_at_once(sweep):
@@ -189,15 +221,17 @@ def test_both_architectures_train_through_the_sweep_and_export_merged(sweep, tmp
         config = json.loads((adapter / "adapter_config.json").read_text())
         assert config["model_type"] == trial.spec.model.architecture and config["sdt"]["lora_variant"] == "dora"
         assert any(k.startswith("sdt_selection.") for k in load_file(adapter / "adapter_model.safetensors"))
-        out = export_trials(spec, [trial], SweepTracker(spec), out=tmp_path / trial.trial_id, merge=True,
-                            log=lambda _: None)  # fmt: skip
+        out = export_trials(
+            spec, [trial], SweepTracker(spec), out=tmp_path / trial.trial_id, merge=True, log=lambda _: None
+        )
         base, _ = load_base_model(trial.spec.model.model_copy(update={"dtype": "float32"}), "cpu")
         adapted = sdt.load(base, adapter).model.eval()
         merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
         assert not any("parametrizations" in name for name, _ in merged.named_parameters())
         with torch.no_grad():
-            torch.testing.assert_close(merged(input_ids=tokens).logits, adapted(input_ids=tokens).logits, atol=1e-4,
-                                       rtol=1e-4)  # fmt: skip
+            torch.testing.assert_close(
+                merged(input_ids=tokens).logits, adapted(input_ids=tokens).logits, atol=1e-4, rtol=1e-4
+            )
     export = sweep["sweep_dir"] / "export"
     winner = json.loads((export / "trial.json").read_text())["hyperparameters"]["model"]["architecture"]
     assert AutoModelForCausalLM.from_pretrained(export / "merged").config.model_type == winner
@@ -221,12 +255,25 @@ def test_a_sweep_that_fails_after_validation_says_so_in_one_line(tmp_path, env):
     """Every trial diverges, so nothing can be exported: exit 1, one line (the traceback goes to the sweep
     directory), and the MLflow parent run ends FAILED."""
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        **JOB, "name": "all-diverge", "output_dir": str(tmp_path / "runs"), "method": {"name": "full"},
-        "training": {**JOB["training"], "epochs": 1, "lr": DIVERGING}, "search": {"space": {}},
-    }))  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli.commands", "sweep", str(job)], env=env, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
+    job.write_text(
+        yaml.safe_dump(
+            {
+                **JOB,
+                "name": "all-diverge",
+                "output_dir": str(tmp_path / "runs"),
+                "method": {"name": "full"},
+                "training": {**JOB["training"], "epochs": 1, "lr": DIVERGING},
+                "search": {"space": {}},
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli.commands", "sweep", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("sweep failed: NoUsableTrialError: ") and "driver-error.log" in last

@@ -50,7 +50,7 @@ CORPUS: list[tuple[object, str]] = [
         "a: &a [x,x,x,x,x,x,x,x,x]\n"
         + "".join(f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
         "job.yaml: invalid YAML: the aliases expand",
-    ),  # fmt: skip
+    ),
     ("name: ok\nmodel: {builtin: digits}\n# " + "x" * (1 << 20) + "\n", "job.yaml: invalid YAML: the file is larger"),
     # names and places
     ({"model": {"builtin": "digits"}}, "name: Field required"),

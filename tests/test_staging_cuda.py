@@ -6,6 +6,7 @@ Run on a CUDA machine with one GPU: ``python -m pytest -m cuda tests/test_stagin
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -46,9 +47,9 @@ def test_a_sequential_sweep_stages_the_next_trial_and_trains_one_at_a_time(tmp_p
 
     trials = sorted(load_trials(load_job(tmp_path / "staged" / "job.yaml")), key=lambda trial: trial.cost["began_at"])
     assert len(trials) == TRIALS and all(t.status == "TERMINATED" and t.cost["gpus"] == 1 for t in trials)
-    for before, after in zip(trials, trials[1:]):  # one GPU: placed only once the trial before had reported its last
+    for before, after in itertools.pairwise(trials):  # one GPU: placed only once the trial before had reported its last
         assert after.cost["began_at"] > before.cost["last_report_at"], (before.cost, after.cost)
     # Tune started the next trial while the one before trained: it waited for the GPU, its Ray processes already up
-    assert any(after.cost["started_at"] < before.cost["last_report_at"] for before, after in zip(trials, trials[1:]))
+    assert any(after.cost["started_at"] < before.cost["last_report_at"] for before, after in itertools.pairwise(trials))
     for trial in trials:  # announced once, when its worker began, whether it waited or not
         assert sum(line.split()[:2] == ["started", trial.trial_id] for line in result.stdout.splitlines()) == 1

@@ -106,7 +106,7 @@ def test_warmup_select_and_a_restarted_main_run(load_base, tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     reloaded = sdt.load(load_base("mamba"), tmp_path / "final")
     assert torch.equal(logits(reloaded.model), logits(tuner.model))
-    with pytest.raises(ValueError, match="sdt.load"):
+    with pytest.raises(ValueError, match=r"sdt\.load"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     sdt.save_merged(tuner, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)

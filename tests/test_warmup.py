@@ -1,5 +1,6 @@
 """The shared-warmup key and store, without Ray: what the key covers, and that a warmup is published whole (its
-marker last) on local disk and in object storage. Sharing it between trials through Ray: tests/test_warmup_sharing.py."""
+marker last) on local disk and in object storage. Sharing it between trials through Ray:
+tests/test_warmup_sharing.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Warmup sharing through Ray (pipeline.trial.claims) on a local two-node Ray cluster (`ray.cluster_utils.Cluster`) with no
-shared directory: the warmups are stored in a bucket on a real S3 server (moto on 127.0.0.1). While one trial
+"""Warmup sharing through Ray (pipeline.trial.claims) on a local two-node Ray cluster (`ray.cluster_utils.Cluster`)
+with no shared directory: the warmups are stored in a bucket on a real S3 server (moto on 127.0.0.1). While one trial
 computes a warmup the other waits; when the first dies (its actor killed on the other node) the waiting one computes
 it, and a later one loads it, bit for bit, without computing. A hung holder loses its claim when its lease runs out,
 and its late renewal is refused. A whole sweep that shares its warmup there: tests/test_object_storage.py."""

@@ -5,8 +5,8 @@ selection) and full fine-tuning on tiny Mamba, Mamba-2 and Jamba models for a fe
 ``pipeline.trial.worker.make_engine``, under ZeRO-0, ZeRO-2 and ZeRO-3 with every parameter partitioned
 (``stage3_param_persistence_threshold: 0``: tiny models would otherwise keep every parameter whole and test
 nothing). One rank runs ZeRO-0 against a plain torch loop (AdamW, ``clip_grad_norm_``, the linear schedule): the
-engine's lightened stage 0 (``pipeline.trial.worker.lighten_stage0``) must be the same optimizer. Gradient clipping is set
-low enough to act at every step. The adapters (gathered) must agree to fp32 rounding. The trial-level run (Ray
+engine's lightened stage 0 (``pipeline.trial.worker.lighten_stage0``) must be the same optimizer. Gradient clipping
+is set low enough to act at every step. The adapters (gathered) must agree to fp32 rounding. The trial-level run (Ray
 Train, checkpoints, resume, export) is in tests/test_trial.py.
 """
 
@@ -29,8 +29,16 @@ GRAD_CLIP = 0.05  # below every tiny model's gradient norm, so clipping changes 
 
 
 def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+        }
+    )
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
@@ -44,21 +52,36 @@ def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out:
             for stage in (0, 2, 3) if world > 1 else ("plain", 0):
                 torch.manual_seed(0)
                 model = AutoModelForCausalLM.from_pretrained(model_dirs[arch], dtype=torch.float32)
-                config = {"lora": sdt.SDTConfig.preset("lora", lora_targets=("in_proj", "out_proj")),
-                          "sdlora": sdt.SDTConfig.preset("sdlora", channels_frozen=2, states_frozen=0.5,
-                                                         inputs_frozen=0.5),
-                          "full": sdt.SDTConfig.preset("full")}[method]  # fmt: skip
+                config = {
+                    "lora": sdt.SDTConfig.preset("lora", lora_targets=("in_proj", "out_proj")),
+                    "sdlora": sdt.SDTConfig.preset("sdlora", channels_frozen=2, states_frozen=0.5, inputs_frozen=0.5),
+                    "full": sdt.SDTConfig.preset("full"),
+                }[method]
                 # a fixed selection from fixed pseudo-updates: the training phase of sdlora
-                updates = {p: {k: torch.linspace(-1, 1, v.numel()).reshape(v.shape) for k, v in u.items()}
-                           for p, u in sdt.apply(AutoModelForCausalLM.from_pretrained(model_dirs[arch]),
-                                                 config).warmup_updates().items()} if method == "sdlora" else None  # fmt: skip
+                updates = (
+                    {
+                        p: {k: torch.linspace(-1, 1, v.numel()).reshape(v.shape) for k, v in u.items()}
+                        for p, u in sdt.apply(AutoModelForCausalLM.from_pretrained(model_dirs[arch]), config)
+                        .warmup_updates()
+                        .items()
+                    }
+                    if method == "sdlora"
+                    else None
+                )
                 tuner = sdt.Tuner(model, config, selection=sdt.select(model, config, updates) if updates else None)
-                spec = parse_job({
-                    "name": "z", "model": {"builtin": "digits"},
-                    "training": {"zero_stage": 0 if stage == "plain" else stage, "batch_size": 2, "lr": 1e-2,
-                                 "grad_clip": GRAD_CLIP,
-                                 "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
-                })  # fmt: skip
+                spec = parse_job(
+                    {
+                        "name": "z",
+                        "model": {"builtin": "digits"},
+                        "training": {
+                            "zero_stage": 0 if stage == "plain" else stage,
+                            "batch_size": 2,
+                            "lr": 1e-2,
+                            "grad_clip": GRAD_CLIP,
+                            "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+                        },
+                    }
+                )
                 generator = torch.Generator().manual_seed(100 + rank)
                 batches = [torch.randint(1, 64, (2, 12), generator=generator) for _ in range(STEPS)]
                 if stage == "plain":
@@ -73,8 +96,10 @@ def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out:
                         engine.step()
                 names = [name for name, _ in tuner.named_trainable_parameters()]
                 with gathered(engine, tuner.trainable_parameters()) if engine else contextlib.nullcontext():
-                    values = {f"{arch}/{method}/{stage}/{name}": p.detach().clone() for name, p in
-                              tuner.named_trainable_parameters()}  # fmt: skip
+                    values = {
+                        f"{arch}/{method}/{stage}/{name}": p.detach().clone()
+                        for name, p in tuner.named_trainable_parameters()
+                    }
                     partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
                 assert len(values) == len(names)
                 if rank == 0:

@@ -122,27 +122,12 @@ class MambaInnerFn(torch.autograd.Function):
             y.addmm_(low.t(), lora_b.t(), alpha=lora_scaling)
         if out_bias is not None:
             y += out_bias.to(y.dtype)
+        # fmt: off
         ctx.save_for_backward(
-            xz,
-            conv_weight,
-            conv_bias,
-            x_dbl,
-            x_proj_weight,
-            dt_proj_weight,
-            dt_bias,
-            A,
-            D,
-            out_weight,
-            lora_a,
-            lora_b,
-            low,
-            out,
-            saved,
-            dt_norm_weight,
-            b_norm_weight,
-            c_norm_weight,
-            token_mask,
+            xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
+            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
         )
+        # fmt: on
         ctx.lora_scaling, ctx.norm_eps, ctx.kernels = lora_scaling, norm_eps, kernels
         ctx.has_out_bias = out_bias is not None
         return y.view(batch, length, -1)
@@ -150,27 +135,12 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # fmt: off
         (
-            xz,
-            conv_weight,
-            conv_bias,
-            x_dbl,
-            x_proj_weight,
-            dt_proj_weight,
-            dt_bias,
-            A,
-            D,
-            out_weight,
-            lora_a,
-            lora_b,
-            low,
-            out,
-            saved,
-            dt_norm_weight,
-            b_norm_weight,
-            c_norm_weight,
-            token_mask,
+            xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
+            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
         ) = ctx.saved_tensors
+        # fmt: on
         need = ctx.needs_input_grad
         kernels, scaling = ctx.kernels, ctx.lora_scaling
         batch, _, length = xz.shape
