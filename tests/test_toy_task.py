@@ -101,7 +101,7 @@ def test_a_task_registered_through_the_specs_imports_is_swept_like_a_builtin(tmp
     for name in ("exact_match", "rouge1", "bleu"):  # scored as a generation task, on validation and on test
         assert 0 <= record["metrics"][f"eval/{name}"] <= 1 and 0 <= record["metrics"][f"test/{name}"] <= 1
     card = (sweep_dir / "export" / "README.md").read_text()
-    assert "answers the target text" in card
+    assert "- task: `largest`, the largest of four pixel values" in card and "answers the target text" in card
 
 
 def test_an_unknown_task_is_one_line_naming_data_task_and_the_registered_ones():

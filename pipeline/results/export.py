@@ -317,6 +317,7 @@ def model_card(
         f"sweep `{spec.name}`.",
         "",
         f"- base model: {base_model_name(spec)}",
+        f"- task: `{spec.data.task}`, {get_task(spec.data.task).summary}",
         f"- method: {adapter_config['description']}",
         f"- trainable parameters: {adapter_config['num_trainable_parameters']:,}",
         f"- test score: {test_score}"

@@ -69,7 +69,7 @@ class Task:
     """
 
     name: str
-    summary: str  # one line, for help texts and errors
+    summary: str  # one line, for model cards
     kind: Kind | None
     splits: Callable[[DataSpec], Splits]
     needs: tuple[Need, ...] = ()
