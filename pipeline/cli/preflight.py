@@ -10,7 +10,6 @@ starts only to fail in its trials over something knowable up front.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import urllib.error
 import urllib.request
@@ -23,8 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 import sdt
 from pipeline.spec.job import JobSpec, JobSpecError, load_job, method_field
 from pipeline.storage.paths import ObjectPath, check_reachable, storage_path
-from pipeline.tasks.registry import DATA_FILE_FORMATS
-from pipeline.tasks.sources import CLASSIFICATION_METRICS, GENERATION_METRICS
+from pipeline.tasks.registry import get_task
 
 HUB_TIMEOUT_S = 5
 TRACKING_TIMEOUT_S = 3
@@ -80,9 +78,9 @@ def _looks_local(name: str) -> bool:
 
 def check_metric(spec: JobSpec) -> None:
     """``search.metric`` is a validation metric the task reports (or the training loss)."""
-    kind = "generation" if spec.data.task == "generation" or spec.data.kind == "generation" else "classification"
-    names = GENERATION_METRICS if kind == "generation" else CLASSIFICATION_METRICS
-    allowed = [f"eval/{name}" for name in names] + ["train/loss"]
+    task = get_task(spec.data.task)
+    kind = task.kind_of(spec.data)
+    allowed = [f"eval/{name}" for name in task.metric_names(spec.data)] + ["train/loss"]
     metric = spec.search.metric
     if metric.startswith("test/"):
         raise JobSpecError("search.metric", f"{metric}: the test split never picks trials (it is scored once, at the "
@@ -154,34 +152,12 @@ def check_method_fits(spec: JobSpec, model: PreTrainedModel) -> None:
 
 
 def train_examples(spec: JobSpec) -> int | None:
-    """How many training examples the task will have, where that is known without downloading (the built-in
-    tasks, local files); None for a Hugging Face dataset."""
-    from pipeline.tasks.digits import DIGITS_POOL
-    from pipeline.tasks.sources import SYNTHETIC_POOL
-
+    """How many training examples the task will have, where its registry entry knows without downloading (the
+    built-in tasks, local files); None otherwise (a Hugging Face dataset)."""
     data = spec.data
-    if data.task in ("digits", "synthetic"):
-        pool = DIGITS_POOL if data.task == "digits" else SYNTHETIC_POOL
-        rows = pool - math.ceil(pool * data.validation_fraction)
-    elif data.data_files:
-        rows = _rows(Path(data.data_files["train"]))
-        # validation is carved from train unless both other splits are given (GLUE's test split never counts)
-        if data.task == "glue" or not {"validation", "test"} <= set(data.data_files):
-            rows -= math.ceil(rows * data.validation_fraction)
-    else:
-        return None
-    return min(rows, data.max_train_samples or rows)
-
-
-def _rows(path: Path) -> int:
-    kind = DATA_FILE_FORMATS[path.suffix.lower()]
-    if kind == "parquet":
-        import pyarrow.parquet
-
-        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
-    with path.open("rb") as file:
-        lines = sum(1 for line in file if line.strip())
-    return lines - 1 if kind == "csv" else lines  # a CSV's header
+    count = get_task(data.task).train_rows
+    rows = count(data) if count else None
+    return None if rows is None else min(rows, data.max_train_samples or rows)
 
 
 def check_data_size(spec: JobSpec) -> None:

@@ -47,6 +47,7 @@ from pipeline.spec.job import DataSpec, JobSpec
 from pipeline.storage.layout import ADAPTER_DIR, JOB_FILE
 from pipeline.storage.paths import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
 from pipeline.tasks.formatting import SEP
+from pipeline.tasks.registry import get_task
 from pipeline.trial.models import load_base_model
 
 logger = logging.getLogger(__name__)
@@ -246,25 +247,20 @@ def base_model_name(spec: JobSpec) -> str:
 
 def prompt_format(data: DataSpec) -> str:
     """What the model reads: ``<instruction><text>###`` (a pair: ``...<text>###<text_pair>###``)."""
-    from pipeline.tasks.sources import GLUE_COLUMNS
-
-    roles = {**(GLUE_COLUMNS.get((data.subset or "").lower(), {}) if data.task == "glue" else {}), **data.columns}
-    pair = f"<text_pair>{SEP}" if "text_pair" in roles else ""
+    pair = f"<text_pair>{SEP}" if "text_pair" in get_task(data.task).column_roles(data) else ""
     return f"{data.instruction}<text>{SEP}{pair}"
 
 
 def example_prompt(data: DataSpec) -> str:
-    """A prompt to show and to try: the first test image for the digits task, else the format itself."""
-    if data.task != "digits":
-        return prompt_format(data)
-    from pipeline.tasks.digits import digits_splits
-
-    return f"{data.instruction}{digits_splits(data.validation_fraction, data.split_seed)['test'][0]['text']}{SEP}"
+    """A prompt to show and to try: one of the task's test inputs where it has one to show (the digits task's first
+    test image), else the format itself."""
+    example = get_task(data.task).example
+    return prompt_format(data) if example is None else f"{data.instruction}{example(data)}{SEP}"
 
 
 def generates_text(data: DataSpec) -> bool:
     """Whether the task's answers are free text (generation) rather than class labels."""
-    return data.task == "generation" or data.kind == "generation"
+    return get_task(data.task).kind_of(data) == "generation"
 
 
 def answer_format(spec: JobSpec) -> str:
@@ -315,6 +311,7 @@ def model_card(
         f"sweep `{spec.name}`.",
         "",
         f"- base model: {base_model_name(spec)}",
+        f"- task: `{spec.data.task}`, {get_task(spec.data.task).summary}",
         f"- method: {adapter_config['description']}",
         f"- trainable parameters: {adapter_config['num_trainable_parameters']:,}",
         f"- test score: {test_score}"

@@ -39,7 +39,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.spec import yaml_reader as spec_yaml
 from pipeline.storage.paths import StoragePath, secret_options, storage_path
-from pipeline.tasks.registry import COLUMN_ROLES, DATA_FILE_FORMATS, DATA_SPLITS
+from pipeline.tasks.registry import COLUMN_ROLES, DATA_FILE_FORMATS, DATA_SPLITS, get_task
 from sdt import SETTINGS, SDTConfig, SDTConfigError, Setting
 
 # Trials may differ only in what they train; resources, tracking and export belong to the sweep as a whole.
@@ -101,14 +101,14 @@ class ModelSpec(_Spec):
 class DataSpec(_Spec):
     """What to train and evaluate on, and how to turn it into prompts and answers."""
 
-    task: Literal["digits", "synthetic", "glue", "generation", "files"] = "digits"
+    task: str = "digits"  # a name from pipeline.tasks.registry.TASKS
     dataset: str | None = None  # HF datasets path for glue / generation, e.g. "nyu-mll/glue"
     subset: str | None = None  # the dataset's config name, e.g. "rte"
     data_files: dict[str, str] | None = None  # split -> local json/jsonl/csv/parquet file
     columns: dict[str, str] = {}  # role (text, text_pair, label, target) -> column name
     instruction: str = ""  # prompt prefix before the input
     label_names: list[str] | None = None  # answer string per class index; None = "0", "1", ...
-    kind: Literal["classification", "generation"] | None = None  # required for task "files"
+    kind: Literal["classification", "generation"] | None = None  # for a task whose kind the spec gives ("files")
     max_length: PositiveInt = 512
     max_train_samples: PositiveInt | None = None
     max_eval_samples: PositiveInt | None = None
@@ -117,6 +117,12 @@ class DataSpec(_Spec):
     scoring: Literal["strict", "official"] = "strict"  # official drops out-of-label predictions, as GLUE's code does
     num_beams: PositiveInt = 1
     max_new_tokens: PositiveInt = 64
+
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, name: str) -> str:
+        get_task(name)
+        return name
 
     @field_validator("columns")
     @classmethod
@@ -154,14 +160,9 @@ class DataSpec(_Spec):
         return files
 
     @model_validator(mode="after")
-    def _has_a_source(self) -> DataSpec:
-        if self.task in ("glue", "generation") and self.dataset is None and self.data_files is None:
-            raise _field_error("dataset", f"task {self.task!r} needs a dataset or data_files", None)
-        if self.task == "files":
-            if self.data_files is None:
-                raise _field_error("data_files", "task 'files' needs data_files", None)
-            if self.kind is None:
-                raise _field_error("kind", "task 'files' needs kind: classification or generation", None)
+    def _what_the_task_needs(self) -> DataSpec:
+        if need := get_task(self.task).unmet(self):
+            raise _field_error(need.field, f"task {self.task!r} {need.reason}", None)
         return self
 
 

@@ -1,4 +1,5 @@
-"""The built-in ``digits`` task and its tiny base model, in one place: no download anywhere.
+"""The built-in ``digits`` task's data and its tiny base model, in one place: no download anywhere. (The task's
+registry entry is :mod:`pipeline.tasks.builtin.digits`.)
 
 The task: scikit-learn's bundled 8x8 digits as sequences of 61 pixel tokens (``digits_tokenizer``; the three
 pixels that are blank in every image are left out, see ``BLANK_PIXELS``), images [0, 1500) shuffled
@@ -7,8 +8,8 @@ pixels that are blank in every image are left out, see ``BLANK_PIXELS``), images
 The base: fine-tuning has to start from a model that knows something, so sdtune ships a small ``MambaForCausalLM``
 pretrained on *next-pixel modelling* of the digits training images (the 61 pixel tokens of each image of
 ``digits_pixel_sequences("train")``, default split: no labels, no prompt, no validation or test images) as package
-data: ``pipeline/digits_base/`` (safetensors weights, config, tokenizer and ``pretrain.json``, ~270 KB). It is what
-``model: {builtin: digits}`` loads (:func:`ensure_digits_base`); nothing is trained on first use.
+data: ``pipeline/tasks/digits_base/`` (safetensors weights, config, tokenizer and ``pretrain.json``, ~270 KB). It is
+what ``model: {builtin: digits}`` loads (:func:`ensure_digits_base`); nothing is trained on first use.
 
 ``sdtune pretrain`` rebuilds it from the recipe (:func:`pretrain_digits_base`, seeded, data order fixed: the same
 weights bit for bit with the same torch build and thread count, float rounding apart otherwise) and compares the
@@ -38,7 +39,6 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import MambaConfig, MambaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
@@ -46,7 +46,8 @@ from transformers import MambaConfig, MambaForCausalLM, PreTrainedModel, PreTrai
 import sdt
 from pipeline.storage.paths import content_hash, file_lock
 from pipeline.tasks.formatting import EOS, SEP
-from pipeline.tasks.registry import DATA_SPLITS
+from pipeline.tasks.registry import DATA_SPLITS, Splits
+from pipeline.tasks.splits import pool_splits, table
 from sdt.io import FORMAT_VERSION
 
 # Digits: images [0, 1500) are shuffled (split_seed) into train/validation, [1500, 1797) are the test set (297).
@@ -79,18 +80,17 @@ def digits_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def digits_splits(validation_fraction: float, split_seed: int) -> dict[str, datasets.Dataset]:
+def digits_splits(validation_fraction: float, split_seed: int) -> Splits:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rows = digits.data.astype(int).tolist()
     pixels = [[value for index, value in enumerate(row) if index not in BLANK_PIXELS] for row in rows]
     # The trailing space makes the prompt "... 0 ###", so "###" stays its own token for any tokenizer.
-    table = datasets.Dataset.from_dict(
+    images = table(
         {"pixels": pixels, "text": [" ".join(map(str, row)) + " " for row in pixels], "label": digits.target.tolist()}
     )
-    pool = table.select(range(DIGITS_POOL)).train_test_split(test_size=validation_fraction, seed=split_seed)
-    return {"train": pool["train"], "validation": pool["test"], "test": table.select(range(DIGITS_POOL, len(table)))}
+    return pool_splits(images, DIGITS_POOL, validation_fraction, split_seed)
 
 
 def digits_pixel_sequences(split: str, split_seed: int = 123, validation_fraction: float = 0.2) -> list[list[int]]:
