@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdt
 from pipeline.results import export
-from pipeline.results.export import CHAMPION_ALIAS, export_trials
+from pipeline.results.export import export_trials
 from pipeline.results.outcomes import NoUsableTrialError, TrialOutcome
-from pipeline.results.tracking import SweepTracker, tracking_uri
+from pipeline.results.tracking import CHAMPION_ALIAS, SweepTracker, tracking_uri
 from pipeline.spec.job import JobSpec, parse_job
 from pipeline.storage.layout import ADAPTER_DIR
 from pipeline.tasks.digits import SHIPPED_BASE, digits_pixel_sequences, digits_tokenizer

@@ -186,7 +186,7 @@ def test_the_champion_is_a_transformers_pipeline_that_generates(sweep, monkeypat
     pipeline whose answer to a test image is the merged model's own greedy answer."""
     import mlflow
 
-    from pipeline.results.export import example_prompt
+    from pipeline.results.model_card import example_prompt
 
     sweep_dir, spec, _ = sweep
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{sweep_dir}/mlflow.db")

@@ -1,5 +1,6 @@
 """The export stage: the best trial's adapter as a self-contained directory, optionally merged into a plain
-Hugging Face model, and registered in the MLflow model registry as a real MLflow model under the alias ``champion``.
+Hugging Face model, and registered in the MLflow model registry as a real MLflow model under the alias ``champion``
+(:mod:`pipeline.results.champion`; the card is :mod:`pipeline.results.model_card`).
 
 The directory (``export.dir``, default ``<sweep dir>/export``) holds:
 
@@ -18,8 +19,8 @@ Files get the usual modes (0666 less the umask; safetensors writes 0600). The re
 transformers flavor of the merged model with its tokenizer (a ``text-generation`` pipeline), with the export
 directory beside it as ``sdtune_export/``: ``mlflow.transformers.load_model("models:/<name>@champion")`` returns a
 pipeline that generates. Everything, registration included, happens in a staging directory that then replaces the
-export whole (:func:`pipeline.storage.paths.write_directory`: renamed into place locally, so a failure anywhere leaves the
-previous export, and the champion it registered, as they were; uploaded with ``trial.json`` last in object storage,
+export whole (:func:`pipeline.storage.paths.write_directory`: renamed into place locally, so a failure anywhere leaves
+the previous export, and the champion it registered, as they were; uploaded with ``trial.json`` last in object storage,
 where a failure midway leaves no export rather than a mix of two).
 """
 
@@ -27,41 +28,33 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
 from transformers import PreTrainedTokenizerBase
 
 import sdt
 from pipeline import __version__
-from pipeline.results.arms import value_label
-from pipeline.results.outcomes import TrialOutcome, best_trial, is_metric, metric_on_test
-from pipeline.results.tracking import SweepTracker, is_finite_number
-from pipeline.spec.job import DataSpec, JobSpec
-from pipeline.storage.layout import ADAPTER_DIR, JOB_FILE
-from pipeline.storage.paths import StoragePath, is_written_by_sdtune, local_copy, storage_path, write_directory
-from pipeline.tasks.formatting import SEP
-from pipeline.tasks.registry import get_task
+from pipeline.results.champion import register_staged_export
+from pipeline.results.model_card import POSITION_KEYS, model_card, registry_name
+from pipeline.results.outcomes import TrialOutcome, best_trial, is_metric
+from pipeline.results.tracking import CHAMPION_ALIAS, SweepTracker, is_finite_number
+from pipeline.spec.job import JobSpec
+from pipeline.storage.layout import ADAPTER_DIR, CARD_FILE, EXPORT_DIR, JOB_FILE, MERGED_DIR, TRIAL_FILE
+from pipeline.storage.paths import (
+    StoragePath,
+    is_written_by_sdtune,
+    local_copy,
+    normal_file_modes,
+    storage_path,
+    write_directory,
+    write_json,
+)
 from pipeline.trial.models import load_base_model
 
 logger = logging.getLogger(__name__)
-
-EXPORT_DIR = "export"
-MERGED_DIR = "merged"
-TRIAL_FILE = "trial.json"
-CARD_FILE = "README.md"
-ARTIFACT_PATH = "export"  # where the export lands among the trial run's MLflow artifacts
-CHAMPION_ALIAS = "champion"
-POSITION_KEYS = ("step", "epoch")  # where in training the last report was made
-MODEL_EXTRAS_DIR = "sdtune_export"  # in the registered MLflow model: the export directory (adapter, trial.json, ...)
-CHECKPOINT_TAG = "sdtune.checkpoint"  # on a model version: the checkpoint it was exported from
-TRIAL_RUN_TAG = "sdtune.trial_run_id"
 
 
 class ExportRefused(RuntimeError):
@@ -85,8 +78,8 @@ def export_trials(
     ``merged/`` when ``merge`` (default ``export.merge``), registered when ``export.register_model``.
 
     An export of the same trial from the same checkpoint is left as it is (and not registered again). Raises,
-    writing nothing, :class:`pipeline.results.outcomes.NoUsableTrialError` when no trial finished with a finite metric and
-    a checkpoint, and :class:`ExportRefused` when ``out`` is a directory that is not an sdtune export.
+    writing nothing, :class:`pipeline.results.outcomes.NoUsableTrialError` when no trial finished with a finite metric
+    and a checkpoint, and :class:`ExportRefused` when ``out`` is a directory that is not an sdtune export.
     """
     trial = best_trial(spec, trials)
     winner = trial.spec
@@ -184,15 +177,6 @@ def readable_counts(selection: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
-def normal_file_modes(directory: Path) -> None:
-    """Files readable as any other file the user writes: 0666 less the umask (safetensors writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in directory.rglob("*"):
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
 def trial_record(spec: JobSpec, trial: TrialOutcome, run_id: str | None, parent_run_id: str | None) -> dict[str, Any]:
     """The content of ``trial.json``; ``mlflow.registered_model`` is filled in by registration."""
     return {
@@ -217,17 +201,6 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_numpy_scalar) + "\n")
-
-
-def _numpy_scalar(value: Any) -> Any:
-    # Ray Tune samples randint / choice values as numpy scalars, which json cannot write.
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def save_merged(tuner: sdt.Tuner, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """The adapter baked into the base weights, saved with the tokenizer as a plain transformers directory."""
     model = tuner.merge()
@@ -235,261 +208,7 @@ def save_merged(tuner: sdt.Tuner, tokenizer: PreTrainedTokenizerBase, directory:
     tokenizer.save_pretrained(directory)
 
 
-def base_model_name(spec: JobSpec) -> str:
-    """The base as a person names it: ``builtin digits``, the hub name or path, or ``fresh mamba2 (...)``."""
-    model = spec.model
-    if model.builtin is not None:
-        return f"builtin {model.builtin}"
-    if model.architecture is not None:
-        return f"fresh {model.architecture} (random weights, seed 0; config {json.dumps(model.config, sort_keys=True)})"
-    return str(model.name_or_path)
-
-
-def prompt_format(data: DataSpec) -> str:
-    """What the model reads: ``<instruction><text>###`` (a pair: ``...<text>###<text_pair>###``)."""
-    pair = f"<text_pair>{SEP}" if "text_pair" in get_task(data.task).column_roles(data) else ""
-    return f"{data.instruction}<text>{SEP}{pair}"
-
-
-def example_prompt(data: DataSpec) -> str:
-    """A prompt to show and to try: one of the task's test inputs where it has one to show (the digits task's first
-    test image), else the format itself."""
-    example = get_task(data.task).example
-    return prompt_format(data) if example is None else f"{data.instruction}{example(data)}{SEP}"
-
-
-def generates_text(data: DataSpec) -> bool:
-    """Whether the task's answers are free text (generation) rather than class labels."""
-    return get_task(data.task).kind_of(data) == "generation"
-
-
-def answer_format(spec: JobSpec) -> str:
-    if generates_text(spec.data):
-        return "the target text, then the tokenizer's end-of-sequence token"
-    names = spec.data.label_names
-    return f"one of {', '.join(names)}" if names else 'the class index as text ("0", "1", ...)'
-
-
-def registry_name(spec: JobSpec) -> str:
-    return spec.export.registered_model_name or spec.name
-
-
-def model_card(
-    spec: JobSpec,
-    record: Mapping[str, Any],
-    adapter_config: Mapping[str, Any],
-    out: StoragePath,
-    merged: bool,
-    registered_as: str | None,
-) -> str:
-    """``README.md``: what the adapter is, how well it did, what it reads and answers, and how to use it
-    (``registered_as``: the MLflow registry name it is being registered under)."""
-    metric, metrics = record["metric"], record["metrics"]
-    test = metric_on_test(metric)
-    others = [f"{key} {value:.4g}" for key, value in sorted(metrics.items()) if key.startswith("test/") and key != test]
-    test_score = (
-        f"{test} **{metrics[test]:.4g}**" + (f" ({', '.join(others)})" if others else "") if test in metrics else None
-    )
-    hyperparameters = ", ".join(f"`{key}` = {value_label(value)}" for key, value in record["hyperparameters"].items())
-    name = registry_name(spec)
-    builtin = spec.model.builtin is not None
-    load_base = (
-        ["from pipeline.tasks.digits import SHIPPED_BASE  # the builtin digits base ships with sdtune", "",
-         "base = AutoModelForCausalLM.from_pretrained(SHIPPED_BASE)"]
-        if builtin else [f'base = AutoModelForCausalLM.from_pretrained("{adapter_config["base_model"]}")']
-    )  # fmt: skip
-    lines = [
-        "---",  # the metadata block of a Hugging Face model card
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        f"tags: [sdtune, {adapter_config['method']}, {adapter_config['model_type']}]",
-        "---",
-        "",
-        f"# {name}",
-        "",
-        f"A `{adapter_config['method']}` adapter (sdtune {adapter_config['sdtune_version']}), the best trial of the "
-        f"sweep `{spec.name}`.",
-        "",
-        f"- base model: {base_model_name(spec)}",
-        f"- task: `{spec.data.task}`, {get_task(spec.data.task).summary}",
-        f"- method: {adapter_config['description']}",
-        f"- trainable parameters: {adapter_config['num_trainable_parameters']:,}",
-        f"- test score: {test_score}"
-        if test_score
-        else "- test score: none (no test split, or the trial stopped early)",
-        f"- {metric} (validation, which picked it): {record['value']:.4g} ({record['mode']}), trial "
-        f"`{record['trial_id']}`" + "".join(f", {key} {metrics[key]}" for key in POSITION_KEYS if key in metrics),
-        f"- hyperparameters of the trial: {hyperparameters or 'none searched'}",
-        "",
-        "## Prompt format",
-        "",
-        f"The model reads `{prompt_format(spec.data)}` and answers {answer_format(spec)}. For example (the "
-        "snippets below use it):",
-        "",
-        "```python",
-        f"PROMPT = {json.dumps(example_prompt(spec.data))}",
-        "```",
-        "",
-        "## Usage",
-        "",
-    ]
-    if registered_as:
-        lines += [
-            "From the MLflow registry (`MLFLOW_TRACKING_URI` set to the sweep's store), a transformers pipeline:",
-            "",
-            "```python",
-            "import mlflow",
-            "",
-            f'generator = mlflow.transformers.load_model("models:/{registered_as}@{CHAMPION_ALIAS}")',
-            "print(generator(PROMPT, max_new_tokens=1, do_sample=False, return_full_text=False))",
-            "```",
-            "",
-        ]
-    if merged:
-        lines += [
-            f"`{MERGED_DIR}/` holds the adapter merged into the base weights, a plain transformers model:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{out / MERGED_DIR}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{out / MERGED_DIR}")',
-            'ids = tokenizer(PROMPT, return_tensors="pt").input_ids',
-            "answer = tokenizer.decode(model.generate(ids, max_new_tokens=1, do_sample=False)[0, ids.shape[1]:])",
-            "```",
-            "",
-        ]
-    lines += [
-        "The adapter on its base, with sdtune's `sdt`:",
-        "",
-        "```python",
-        "import sdt",
-        "from transformers import AutoModelForCausalLM",
-        *load_base,
-        f'model = sdt.load(base, "{out}").model',
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The registry
-
-
-def register_staged_export(
-    spec: JobSpec, tracker: SweepTracker, staging: Path, merged: Path, record: dict[str, Any]
-) -> None:
-    """Register the export being written in ``staging`` (:func:`register_export`, the merged model in ``merged``)
-    and note the version in its ``trial.json``, locally and among the artifacts. Without an MLflow run for the
-    trial, warn and skip."""
-    run_id = record["mlflow"]["run_id"]
-    if run_id is None:
-        logger.warning(
-            "no MLflow run for trial %s in experiment %r: the export is not registered",
-            record["trial_id"],
-            tracker.experiment_name,
-        )
-        return
-    name = registry_name(spec)
-    record["mlflow"]["registered_model"] = register_export(tracker, spec, record, staging, merged, name)
-    write_json(staging / TRIAL_FILE, record)
-    tracker.client.log_artifact(run_id, str(staging / TRIAL_FILE), ARTIFACT_PATH)
-
-
-def register_export(
-    tracker: SweepTracker, spec: JobSpec, record: Mapping[str, Any], directory: Path, merged: Path, name: str
-) -> dict[str, Any]:
-    """Log ``directory`` as the ``export`` artifacts of the trial's run; make the merged model an MLflow model
-    (:func:`log_mlflow_model`), a new version of the registered model ``name`` (created when missing), and point
-    the alias ``champion`` at it. The version's run is the sweep's parent run (MLflow lists it there under
-    "Registered models"); the logged model's source run is the trial's. The same checkpoint exported again is the
-    same model: its version is reused. Returns name, version and source."""
-    client = tracker.client
-    run_id, parent = record["mlflow"]["run_id"], record["mlflow"]["parent_run_id"] or record["mlflow"]["run_id"]
-    client.log_artifacts(run_id, str(directory), ARTIFACT_PATH)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    versions = client.search_model_versions(f"name = '{name}'")
-    same = [v for v in versions if v.tags.get(CHECKPOINT_TAG) == record["checkpoint"]]
-    if same:
-        model_version = same[0]
-    else:
-        logged = log_mlflow_model(tracker, spec, record, directory, merged, name)
-        # The logged model's artifact location, not "models:/<id>": MLflow's SQL registry resolves the latter
-        # through the process-wide tracking URI (a stray ./mlflow.db when none is set).
-        model_version = client.create_model_version(
-            name, source=logged.artifact_location, run_id=parent, model_id=logged.model_id,
-            tags={CHECKPOINT_TAG: record["checkpoint"], TRIAL_RUN_TAG: run_id, "sdtune.trial_id": record["trial_id"]},
-        )  # fmt: skip
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, model_version.version)
-    return {"name": name, "version": model_version.version, "alias": CHAMPION_ALIAS, "source": model_version.source}
-
-
-def log_mlflow_model(
-    tracker: SweepTracker, spec: JobSpec, record: Mapping[str, Any], directory: Path, merged: Path, name: str
-):
-    """The merged model as an MLflow logged model of the sweep's experiment: the transformers flavor of a
-    ``text-generation`` pipeline (model and tokenizer), with ``directory`` (the export: adapter, trial.json, card)
-    in ``sdtune_export/``; an output of the trial's run and of the parent run. Only the client bound to the sweep's
-    store is used: MLflow's process-wide state (tracking URI, active run) is left alone."""
-    import mlflow.transformers
-    from huggingface_hub import ModelCard
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.models import Model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-
-    client = tracker.client
-    run_id = record["mlflow"]["run_id"]
-    logged = client.create_logged_model(
-        tracker.experiment_id, name=name, source_run_id=run_id, model_type="text-generation",
-        params={key: str(value) for key, value in record["hyperparameters"].items()},
-    )  # fmt: skip
-    generator = pipeline(
-        "text-generation",
-        model=AutoModelForCausalLM.from_pretrained(merged),
-        tokenizer=AutoTokenizer.from_pretrained(merged),
-    )
-    description = Model(
-        artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id
-    )
-    with tempfile.TemporaryDirectory() as scratch:
-        local = Path(scratch) / "model"
-        mlflow.transformers.save_model(
-            generator,
-            path=str(local),
-            task="text-generation",
-            mlflow_model=description,
-            input_example=example_prompt(spec.data),
-            model_card=ModelCard((directory / CARD_FILE).read_text()),
-            # Listed, not inferred: inference loads the model again in a subprocess.
-            pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in MODEL_REQUIREMENTS],
-            model_config={"max_new_tokens": answer_tokens(spec), "do_sample": False, "return_full_text": False},
-            metadata={"sdtune.trial_id": record["trial_id"], "sdtune.sweep": spec.name},
-        )
-        shutil.copytree(directory, local / MODEL_EXTRAS_DIR, ignore=shutil.ignore_patterns(MERGED_DIR))
-        normal_file_modes(local)
-        client.log_model_artifacts(logged.model_id, str(local))
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    for run in {run_id, record["mlflow"]["parent_run_id"]} - {None}:
-        client.log_outputs(run, [LoggedModelOutput(logged.model_id, step=0)])
-    return logged
-
-
-# What the registered model needs to load (MLflow's transformers flavor), pinned to this machine's versions.
-MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "mambapy")
-
-
-def answer_tokens(spec: JobSpec) -> int:
-    """How many tokens the registered pipeline generates by default: the task's answer length for generation,
-    one (the label's first token, which classification scores) otherwise."""
-    return spec.data.max_new_tokens if generates_text(spec.data) else 1
-
-
 __all__ = [
-    "CHAMPION_ALIAS",
     "export_path",
     "export_trials",
 ]

@@ -37,6 +37,7 @@ from pipeline.spec.job import JobSpec
 from pipeline.storage.paths import local_state_dir
 
 logger = logging.getLogger(__name__)
+CHAMPION_ALIAS = "champion"  # the registry alias of the version a sweep exported last
 
 ROLE_TAG = "sdtune.role"
 SWEEP_DIR_TAG = "sdtune.sweep_dir"

@@ -7,3 +7,7 @@ ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selecti
 TRIAL_PREFIX = "trial-"  # <sweep dir>/trial-<trial id>: Ray Train's storage of one trial
 COST_FILE = "cost.json"  # in a trial's directory: where its wall time went (written by the sweep driver)
 DIVERGED_FILE = "diverged.json"  # in a trial's directory: why its training loss stopped being finite
+EXPORT_DIR = "export"  # under the sweep dir, unless export.dir says elsewhere
+MERGED_DIR = "merged"  # in an export: the adapter merged into its base, a plain transformers model
+TRIAL_FILE = "trial.json"  # in an export: the trial it came from; written last, so an export without it is unwritten
+CARD_FILE = "README.md"  # in an export: the model card

@@ -33,7 +33,7 @@ import posixpath
 import re
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cache
@@ -347,3 +347,23 @@ def claim_directory(directory: StoragePath) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def normal_file_modes(directory: Path) -> None:
+    """Files readable as any other file the user writes: 0666 less the umask (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_numpy_scalar) + "\n")
+
+
+def _numpy_scalar(value: Any) -> Any:
+    # Ray Tune samples randint / choice values as numpy scalars, which json cannot write.
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
