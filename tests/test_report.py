@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.results.arm_summaries import ArmSummary, Budget, Stats
+from pipeline.results.arms import Arm
 from pipeline.results.outcomes import TrialOutcome
-from pipeline.results.report import Arm, ArmSummary, Budget, Stats, baseline_verdicts, write_report
+from pipeline.results.report import write_report
 from pipeline.results.tracking import SweepTracker
+from pipeline.results.verdicts import baseline_verdicts
 from pipeline.spec.job import parse_job
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).

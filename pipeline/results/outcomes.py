@@ -92,9 +92,9 @@ def trial_cost(
 
     - ``queued``: from Tune's start of the trial to its worker group's placement (``placed``, else the report's
       ``time/placed``): its Ray processes starting (Tune's function, Ray Train's controller) and, for a staged trial
-      (:func:`pipeline.sweep.tune.trials_at_once`), its wait for a running trial's GPUs. The trial held no GPU then: not its
-      GPU time, and not in its ``wall``. Its GPU time, and its start-up, begin at the placement (``began_at``; at its
-      start where Ray did not record the placement);
+      (:func:`pipeline.sweep.tune.trials_at_once`), its wait for a running trial's GPUs. The trial held no GPU then:
+      not its GPU time, and not in its ``wall``. Its GPU time, and its start-up, begin at the placement
+      (``began_at``; at its start where Ray did not record the placement);
     - ``startup``: from then to its first training step, warmup excluded: ``startup_ray`` (Ray Train's worker
       group, up to the worker's training function; where the placement is unknown, from the trial's start, of
       which ``startup_tune``, up to the trial's Tune function, and ``startup_train``, the rest),
