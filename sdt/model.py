@@ -133,7 +133,8 @@ class Tuner:
         if unsupported:
             raise SDTConfigError(
                 "lora_targets",
-                f"{unsupported} do not exist in {self.family.mixer_class}; choose among {', '.join(self.family.lora_modules)}",
+                f"{unsupported} do not exist in {self.family.mixer_class}; "
+                f"choose among {', '.join(self.family.lora_modules)}",
             )
         variant = get_variant(cfg.lora_variant)
         generator = torch.Generator().manual_seed(seed)

@@ -1,5 +1,5 @@
-"""pipeline.tasks.sources, .formatting and .metrics: tasks, prompt format, splits, collation, and metrics checked against
-hand-computed values."""
+"""pipeline.tasks.sources, .formatting and .metrics: tasks, prompt format, splits, collation, and metrics checked
+against hand-computed values."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class FixedContinuationLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: FixedConfig, sep_id: int, script: list[int]) -> None:
         super().__init__(config)
         self.sep_id = sep_id
-        self.register_buffer("script", torch.tensor(script + [config.eos_token_id]))
+        self.register_buffer("script", torch.tensor([*script, config.eos_token_id]))
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the model a device
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
@@ -279,7 +279,7 @@ def test_samsum_local_csv(text_tok):
             assert example.reference == row["summary"]
             assert example.prompt_ids == text_tok(row["dialogue"] + "###")["input_ids"]
             answer = text_tok(row["summary"], add_special_tokens=False)["input_ids"]
-            assert example.answer_ids == answer + [text_tok.eos_token_id]
+            assert example.answer_ids == [*answer, text_tok.eos_token_id]
 
     # Without a test file: validation is carved out of train and the validation file becomes the test set.
     two = load_task(DataSpec(task="generation", data_files={k: SAMSUM[k] for k in ("train", "validation")}), text_tok)

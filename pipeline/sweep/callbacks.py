@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.tune import Callback
 
@@ -120,7 +120,7 @@ class TrialLedger(Callback):
     recorded it.
     """
 
-    _ended: dict[str, Ledger] = {}
+    _ended: ClassVar[dict[str, Ledger]] = {}
 
     def __init__(self, specs: TrialSpecs):
         self.specs = specs

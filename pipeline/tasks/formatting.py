@@ -103,7 +103,7 @@ def generation_examples(
     prompt_ids = tokenizer(prompts(split, columns, spec.instruction))["input_ids"]
     answer_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     return [
-        Example(*fit(prompt, answer + [tokenizer.eos_token_id], spec.max_length), reference=target)
+        Example(*fit(prompt, [*answer, tokenizer.eos_token_id], spec.max_length), reference=target)
         for prompt, answer, target in zip(prompt_ids, answer_ids, targets)
     ]
 

@@ -1,8 +1,8 @@
 """One computation per key across a Ray cluster: each sweep has a claim coordinator, a named Ray actor that grants a
 key to one holder at a time and takes it back when that holder dies. No shared filesystem is needed.
 
-:mod:`pipeline.trial.warmup` uses it for the SDT warmup: of the trials that would compute the same warmup, the one granted
-the key computes it and publishes it in the sweep's storage; the others wait, then load it from there. The
+:mod:`pipeline.trial.warmup` uses it for the SDT warmup: of the trials that would compute the same warmup, the one
+granted the key computes it and publishes it in the sweep's storage; the others wait, then load it from there. The
 coordinator keeps only the claims in progress. What is finished is in storage, and every asker looks there first
 (``done``), so a new coordinator (a resumed sweep, a restarted actor) never hands out finished work again.
 
