@@ -225,6 +225,34 @@ def pretrain_digits_base(
     # tensors: on such a machine the base must train on the GPU (its weights then differ in the last digits).
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
+    losses = _train(model, train, config, device, log)
+    model.eval()
+    tail = losses[-max(1, config.steps // 10) :]
+    result = {
+        "initial_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+        "steps": config.steps,
+        "validation_loss": next_pixel_loss(model, validation),
+    }
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    log(
+        f"digits base: loss {result['initial_loss']:.4f} -> {result['final_loss']:.4f}, validation "
+        f"{result['validation_loss']:.4f}, {result['seconds']:.1f} s"
+    )
+
+    _save(out_dir, model, tokenizer, config, result)
+    return result
+
+
+def _train(
+    model: MambaForCausalLM,
+    train: torch.Tensor,
+    config: PretrainConfig,
+    device: torch.device,
+    log: Callable[[str], Any],
+) -> list[float]:
+    """Next-pixel training of ``model`` on ``train`` by ``config``'s recipe (AdamW, a linear warmup into a cosine
+    decay, gradient clipping at 1); returns every step's loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.steps // 20)
 
@@ -244,20 +272,12 @@ def pretrain_digits_base(
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
             log(f"digits base: step {step + 1}/{config.steps} loss {losses[-1]:.4f}")
-    model.eval()
-    tail = losses[-max(1, config.steps // 10) :]
-    result = {
-        "initial_loss": losses[0],
-        "final_loss": sum(tail) / len(tail),
-        "steps": config.steps,
-        "validation_loss": next_pixel_loss(model, validation),
-    }
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    log(
-        f"digits base: loss {result['initial_loss']:.4f} -> {result['final_loss']:.4f}, validation "
-        f"{result['validation_loss']:.4f}, {result['seconds']:.1f} s"
-    )
+    return losses
 
+
+def _save(out_dir: Path, model, tokenizer, config: PretrainConfig, result: dict[str, Any]) -> None:
+    """The base (model, tokenizer) and ``pretrain.json``, its recipe and results, written last: it marks the
+    directory complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -270,8 +290,7 @@ def pretrain_digits_base(
         "torch": torch.__version__,
         **result,
     }
-    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # last: marks it complete
-    return result
+    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def rebuild_digits_base(out_dir: str | os.PathLike, log: Callable[[str], Any] = print) -> dict[str, float]:
