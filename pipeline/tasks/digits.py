@@ -56,7 +56,7 @@ DIGITS_POOL = 1500
 DIGITS_MAX_PIXEL = 16  # load_digits pixel values are 0..16
 # Pixels 0, 32 and 39 (row-major) are 0 in all 1,797 images, so they carry nothing. Without them a prompt is 61
 # pixels and "###", 63 tokens with its label: mambapy's parallel scan pads a sequence to a power of two, so that is
-# 64 positions instead of the 128 that 66 tokens take, and a training step on a CPU takes 0.65x the time.
+# 64 positions instead of the 128 that 66 tokens take: a CPU trains on half the positions.
 BLANK_PIXELS = (0, 32, 39)
 
 
@@ -122,10 +122,10 @@ class PretrainConfig:
     seed: int = 0  # weight init and data order
 
 
-# ~35-50 s on 2 CPU cores with mambapy; validation next-pixel loss ~1.55 nats (random init ~3.6, per-position
-# pixel frequencies ~1.80).
+# A base that has learnt the pixels' structure (its validation next-pixel loss is in pretrain.json, beside the
+# shipped weights), small enough to pretrain on a CPU in about a minute.
 DIGITS_BASE = PretrainConfig()
-# The DIGITS_BASE model, shipped with the package; rebuild it with `sdtune pretrain --out pipeline/digits_base`.
+# The DIGITS_BASE model, shipped with the package; `sdtune pretrain --out pipeline/tasks/digits_base` rebuilds it.
 SHIPPED_BASE = Path(__file__).with_name("digits_base")
 
 
