@@ -1,8 +1,12 @@
-"""Shared test helpers: token batches and a minimal training loop over the SDT phases."""
+"""Shared test helpers: token batches, a minimal training loop over the SDT phases, a process group of one rank."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from processes import free_port
 
 import sdt
 
@@ -93,3 +97,17 @@ def assert_mamba2_invariants(base: dict, merged: dict, selection: dict, layers: 
                     expected.add((2 * inner + g * states + n, d))  # B row
                     expected.add((2 * inner + groups * states + g * states + n, d))  # C row
         assert in_changed == expected if exact_rows else in_changed <= expected, prefix
+
+
+@contextmanager
+def one_rank_process_group(monkeypatch) -> Iterator[None]:
+    """A gloo process group of one rank in this process, as Ray Train gives the worker of a one-worker trial (with
+    the launcher's variables DeepSpeed reads)."""
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()

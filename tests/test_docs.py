@@ -31,3 +31,31 @@ def test_the_cpu_setup_takes_torch_from_pytorchs_cpu_index():
     [quickstart] = [line.removeprefix("## ") for line in readme.splitlines() if line.startswith("## Quickstart")]
     [torch_line] = [line for line in first_bash_block(readme, quickstart) if "pip install torch" in line]
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_line
+
+
+DOCS = [ROOT / "README.md", ROOT / "jobs" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# A path into the repository, as the docs write one in backticks: `pipeline/trial/worker.py`, `jobs/quickstart.yaml`
+# (a `file.py:NAME` suffix names something in the file). Globs and placeholders are not paths.
+REPO_PATH = re.compile(r"`((?:sdt|pipeline|tests|bench|jobs|docs|examples)/[A-Za-z0-9_./-]+)(?::[A-Za-z_]+)?`")
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def named_paths(doc: Path) -> list[tuple[str, Path]]:
+    """Every relative link target and repository path ``doc`` names, with where it should be."""
+    text = doc.read_text()
+    links = [(target, doc.parent / target) for target in LINK.findall(text) if "://" not in target]
+    paths = [(path, ROOT / path.rstrip(".")) for path in REPO_PATH.findall(text)]
+    return links + paths
+
+
+def test_every_path_the_docs_name_exists():
+    missing = [
+        f"{doc.relative_to(ROOT)}: {name}" for doc in DOCS for name, path in named_paths(doc) if not path.exists()
+    ]
+    assert missing == []
+
+
+def test_the_path_check_sees_a_missing_file(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("See [the notes](notes.md) and `pipeline/no_such_room/x.py`, not [a site](https://example.org).")
+    assert [name for name, path in named_paths(doc) if not path.exists()] == ["notes.md", "pipeline/no_such_room/x.py"]

@@ -19,14 +19,13 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import yaml
+from helpers import one_rank_process_group
 from processes import failure, free_port, sdtune, wait_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,20 +86,6 @@ def test_shared_warmup_ran_once_per_key(sweep):
     assert sorted(t.metrics["warmup/shared"] for t in sdlora) == [0, 1]
     computed_by = [t for t in sdlora if t.metrics["warmup/shared"] == 0]
     assert published[0]["computed_by"] == f"trial-{computed_by[0].trial_id}"
-
-
-@contextmanager
-def one_rank_process_group(monkeypatch) -> Iterator[None]:
-    """A gloo process group of one rank in this process, as Ray Train gives the worker of a one-worker trial (with
-    the launcher's variables DeepSpeed reads)."""
-    for name in ("RANK", "LOCAL_RANK"):
-        monkeypatch.setenv(name, "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_reused_warmup_is_the_one_the_trial_would_have_computed(sweep, monkeypatch):

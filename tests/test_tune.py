@@ -13,6 +13,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGen
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
+from pipeline.compat.tune import optuna_study
 from pipeline.spec.job import parse_job
 from pipeline.sweep.tune import (
     ResumableSearchGenerator,
@@ -188,6 +189,6 @@ def test_a_trial_made_after_the_optuna_searcher_was_saved_reaches_optuna_on_resu
     restored.on_trial_complete(second_id, result={**report, "training_iteration": 4})
     restored.on_trial_complete(third.trial_id, result={"eval/accuracy": 0.5, "training_iteration": 4})
     assert restored.is_finished()
-    study = restored.searcher.searcher._ot_study
+    study = optuna_study(restored.searcher.searcher)
     told = sorted((trial.params["training.lr"], trial.value) for trial in study.get_trials() if trial.value is not None)
     assert told == sorted([(first.config["training.lr"], 0.6), (3e-3, 0.7), (third.config["training.lr"], 0.5)])

@@ -23,6 +23,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from pipeline import __version__
+from pipeline.compat import ray as ray_compat
 from pipeline.results.outcomes import sweep_spec
 from pipeline.spec.job import JobSpec, JobSpecError
 from pipeline.storage.layout import JOB_FILE
@@ -152,10 +153,10 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train's controller polls its workers every 2 s by default, so a trial's end is noticed up to 2 s late,
     # with the GPU idle; a poll of a local actor costs next to nothing.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault(ray_compat.TRAIN_HEALTH_CHECK_INTERVAL_S, "0.5")
     # Ray Train fails a worker group that takes over 60 s to start; each worker imports torch in that window,
     # which took over a minute on a loaded 2-core machine (a failed quickstart). Slow is not broken.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    os.environ.setdefault(ray_compat.TRAIN_WORKER_GROUP_START_TIMEOUT_S, "300")
     route_logs(spec.sweep_dir, verbose, gpu)
     # "local": a Ray instance of this command's own, even where another cluster on this machine left its address
     # in Ray's bootstrap file (ray.init() would join that one)
@@ -187,7 +188,7 @@ def own_state_api() -> dict[str, Any]:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
         port = probe.getsockname()[1]
-    workers_env = {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}
+    workers_env = {ray_compat.STATE_API_ADDRESS: f"http://{LOOPBACK}:{port}"}
     return {"dashboard_host": LOOPBACK, "dashboard_port": port, "runtime_env": {"env_vars": workers_env}}
 
 
@@ -421,7 +422,8 @@ def spec_of_run(run_dir: str) -> JobSpec:
         raise fail(f"{run_dir}: cannot read it ({' '.join(str(error).split())[:300]})") from None
     if not found:
         raise fail(
-            f"{run_dir}: not a sweep directory (no job.yaml); run `sdtune sweep JOB.yaml` first, or give runs/<job name>"
+            f"{run_dir}: not a sweep directory (no job.yaml); run `sdtune sweep JOB.yaml` first, "
+            "or give runs/<job name>"
         )
     try:
         return sweep_spec(run_dir)

@@ -35,8 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.compat import ray as ray_compat
+from pipeline.compat import transformers as transformers_compat
 from pipeline.storage.paths import StoragePath, local_state_dir
 from pipeline.trial.progress import WORKER_WARNING
+from sdt.compat import CompatError
+
+logger = logging.getLogger(__name__)
 
 LOG_DIR = "logs"  # under the sweep's local state directory (the sweep directory unless in object storage)
 DRIVER_LOG = "driver.log"
@@ -63,12 +68,12 @@ def quiet_environment(local_cluster: bool, gpu: bool) -> dict[str, str]:
     """Environment variables to set before Ray starts, so that Ray's processes inherit them: see the module
     docstring for what each one silences."""
     env = {
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        ray_compat.TRAIN_PRINT_PATCH: "0",
         "RAY_AIR_NEW_OUTPUT": "0",  # the legacy Tune reporter honours verbose=0 (the new one prints a header anyway)
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars in every worker
     }
     if local_cluster:
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        env[ray_compat.TRAIN_PREEMPTION_WATCHER] = "0"
     if not gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would warn, in every process, that it fell back to the CPU
     return env
@@ -90,7 +95,7 @@ def ray_init_options(local_cluster: bool, concurrent_trials: int, workers_per_tr
     if not local_cluster:
         return {}
     kept = (RAY_PROCESSES_PER_TRIAL + workers_per_trial) * concurrent_trials + RAY_FIXED_PROCESSES
-    return {"_system_config": {"worker_maximum_startup_concurrency": max(os.cpu_count() or 1, math.ceil(kept / 4))}}
+    return ray_compat.startup_concurrency(max(os.cpu_count() or 1, math.ceil(kept / 4)))
 
 
 class ConsoleFilter(logging.Filter):
@@ -143,7 +148,7 @@ def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # Python warnings of any library: to the file (and the console when verbose)
     if not gpu:
-        logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
+        logging.getLogger(transformers_compat.KERNEL_HINTS_LOGGER).setLevel(logging.ERROR)
     return path
 
 
@@ -151,10 +156,8 @@ def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
     """Write the output of Ray's workers, which the driver receives with ``log_to_driver``, to ``logs/workers.log``
     (and, ``verbose``, to the console as Ray does; otherwise only sdtune's :data:`WORKER_WARNING` lines, cut to
     :data:`MAX_LINE`). Ray has no public switch for this: the driver's dispatcher of worker output
-    (``ray._private.ray_logging``) gets one more handler, and loses its console one unless ``verbose``. Returns the
-    log file."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
+    (:func:`pipeline.compat.ray.worker_output_dispatcher`) gets one more handler, and loses its console one unless
+    ``verbose``. Returns the log file."""
     path = log_dir(sweep_dir) / WORKERS_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = path.open("a", buffering=1)
@@ -171,8 +174,11 @@ def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
                     print(fit(line, MAX_LINE), file=sys.stderr, flush=True)
 
     if not verbose:
-        dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("sdtune_workers_log", write)
+        try:
+            ray_compat.remove_console_worker_output()
+        except CompatError as error:
+            logger.warning("%s: Ray's workers' output goes to the console too", error)
+    ray_compat.add_worker_output_handler("sdtune_workers_log", write)
     return path
 
 
@@ -257,7 +263,8 @@ class SweepConsole:
         row = self.rows[trial_id]
         self._announce(trial_id, row)  # a trial that reported before the driver read its first progress
         row.metric, row.epoch = result.get(self.metric), result.get("epoch")
-        detail = f"epoch {row.epoch}/{self.epochs}, {self.metric} {number(row.metric)}, train/loss {number(result.get('train/loss'))}"
+        loss = number(result.get("train/loss"))
+        detail = f"epoch {row.epoch}/{self.epochs}, {self.metric} {number(row.metric)}, train/loss {loss}"
         self.say(trial_id, "evaluated", detail)
 
     def ended(self, trial_id: str, event: str, detail: str) -> None:
@@ -318,7 +325,7 @@ class SweepConsole:
             if not row.stepping:
                 table.add_row(trial_id, fit(row.label, LABEL_WIDTH), "starting", "", number(row.metric), "", "")
                 continue
-            step, loss, metric, tokens, eta = self._cells(row)
+            step, loss, _, tokens, eta = self._cells(row)
             table.add_row(
                 trial_id,
                 fit(row.label, LABEL_WIDTH),

@@ -7,7 +7,6 @@ Tune driver (:class:`pipeline.sweep.callbacks.MLflowSweepCallback`).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
-from ray.tune.utils import flatten_dict
 
+from pipeline.compat import tune as tune_compat
 from pipeline.results.outcomes import TUNE_ERROR, TrialOutcome, outcomes
 from pipeline.results.tracking import SweepTracker
 from pipeline.spec.job import Domain, JobSpec, TrialSpecs
@@ -44,8 +43,9 @@ def search_space(spec: JobSpec) -> dict[str, Any]:
 
 
 def make_trainable(spec: JobSpec, waits_for_gpus: bool):
-    """Tune's trainable: :func:`pipeline.trial.driver.trial_driver` with the spec; ``waits_for_gpus``: Tune runs more trials
-    at once than the cluster's GPUs hold (a staged trial, or more trials than fit), so a trial may wait for GPUs."""
+    """Tune's trainable: :func:`pipeline.trial.driver.trial_driver` with the spec; ``waits_for_gpus``: Tune runs more
+    trials at once than the cluster's GPUs hold (a staged trial, or more trials than fit), so a trial may wait for
+    GPUs."""
     driver = tune.with_parameters(trial_driver, spec=spec, waits_for_gpus=waits_for_gpus)
     return tune.with_resources(driver, {"cpu": spec.resources.trial_cpus})
 
@@ -103,9 +103,6 @@ def tune_config(spec: JobSpec, at_once: int) -> tune.TuneConfig:
     )
 
 
-FINISHED = ("TERMINATED", "ERROR")  # Ray Tune's statuses of a trial that will not run again by itself
-
-
 class ResumableVariantGenerator(BasicVariantGenerator):
     """Ray Tune's grid and random searcher (its default), restored in step with the trials it made.
 
@@ -118,14 +115,9 @@ class ResumableVariantGenerator(BasicVariantGenerator):
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
-        trials = stored_trials(Path(dirpath))
-        self._live_trials = {trial_id for trial_id, trial in trials.items() if not trial.finished}
-        for iterator in self._iterators:
-            while f"{iterator.uuid_prefix}{iterator.counter:05d}" in trials:  # its trial ids, as Tune makes them
-                try:
-                    next(iterator)
-                except StopIteration:  # all made: the searcher finds that out at its next trial
-                    break
+        trials = tune_compat.stored_trials(Path(dirpath))
+        tune_compat.set_live_trials(self, {trial_id for trial_id, trial in trials.items() if not trial.finished})
+        tune_compat.skip_made_trials(self, trials)
 
 
 class ResumableSearchGenerator(SearchGenerator):
@@ -139,46 +131,19 @@ class ResumableSearchGenerator(SearchGenerator):
 
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
-        trials = stored_trials(Path(dirpath))
-        self._counter = max(self._counter, len(trials))
+        trials = tune_compat.stored_trials(Path(dirpath))
+        tune_compat.count_made_trials(self, len(trials))
         limiter = self.searcher
         optuna = limiter.searcher
         for trial_id, trial in trials.items():
-            if trial_id not in optuna._ot_trials:  # made after the stored searcher was saved
-                optuna._ot_study.enqueue_trial({name: trial.config[name] for name in optuna._space})
+            if not tune_compat.optuna_has_trial(optuna, trial_id):  # made after the stored searcher was saved
+                tune_compat.enqueue_in_optuna(optuna, trial.config)
                 optuna.suggest(trial_id)  # Optuna's next trial is the one enqueued: the trial's own parameters
-            if trial.finished and trial_id not in optuna._completed_trials:
+            if trial.finished and not tune_compat.optuna_completed(optuna, trial_id):
                 optuna.on_trial_complete(trial_id, result=trial.last_result, error=trial.status == "ERROR")
-        limiter.live_trials = {trial_id for trial_id, trial in trials.items() if not trial.finished}
-        limiter.num_unfinished_live_trials = len(limiter.live_trials)
-
-
-@dataclass(frozen=True)
-class StoredTrial:
-    """A trial as Tune's experiment state holds it: its status, its configuration and its last result, flattened
-    as Tune hands them to a searcher."""
-
-    status: str
-    config: dict[str, Any]
-    last_result: dict[str, Any]
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-
-def stored_trials(experiment_dir: Path) -> dict[str, StoredTrial]:
-    """{trial id: trial} in the experiment state Tune restores from: the newest ``experiment_state-*.json`` of its
-    experiment directory (by name, as Tune picks it; ``{}`` without one)."""
-    newest = max(experiment_dir.glob("experiment_state-*.json"), default=None)
-    if newest is None:
-        return {}
-    trials = {}
-    for state, run_metadata in json.loads(newest.read_text())["trial_data"]:
-        trial, metadata = json.loads(state), json.loads(run_metadata)
-        trials[trial["trial_id"]] = StoredTrial(trial["status"], flatten_dict(trial.get("config", {})),
-                                                flatten_dict(metadata.get("last_result", {})))  # fmt: skip
-    return trials
+        tune_compat.set_limiter_live_trials(
+            limiter, {trial_id for trial_id, trial in trials.items() if not trial.finished}
+        )
 
 
 @dataclass(frozen=True)

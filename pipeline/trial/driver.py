@@ -9,6 +9,7 @@ the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -18,8 +19,12 @@ import ray.train
 import ray.train.torch
 from ray import tune
 
+from pipeline.compat import ray as ray_compat
 from pipeline.spec.job import JobSpec, import_modules
 from pipeline.storage.layout import DIVERGED_FILE, TRIAL_PREFIX
+from sdt.compat import CompatError
+
+logger = logging.getLogger(__name__)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -36,24 +41,17 @@ def train_loop(config: dict[str, Any]) -> None:
 def placement_time() -> float | None:
     """When this worker's placement group (its worker group's resources) was placed: where the trial's hold on its
     GPUs begins, whether it got them at once or waited for a running trial's (a staged trial,
-    :func:`pipeline.sweep.tune.trials_at_once`). None outside a placement group, or where Ray's record lacks the times.
-
-    Ray's public ``placement_group_table`` gives how long the group took to place but not when it was asked for; the
-    GCS record it is read from has both (``creation_request_received_ns``, Unix time)."""
+    :func:`pipeline.sweep.tune.trials_at_once`). None outside a placement group, or where Ray's record lacks the times
+    or cannot be read (a Ray whose private record moved: a warning, and the trial's start-up counts from Tune's
+    start)."""
     group = ray.util.get_current_placement_group()
     if group is None:
         return None
     try:
-        from ray._private.state import state
-        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
-
-        record = state._connect_and_get_accessor().get_placement_group_info(group.id)
-        stats = PlacementGroupTableData.FromString(record).stats
-    except (AttributeError, ImportError, TypeError):  # a Ray whose private record moved: start-up from Tune's start
+        return ray_compat.placement_group_placed_at(group.id)
+    except CompatError as error:
+        logger.warning("%s; the trial's start-up counts from Tune's start of it", error)
         return None
-    if not stats.creation_request_received_ns:
-        return None
-    return stats.creation_request_received_ns / 1e9 + stats.end_to_end_creation_latency_us / 1e6
 
 
 def trial_gpus(spec: JobSpec) -> float:
@@ -118,7 +116,7 @@ def trial_driver(config: dict[str, Any], spec: JobSpec, waits_for_gpus: bool) ->
     from ray.tune.integration.ray_train import TuneReportCallback
 
     if waits_for_gpus:  # Ray Train passes this variable on from here to the trial's controller
-        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(WAIT_FOR_GPUS_S)
+        os.environ[ray_compat.TRAIN_WORKER_GROUP_START_TIMEOUT_S] = str(WAIT_FOR_GPUS_S)
 
     trial_spec = spec.with_overrides(config)
     name = f"{TRIAL_PREFIX}{tune.get_context().get_trial_id()}"

@@ -3,8 +3,6 @@ dtype, and which kernel path transformers picked, so a slow fallback on CUDA is 
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 from collections.abc import Callable
 from importlib.util import find_spec
@@ -14,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import sdt
+from pipeline.compat.transformers import kernel_implementation
 from pipeline.spec.job import ModelSpec
 from pipeline.trial.progress import WORKER_WARNING
 
@@ -28,21 +27,10 @@ KERNEL_FUNCTIONS = {
 
 
 def kernel_paths(model_type: str) -> dict[str, str]:
-    """For each kernel entry point of ``model_type``, the package that implements it ("pytorch" = the fallback).
-
-    transformers wraps each entry point at import time and keeps the chosen implementation in the wrapper's
-    closure; reading it back is the only way to know which path a model will run. Where the `kernels` package is
-    installed (a dependency from transformers 5.25), that wrapper sits inside a `kernels` function module, whose
-    forward calls it unless a model was kernelized with Hub kernels (sdtune never does).
-    """
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    """For each kernel entry point of ``model_type``, the package that implements it ("pytorch" = the fallback)."""
     paths = {}
     for name in KERNEL_FUNCTIONS[model_type]:
-        wrapper = getattr(module, name)
-        if isinstance(wrapper, torch.nn.Module):
-            wrapper = inspect.getclosurevars(type(wrapper).forward).nonlocals["func"]
-        implementation = inspect.getclosurevars(wrapper).nonlocals["implementation"]
-        package = implementation.__module__.split(".")[0]
+        package = kernel_implementation(model_type, name).__module__.split(".")[0]
         paths[name] = "pytorch" if package == "transformers" else package
     return paths
 

@@ -57,6 +57,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_grad
 
 import sdt
+from pipeline.compat import deepspeed as deepspeed_compat
 from pipeline.spec.job import JobSpec
 from pipeline.storage.layout import ADAPTER_DIR, DIVERGED_FILE
 from pipeline.storage.paths import sibling_directories
@@ -163,7 +164,10 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
     full_bf16 = tuner.config.trains_all_weights and params[0].dtype == torch.bfloat16
     world = dist.get_world_size() if dist.is_initialized() else 1
     if get_accelerator().device_name() == "cpu":
-        skip_shared_memory_reduce()
+        # DeepSpeed would build its shared-memory all-reduce with g++ when its communication starts: 41-55 s on an
+        # idle 2-core machine the first time under each HOME (the largest single cost of a cold quickstart), longer
+        # than a CPU trial of sdtune's trains; a single rank reduces nothing, and several reduce through gloo.
+        deepspeed_compat.skip_shared_memory_allreduce_build()
     engine, _, _, _ = deepspeed.initialize(
         model=tuner.model,
         model_parameters=params,
@@ -179,17 +183,6 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
     return engine
 
 
-def skip_shared_memory_reduce() -> None:
-    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce: its CPU accelerator builds that op with g++
-    when its communication starts, 41-55 s on an idle 2-core machine the first time under each HOME (the largest
-    single cost of a cold quickstart), longer than a CPU trial of sdtune's trains; a single rank reduces nothing, and
-    several reduce through gloo, as torch does. The switch is DeepSpeed's own table of the ops it may build; only
-    the first engine of a process reads it."""
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # as deepspeed.comm.torch.build_shm_op
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
-
-
 def lighten_stage0(engine, params: list[torch.Tensor], max_norm: float, world: int) -> None:
     """DeepSpeed's stage-0 step, without its per-tensor Python loops: they cost 6.5 ms of a 79 ms step at the 130m
     shape on an H200, where the host bounds the step (0.88x the bare loop's tokens/s against 0.96x without them,
@@ -198,8 +191,9 @@ def lighten_stage0(engine, params: list[torch.Tensor], max_norm: float, world: i
     torch's foreach clipping does it over the trainable tensors in a few kernels (after the all-reduce every rank
     holds the same gradients, so the local norm is the global one)."""
     if world == 1:
-        engine.enable_backward_allreduce = False
-    engine.clip_fp32_gradients = functools.partial(torch.nn.utils.clip_grad_norm_, params, max_norm, foreach=True)
+        deepspeed_compat.skip_backward_allreduce(engine)
+    clip = functools.partial(torch.nn.utils.clip_grad_norm_, params, max_norm, foreach=True)
+    deepspeed_compat.replace_gradient_clipping(engine, clip)
 
 
 def gathered(engine, params: list[torch.Tensor]):

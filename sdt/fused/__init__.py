@@ -14,9 +14,10 @@ space: merge, save and the coverage guard see no difference, and everything but 
     uninstall_fused_path(model)        # before merging, or to compare with transformers' path
 """
 
+from ..compat.mamba_ssm import CudaKernels, load_cuda_kernels
 from .inner import MambaInnerFn
 from .install import install_fused_path, mamba1_mixers, uninstall_fused_path
-from .kernels import CudaKernels, MambaKernels, load_cuda_kernels
+from .kernels import MambaKernels
 
 __all__ = [
     "CudaKernels",

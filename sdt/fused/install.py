@@ -10,7 +10,10 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .kernels import MambaKernels, load_cuda_kernels
+from ..compat.deepspeed import partitioned_by_zero3
+from ..compat.mamba_ssm import load_cuda_kernels
+from ..compat.transformers import has_accelerate_hooks, is_quantized
+from .kernels import MambaKernels
 from .mixer import KERNELS_ATTRIBUTE, forward
 from .projections import describe, describe_small, kind_of
 
@@ -29,7 +32,7 @@ def mamba1_mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _unsupported(mixer: nn.Module) -> str | None:
-    if any(hasattr(p, "ds_id") for p in mixer.parameters()):
+    if any(partitioned_by_zero3(p) for p in mixer.parameters()):
         # ZeRO-3 gathers a weight only where a module reads it; the Function reads the projections' factors and
         # bases directly. transformers' path reads them through the parametrizations, which ZeRO-3 gathers.
         # (Checked first: a partitioned weight's shape reads as (0,).)
@@ -38,9 +41,9 @@ def _unsupported(mixer: nn.Module) -> str | None:
         return f"activation {mixer.activation!r} (the kernels apply SiLU)"
     if mixer.conv1d.weight.shape[-1] not in CONV_WIDTHS:
         return f"conv width {mixer.conv1d.weight.shape[-1]} (causal_conv1d takes 2 to 4)"
-    if hasattr(getattr(mixer, "config", None), "_is_quantized"):
+    if is_quantized(mixer):
         return "a quantized model"
-    if any(hasattr(m, "_hf_hook") for m in mixer.modules()):
+    if has_accelerate_hooks(mixer):
         return "accelerate hooks (offloaded weights)"
     return None
 

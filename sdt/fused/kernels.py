@@ -2,9 +2,8 @@
 
 :class:`MambaKernels` fixes what the Function needs from them, in the kernels' own terms (layouts, which buffers
 they write, which dtypes they return), so that a pure-PyTorch implementation with the same semantics can stand in
-for the CUDA one in tests (``tests/fused_reference.py``). :class:`CudaKernels` is the real one: mamba-ssm's
-``selective_scan_cuda`` and causal-conv1d's ``cpp_functions`` wrappers (the same entry points mamba-ssm's own
-``MambaInnerFn`` calls), read from the shipped wheels (mamba-ssm 2.3.2, causal-conv1d 1.7.0).
+for the CUDA one in tests (``tests/fused_reference.py``). The real one, on mamba-ssm's and causal-conv1d's
+private entry points, is :class:`sdt.compat.mamba_ssm.CudaKernels`.
 
 Layouts: every (batch, channels, length) tensor must have stride 1 along length; batch and channel strides are
 free. The kernels allocate their outputs with ``empty_like`` of an input, so an output has that input's layout;
@@ -77,54 +76,3 @@ class MambaKernels(Protocol):
     def last_state(self, saved: torch.Tensor | None) -> torch.Tensor:
         """The scan's state after the last step, (b, d, n) fp32, from what :meth:`scan_fwd` saved."""
         ...
-
-
-class CudaKernels:
-    """mamba-ssm's selective scan and causal-conv1d's conv, called as mamba-ssm's ``MambaInnerFn`` calls them."""
-
-    device_type = "cuda"
-    name = "selective_scan_cuda + causal_conv1d_cuda"
-
-    def __init__(self) -> None:
-        import selective_scan_cuda
-        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
-
-        self._scan = selective_scan_cuda
-        self._conv_fwd = causal_conv1d_fwd_function
-        self._conv_bwd = causal_conv1d_bwd_function
-
-    def __deepcopy__(self, memo: dict) -> CudaKernels:
-        return self  # stateless; a deep-copied model keeps using the same extension modules
-
-    def conv1d_fwd(self, x, weight, bias):
-        # (x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation)
-        return self._conv_fwd(x, weight, bias, None, None, None, True)
-
-    def conv1d_bwd(self, x, weight, bias, dout, dx):
-        # (x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial_states, silu)
-        _, dweight, dbias, _ = self._conv_bwd(x, weight, bias, dout, None, None, None, dx, False, True)
-        return dweight, dbias
-
-    def scan_fwd(self, u, delta, A, B, C, D, z, delta_bias):
-        out, saved, out_z = self._scan.fwd(u, delta, A, B, C, D, z, delta_bias, True)
-        return out, saved, out_z
-
-    def last_state(self, saved):
-        return saved[:, :, -1, 1::2]  # chunk states hold (decay, state) pairs; see SelectiveScanFn
-
-    def scan_bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, saved, out, dz):
-        # the last flag recomputes out_z (out · SiLU(z)) inside the kernel instead of keeping it from forward
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = self._scan.bwd(
-            u, delta, A, B, C, D, z, delta_bias, dout, saved, out, dz, True, True
-        )
-        return du, ddelta, dA, dB, dC, dD, ddelta_bias, out_z
-
-
-def load_cuda_kernels() -> tuple[CudaKernels | None, str]:
-    """The CUDA kernels, or None and why not (no CUDA device, mamba-ssm or causal-conv1d missing)."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA device"
-    try:
-        return CudaKernels(), ""
-    except (ImportError, OSError) as error:  # missing, or built against another torch / CUDA
-        return None, f"mamba-ssm / causal-conv1d kernels not importable ({error}); pip install '.[cuda]'"

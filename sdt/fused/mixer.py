@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat.transformers import MIXER_ARGUMENTS, mixer_cache
 from .inner import MambaInnerFn, as_batched
 from .kernels import MambaKernels
 from .projections import project_channels_first, projection
 
 KERNELS_ATTRIBUTE = "_sdt_fused_kernels"
-# what MambaBlock / JambaMambaDecoderLayer pass (transformers 5.17 names the cache `cache_params`, 5.24 `cache`)
-KNOWN_ARGUMENTS = frozenset({"hidden_states", "attention_mask", "cache", "cache_params"})
 
 
 def fused_forward(
@@ -77,15 +76,10 @@ def record_in_cache(cache: Any, mixer: nn.Module, x: torch.Tensor, last_state: t
     cache.update_recurrent_state(last_state, mixer.layer_idx)
 
 
-def cache_of(kwargs: dict[str, Any]) -> Any | None:
-    cache = kwargs.get("cache")
-    return kwargs.get("cache_params") if cache is None else cache
-
-
 def takes_fused_path(mixer: nn.Module, kernels: MambaKernels, args: tuple, kwargs: dict[str, Any]) -> bool:
-    if not mixer.training or len(args) > 1 or not KNOWN_ARGUMENTS.issuperset(kwargs):
+    if not mixer.training or len(args) > 1 or not MIXER_ARGUMENTS.issuperset(kwargs):
         return False
-    cache = cache_of(kwargs)
+    cache = mixer_cache(kwargs)
     if cache is not None and (not hasattr(cache, "has_previous_state") or cache.has_previous_state(mixer.layer_idx)):
         return False
     hidden_states = args[0] if args else kwargs.get("hidden_states")
@@ -103,5 +97,5 @@ def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     kernels = self.__dict__[KERNELS_ATTRIBUTE]
     if takes_fused_path(self, kernels, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), cache_of(kwargs))
+        return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), mixer_cache(kwargs))
     return type(self).forward(self, *args, **kwargs)

@@ -23,7 +23,8 @@ The coverage guard (:meth:`sdt.Tuner.check_gradients`) runs at the first optimiz
 Checkpoints hold the adapter, because ``model.save_pretrained`` of a tuned model writes it. Trainer reads model weights
 back in two places, resuming (``_load_from_checkpoint``) and ``load_best_model_at_end`` (``_load_best_model``), and
 knows PEFT's adapters there but not sdt's; while :func:`train_sdt` runs, both go through :func:`sdt.io.restore`
-(instance attributes of the trainer, removed afterwards; a full fine-tuning checkpoint still loads Trainer's way).
+(:mod:`sdt.compat.transformers`: instance attributes of the trainer, removed afterwards; a full fine-tuning
+checkpoint still loads Trainer's way).
 
 Limits: the optimizer must be one the Trainer builds (``args.optim`` or ``optimizer_cls_and_kwargs``); one passed in
 ``optimizers=`` holds the warmup's parameters and cannot follow the restart. DeepSpeed and FSDP through the Trainer
@@ -41,6 +42,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 
+from ..compat.transformers import checkpoint_loaders, checkpoint_loaders_replaced
 from ..io import CONFIG_NAME, read_config, restore
 from ..model import Tuner
 
@@ -183,7 +185,7 @@ def phase_callback(trainer: Trainer, callback: PhaseCallback) -> Iterator[None]:
 def adapter_checkpoints(trainer: Trainer, tuner: Tuner) -> Iterator[None]:
     """Route the trainer's loading of model weights from a checkpoint through :func:`sdt.io.restore` when the
     checkpoint holds an sdt adapter (see the module docstring)."""
-    load_from_checkpoint, load_best_model = trainer._load_from_checkpoint, trainer._load_best_model
+    load_from_checkpoint, load_best_model = checkpoint_loaders(trainer)
 
     def load_adapter_or_model(resume_from_checkpoint: str, model=None) -> None:
         if phase_of(resume_from_checkpoint) is None:
@@ -199,9 +201,5 @@ def adapter_checkpoints(trainer: Trainer, tuner: Tuner) -> Iterator[None]:
             logger.info("sdt: loading the best adapter, %s (score %s)", best, trainer.state.best_metric)
             restore(tuner, best)
 
-    trainer._load_from_checkpoint = load_adapter_or_model
-    trainer._load_best_model = load_best_adapter_or_model
-    try:
+    with checkpoint_loaders_replaced(trainer, load_adapter_or_model, load_best_adapter_or_model):
         yield
-    finally:
-        del trainer._load_from_checkpoint, trainer._load_best_model

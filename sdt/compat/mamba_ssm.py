@@ -1,0 +1,71 @@
+"""mamba-ssm's and causal-conv1d's CUDA kernels, called as mamba-ssm's own ``MambaInnerFn`` calls them: the
+selective scan's extension module (``selective_scan_cuda``) and causal-conv1d's ``cpp_functions`` wrappers, private
+entry points of the shipped wheels (mamba-ssm 2.3.2, causal-conv1d 1.7.0) with positional arguments. Their public
+functions compute the full gradients and layouts that the fused path exists to avoid (:mod:`sdt.fused`).
+
+:class:`CudaKernels` keeps the contract of :class:`sdt.fused.kernels.MambaKernels`; ``tests/test_fused_cuda.py``
+checks it against the pure-PyTorch reference kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import CompatError, installed_version, require
+
+
+class CudaKernels:
+    """mamba-ssm's selective scan and causal-conv1d's conv, called as mamba-ssm's ``MambaInnerFn`` calls them."""
+
+    device_type = "cuda"
+    name = "selective_scan_cuda + causal_conv1d_cuda"
+
+    def __init__(self) -> None:
+        import selective_scan_cuda
+        from causal_conv1d import cpp_functions
+
+        self._scan_fwd = require(selective_scan_cuda, "fwd", "mamba-ssm", "selective_scan_cuda")
+        self._scan_bwd = require(selective_scan_cuda, "bwd", "mamba-ssm", "selective_scan_cuda")
+        where = "causal_conv1d.cpp_functions"
+        self._conv_fwd = require(cpp_functions, "causal_conv1d_fwd_function", "causal-conv1d", where)
+        self._conv_bwd = require(cpp_functions, "causal_conv1d_bwd_function", "causal-conv1d", where)
+
+    def __deepcopy__(self, memo: dict) -> CudaKernels:
+        return self  # stateless; a deep-copied model keeps using the same extension modules
+
+    def conv1d_fwd(self, x, weight, bias):
+        # (x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation)
+        return self._conv_fwd(x, weight, bias, None, None, None, True)
+
+    def conv1d_bwd(self, x, weight, bias, dout, dx):
+        # (x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial_states, silu)
+        _, dweight, dbias, _ = self._conv_bwd(x, weight, bias, dout, None, None, None, dx, False, True)
+        return dweight, dbias
+
+    def scan_fwd(self, u, delta, A, B, C, D, z, delta_bias):
+        out, saved, out_z = self._scan_fwd(u, delta, A, B, C, D, z, delta_bias, True)
+        return out, saved, out_z
+
+    def last_state(self, saved):
+        return saved[:, :, -1, 1::2]  # chunk states hold (decay, state) pairs; see SelectiveScanFn
+
+    def scan_bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, saved, out, dz):
+        # the last flag recomputes out_z (out · SiLU(z)) inside the kernel instead of keeping it from forward
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = self._scan_bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout, saved, out, dz, True, True
+        )
+        return du, ddelta, dA, dB, dC, dD, ddelta_bias, out_z
+
+
+def load_cuda_kernels() -> tuple[CudaKernels | None, str]:
+    """The CUDA kernels, or None and why not (no CUDA device, mamba-ssm or causal-conv1d missing, or their entry
+    points moved; the installed versions are named)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        return CudaKernels(), ""
+    except CompatError as moved:
+        return None, f"{moved} (sdtune calls mamba-ssm 2.3.2's and causal-conv1d 1.7.0's)"
+    except (ImportError, OSError) as error:  # missing, or built against another torch / CUDA
+        versions = f"mamba-ssm {installed_version('mamba-ssm')} / causal-conv1d {installed_version('causal-conv1d')}"
+        return None, f"{versions} kernels not importable ({error}); pip install '.[cuda]'"
