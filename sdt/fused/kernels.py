@@ -35,17 +35,12 @@ class MambaKernels(Protocol):
         weight's dtype."""
         ...
 
+    # fmt: off
     def scan_fwd(
-        self,
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor,
-        z: torch.Tensor,
-        delta_bias: torch.Tensor,
+        self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+        z: torch.Tensor, delta_bias: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        # fmt: on
         """(out, saved, out_z): u, delta, z (b, d, l); A (d, n) fp32; B, C (b, 1, n, l); D, delta_bias (d,) fp32.
 
         ``out`` = y + D·u (``empty_like(delta)``), ``out_z`` = out · SiLU(z) (``empty_like(z)``), ``saved``: what
@@ -53,21 +48,13 @@ class MambaKernels(Protocol):
         """
         ...
 
+    # fmt: off
     def scan_bwd(
-        self,
-        u: torch.Tensor,
-        delta: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor,
-        z: torch.Tensor,
-        delta_bias: torch.Tensor,
-        dout: torch.Tensor,
-        saved: torch.Tensor | None,
-        out: torch.Tensor,
+        self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+        z: torch.Tensor, delta_bias: torch.Tensor, dout: torch.Tensor, saved: torch.Tensor | None, out: torch.Tensor,
         dz: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        # fmt: on
         """(du, ddelta, dA, dB, dC, dD, ddelta_bias, out_z) for the gradient ``dout`` of out_z; writes d(z) into
         ``dz``. du / ddelta are ``empty_like`` of u / delta, dB / dC have B's / C's dtype and layout, dA, dD,
         ddelta_bias are fp32; out_z is recomputed (``empty_like(out)``)."""
