@@ -145,7 +145,7 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     if local and (uncompiled := missing_bytecode()):
         typer.echo(
             f"note: {', '.join(uncompiled)} have no compiled bytecode, so every trial's workers compile them again "
-            "(half of a trial's start-up on an H200 host); once: python -m compileall -q "
+            "(a trial's start-up doubles); once: python -m compileall -q "
             + " ".join(sorted({str(directory) for directory in uncompiled.values()}))
         )
     os.environ.update(quiet_environment(local, gpu))
@@ -154,8 +154,8 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
     # Ray Train's controller polls its workers every 2 s by default, so a trial's end is noticed up to 2 s late,
     # with the GPU idle; a poll of a local actor costs next to nothing.
     os.environ.setdefault(ray_compat.TRAIN_HEALTH_CHECK_INTERVAL_S, "0.5")
-    # Ray Train fails a worker group that takes over 60 s to start; each worker imports torch in that window,
-    # which took over a minute on a loaded 2-core machine (a failed quickstart). Slow is not broken.
+    # Ray Train fails a worker group that takes over 60 s to start; each worker imports torch in that window, which
+    # a loaded small machine can take longer than that for. Slow is not broken.
     os.environ.setdefault(ray_compat.TRAIN_WORKER_GROUP_START_TIMEOUT_S, "300")
     route_logs(spec.sweep_dir, verbose, gpu)
     # "local": a Ray instance of this command's own, even where another cluster on this machine left its address
@@ -232,10 +232,10 @@ def pretrain(
 ) -> None:
     """Rebuild the built-in digits base from its recipe and compare it with the shipped one.
 
-    About a minute on 2 cores. Sweeps do not need it: `model: {builtin: digits}` loads the base shipped in the
+    Sweeps do not need it: `model: {builtin: digits}` loads the base shipped in the
     package. It prints both bases' next-pixel loss on the validation images and their largest weight difference.
 
-    Examples: `sdtune pretrain` · `sdtune pretrain --out pipeline/digits_base` (refresh the shipped base)
+    Examples: `sdtune pretrain` · `sdtune pretrain --out pipeline/tasks/digits_base` (refresh the shipped base)
     """
     from pipeline.tasks.digits import SHIPPED_BASE, digits_base_dir, rebuild_digits_base
 
@@ -406,8 +406,8 @@ def ui(
     else:
         raise fail("give a sweep directory (runs/<job name>) or set MLFLOW_TRACKING_URI")
     typer.echo(f"MLflow UI on {base}; {where}", err=True)
-    # One worker process: one person looks at one sweep (MLflow's default of 4 each import its server, ~6 s of CPU).
-    # No job execution: its runner and 7 consumer processes (~4 s of CPU each to start) serve GenAI scorers, prompt
+    # One worker process: one person looks at one sweep (MLflow's default of 4 each import its server).
+    # No job execution: its runner and 7 consumer processes, each seconds of CPU to start, serve GenAI scorers, prompt
     # optimisation and trace roll-ups, none of which a fine-tuning sweep's store has. The environment can turn it on.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     command = [sys.executable, "-m", "mlflow", "server", *store, "--host", host, "--port", str(port), "--workers", "1"]

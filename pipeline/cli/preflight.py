@@ -224,8 +224,8 @@ WORKER_PACKAGES = ("torch", "transformers", "deepspeed")
 
 def missing_bytecode(packages: Sequence[str] = WORKER_PACKAGES) -> dict[str, Path]:
     """{package: the directory it is installed in} for the installed ``packages`` without compiled bytecode
-    (installed with ``pip --no-compile``, or in an image built under ``PYTHONDONTWRITEBYTECODE``). On an H200
-    host that doubled a trial's start-up, 30 s against 15 s (docs/benchmarks.md). Looks at each package's
+    (installed with ``pip --no-compile``, or in an image built under ``PYTHONDONTWRITEBYTECODE``): every trial's
+    processes compile them again, which doubles a trial's start-up (docs/benchmarks.md). Looks at each package's
     ``__init__`` only."""
     missing = {}
     for name in packages:

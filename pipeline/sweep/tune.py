@@ -55,8 +55,8 @@ def trials_at_once(spec: JobSpec, local_cluster: bool, cluster_gpus: float, gpus
     those trials' GPUs fill the cluster and ``resources.stage_next_trial`` (None: ``local_cluster``) allows it. The
     staged trial's Tune function and Train controller start while the others train; its worker group waits in
     Ray's placement-group queue and is placed as soon as a running trial frees its GPUs. Without it, the next
-    trial's Ray processes would start only then, with the GPUs idle: on an H200 host a sequential sweep's GPU idled
-    20-23 s between trials, and 11-15 s staged (docs/benchmarks.md, session 13). Where one trial more would find
+    trial's Ray processes would start only then, with the GPUs idle (how long, staged and not: docs/benchmarks.md,
+    "Trial start-up in a 4-trial sequential sweep"). Where one trial more would find
     GPUs free (12 trials of 1/16 GPU on one GPU, or more GPUs than trials) it would run rather than wait, and where
     trials already wait for GPUs it adds nothing: neither stages. A trial that may wait for GPUs waits without Ray
     Train's worker-group start timeout (:data:`pipeline.trial.driver.WAIT_FOR_GPUS_S`)."""

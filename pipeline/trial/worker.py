@@ -45,8 +45,8 @@ def module_hidden(name: str) -> Iterator[None]:
             del sys.modules[name]
 
 
-# DeepSpeed's autotuner, which a trial never runs, imports MLflow when DeepSpeed is imported, if it can: 1.4 s of
-# every trial's start-up on the H200 host, 2 s on 2 CPU cores. Hidden, the autotuner records that MLflow is absent.
+# DeepSpeed's autotuner, which a trial never runs, imports MLflow when DeepSpeed is imported, if it can: seconds of
+# every trial's start-up, for nothing. Hidden, the autotuner records that MLflow is absent.
 with module_hidden("mlflow"):
     import deepspeed
 import ray.train
@@ -81,8 +81,8 @@ class Batches:
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int, world: int, pad_id: int):
-        # Converted once: converting each batch's token lists again costs the host 2-3% of a step where the host
-        # bounds it (the 130m shape on an H200).
+        # Converted once: converting each batch's token lists again costs the host time in every step, and small
+        # models' steps are bound by the host.
         self.rows = [token_row(example) for example in examples]
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world, self.pad_id = rank, world, pad_id
@@ -112,8 +112,8 @@ class Batches:
 
 def zero_stage(spec: JobSpec, world: int) -> int:
     """The ZeRO stage to run: the spec's, except that ZeRO-1 and -2 on a single rank partition nothing and cost
-    their bookkeeping every step (0.85x the bare loop's tokens/s at the 130m shape against 0.91x for stage 0,
-    docs/benchmarks.md), so one rank without offload runs stage 0. ZeRO-3 stays (one rank may offload with it)."""
+    their bookkeeping every step (measured in docs/benchmarks.md, "One trial step against the bare loop"), so one
+    rank without offload runs stage 0. ZeRO-3 stays (one rank may offload with it)."""
     stage = spec.training.zero_stage
     return 0 if world == 1 and stage in (1, 2) and not spec.training.offload_optimizer else stage
 
@@ -164,9 +164,9 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
     full_bf16 = tuner.config.trains_all_weights and params[0].dtype == torch.bfloat16
     world = dist.get_world_size() if dist.is_initialized() else 1
     if get_accelerator().device_name() == "cpu":
-        # DeepSpeed would build its shared-memory all-reduce with g++ when its communication starts: 41-55 s on an
-        # idle 2-core machine the first time under each HOME (the largest single cost of a cold quickstart), longer
-        # than a CPU trial of sdtune's trains; a single rank reduces nothing, and several reduce through gloo.
+        # DeepSpeed would build its shared-memory all-reduce with g++ when its communication starts, the first
+        # time under each HOME: longer than a CPU trial of sdtune's trains. A single rank reduces nothing, and
+        # several reduce through gloo.
         deepspeed_compat.skip_shared_memory_allreduce_build()
     engine, _, _, _ = deepspeed.initialize(
         model=tuner.model,
@@ -184,9 +184,9 @@ def make_engine(tuner: sdt.Tuner, spec: JobSpec, lr: float, total_steps: int):
 
 
 def lighten_stage0(engine, params: list[torch.Tensor], max_norm: float, world: int) -> None:
-    """DeepSpeed's stage-0 step, without its per-tensor Python loops: they cost 6.5 ms of a 79 ms step at the 130m
-    shape on an H200, where the host bounds the step (0.88x the bare loop's tokens/s against 0.96x without them,
-    docs/benchmarks.md). Same numbers: one rank has nothing to all-reduce (the all-reduce flattens every gradient
+    """DeepSpeed's stage-0 step, without its per-tensor Python loops, which cost host time in every step where the
+    host bounds the step, as it does for small models (docs/benchmarks.md, "One trial step against the bare loop").
+    Same numbers: one rank has nothing to all-reduce (the all-reduce flattens every gradient
     into a bucket and copies it back), and stage 0's clipping norms each of the module's gradients one by one where
     torch's foreach clipping does it over the trainable tensors in a few kernels (after the all-reduce every rank
     holds the same gradients, so the local norm is the global one)."""
