@@ -132,6 +132,23 @@ def test_tunes_experiment_state_is_read_as_tune_writes_it(tmp_path):
     assert not stored["a_00001"].finished
 
 
+def test_a_failed_trials_error_and_checkpoint_are_read_as_the_callbacks_read_them(local_ray, tmp_path):
+    seen = {}
+
+    def fails(config) -> None:  # defined here, so that Ray ships it by value to a worker without the tests' path
+        raise ValueError("sdtune compat: the trial's own error")
+
+    class Reader(tune.Callback):
+        def on_trial_error(self, iteration, trials, trial, **info):
+            seen["error"] = tune_compat.trial_error(trial)
+            seen["checkpoint"] = tune_compat.trial_checkpoint_path(trial)
+
+    run_config = tune.RunConfig(storage_path=str(tmp_path), callbacks=[Reader()], verbose=0)
+    tune.Tuner(fails, run_config=run_config).fit()
+    assert "ValueError: sdtune compat: the trial's own error" in seen["error"]
+    assert seen["checkpoint"] is None  # it reported no checkpoint
+
+
 def test_the_grid_searchers_running_and_made_trials_are_set(tmp_path):
     generator = BasicVariantGenerator(max_concurrent=1)
     generator.add_configurations([experiment(tmp_path, 3)])

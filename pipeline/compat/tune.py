@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune.experiment import Trial
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils import flatten_dict
 
@@ -19,6 +20,7 @@ FINISHED = ("TERMINATED", "ERROR")  # Ray Tune's statuses of a trial that will n
 EXPERIMENT_STATE = "experiment_state-*.json"  # TuneController.CKPT_FILE_TMPL
 VARIANTS = "ray.tune.search.BasicVariantGenerator"
 OPTUNA = "ray.tune.search.optuna.OptunaSearch"
+TRIAL = "ray.tune.experiment.Trial"
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,17 @@ def enqueue_in_optuna(searcher: Any, config: dict[str, Any]) -> None:
     """Optuna's next trial has the searched values of ``config`` (a flattened Tune configuration)."""
     space = require(searcher, "_space", "ray", OPTUNA)
     optuna_study(searcher).enqueue_trial({name: config[name] for name in space})
+
+
+def trial_error(trial: Trial) -> str | None:
+    """What a failed trial raised, from its local error file (``Trial.error_file``, a developer API): the copy in the
+    trial's storage (``Trial.get_error``) is synced only later, after the callbacks that report the failure."""
+    require(Trial, "error_file", "ray", TRIAL)
+    return Path(trial.error_file).read_text() if trial.error_file else None
+
+
+def trial_checkpoint_path(trial: Trial) -> str | None:
+    """Where the latest checkpoint Tune recorded for ``trial`` is (``Trial.checkpoint``, a developer API), or None."""
+    require(Trial, "checkpoint", "ray", TRIAL)
+    checkpoint = trial.checkpoint
+    return None if checkpoint is None else checkpoint.path

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from ray.tune import Callback
 
+from pipeline.compat import tune as tune_compat
 from pipeline.results.arms import trial_label
 from pipeline.results.outcomes import (
     COST_PARTS,
@@ -225,7 +226,7 @@ class MLflowSweepCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         # The trial's local error file: the copy in its storage (trial.get_error) is synced only later.
-        reason = error_line(Path(trial.error_file).read_text() if trial.error_file else None)
+        reason = error_line(tune_compat.trial_error(trial))
         self._guard(f"error of trial {trial.trial_id}", self.tracker.tag_trial, trial.trial_id, {ERROR_TAG: reason})
         self._guard(f"fail trial {trial.trial_id}", self.tracker.finish_trial, trial.trial_id, "FAILED")
 
@@ -239,9 +240,7 @@ class MLflowSweepCallback(Callback):
     def _adapter_dir(self, trial) -> StoragePath | None:
         """The ``adapter/`` folder of the trial's latest checkpoint, in the sweep's storage."""
         candidates = [self._checkpoints.get(trial.trial_id), (trial.last_result or {}).get(CHECKPOINT_KEY)]
-        checkpoint = getattr(trial, "checkpoint", None)
-        if checkpoint is not None:
-            candidates.append(getattr(checkpoint, "path", None))
+        candidates.append(tune_compat.trial_checkpoint_path(trial))
         for path in filter(None, candidates):
             adapter = reported_path(self.tracker.spec.sweep_dir, path) / ADAPTER_DIR
             if adapter.is_dir():
@@ -300,7 +299,7 @@ class ProgressCallback(Callback):
         from pipeline.sweep.console import REASON_WIDTH, WORKERS_LOG, fit, log_dir
 
         where = log_dir(self.spec.sweep_dir) / WORKERS_LOG
-        reason = error_line(Path(trial.error_file).read_text() if trial.error_file else None)
+        reason = error_line(tune_compat.trial_error(trial))
         self._console.track(trial.trial_id, self._label(trial))
         self._console.ended(trial.trial_id, "failed", f"{fit(reason, REASON_WIDTH)} (its output is in {where})")
 
