@@ -7,12 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from processes import failure, sdtune
 
 from pipeline.spec.job import JobSpecError, parse_job
 from pipeline.tasks.registry import TASKS
@@ -79,14 +78,8 @@ def test_a_task_registered_through_the_specs_imports_is_swept_like_a_builtin(tmp
         # the command and every Ray process it starts import the module from here
         "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli.commands", "sweep", str(job)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    result = sdtune("sweep", str(job), env=env)
+    assert result.returncode == 0, failure(result)
     assert "trials: 2 (0 failed)" in result.stdout
 
     sweep_dir = tmp_path / "runs" / "largest"
