@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -110,4 +111,10 @@ def one_rank_process_group(monkeypatch) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.distributed.destroy_process_group()
+        # An engine made inside leaves DeepSpeed holding groups of this process group, which a later engine in this
+        # process would use after they are destroyed: DeepSpeed's own teardown releases them with the group.
+        deepspeed = sys.modules.get("deepspeed")
+        if deepspeed is not None and deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        else:
+            torch.distributed.destroy_process_group()
