@@ -287,3 +287,14 @@ def test_without_a_trial_run_the_export_is_not_registered(sweep, caplog):
         client.get_registered_model("digits-unregistered")
     experiment = client.get_experiment_by_name("untracked")
     assert client.search_runs([experiment.experiment_id]) == []  # looking up created no parent or child run
+
+
+def test_a_requirement_names_the_distribution_installed_here_at_its_release():
+    from importlib.metadata import version
+
+    from pipeline.results.champion import requirement
+
+    assert requirement("mlflow") == f"mlflow=={version('mlflow')}"  # full MLflow installs mlflow-skinny too
+    assert requirement("sklearn") == f"scikit-learn=={version('scikit-learn')}"  # imported under another name
+    assert requirement("yaml") == f"PyYAML=={version('PyYAML')}"
+    assert requirement("torch") == f"torch=={version('torch').split('+')[0]}"  # the CPU build's +cpu left out

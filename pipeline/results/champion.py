@@ -8,7 +8,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
-from importlib.metadata import version
+from importlib.metadata import distribution, packages_distributions, version
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ ARTIFACT_PATH = "export"  # where the export lands among the trial run's MLflow 
 MODEL_EXTRAS_DIR = "sdtune_export"  # in the registered MLflow model: the export directory (adapter, trial.json, ...)
 CHECKPOINT_TAG = "sdtune.checkpoint"  # on a model version: the checkpoint it was exported from
 TRIAL_RUN_TAG = "sdtune.trial_run_id"
-# What the registered model needs to load (MLflow's transformers flavor), pinned to this machine's versions.
+# The modules the registered model needs to load (MLflow's transformers flavor), pinned to this machine's versions.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "mambapy")
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def log_mlflow_model(
             input_example=example_prompt(spec.data),
             model_card=ModelCard((directory / CARD_FILE).read_text()),
             # Listed, not inferred: inference loads the model again in a subprocess.
-            pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in MODEL_REQUIREMENTS],
+            pip_requirements=[requirement(module) for module in MODEL_REQUIREMENTS],
             model_config={"max_new_tokens": answer_tokens(spec), "do_sample": False, "return_full_text": False},
             metadata={"sdtune.trial_id": record["trial_id"], "sdtune.sweep": spec.name},
         )
@@ -130,3 +130,17 @@ def log_mlflow_model(
     for run in {run_id, record["mlflow"]["parent_run_id"]} - {None}:
         client.log_outputs(run, [LoggedModelOutput(logged.model_id, step=0)])
     return logged
+
+
+def requirement(module: str) -> str:
+    """The pip requirement of the distribution that installed ``module`` here, at its version without a local build
+    tag (``torch==2.13.0``, not ``+cpu``). A module may come from distributions of other names: MLflow's clients
+    install ``mlflow`` as ``mlflow-skinny`` (beside ``mlflow-tracing``), scikit-learn is imported as ``sklearn``.
+    The module's own name wins where it is one of them (full MLflow installs all three), else the distribution that
+    installed most of its files."""
+    distributions = packages_distributions().get(module, [])
+    if module in distributions or not distributions:
+        name = module
+    else:
+        name = max(distributions, key=lambda d: sum(f.parts[0] == module for f in distribution(d).files or ()))
+    return f"{name}=={version(name).split('+')[0]}"
