@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdt
 from pipeline.results import export
-from pipeline.results.export import export_trials
+from pipeline.results.export import ExportRefused, export_trials
 from pipeline.results.outcomes import NoUsableTrialError, TrialOutcome
 from pipeline.results.tracking import CHAMPION_ALIAS, SweepTracker, tracking_uri
 from pipeline.spec.job import JobSpec, parse_job
@@ -255,6 +255,19 @@ def test_a_new_export_replaces_the_old_and_a_failed_one_leaves_it(sweep, monkeyp
     assert snapshot(out) == before
     assert [path.name for path in exports.iterdir()] == ["champion"]  # no staging directory left behind
     assert int(client.get_model_version_by_alias("digits-replaced", CHAMPION_ALIAS).version) == 1
+
+
+def test_another_sweeps_export_is_never_replaced(sweep):
+    exports = sweep.root / "exports-of-two-sweeps"
+    spec = make_spec(sweep.root, dir=str(exports / "shared"), register_model=False)
+    out = run_export(spec, trials_of(sweep, spec))
+    before = snapshot(out)
+    other = spec.model_copy(update={"name": "another-sweep"})  # a second sweep, told to export to the same place
+    with pytest.raises(ExportRefused) as refused:
+        run_export(other, trials_of(sweep, other))
+    assert str(spec.sweep_dir.resolve()) in str(refused.value) and str(other.sweep_dir.resolve()) in str(refused.value)
+    assert snapshot(out) == before
+    assert [path.name for path in exports.iterdir()] == ["shared"]  # nothing staged beside it
 
 
 def test_no_usable_trial_exports_nothing(sweep):

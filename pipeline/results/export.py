@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import PreTrainedTokenizerBase
 
 import sdt
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 
 class ExportRefused(RuntimeError):
-    """The export target is a directory that sdtune did not write: it is never replaced."""
+    """The export target is a directory that sdtune did not write, or another sweep's export: it is never
+    replaced."""
 
 
 def export_path(spec: JobSpec) -> StoragePath:
@@ -79,7 +81,8 @@ def export_trials(
 
     An export of the same trial from the same checkpoint is left as it is (and not registered again). Raises,
     writing nothing, :class:`pipeline.results.outcomes.NoUsableTrialError` when no trial finished with a finite metric
-    and a checkpoint, and :class:`ExportRefused` when ``out`` is a directory that is not an sdtune export.
+    and a checkpoint, and :class:`ExportRefused` when ``out`` is a directory that is not an sdtune export, or the
+    export of another sweep.
     """
     trial = best_trial(spec, trials)
     winner = trial.spec
@@ -89,6 +92,11 @@ def export_trials(
         previous = out / TRIAL_FILE
         if not is_written_by_sdtune(out, TRIAL_FILE):
             raise ExportRefused(f"{out} exists and is not an sdtune export: choose another --out / export.dir")
+        if (owner := exported_sweep(out)) is not None and owner != str(spec.sweep_dir.resolve()):
+            raise ExportRefused(
+                f"{out} is the export of the sweep {owner}, not of {spec.sweep_dir.resolve()}: "
+                "choose another --out / export.dir"
+            )
         earlier = json.loads(previous.read_text()) if previous.is_file() else {}  # none: an upload cut short
         same = (earlier.get("trial_id"), earlier.get("checkpoint")) == (trial.trial_id, str(trial.checkpoint))
         if same and (out / MERGED_DIR).is_dir() == merge:
@@ -130,6 +138,16 @@ def export_trials(
 
 # ---------------------------------------------------------------------------------------------------------------
 # The files
+
+
+def exported_sweep(directory: StoragePath) -> str | None:
+    """The sweep directory an sdtune export came from, as its ``job.yaml`` (the winner's spec) names it; None where it
+    has none (an upload cut short)."""
+    job_file = directory / JOB_FILE
+    if not job_file.is_file():
+        return None
+    job = yaml.safe_load(job_file.read_text())
+    return str((storage_path(job["output_dir"]) / job["name"]).resolve())
 
 
 def write_adapter(directory: Path, tuner: sdt.Tuner, spec: JobSpec) -> dict[str, Any]:
