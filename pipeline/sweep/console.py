@@ -38,7 +38,7 @@ from typing import Any, TextIO
 from pipeline.compat import ray as ray_compat
 from pipeline.compat import transformers as transformers_compat
 from pipeline.storage.paths import StoragePath, local_state_dir
-from pipeline.trial.progress import WORKER_WARNING
+from pipeline.trial.progress import MAX_LINE, WORKER_WARNING
 from sdt.compat import CompatError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 LOG_DIR = "logs"  # under the sweep's local state directory (the sweep directory unless in object storage)
 DRIVER_LOG = "driver.log"
 WORKERS_LOG = "workers.log"
-MAX_LINE = 300  # no console line of ours is longer
 LABEL_WIDTH = 60  # an arm label is cut to this many characters in a line (the full label is in MLflow and the report)
 REASON_WIDTH = 140  # a failed trial's reason is cut to this (the whole one is in MLflow and the report)
 REFRESH_S = 0.5  # the live display is redrawn at most this often

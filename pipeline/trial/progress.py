@@ -15,6 +15,7 @@ from pipeline.storage.paths import write_file
 
 PROGRESS_FILE = "progress.json"  # in a trial's directory, written by its rank 0
 WORKER_WARNING = "WARNING: "  # how sdtune's worker code starts a line the person at the console must see
+MAX_LINE = 300  # no console line of sdtune's is longer, a worker's warning included
 
 
 class TrialProgress:

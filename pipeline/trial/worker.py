@@ -65,7 +65,7 @@ from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
 from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import TaskData, load_task
 from pipeline.trial.models import load_base_model
-from pipeline.trial.progress import WORKER_WARNING, TrialProgress
+from pipeline.trial.progress import MAX_LINE, WORKER_WARNING, TrialProgress
 from pipeline.trial.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
 TRAINER_STATE = "trainer_state.json"
@@ -482,11 +482,11 @@ def restore_latest(run: TrialRun, checkpoint: ray.train.Checkpoint) -> tuple[sdt
                 tuner, engine = restore(local, run.model, run.spec, run.total_steps)
                 return tuner, engine, state
         except (OSError, ValueError, KeyError, RuntimeError) as error:  # unreadable, corrupted, truncated
-            # The reason first, its files named within the checkpoint: the console cuts a line at 300
-            # characters, and a checkpoint's path can take most of them.
+            # The checkpoint's whole path, then as much of the reason (its files named within the checkpoint) as
+            # the console's line holds.
             reason = " ".join(str(error).split()).replace(f"{read_from}/", "")
-            print(f"{WORKER_WARNING}a checkpoint cannot be restored ({reason[:200]}); trying the one before it: "
-                  f"{candidate.path}", flush=True)  # fmt: skip
+            head = f"{WORKER_WARNING}checkpoint {candidate.path} cannot be restored, trying the one before it: "
+            print(head + reason[: max(0, MAX_LINE - len(head))], flush=True)
     raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
 
 
