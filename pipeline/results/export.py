@@ -88,21 +88,10 @@ def export_trials(
     winner = trial.spec
     out = storage_path(out) if out is not None else export_path(spec)
     merge = spec.export.merge if merge is None else merge
-    if out.exists():
-        previous = out / TRIAL_FILE
-        if not is_written_by_sdtune(out, TRIAL_FILE):
-            raise ExportRefused(f"{out} exists and is not an sdtune export: choose another --out / export.dir")
-        if (owner := exported_sweep(out)) is not None and owner != str(spec.sweep_dir.resolve()):
-            raise ExportRefused(
-                f"{out} is the export of the sweep {owner}, not of {spec.sweep_dir.resolve()}: "
-                "choose another --out / export.dir"
-            )
-        earlier = json.loads(previous.read_text()) if previous.is_file() else {}  # none: an upload cut short
-        same = (earlier.get("trial_id"), earlier.get("checkpoint")) == (trial.trial_id, str(trial.checkpoint))
-        if same and (out / MERGED_DIR).is_dir() == merge:
-            log(f"best trial {trial.trial_id}: {spec.search.metric} = {trial.score(spec.search.metric):.6g}; "
-                f"its export is up to date: {out}")  # fmt: skip
-            return out
+    if out.exists() and export_up_to_date(out, spec, trial, merge):
+        log(f"best trial {trial.trial_id}: {spec.search.metric} = {trial.score(spec.search.metric):.6g}; "
+            f"its export is up to date: {out}")  # fmt: skip
+        return out
     run_id = tracker.find_trial_run(trial.trial_id)
     record = trial_record(spec, trial, run_id, tracker.find_sweep())
     # fp32 on CPU whatever the trial trained in: merged weights must not lose digits to a bf16 round trip.
@@ -138,6 +127,22 @@ def export_trials(
 
 # ---------------------------------------------------------------------------------------------------------------
 # The files
+
+
+def export_up_to_date(out: StoragePath, spec: JobSpec, trial: TrialOutcome, merge: bool) -> bool:
+    """Whether the existing export ``out`` is already this trial's, from the same checkpoint and as merged; raises
+    :class:`ExportRefused` where ``out`` is not an sdtune export, or is another sweep's."""
+    if not is_written_by_sdtune(out, TRIAL_FILE):
+        raise ExportRefused(f"{out} exists and is not an sdtune export: choose another --out / export.dir")
+    if (owner := exported_sweep(out)) is not None and owner != str(spec.sweep_dir.resolve()):
+        raise ExportRefused(
+            f"{out} is the export of the sweep {owner}, not of {spec.sweep_dir.resolve()}: "
+            "choose another --out / export.dir"
+        )
+    previous = out / TRIAL_FILE
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}  # none: an upload cut short
+    same = (earlier.get("trial_id"), earlier.get("checkpoint")) == (trial.trial_id, str(trial.checkpoint))
+    return same and (out / MERGED_DIR).is_dir() == merge
 
 
 def exported_sweep(directory: StoragePath) -> str | None:
