@@ -171,3 +171,16 @@ def test_a_package_without_compiled_bytecode_is_named_with_its_directory(tmp_pat
     }
     assert compileall.compile_dir(str(package), quiet=1)
     assert missing_bytecode(["uncompiled_package_for_test"]) == {}
+
+
+def test_a_finished_sweep_moves_an_earlier_failures_error_log_into_its_logs(tmp_path):
+    from pipeline.cli.commands import ERROR_LOG, archive_error_log
+
+    sweep_dir = tmp_path / "runs" / "flaky"
+    sweep_dir.mkdir(parents=True)
+    assert archive_error_log(sweep_dir) is None  # nothing failed before: nothing to move
+    (sweep_dir / ERROR_LOG).write_text("Traceback (most recent call last): ...")
+    moved = archive_error_log(sweep_dir)
+    assert not (sweep_dir / ERROR_LOG).exists()
+    assert moved.parent == sweep_dir / "logs" and moved.name.startswith("driver-error-")
+    assert moved.read_text() == "Traceback (most recent call last): ..."

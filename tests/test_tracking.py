@@ -14,7 +14,14 @@ import pytest
 from mlflow import MlflowClient
 from ray import cloudpickle
 
-from pipeline.results.tracking import PARENT_TAG, TRIAL_ID_TAG, SweepTracker, default_tracking_uri, tracking_uri
+from pipeline.results.tracking import (
+    ERROR_TAG,
+    PARENT_TAG,
+    TRIAL_ID_TAG,
+    SweepTracker,
+    default_tracking_uri,
+    tracking_uri,
+)
 from pipeline.spec.job import TrialSpecs, parse_job
 from pipeline.sweep.callbacks import MLflowSweepCallback
 
@@ -227,6 +234,19 @@ def test_statuses_and_artifacts(spec, tmp_path):
     assert listed == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
     # A SQLite store named in the spec keeps its artifacts beside its database file, not in ./mlruns.
     assert list((tmp_path / "store" / "mlartifacts").rglob("adapter_model.safetensors"))
+
+
+def test_a_trial_finished_after_its_failure_loses_the_failures_tag(spec):
+    tracker = SweepTracker(spec)
+    tracker.start_sweep()
+    run_id = tracker.trial_run("flaky", {})
+    tracker.tag_trial("flaky", {ERROR_TAG: "RuntimeError: a worker died"})
+    tracker.finish_trial("flaky", "FAILED")
+    resumed = SweepTracker(spec)  # the resumed sweep's command: the same run, found by its tags, runs again
+    assert resumed.trial_run("flaky", {}) == run_id
+    resumed.finish_trial("flaky", "FINISHED")
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and ERROR_TAG not in run.data.tags
 
 
 def fake_trial(trial_id: str, config: dict | None = None, last_result: dict | None = None):

@@ -15,6 +15,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -479,6 +480,22 @@ def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
             f"sweep failed: {type(error).__name__}: {' '.join(str(error).split())[:500]} (traceback: {log})", 1
         ) from None
     tracker.finish_sweep("FINISHED")
+    archive_error_log(spec.sweep_dir)
+
+
+def archive_error_log(sweep_dir: StoragePath) -> Path | None:
+    """A sweep that finished keeps no ``driver-error.log`` of an earlier failed run beside it: the log moves to
+    ``logs/``, named by when it was written, with the rest of the sweep's history. Returns where it went."""
+    from pipeline.sweep.console import log_dir
+
+    log = local_state_dir(sweep_dir) / ERROR_LOG
+    if not log.is_file():
+        return None
+    written = datetime.fromtimestamp(log.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = log_dir(sweep_dir) / f"driver-error-{written}.log"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.replace(target)
+    return target
 
 
 if __name__ == "__main__":

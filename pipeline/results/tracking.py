@@ -478,8 +478,13 @@ class SweepTracker:
         return sorted({m.step: m.value for m in points}.items())
 
     def finish_trial(self, trial_id: str, status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
+        """Ends the trial's run with ``status``; a trial that finishes after an earlier failure (a resumed sweep)
+        loses the failure's :data:`ERROR_TAG`, so MLflow says what the trial is now."""
         status = self._status(status, TRIAL_STATUSES)
-        self.client.set_terminated(self._trial_run_id(trial_id), status)
+        run_id = self._trial_run_id(trial_id)
+        if status == "FINISHED" and ERROR_TAG in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, ERROR_TAG)
+        self.client.set_terminated(run_id, status)
         self._open.discard(trial_id)
 
     def finish_open_trials(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "KILLED") -> list[str]:
