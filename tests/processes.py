@@ -7,6 +7,7 @@ No product code knows about these: the tests kill processes from outside, as a c
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,6 +19,13 @@ import psutil
 import pyarrow.fs
 
 POLL_S = 0.1  # how often a condition on files or processes is looked at again (an event wait, not a delay)
+
+
+def plugin_env(digits_cache: Path, plugins: Path) -> dict[str, str]:
+    """The environment of ``sdtune`` run on a spec whose ``imports`` are modules in ``plugins``: the command and
+    every Ray process it starts import them from there."""
+    path = os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled", "PYTHONPATH": path}
 
 
 def sdtune(*args: str, env: dict, **extra_env: str) -> subprocess.CompletedProcess:

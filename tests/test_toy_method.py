@@ -6,12 +6,11 @@ repository, found through PYTHONPATH as a user's own package would be."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
-from processes import failure, finished_trials, sdtune
+from processes import failure, finished_trials, plugin_env, sdtune
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_METHOD = """
@@ -51,8 +50,7 @@ def toy_sweep(tmp_path_factory, digits_cache):
     }
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    path_entries = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path_entries), "SDTUNE_CACHE": str(digits_cache)}
+    env = plugin_env(digits_cache, root)
     validated = sdtune("validate", str(path), env=env)
     assert validated.returncode == 0 and "valid (toy on digits" in validated.stdout, failure(validated)
     result = sdtune("sweep", str(path), env=env)

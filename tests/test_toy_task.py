@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
-from processes import failure, sdtune
+from processes import failure, plugin_env, sdtune
 
 from pipeline.spec.job import JobSpecError, parse_job
 from pipeline.tasks.registry import TASKS
@@ -71,13 +70,7 @@ def test_a_task_registered_through_the_specs_imports_is_swept_like_a_builtin(tmp
     (tmp_path / f"{MODULE}.py").write_text(TOY_TASK)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(toy_job(tmp_path / "runs")))
-    env = {
-        **os.environ,
-        "SDTUNE_CACHE": str(digits_cache),
-        "RAY_AUTH_MODE": "disabled",
-        # the command and every Ray process it starts import the module from here
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = plugin_env(digits_cache, tmp_path)
     result = sdtune("sweep", str(job), env=env)
     assert result.returncode == 0, failure(result)
     assert "trials: 2 (0 failed)" in result.stdout
