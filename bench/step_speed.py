@@ -3,12 +3,14 @@ and on sdt's fused path.
 
     python bench/step_speed.py --out speed.json                       # mamba-130m shape, bf16, batch 8 x 1024
     python bench/step_speed.py --hidden 2048 --layers 48 --modes sdlora:fused sdlora full lora-out:fused
-    python bench/step_speed.py --arch mamba2 --modes lora-out sdlora  # 130m-like Mamba-2 (state 128, 24 heads)
+    python bench/step_speed.py --arch mamba2 --modes sdlora:fused lora-out:fused full peft  # 130m-like Mamba-2
     python bench/step_speed.py --arch jamba --modes lora-out sdlora sdlora:fused
     python bench/step_speed.py --checkpointing --modes lora-out:fused sdlora:fused  # with gradient checkpointing
 
-A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt; PATH ``hf`` (default: transformers' own
-mixer forward on the mamba-ssm kernels) or ``fused`` (``sdt.fused.install_fused_path``; Mamba and Jamba only).
+A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt, peft; PATH ``hf`` (default: transformers'
+own mixer forward on the mamba-ssm kernels) or ``fused`` (``sdt.fused.install_fused_path``). ``peft`` is HF PEFT's
+LoRA (r 8, alpha 16, as sdt's presets) on every mixer projection PEFT accepts for the architecture (in_proj,
+out_proj; x_proj and dt_proj on Mamba-1), on transformers' path; the targets it took are printed.
 Every mode trains the same randomly initialised model shape: forward + loss + backward + fused AdamW step, timed
 with CUDA synchronisation around each step. The modes take turns step by step, so that clock changes, garbage
 collection and other drift hit all of them alike. ``--checkpointing`` turns on transformers' gradient checkpointing
@@ -62,11 +64,43 @@ def method_config(method: str, arch: str) -> sdt.SDTConfig:
 def parse_mode(mode: str, arch: str) -> tuple[str, str]:
     method, _, path = mode.partition(":")
     path = path or "hf"
-    if method not in ("full", "lora-out", "sdlora", "sdt") or path not in PATHS:
-        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD full|lora-out|sdlora|sdt, PATH hf|fused")
-    if path == "fused" and arch == "mamba2":
-        raise SystemExit(f"mode {mode!r}: the fused path covers Mamba-1 mixers (mamba, jamba), not Mamba-2")
+    if method not in ("full", "lora-out", "sdlora", "sdt", "peft") or path not in PATHS:
+        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD full|lora-out|sdlora|sdt|peft, PATH hf|fused")
+    if method == "peft" and path != "hf":
+        raise SystemExit(f"mode {mode!r}: PEFT runs on transformers' path only")
     return method, path
+
+
+# the mixer projections PEFT's LoRA is tried on
+PEFT_TARGETS = {"mamba": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
+
+
+class PeftRun:
+    """PEFT's LoRA model behind the two calls the timing loop makes of an ``sdt.Tuner``."""
+
+    def __init__(self, model: torch.nn.Module, args) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        def lora(targets):
+            return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets))
+
+        # which projections PEFT accepts, tried one at a time on a tiny model of the same architecture
+        tiny_args = argparse.Namespace(**{**vars(args), "hidden": 128, "layers": 2, "vocab": 256})
+        model_class, tiny_config = model_config(tiny_args)
+        self.targets, self.refused = [], {}
+        for target in PEFT_TARGETS.get(args.arch, ("in_proj", "out_proj")):
+            try:
+                get_peft_model(model_class(tiny_config), lora([target]))
+                self.targets.append(target)
+            except ValueError as refusal:
+                self.refused[target] = str(refusal).splitlines()[0]
+        self.model = get_peft_model(model, lora(self.targets))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
 
 
 def model_config(args):
@@ -101,13 +135,19 @@ def model_config(args):
     )
 
 
-def build(mode: str, args) -> tuple[sdt.Tuner, torch.optim.Optimizer, str]:
+def build(mode: str, args) -> tuple[sdt.Tuner | PeftRun, torch.optim.Optimizer, str]:
     method, path = parse_mode(mode, args.arch)
     torch.manual_seed(0)
     model_class, config = model_config(args)
     with torch.device("cuda"):  # initialised on the GPU: a 1.4b model takes minutes to initialise on the host
         model = model_class(config)
     model = sdt.to_compute_dtype(model, torch.bfloat16).train()
+    if method == "peft":
+        run = PeftRun(model, args)
+        line = f"PEFT LoRA r8 on {', '.join(run.targets)}" + "".join(
+            f"; refused {t}: {w}" for t, w in run.refused.items()
+        )
+        return run, torch.optim.AdamW(run.trainable_parameters(), lr=1e-3, fused=True), line
     tuner = sdt.apply(model, method_config(method, args.arch))
     if tuner.phase == "warmup":  # a short real warmup, so the selection comes from real updates
         optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
@@ -163,8 +203,10 @@ def profile(tuner, optimizer, args) -> str:
         torch.cuda.synchronize()
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
-    return f"CUDA kernel launches per step: {kernels / 3:.0f}\n{table}"
+    device = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+    # where the host's time goes: on a host-bound step, this and not the kernels sets the pace
+    host = events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)
+    return f"CUDA kernel launches per step: {kernels / 3:.0f}\n{device}\n{host}"
 
 
 def main() -> None:
@@ -243,7 +285,7 @@ def main() -> None:
         )
     # every mode against each baseline that ran: LoRA on out_proj and full fine-tuning on transformers' path,
     # and each method's own transformers-path run
-    baselines = [b for b in ("lora-out", "full") if b in results["modes"]]
+    baselines = [b for b in ("lora-out", "lora-out:fused", "full", "peft") if b in results["modes"]]
     for mode, r in results["modes"].items():
         method = mode.partition(":")[0]
         ratios = {f"vs_{b}": r["tokens_per_s"] / results["modes"][b]["tokens_per_s"] for b in baselines if b != mode}

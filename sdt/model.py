@@ -52,8 +52,8 @@ class Tuner:
 
     Passing ``selection`` starts directly in ``train`` with that selection (loading an adapter, resuming).
 
-    On CUDA with mamba-ssm, Mamba-1 mixers train through :mod:`sdt.fused` (only the gradients the adapters need);
-    :attr:`kernel_path` is the line that says which path runs.
+    On CUDA with mamba-ssm, Mamba-1 and Mamba-2 mixers train through :mod:`sdt.fused` (only the gradients the
+    adapters need); :attr:`kernel_path` is the line that says which path runs.
 
     While adapters are attached, ``model.save_pretrained`` is :meth:`save_pretrained`: it writes the adapter,
     as a PEFT model does, so ``Trainer.save_model`` and Trainer checkpoints hold adapters that :func:`sdt.load`
@@ -121,7 +121,7 @@ class Tuner:
             groups: dict[str, list] = {}
             for prefix, mixer in self.mixers:
                 for spec in self.family.sparse_specs(mixer, self.selection[prefix], self.config.sdt_targets):
-                    member = (spec.module, spec.tensor, spec.index, f"{prefix}.{spec.path}")
+                    member = (spec.module, spec.tensor, spec.index, f"{prefix}.{spec.path}", spec.rows)
                     groups.setdefault(spec.path.replace(".", "_"), []).append(member)
             P.attach_sparse_groups(self.model, groups)  # first: sparse views read the stacked base tensors
         # A different seed from warmup's: the official code re-initialises LoRA for the real run.

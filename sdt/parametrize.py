@@ -64,16 +64,34 @@ class SparseDeltaGroup(Adapter):
     and lands in the state dict. ``base`` is a non-persistent copy of the frozen base tensors.
     """
 
-    def __init__(self, weights: list[torch.Tensor], indices: list[torch.Tensor], names: list[str]) -> None:
+    def __init__(
+        self,
+        weights: list[torch.Tensor],
+        indices: list[torch.Tensor],
+        names: list[str],
+        rows: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
-        base = torch.stack([w.detach() for w in weights])
+        self.rows = rows
+        # Only the rows that can change are stacked: Mamba-2's B/C rows are a sliver of its in_proj, and a copy of
+        # every layer's whole in_proj would double that weight's memory.
+        blocks = [w.detach() if rows is None else w.detach()[rows[0] : rows[1]] for w in weights]
+        base = torch.stack(blocks)
         self.register_buffer("base", base, persistent=False)
-        numel = weights[0].numel()
-        flat = [i.to(device=base.device, dtype=torch.long) + layer * numel for layer, i in enumerate(indices)]
-        self.register_buffer("index", torch.cat(flat))
+        numel, block_numel = weights[0].numel(), blocks[0].numel()
+        skipped = 0 if rows is None else rows[0] * weights[0].shape[1]
+        # ``index`` (saved with the adapter): positions in the stacked whole tensors; ``block_index``: the same
+        # entries in the stacked blocks, where the scatter writes.
+        index = [i.to(device=base.device, dtype=torch.long) for i in indices]
+        self.register_buffer("index", torch.cat([i + layer * numel for layer, i in enumerate(index)]))
+        block_index = [i - skipped + layer * block_numel for layer, i in enumerate(index)]
+        self.register_buffer("block_index", torch.cat(block_index), persistent=False)
         self.delta = nn.Parameter(torch.zeros(self.index.numel(), dtype=torch.float32, device=base.device))
         self.names = names
         self.sizes = [i.numel() for i in indices]
+        #: False while the fused path reads the deltas itself in training (:meth:`dense_deltas`): the forward
+        #: pre-hook then skips the scatter into the base blocks, which nothing would read
+        self.refresh_in_training = True
         self._shared: tuple[torch.Tensor, ...] | None = None
         self._shared_key: tuple | None = None
 
@@ -100,7 +118,16 @@ class SparseDeltaGroup(Adapter):
     def _compute(self) -> tuple[torch.Tensor, ...]:
         # ``unbind`` rather than one slice per layer: its backward is a single stack of the layers' gradients
         # instead of a zero-filled full-size gradient per layer.
-        return _ScatterDelta.apply(self.base, self.index, self.delta).unbind(0)
+        return _ScatterDelta.apply(self.base, self.block_index, self.delta).unbind(0)
+
+    def dense_delta(self, position: int) -> torch.Tensor:
+        """Layer ``position``'s delta as a dense fp32 block of the base's shape (zero off its selected entries), for
+        a path that applies it in activation space (``x Δᵀ`` beside ``x W0ᵀ``) instead of forming ``W0 + Δ``."""
+        start = sum(self.sizes[:position])
+        entries = slice(start, start + self.sizes[position])
+        block_numel = self.base[0].numel()
+        local = self.block_index[entries] - position * block_numel
+        return self.delta.new_zeros(block_numel).index_put((local,), self.delta[entries]).view(self.base.shape[1:])
 
 
 class _ScatterDelta(torch.autograd.Function):
@@ -131,7 +158,11 @@ class SparseDeltaView(nn.Module):
         self.__dict__["group"] = group
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.group.effective()[self.position]
+        block = self.group.effective()[self.position]
+        if self.group.rows is None:
+            return block
+        start, stop = self.group.rows
+        return torch.cat([weight[:start], block, weight[stop:]])
 
 
 class DenseDelta(Adapter):
@@ -160,27 +191,33 @@ class SparseGroups(nn.ModuleDict):
 
     def refresh(self, module: nn.Module, args: Any) -> None:
         for group in self.values():
-            group.refresh()
+            if group.refresh_in_training or not module.training:
+                group.refresh()
 
 
-def attach_sparse_groups(model: nn.Module, groups: dict[str, list[tuple[nn.Module, str, torch.Tensor, str]]]) -> None:
-    """Attach one :class:`SparseDeltaGroup` per kind: ``{kind: [(module, tensor name, flat index, name), ...]}``.
+SparseMember = tuple[nn.Module, str, torch.Tensor, str, tuple[int, int] | None]
+
+
+def attach_sparse_groups(model: nn.Module, groups: dict[str, list[SparseMember]]) -> None:
+    """Attach one :class:`SparseDeltaGroup` per kind: ``{kind: [(module, tensor name, flat index, name, rows), ...]}``
+    (``rows``: the row range ``[start, stop)`` that holds every entry of the index, or None; one per kind).
 
     Must come before any other adapter on the same tensors: a view returns the group's result, which is built
     from the stacked base tensors, not from its input.
     """
     container = SparseGroups()
     for kind, members in groups.items():
-        for module, tensor, _, _ in members:
+        for module, tensor, *_ in members:
             if parametrize.is_parametrized(module, tensor):
                 raise RuntimeError(f"sparse deltas must be the first adapter on {tensor}")
         group = SparseDeltaGroup(
-            [getattr(module, tensor) for module, tensor, _, _ in members],
-            [index for _, _, index, _ in members],
-            [name for _, _, _, name in members],
+            [getattr(module, tensor) for module, tensor, *_ in members],
+            [index for _, _, index, _, _ in members],
+            [name for _, _, _, name, _ in members],
+            rows=members[0][4],
         )
         container[kind] = group
-        for position, (module, tensor, _, _) in enumerate(members):
+        for position, (module, tensor, *_) in enumerate(members):
             attach(module, tensor, SparseDeltaView(group, position))
     model.add_module(SPARSE_GROUPS, container)
     # One scatter per forward of the model, not one per read, computed before any layer runs.

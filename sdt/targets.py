@@ -41,13 +41,15 @@ class SparseSpec:
     """The entries of ``module.<tensor>`` that train, as flat row-major positions.
 
     ``path`` is the tensor's name relative to its mixer (e.g. ``x_proj.weight``); the layers' tensors of one
-    path share a single sparse-delta group.
+    path share a single sparse-delta group. ``rows``, where given, is a row range ``[start, stop)`` that holds every
+    entry of ``index``: only those rows are adapted.
     """
 
     path: str
     module: nn.Module
     tensor: str
     index: torch.Tensor
+    rows: tuple[int, int] | None = None
 
 
 def _counts(config: SDTConfig, prefix: str, **axes: tuple[str, int]) -> dict[str, int]:
@@ -168,7 +170,7 @@ class Mamba2Family:
             groups, states, inputs = selection["groups"], selection["states"], selection["inputs"]
             rows_in_block = groups[:, None] * d["states"] + states  # (g, k_s)
             index = [((first + rows_in_block)[..., None] * d["hidden"] + inputs).reshape(-1) for first in blocks]
-            specs.append(SparseSpec("in_proj.weight", mixer.in_proj, "weight", torch.cat(index)))
+            specs.append(SparseSpec("in_proj.weight", mixer.in_proj, "weight", torch.cat(index), self._bc_rows(mixer)))
         return specs
 
 

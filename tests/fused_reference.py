@@ -81,3 +81,52 @@ class ReferenceKernels:
             ddelta_bias,
             _like(out, out_z.detach()),
         )
+
+
+class ReferenceMamba2Kernels:
+    """``sdt.fused.Mamba2Kernels`` in plain autograd ops, fp32 inside: the conv, a per-step SSD recurrence (heads
+    share their group's B and C), the D skip and the gated RMSNorm ``norm(y · SiLU(z))``. ``calls`` counts forwards,
+    so that a test can tell which path ran."""
+
+    device_type = None
+    name = "pure-PyTorch reference Mamba-2 kernels (tests)"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def split_conv1d_scan(
+        self,
+        zxbcdt,
+        conv_weight,
+        conv_bias,
+        dt_bias,
+        A,
+        D,
+        chunk_size,
+        dt_limit,
+        norm_weight,
+        norm_eps,
+        headdim,
+        ngroups,
+        final_state,
+    ):
+        self.calls += 1
+        batch, length, _ = zxbcdt.shape
+        heads, dim = A.shape[0], A.shape[0] * headdim
+        states = (conv_weight.shape[0] - dim) // (2 * ngroups)
+        z, xbc, dt = zxbcdt.float().split([dim, conv_weight.shape[0], heads], dim=-1)
+        xbc = _conv(xbc.transpose(1, 2), conv_weight, conv_bias).transpose(1, 2)
+        x, B, C = xbc.split([dim, ngroups * states, ngroups * states], dim=-1)
+        x = x.reshape(batch, length, heads, headdim)
+        B, C = (t.reshape(batch, length, ngroups, states).repeat_interleave(heads // ngroups, dim=2) for t in (B, C))
+        dt = F.softplus(dt + dt_bias.float()).clamp(*dt_limit)
+        state = x.new_zeros(batch, heads, headdim, states)
+        ys = []
+        for t in range(length):
+            decay = torch.exp(dt[:, t] * A)[..., None, None]
+            state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+            ys.append((state * C[:, t, :, None, :]).sum(-1))
+        y = (torch.stack(ys, dim=1) + x * D.float()[:, None]).reshape(batch, length, dim) * F.silu(z)
+        grouped = y.reshape(batch, length, ngroups, dim // ngroups)
+        y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm_eps)).reshape(batch, length, dim)
+        return (norm_weight.float() * y).to(zxbcdt.dtype), (state if final_state else None)

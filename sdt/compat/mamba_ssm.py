@@ -1,10 +1,13 @@
-"""mamba-ssm's and causal-conv1d's CUDA kernels, called as mamba-ssm's own ``MambaInnerFn`` calls them: the
-selective scan's extension module (``selective_scan_cuda``) and causal-conv1d's ``cpp_functions`` wrappers, private
-entry points of the shipped wheels (mamba-ssm 2.3.2, causal-conv1d 1.7.0) with positional arguments. Their public
-functions compute the full gradients and layouts that the fused path exists to avoid (:mod:`sdt.fused`).
+"""mamba-ssm's and causal-conv1d's CUDA kernels as sdt's fused paths call them.
 
-:class:`CudaKernels` keeps the contract of :class:`sdt.fused.kernels.MambaKernels`; ``tests/test_fused_cuda.py``
-checks it against the pure-PyTorch reference kernels.
+Mamba-1: called as mamba-ssm's own ``MambaInnerFn`` calls them: the selective scan's extension module
+(``selective_scan_cuda``) and causal-conv1d's ``cpp_functions`` wrappers, private entry points of the shipped wheels
+(mamba-ssm 2.3.2, causal-conv1d 1.7.0) with positional arguments. Their public functions compute the full gradients
+and layouts that the fused path exists to avoid (:mod:`sdt.fused`). :class:`CudaKernels` keeps the contract of
+:class:`sdt.fused.kernels.MambaKernels`; ``tests/test_fused_cuda.py`` checks it against the pure-PyTorch reference.
+
+Mamba-2: mamba-ssm's public ``mamba_split_conv1d_scan_combined`` (the function transformers' ``Mamba2Mixer`` calls in
+training), without its out_proj, which the fused path applies itself (:class:`CudaMamba2Kernels`).
 """
 
 from __future__ import annotations
@@ -57,13 +60,41 @@ class CudaKernels:
         return du, ddelta, dA, dB, dC, dD, ddelta_bias, out_z
 
 
-def load_cuda_kernels() -> tuple[CudaKernels | None, str]:
-    """The CUDA kernels, or None and why not (no CUDA device, mamba-ssm or causal-conv1d missing, or their entry
-    points moved; the installed versions are named)."""
+class CudaMamba2Kernels:
+    """mamba-ssm's ``mamba_split_conv1d_scan_combined`` with no out_proj (:class:`sdt.fused.kernels.Mamba2Kernels`)."""
+
+    device_type = "cuda"
+    name = "mamba_split_conv1d_scan_combined"
+
+    def __init__(self) -> None:
+        from mamba_ssm.ops.triton import ssd_combined
+
+        self._combined = require(ssd_combined, "mamba_split_conv1d_scan_combined", "mamba-ssm", "ssd_combined")
+
+    def __deepcopy__(self, memo: dict) -> CudaMamba2Kernels:
+        return self
+
+    # fmt: off
+    def split_conv1d_scan(
+        self, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, dt_limit, norm_weight, norm_eps, headdim,
+        ngroups, final_state,
+    ):
+        result = self._combined(
+            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, dt_limit=dt_limit, activation="silu",
+            rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, headdim=headdim, ngroups=ngroups, norm_before_gate=False,
+            return_final_states=final_state,
+        )
+        # fmt: on
+        return result if final_state else (result, None)
+
+
+def load_cuda_kernels(kernels_class: type = CudaKernels) -> tuple[CudaKernels | CudaMamba2Kernels | None, str]:
+    """The CUDA kernels of ``kernels_class``, or None and why not (no CUDA device, mamba-ssm or causal-conv1d missing,
+    or their entry points moved; the installed versions are named)."""
     if not torch.cuda.is_available():
         return None, "no CUDA device"
     try:
-        return CudaKernels(), ""
+        return kernels_class(), ""
     except CompatError as moved:
         return None, f"{moved} (sdtune calls mamba-ssm 2.3.2's and causal-conv1d 1.7.0's)"
     except (ImportError, OSError) as error:  # missing, or built against another torch / CUDA

@@ -63,3 +63,26 @@ class MambaKernels(Protocol):
     def last_state(self, saved: torch.Tensor | None) -> torch.Tensor:
         """The scan's state after the last step, (b, d, n) fp32, from what :meth:`scan_fwd` saved."""
         ...
+
+
+class Mamba2Kernels(Protocol):
+    """A Mamba-2 mixer from in_proj's output to out_proj's input, as mamba-ssm's ``mamba_split_conv1d_scan_combined``
+    computes it without its out_proj: the causal conv (SiLU) over [x | B | C], the chunked SSD scan with
+    softplus(dt + dt_bias) clamped to ``dt_limit`` and the D skip, then the gated RMSNorm ``norm(y · SiLU(z))`` over
+    groups of ``dim / ngroups`` channels (transformers' ``norm_before_gate=False``). Differentiable in every input."""
+
+    #: the device type these kernels run on; None: any (a reference implementation)
+    device_type: str | None
+    name: str
+
+    # fmt: off
+    def split_conv1d_scan(
+        self, zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
+        A: torch.Tensor, D: torch.Tensor, chunk_size: int, dt_limit: tuple[float, float], norm_weight: torch.Tensor,
+        norm_eps: float, headdim: int, ngroups: int, final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # fmt: on
+        """zxbcdt (b, l, 2·dim + 2·ngroups·N + H); conv_weight (dim + 2·ngroups·N, width); A, dt_bias, D (H,) with A
+        fp32; norm_weight (dim,). Returns (y, state): y (b, l, dim) in zxbcdt's dtype; the scan's final state
+        (b, H, headdim, N) where ``final_state`` asks for it, else None (asked for, it costs a little)."""
+        ...
