@@ -98,6 +98,8 @@ def run_sweep(args, work: Path, arm: str, number: int) -> dict[str, Any]:
 def reservation(spec, trials: list, wall: float) -> dict[str, float]:
     """The sweep's GPU-seconds and their parts (see the module's docstring)."""
     costs = [t.cost for t in trials if t.cost]
+    if not costs:
+        raise SystemExit(f"{spec.sweep_dir}: no trial has a cost record (cost.json): nothing to account")
     per_trial = max(cost["gpus"] for cost in costs) or 1.0  # the GPUs a trial held; on the CPU, one unit
     slots = spec.resources.max_concurrent_trials
     held = sum(per_trial * cost["wall"] for cost in costs)
