@@ -1,181 +1,290 @@
-"""A trial's training loop against the bare loop of bench/step_speed.py, in one process, in alternating blocks.
+"""The trial a user runs (`sdtune train`, and one trial of `sdtune sweep` under Ray Tune), each against the bare
+training loop on the same shape, in alternating rounds.
 
-    python bench/trial_speed.py --hidden 2048 --layers 48 --out trial_speed.json
+    python bench/trial_speed.py --out trial_speed.json                 # both, 5 rounds (GPU)
+    python bench/trial_speed.py --modes train --out trial_speed.json   # `sdtune train` against the bare loop only
+    python bench/trial_speed.py --quick --out /tmp/trial_speed.json    # a tiny shape on the CPU: a smoke test
 
-Both train the same SDLoRA model (random init, bf16 base, fp32 adapters, sdt's fused path on CUDA) on random
-sequences of ``--seq`` tokens, ``--batch`` per step:
+Every run is a fresh process, started as a user starts it, and every round runs ``bare``, then ``train``, then
+``sweep`` (bare, train, sweep, bare, train, sweep, ...): the host of the lent GPU machines drifts over minutes, so
+each trial is compared with the bare run of its own round. One untimed import of the worker's code comes first, so
+that the first round does not read the packages from disk alone.
 
-- ``bare``: forward, loss, backward, fused AdamW step on batches already on the GPU, as bench/step_speed.py does;
-- ``bare-clip``: the same with the trial's recipe, which a bare loop of that training would have too: gradient
-  clipping at 1.0 (torch's foreach ``clip_grad_norm_``) and the linear learning-rate schedule;
-- ``trial-zeroN``: pipeline.trial.worker's loop body for a spec of ZeRO stage N: ``Batches`` (host collation, pinned
-  copies ahead of the step), ``train_micro_batch`` on the DeepSpeed engine of ``make_engine`` (torch fused AdamW,
-  gradient clipping 1.0, the linear schedule), the loss kept on the device (``LossLog``, read every 10 steps). On
-  one rank ``pipeline.trial.worker.zero_stage`` runs stages 1 and 2 as stage 0;
-- ``trial-zero0-unlightened``: stage 0 as DeepSpeed runs it by default (its all-reduce on one rank, its per-tensor
-  clipping loop, its throughput timer that waits for the GPU twice a step), to show what ``make_engine`` saves.
+- ``train``: ``sdtune train JOB``: a local Ray instance, one Ray Train worker with DeepSpeed, the SDT warmup and
+  selection, the training steps, an evaluation and a checkpoint.
+- ``sweep``: ``sdtune sweep JOB`` with an empty search space: the same trial under Ray Tune, with the sweep's MLflow
+  tracking, export (no registry) and report.
+- ``bare``: ``python bench/trial_speed.py --bare JOB``: the loop a person would write for the same training, in one
+  process without Ray, DeepSpeed, MLflow, evaluation or checkpoints: the same model and examples (sdtune's loaders),
+  collated into batches of the same shape and copied to the device before the clock starts; the SDT warmup and
+  selection (same steps, same learning rate); then the training steps with a fresh fused AdamW, gradient clipping
+  (torch's foreach ``clip_grad_norm_``) and the linear learning-rate decay, as the trial's recipe has them.
 
-The modes take turns, ``--block`` steps at a time, for ``--blocks`` rounds; the GPU is waited for only at the ends
-of a block, so a mode that makes the host wait inside a step pays for it as a trial would. The host of these
-machines drifts within a run, so a mode's speed against ``bare`` (and ``bare-clip``) is the median over rounds of the
-ratio of its block to the bare block of the same round; tokens/s is the median over a mode's blocks. Host ms per
-step is the process's CPU time per step: where the host bounds the step, what a mode adds shows there first.
+JOB is bench/trial_mamba130m.yaml: mamba-130m's shape (hidden 768, 24 layers, vocab 50280) built from its config with
+random weights, bf16 with A_log, D and the adapters in fp32, SDLoRA after 20 warmup steps, 100 optimizer steps of
+8 rows of 1,022 tokens (bench/long_sequences.py; every row one length, so no padding), one GPU, ZeRO-2 (which one
+rank runs as stage 0). What each round measures:
+
+- **training throughput**, tokens/s: the input tokens of the training phase's optimizer steps (after the warmup and
+  the selection) over the seconds from the start of the first step to the GPU's end of the last. For ``train`` and
+  ``sweep``, the ``tokens_per_s`` of the trial's last report, as the trial reports it (one epoch, one report: the
+  whole training phase); the bare loop times the same span the same way (the GPU waited for before and after).
+  Both include the first step.
+- **end-to-end wall time**, s: from launching the command to its exit, start-up included (Python, imports, Ray,
+  the model and data, warmup, training, and for the trials the evaluation, checkpoint, tracking, shutdown).
+
+Printed per round: each figure, and the trial's throughput over the bare run's and its wall time minus the bare
+run's; then per figure the median, quartiles and range over the rounds. ``--out`` gets every round and the summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
+import re
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
-import torch
+from long_sequences import write_rows
+from rounds import SDTUNE, header, quartile_text, spread, timed_command, warm_up_imports, write_json
 
-import sdt
-from pipeline.spec.job import parse_job
-from pipeline.tasks.formatting import Example
-from pipeline.trial.worker import Batches, LossLog, make_engine, train_micro_batch
-
-JOB = {
-    "name": "trial-speed",
-    "model": {"architecture": "mamba"},
-    "method": {"name": "sdlora", "warmup_steps": 2},
-    "training": {"lr": 1e-3, "grad_clip": 1.0},
-}
-
-
-def build(args, zero_stage: int | None, lightened: bool = True):
-    torch.manual_seed(0)
-    from transformers import MambaConfig, MambaForCausalLM
-
-    config = MambaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         state_size=16, expand=2, tie_word_embeddings=True)  # fmt: skip
-    with torch.device("cuda"):
-        model = MambaForCausalLM(config)
-    tuner = sdt.apply(
-        sdt.to_compute_dtype(model, torch.bfloat16).train(), sdt.SDTConfig.preset("sdlora", warmup_steps=2)
-    )
-    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
-    for step in range(2):  # a real warmup, so the selection ranks real updates
-        step_bare(model, optimizer, tokens(args, step))
-    tuner.start_training(tuner.select())
-    if zero_stage is None:
-        optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
-        return tuner, (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 10**6))
-    spec = parse_job({**JOB, "training": {**JOB["training"], "zero_stage": zero_stage, "batch_size": args.batch}})
-    engine = make_engine(tuner, spec, spec.training.lr, total_steps=10**6)
-    if not lightened:
-        engine.enable_backward_allreduce = True
-        del engine.clip_fp32_gradients  # back to DeepSpeed's own method
-        engine.tput_timer.config.enabled = True
-    return tuner, engine
+JOB = str(Path(__file__).with_name("trial_mamba130m.yaml"))
+MODES = ("train", "sweep")
+# A tiny shape for a smoke test on the CPU: the same runs, in seconds of training.
+QUICK = [
+    "resources.use_gpu=false",
+    "resources.cpus_per_worker=1",
+    "model.config={hidden_size: 64, num_hidden_layers: 2, state_size: 8, tie_word_embeddings: true}",
+    "training.max_steps=10",
+    "method.warmup_steps=2",
+    "data.max_eval_samples=8",
+    "training.eval_batch_size=8",
+]
+BARE_LINE = "bare loop: "
+# The seconds per phase a trial's report carries (pipeline.trial.worker.PhaseClock), kept with each train run.
+PHASES = ("imports", "setup", "warmup", "train", "eval", "checkpoint")  # the bare run's one line of results, as JSON
 
 
-def examples(args) -> list[Example]:
-    """Random classification examples of ``--seq`` tokens (the answer is the last), as load_task makes them."""
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch * 64, args.seq), generator=generator).tolist()
-    return [Example(row[:-1], row[-1:], reference=0) for row in ids]
+# ---------------------------------------------------------------------------------------------------------------
+# The bare loop (a process of its own, as each round starts it)
 
 
-def tokens(args, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda", generator=generator)
+def bare_loop(job: str, overrides: list[str]) -> dict[str, Any]:
+    """The job's training as a bare loop; returns its training throughput and what it ran on."""
+    import torch
+
+    import sdt
+    from pipeline.spec.job import load_job
+    from pipeline.tasks.formatting import pad_rows, pad_token_id, token_row
+    from pipeline.tasks.sources import load_task
+    from pipeline.trial.models import load_base_model
+
+    spec = load_job(job, overrides)
+    training = spec.training
+    device = torch.device("cuda" if spec.resources.use_gpu is not False and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))  # as the trial's worker does
+    torch.manual_seed(training.seed)
+    model, tokenizer = load_base_model(spec.model, device, log=lambda line: None)
+    rows = [token_row(example) for example in load_task(spec.data, tokenizer).train]
+    steps = training.max_steps or training.epochs * (len(rows) // training.batch_size)
+    size, pad = training.batch_size, pad_token_id(tokenizer)
+    needed = max(steps, spec.method.warmup_steps or 0)
+    batches = [pad_rows([rows[(step * size + i) % len(rows)] for i in range(size)], pad) for step in range(needed)]
+    batches = [{key: tensor.to(device) for key, tensor in batch.items()} for batch in batches]
+    tuner = sdt.apply(model.train(), spec.method.to_sdt_config(seed=training.seed))
+    if tuner.phase == "warmup":
+        train_steps(tuner, batches[: tuner.config.warmup_steps], training.warmup_lr or training.lr, training, steps)
+        tuner.start_training(tuner.select())
+    if device.type == "cuda" and tuner.kernel_path.startswith("fused path: off"):
+        raise SystemExit(f"bare loop: {tuner.kernel_path}; refusing to time a fallback")
+    synchronize(device)
+    began = time.perf_counter()
+    train_steps(tuner, batches[:steps], training.lr, training, steps)
+    synchronize(device)
+    seconds = time.perf_counter() - began
+    tokens = sum(int(batch["input_ids"].numel()) for batch in batches[:steps])
+    real = sum(int(batch["attention_mask"].sum()) for batch in batches[:steps])
+    return {
+        "tokens_per_s": tokens / seconds,
+        "train_s": seconds,
+        "steps": steps,
+        "tokens": tokens,
+        "padding_share": 1 - real / tokens,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "kernel_path": tuner.kernel_path,
+    }
 
 
-def step_bare(model, optimizer, batch, clipped: list[torch.Tensor] | None = None, schedule=None) -> None:
-    model(input_ids=batch, labels=batch).loss.backward()
-    if clipped is not None:
-        torch.nn.utils.clip_grad_norm_(clipped, JOB["training"]["grad_clip"], foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if schedule is not None:
+def train_steps(tuner, batches: list[dict], lr: float, training, total_steps: int) -> None:
+    """One optimizer step per batch: fused AdamW (on CUDA), foreach gradient clipping, linear decay to zero over
+    ``total_steps``, as the trial's engine (pipeline.trial.worker.make_engine) does."""
+    import torch
+
+    params = tuner.trainable_parameters()
+    fused = {"fused": True} if params[0].is_cuda else {}
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=training.weight_decay, **fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)))
+    for batch in batches:
+        tuner.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, training.grad_clip, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         schedule.step()
 
 
-def bare_block(tuner, runner, args, first: int, recipe: bool) -> int:
-    optimizer, schedule = runner
-    clipped = tuner.trainable_parameters() if recipe else None
-    for step in range(first, first + args.block):
-        step_bare(tuner.model, optimizer, tokens(args, step), clipped, schedule if recipe else None)
-    return args.block * args.batch * args.seq
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def trial_block(engine, losses: LossLog, batches: Batches, args, first: int) -> int:
-    """pipeline.trial.worker's loop body (run_trial): ``--block`` optimizer steps from step ``first``."""
-    step, count = first, 0
-    while step < first + args.block:
-        epoch, start = divmod(step, batches.per_epoch)
-        for _, batch in batches.epoch(epoch, torch.device("cuda"), start=start):
-            loss, _ = train_micro_batch(engine, batch)
-            losses.add(loss)
-            count += int(batch["input_ids"].numel())
-            engine.step()
-            step += 1
-            losses.end_step(step)
-            if step == first + args.block:
-                break
-    return count
+# ---------------------------------------------------------------------------------------------------------------
+# The rounds
+
+
+def settings(args, work: Path, name: str) -> list[str]:
+    """``--set`` values of every run: the bench's data and output directory, the quick shape, the caller's own."""
+    return [
+        f"data.data_files.train={work / 'long.jsonl'}",
+        f"output_dir={work / 'runs'}",
+        f"name={name}",
+        "export.register_model=false",
+        *(QUICK if args.quick else []),
+        *args.overrides,
+    ]
+
+
+def as_set_options(values: list[str]) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def run_bare(args, work: Path, name: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--bare", args.job, *as_set_options(settings(args, work, name))]
+    wall, output = timed_command(command, "the bare loop")
+    [line] = [line for line in output.splitlines() if line.startswith(BARE_LINE)]
+    return {"wall_s": wall, **json.loads(line.removeprefix(BARE_LINE))}
+
+
+def printed_metrics(output: str) -> dict[str, Any]:
+    """The ``key: value`` lines `sdtune train` prints of its last report."""
+    metrics = {}
+    for key, value in re.findall(r"^([\w/]+): (\S+)$", output, flags=re.M):
+        try:
+            metrics[key] = float(value)
+        except ValueError:
+            metrics[key] = value
+    return metrics
+
+
+def run_train(args, work: Path, name: str) -> dict[str, Any]:
+    wall, output = timed_command([*SDTUNE, "train", args.job, *as_set_options(settings(args, work, name))], "train")
+    report = printed_metrics(output)
+    phases = {phase: report[f"time/{phase}"] for phase in PHASES if f"time/{phase}" in report}
+    return {"wall_s": wall, "tokens_per_s": report["tokens_per_s"], "step": report["step"], "phases_s": phases}
+
+
+def run_sweep(args, work: Path, name: str) -> dict[str, Any]:
+    from pipeline.results.outcomes import load_trials, sweep_spec
+
+    values = [*settings(args, work, name), "search.space={}", "search.num_samples=1"]
+    wall, _ = timed_command([*SDTUNE, "sweep", args.job, *as_set_options(values)], "sweep")
+    [trial] = load_trials(sweep_spec(work / "runs" / name))
+    metrics = trial.metrics
+    return {
+        "wall_s": wall,
+        "tokens_per_s": metrics["tokens_per_s"],
+        "step": metrics["step"],
+        "trial_cost_s": trial.cost,
+    }
+
+
+def one_round(args, work: Path, number: int) -> dict[str, Any]:
+    result = {"round": number, "bare": run_bare(args, work, f"bare-{number}")}
+    runners = {"train": run_train, "sweep": run_sweep}
+    for mode in args.modes:
+        run = runners[mode](args, work, f"{mode}-{number}")
+        run["vs_bare_tokens_per_s"] = run["tokens_per_s"] / result["bare"]["tokens_per_s"]
+        run["wall_s_over_bare"] = run["wall_s"] - result["bare"]["wall_s"]
+        result[mode] = run
+    return result
+
+
+def round_line(result: dict[str, Any]) -> str:
+    bare = result["bare"]
+    parts = [f"round {result['round']}: bare {bare['tokens_per_s']:,.0f} tokens/s, {bare['wall_s']:.1f} s"]
+    for mode in MODES:
+        if mode in result:
+            run = result[mode]
+            parts.append(
+                f"{mode} {run['tokens_per_s']:,.0f} tokens/s ({run['vs_bare_tokens_per_s']:.3f}x bare), "
+                f"{run['wall_s']:.1f} s (+{run['wall_s_over_bare']:.1f} s)"
+            )
+    return " | ".join(parts)
+
+
+def summary(results: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    figures = {
+        "bare": {
+            "tokens_per_s": spread([r["bare"]["tokens_per_s"] for r in results]),
+            "wall_s": spread([r["bare"]["wall_s"] for r in results]),
+        }
+    }
+    for mode in modes:
+        figures[mode] = {
+            key: spread([r[mode][key] for r in results])
+            for key in ("tokens_per_s", "vs_bare_tokens_per_s", "wall_s", "wall_s_over_bare")
+        }
+    return figures
+
+
+def print_summary(figures: dict[str, Any]) -> None:
+    print(f"bare:  tokens/s {quartile_text(figures['bare']['tokens_per_s'], digits=0)}")
+    print(f"       wall {quartile_text(figures['bare']['wall_s'], ' s', 1)}")
+    for mode in MODES:
+        if mode in figures:
+            f = figures[mode]
+            print(f"{mode}: tokens/s / bare's {quartile_text(f['vs_bare_tokens_per_s'])}")
+            print(f"       tokens/s {quartile_text(f['tokens_per_s'], digits=0)}")
+            print(f"       wall {quartile_text(f['wall_s'], ' s', 1)}")
+            print(f"       wall - bare's {quartile_text(f['wall_s_over_bare'], ' s', 1)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--vocab", type=int, default=50280)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--block", type=int, default=20, help="steps per block")
-    parser.add_argument("--blocks", type=int, default=6, help="timed blocks per mode")
-    parser.add_argument("--stages", type=int, nargs="+", default=[0, 3])
-    parser.add_argument("--unlightened", action="store_true", help="also time stage 0 as DeepSpeed runs it by default")
-    parser.add_argument("--out")
+    parser.add_argument("--job", default=JOB, help="the job spec every run trains (default: %(default)s)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="the trials to time")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=1200, help="rows of the long-sequence file")
+    parser.add_argument("--length", type=int, default=1020, help="pixel tokens per row")
+    parser.add_argument("--quick", action="store_true", help="a tiny shape on the CPU, 2 rounds, short rows")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applies to every run")
+    parser.add_argument("--bare", metavar="JOB", help="run the bare loop of JOB once, in this process")
+    parser.add_argument("--out", help="write every round and the summary here (JSON)")
     args = parser.parse_args()
-    os.environ.update(
-        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
-    )
-
-    modes = {"bare": build(args, None), "bare-clip": build(args, None)}
-    modes.update({f"trial-zero{stage}": build(args, stage) for stage in args.stages})
-    if args.unlightened and 0 in args.stages:
-        modes["trial-zero0-unlightened"] = build(args, 0, lightened=False)
-    batches = Batches(examples(args), args.batch, seed=0, rank=0, world=1, pad_id=0)  # once, as a trial does
-    rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    host_ms: dict[str, list[float]] = {mode: [] for mode in modes}
-    for block in range(1 + args.blocks):  # the first block of each mode warms it up
-        for mode, (tuner, runner) in modes.items():
-            first = block * args.block
-            torch.cuda.synchronize()
-            start, host_start = time.perf_counter(), time.process_time()
-            if mode.startswith("bare"):
-                count = bare_block(tuner, runner, args, first, recipe=mode == "bare-clip")
-            else:
-                count = trial_block(runner, LossLog(torch.device("cuda"), log_every_steps=10), batches, args, first)
-            torch.cuda.synchronize()
-            if block:
-                rates[mode].append(count / (time.perf_counter() - start))
-                host_ms[mode].append((time.process_time() - host_start) / args.block * 1e3)
-    result = {}
-    for mode, samples in rates.items():
-        result[mode] = {
-            "tokens_per_s": statistics.median(samples),
-            "host_ms_per_step": statistics.median(host_ms[mode]),
-            "blocks": samples,
-            **{
-                f"vs_{base}": statistics.median(a / b for a, b in zip(samples, rates[base]))
-                for base in ("bare", "bare-clip")
-            },
-        }
-    for mode, numbers in result.items():
-        blocks = numbers["blocks"]
-        print(f"{mode:24} {numbers['tokens_per_s']:>10,.0f} tokens/s  {numbers['vs_bare']:.3f}x bare  "
-              f"{numbers['vs_bare-clip']:.3f}x bare-clip  host {numbers['host_ms_per_step']:.1f} ms/step  "
-              f"(blocks {min(blocks):,.0f}-{max(blocks):,.0f})")  # fmt: skip
-    print(modes["bare"][0].kernel_path)
+    if args.bare:
+        print(BARE_LINE + json.dumps(bare_loop(args.bare, args.overrides)), flush=True)
+        return
+    if args.quick:
+        args.rounds, args.rows, args.length = min(args.rounds, 2), 128, 60
+    warm_up_imports()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="trial-speed-") as tmp:
+        work = Path(tmp)
+        write_rows(str(work / "long.jsonl"), args.rows, args.length)
+        for number in range(1, args.rounds + 1):
+            results.append(one_round(args, work, number))
+            print(round_line(results[-1]), flush=True)
+    figures = summary(results, args.modes)
+    print_summary(figures)
     if args.out:
-        with open(args.out, "w") as file:
-            json.dump({"shape": vars(args), **result}, file, indent=2)
+        device = results[0]["bare"]["device"]
+        record = {"device": device, "job": args.job, "rounds": results, "summary": figures}
+        write_json(args.out, {**header("trial_speed"), **record})
 
 
 if __name__ == "__main__":

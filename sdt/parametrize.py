@@ -51,8 +51,8 @@ class SparseDeltaGroup(Adapter):
 
     Holds one fp32 delta per selected entry and writes all layers' entries with a single gather-add-scatter into
     the stacked base tensors. Doing that per layer costs about a dozen small kernels and Python dispatches per
-    layer and step; on the fused path, where a mamba-130m step is bound by launch overhead, that alone made SDLoRA
-    about 8% slower than LoRA (docs/benchmarks.md).
+    layer and step, which shows where a step is bound by launch overhead, as a mamba-130m step is (SDLoRA's step
+    against LoRA's: docs/benchmarks.md).
 
     The stacked result is computed once per forward of the model, *before* its first layer runs (the model's
     forward pre-hook, see :func:`attach_sparse_groups`), and every read of a layer's tensor until the delta changes
