@@ -8,6 +8,9 @@ Mamba-2 (``Mamba2ForCausalLM``) is our generalisation, not the paper's (spec 9.3
 head, so heads play channels; B and C are rows of ``in_proj.weight`` ([z | x | B | C | dt], B and C each
 G·N rows over the D hidden inputs), so the B/C rows of a head's group play states, and each selected row trains
 only its most-updated inputs.
+
+Each family lists the axes its selection ranks (:class:`Axis`): the config field that sets how many entries of
+each stay frozen, and the default rule for a field left unset, which trains at least one (docs/mamba2.md).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class SparseSpec:
 class DefaultCount:
     """How many entries of an axis train when its config field is left unset (None): ``count(size)``, never 0."""
 
-    text: str  # the rule in words, for validate's output and the docs
+    text: str  # the rule in words, for the error that a set count training nothing raises
     count: Callable[[int], int]
 
 
@@ -66,7 +69,7 @@ def paper_fraction(frozen: float) -> DefaultCount:
 
 
 # Mamba-2's heads: 1 in 16, rounded up (1 of 8, 2 of 24, 4 of 64, 8 of 128); chosen by the experiment in
-# docs/mamba2.md. The paper's 0.99 would leave one head on every real checkpoint (24 to 128 heads a layer).
+# docs/mamba2.md. The paper's 0.99 trains no head of a layer with up to 50 and one of one with 51 to 150.
 HEADS_DEFAULT = DefaultCount("1 in 16, rounded up", lambda heads: math.ceil(heads / 16))
 
 
