@@ -153,12 +153,13 @@ def check_method_fits(spec: JobSpec, model: PreTrainedModel) -> None:
 
 
 def unsupported_model(spec: JobSpec, error: sdt.UnsupportedModelError) -> tuple[str, str]:
-    """(field, reason) of a base sdt cannot tune: a key of ``model.config`` the job wrote, or the checkpoint whose
-    config holds it."""
-    if spec.model.architecture is not None and error.field in spec.model.config:
-        return f"model.config.{error.field}", error.reason
-    source = "model.name_or_path" if spec.model.name_or_path else "model"
-    return source, str(error)
+    """(field, reason) of a base sdt cannot tune: the key of ``model.config`` the job wrote, the config it left at
+    transformers' defaults, or the checkpoint whose config it is."""
+    model = spec.model
+    if model.architecture is not None:
+        written = error.field in model.config
+        return ("model.config" + (f".{error.field}" if written else "")), (error.reason if written else str(error))
+    return ("model.name_or_path" if model.name_or_path else "model"), str(error)
 
 
 def searched_methods(spec: JobSpec) -> list[tuple[str, Any, JobSpec]]:
