@@ -27,10 +27,11 @@ generalisation, not the paper's; see :mod:`sdt.targets`.
 """
 
 from .config import LORA_TARGETS, SDT_TARGETS, SELECTION_FIELDS, SETTINGS, SDTConfig, Setting, trainable_count
-from .errors import SDTConfigError
+from .errors import SDTConfigError, UnsupportedModelError
 from .io import AdapterFileError, load, read_config
 from .methods import METHODS, Method, register_method
 from .model import AdapterCoverageError, Tuner, apply, select, to_compute_dtype
+from .plan import LayerPlan, Plan, plan
 from .saving import adapter_tensors, save, save_merged, write_atomically
 from .selection import SelectionError, select_channels_and_states, select_heads_and_rows, top_indices
 from .targets import check_counts, mixers
@@ -45,18 +46,22 @@ __all__ = [
     "VARIANTS",
     "AdapterCoverageError",
     "AdapterFileError",
+    "LayerPlan",
     "LoraVariant",
     "Method",
+    "Plan",
     "SDTConfig",
     "SDTConfigError",
     "SelectionError",
     "Setting",
     "Tuner",
+    "UnsupportedModelError",
     "adapter_tensors",
     "apply",
     "check_counts",
     "load",
     "mixers",
+    "plan",
     "read_config",
     "register_method",
     "register_variant",

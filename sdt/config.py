@@ -30,7 +30,12 @@ class SDTConfig:
     Counts (`channels_frozen`, `states_frozen`, `inputs_frozen`) follow the official code (spec section 3): a float
     is the *frozen fraction* of the axis and is rounded with Python's ``round`` (banker's rounding on .5); an int
     is the absolute number of *frozen* entries. The trainable count is what remains, e.g. 0.99 of 1536 channels
-    freezes 1521 and trains 15.
+    freezes 1521 and trains 15. A value set here is honoured exactly, and one that trains nothing in some layer is
+    an error naming the field and the layer.
+
+    Left unset (None), a count follows the model family's default rule, which trains at least one entry of every
+    axis of every layer (:mod:`sdt.targets`): on Mamba-1 and Jamba the paper's 0.99 of the channels and 0.75 of the
+    states frozen; on Mamba-2 1 in 16 heads (rounded up), 0.75 of the B/C rows and 0.99 of their inputs frozen.
     """
 
     method: str = "sdlora"  # a name from sdt.METHODS
@@ -41,10 +46,11 @@ class SDTConfig:
     lora_variant: str = "lora"  # a name from sdt.VARIANTS: how the factors make a weight
     # SDT: A_log entries of the selected channels/states, and the B/C weights of the selected channels.
     sdt_targets: tuple[str, ...] = SDT_TARGETS
-    channels_frozen: float | int = _field(0.99, short="ch")
-    states_frozen: float | int = _field(0.75, short="st")
+    # Frozen channels (Mamba-2: heads) and states per layer; None: the family's default rule (see above).
+    channels_frozen: float | int | None = _field(None, short="ch")
+    states_frozen: float | int | None = _field(None, short="st")
     # Mamba-2 only: how many of the hidden inputs of each selected B/C row of in_proj stay frozen (spec 9.3).
-    inputs_frozen: float | int = 0.99
+    inputs_frozen: float | int | None = None
     # Warmup length in optimizer steps (the official code's num_warmup_it + 1).
     warmup_steps: int = 500
     # Seeds the LoRA initialisation, so every data-parallel rank builds the same adapters. Not a setting: a
@@ -68,6 +74,8 @@ class SDTConfig:
             raise SDTConfigError("warmup_steps", f"SDT needs at least one warmup step, got {self.warmup_steps}")
         for name in SELECTION_FIELDS:
             value = getattr(self, name)
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SDTConfigError(name, f"expected a float fraction or an int count, got {value!r}")
             if value < 0 or (isinstance(value, float) and value > 1):
@@ -108,7 +116,7 @@ class SDTConfig:
 
     def overview(self) -> dict[str, dict[str, Any]]:
         """The config grouped for readers who do not parse it (an adapter's card): LoRA's size, SDT's frozen
-        fractions or counts, and where each kind of adapter goes."""
+        fractions or counts (None: the family's default rule), and where each kind of adapter goes."""
         return {
             "ranks": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha},
             "ratios": {name: getattr(self, name) for name in SELECTION_FIELDS},
@@ -133,7 +141,9 @@ class SDTConfig:
         if self.uses_sdt:
             axes = set(kept_per_layer or ()) | {"channels", "states"}
             ratios = ", ".join(
-                f"{name} {getattr(self, name)}" for name in SELECTION_FIELDS if name.removesuffix("_frozen") in axes
+                f"{name} {'default' if (value := getattr(self, name)) is None else value}"
+                for name in SELECTION_FIELDS
+                if name.removesuffix("_frozen") in axes
             )
             kept = (
                 "; kept per layer: " + ", ".join(f"{a} {n}" for a, n in kept_per_layer.items())
@@ -187,7 +197,8 @@ def _check_method(method: Method, config: SDTConfig) -> None:
 
 
 def trainable_count(frozen: float | int, size: int, *, field_name: str = "count") -> int:
-    """How many of ``size`` entries train when ``frozen`` of them are frozen (spec section 3 rounding)."""
+    """How many of ``size`` entries train when ``frozen`` of them are frozen (spec section 3 rounding); may be 0.
+    The count a config gives an axis, defaults included, is :func:`sdt.targets.resolve`'s."""
     n_frozen = round(frozen * size) if isinstance(frozen, float) else int(frozen)
     if n_frozen > size:
         raise SDTConfigError(field_name, f"freezes {n_frozen} of only {size}")

@@ -15,10 +15,9 @@ from torch import nn
 
 from . import parametrize as P
 from .config import SDTConfig
-from .errors import SDTConfigError
 from .fused import install_fused_path, uninstall_fused_path
 from .saving import save_into
-from .targets import Selection, check_counts, family_of, mixers
+from .targets import Selection, check_counts, check_lora_targets, family_of, mixers
 from .variants import get_variant
 
 Phase = Literal["warmup", "train"]
@@ -129,13 +128,7 @@ class Tuner:
 
     def _attach_lora(self, seed: int) -> None:
         cfg = self.config
-        unsupported = [t for t in cfg.lora_targets if t not in self.family.lora_modules]
-        if unsupported:
-            raise SDTConfigError(
-                "lora_targets",
-                f"{unsupported} do not exist in {self.family.mixer_class}; "
-                f"choose among {', '.join(self.family.lora_modules)}",
-            )
+        check_lora_targets(self.family, cfg)
         variant = get_variant(cfg.lora_variant)
         generator = torch.Generator().manual_seed(seed)
         for _, mixer in self.mixers:
@@ -256,7 +249,8 @@ def select(model: nn.Module, config: SDTConfig, updates: dict[str, dict[str, tor
 
 def apply(model: nn.Module, config: SDTConfig | None = None) -> Tuner:
     """Attach the adapters of ``config`` (default: the ``sdlora`` preset) to ``model``. A ratio that would select
-    nothing in some layer fails here (:class:`SDTConfigError`), not after the warmup."""
+    nothing in some layer fails here (:class:`~sdt.SDTConfigError`), not after the warmup, and so does a model sdt
+    cannot tune (:class:`~sdt.UnsupportedModelError`)."""
     config = config or SDTConfig()
     check_counts(model, config)
     return Tuner(model, config)

@@ -30,9 +30,10 @@ BAD_SPECS = [
     ({**GOOD, "search": {"space": {"training.lrr": {"grid": [1e-3]}}}}, "search.space.training.lrr"),
     ({**GOOD, "search": {"mode": "best"}}, "search.mode"),
     ({**GOOD, "unknown_section": {}}, "unknown_section"),
-    # the selection's counts, checked against the base's shapes before any warmup: 0.99 of 32 inputs trains none
+    # the selection's counts, checked against the base's shapes before any warmup: 0.99 of 32 inputs, set by the
+    # user, trains none (left unset, the default rule would train one)
     (
-        {**GOOD, "model": {"architecture": "mamba2", "config": MAMBA2}, "method": {"channels_frozen": 6}},
+        {**GOOD, "model": {"architecture": "mamba2", "config": MAMBA2}, "method": {"inputs_frozen": 0.99}},
         "method.inputs_frozen",
     ),
     (
@@ -68,6 +69,64 @@ def test_valid_spec(tmp_path):
     path.write_text(yaml.safe_dump(GOOD))
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 0 and "valid (sdlora on digits" in result.output
+
+
+def test_validate_says_what_each_method_trains(tmp_path):
+    """Per arm and kind of layer: what SDT and LoRA train, "(default)" where the family's rule set a count, and
+    the trainable parameters (Mamba-2, 8 heads of 8, state 8, hidden 32, 2 layers)."""
+    path = tmp_path / "job.yaml"
+    arms = [{"name": "sdlora"}, {"name": "lora", "lora_targets": ["in_proj", "out_proj"], "lora_rank": 2}]
+    model = {"architecture": "mamba2", "config": MAMBA2}
+    path.write_text(yaml.safe_dump({**GOOD, "model": model, "search": {"space": {"method": {"grid": arms}}}}))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()[1:]
+    # SDLoRA: 1 head; 2 of 8 states in B and C of the head's one group (2 groups of 4 heads); 1 of 32 inputs;
+    # LoRA r8 on out_proj (32 x 64): 1 + 2 x 2 x 1 + 8 x 96 = 773 per layer
+    assert lines[0] == (
+        "  sdlora: 2 × Mamba2Mixer: heads 1/8 (default); B/C rows 4/16 in 1 of 2 groups (default); "
+        "inputs 1/32 per row (default); LoRA r8 on out_proj: 773 trainable parameters each"
+    )
+    assert lines[1].startswith("  sdlora: trainable: 1,546 of ")
+    assert lines[2].startswith("  lora r2 in_proj+out_proj: 2 × Mamba2Mixer: LoRA r2 on in_proj, out_proj: ")
+
+
+def bad_base(root, kind: str) -> dict:
+    """A job's ``model`` section whose base sdt refuses: a Mamba-2 checkpoint with 8 heads (for a ratio that
+    freezes them all), a Mamba-2 config whose n_groups does not divide its heads, a Llama checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+
+    if kind == "n_groups":
+        return {"architecture": "mamba2", "config": {**MAMBA2, "n_groups": 3}}
+    directory = root / kind
+    if kind == "mamba2":
+        Mamba2ForCausalLM(Mamba2Config(vocab_size=32, **MAMBA2)).save_pretrained(directory)
+    else:
+        config = LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+        LlamaForCausalLM(config).save_pretrained(directory)
+    return {"name_or_path": str(directory)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "error"),
+    [
+        ("mamba2", {"channels_frozen": 0.99}, "method.channels_frozen: 0.99 freezes all 8 heads of backbone.layers.0"),
+        ("n_groups", {}, "model.config.n_groups: 3 does not divide num_heads 8 (backbone.layers.0.mixer)"),
+        ("llama", {}, "model.name_or_path: model_type: 'llama' is not supported; sdt handles mamba, jamba, mamba2"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "sweep"])
+def test_a_base_sdt_cannot_tune_is_one_line_naming_the_field_and_starts_nothing(command, kind, method, error, tmp_path):
+    path = tmp_path / "job.yaml"
+    spec = {**GOOD, "output_dir": str(tmp_path / "runs"), "model": bad_base(tmp_path, kind), "method": method}
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, [command, str(path)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"{path}: {error}"), line
+    assert not (tmp_path / "runs").exists() and not ray.is_initialized()
 
 
 @pytest.mark.parametrize("command", ["resume", "export", "report", "ui"])

@@ -151,9 +151,9 @@ def test_export_writes_the_contract(sweep, digits_cache):
     trained_config = sdt.read_config(sweep.best_checkpoint / ADAPTER_DIR)
     assert config["method"] == "sdlora"
     assert config["ranks"] == {"lora_rank": 4, "lora_alpha": 8.0}
-    assert config["ratios"] == {"channels_frozen": 0.9, "states_frozen": 0.75, "inputs_frozen": 0.99}
+    assert config["ratios"] == {"channels_frozen": 0.9, "states_frozen": None, "inputs_frozen": None}  # None: default
     assert config["targets"] == {"lora": ["out_proj"], "sdt": ["A_log", "B", "C"]}
-    # 128 channels, 0.9 frozen: 13 kept; 8 states, 0.75 frozen: 2 kept per channel; in each of the 2 layers
+    # 128 channels, 0.9 frozen: 13 kept; 8 states, the default 0.75 frozen: 2 kept per channel; in both layers
     assert config["selected"] == {
         layer: {"channels": 13, "states_per_channel": 2} for layer in trained_config["selected"]
     }

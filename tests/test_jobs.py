@@ -19,6 +19,8 @@ EXPECTED = (
     "jamba.yaml",
     "cluster-multigpu.yaml",
     "paper-digits.yaml",
+    "mamba2-130m.yaml",
+    "mamba2-tiny.yaml",
 )
 
 
@@ -96,3 +98,14 @@ def test_documented_overrides_validate():
         ],
     )
     assert jamba.data.max_train_samples is None
+
+
+def test_the_mamba2_jobs_leave_the_sdt_counts_to_the_default_rule():
+    """Their SDLoRA arm sets no count, so it trains what the head-aware defaults give (docs/mamba2.md); the LoRA
+    arms name modules a Mamba2Mixer has."""
+    for name in ("mamba2-130m.yaml", "mamba2-tiny.yaml"):
+        spec = load_job(JOBS_DIR / name)
+        arms = spec.search.space["method"].grid
+        [sdlora] = [arm for arm in arms if arm["name"] == "sdlora"]
+        assert not {"channels_frozen", "states_frozen", "inputs_frozen"} & set(sdlora), name
+        assert all(set(arm.get("lora_targets", [])) <= {"in_proj", "out_proj"} for arm in arms), name

@@ -211,14 +211,20 @@ def show_version() -> None:
 
 @command()
 def validate(job: JobArgument, overrides: SetOption = None, address: AddressOption = None) -> None:
-    """Check a job spec against this machine without starting anything.
+    """Check a job spec against this machine without starting anything, and say what each method trains.
 
-    Every problem is one line naming the field, with exit code 2.
+    Every problem is one line naming the field, with exit code 2. A valid spec: per method the sweep can run and
+    kind of layer, what trains (SDT's heads or channels, states and inputs, "(default)" where the family's rule
+    set them; LoRA's rank and modules) and the trainable parameters.
 
     Examples: `sdtune validate jobs/quickstart.yaml` · `sdtune validate job.yaml --set training.lr=3e-3`
     """
+    from pipeline.cli.preflight import training_plans
+
     spec = load_or_exit(job, overrides, address)
     typer.echo(f"{job}: valid ({spec.method.name} on {spec.data.task}, sweep dir {spec.sweep_dir})")
+    for line in training_plans(spec):
+        typer.echo(f"  {line}")
 
 
 @command()

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -94,6 +95,7 @@ def check_metric(spec: JobSpec) -> None:
 def skeleton(spec: JobSpec) -> PreTrainedModel:
     """The base's architecture on the meta device: shapes, no weights, nothing downloaded but a hub config."""
     from pipeline.tasks.digits import digits_base_config
+    from pipeline.trial.models import fresh_config
 
     model = spec.model
     trust = {"trust_remote_code": True} if model.trust_remote_code else {}
@@ -101,7 +103,7 @@ def skeleton(spec: JobSpec) -> PreTrainedModel:
         if model.builtin is not None:
             config = digits_base_config()
         elif model.architecture is not None:
-            config = AutoConfig.for_model(model.architecture, **model.config)
+            config, _ = fresh_config(model, trust)  # the vocabulary and special ids a trial's model gets
         else:
             config = hub_config(model.name_or_path, trust)
         with torch.device("meta"):
@@ -134,21 +136,63 @@ def hub_config(name: str, trust: dict) -> object:
 
 
 def check_method_fits(spec: JobSpec, model: PreTrainedModel) -> None:
-    """Every method the sweep can run selects at least one channel, state (and Mamba-2 input) per layer of the
-    base: the error the selection would raise after a trial's warmup, raised now, naming the field (or the
+    """The base is a model sdt can tune, and every method the sweep can run selects at least one channel, state
+    (and Mamba-2 input) per layer of it: the error a trial would raise, raised now, naming the field (or the
     searched key and its value)."""
     try:
         sdt.check_counts(model, spec.method.to_sdt_config(seed=0))
+    except sdt.UnsupportedModelError as error:
+        raise JobSpecError(*unsupported_model(spec, error)) from None
     except sdt.SDTConfigError as error:
         raise JobSpecError(f"method.{method_field(error.field)}", error.reason) from None
-    for key, domain in spec.search.space.items():
-        if key != "method" and not key.startswith("method."):
-            continue
-        for value in domain.candidates():
-            try:
-                sdt.check_counts(model, spec.with_overrides({key: value}).method.to_sdt_config(seed=0))
-            except sdt.SDTConfigError as error:
-                raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
+    for key, value, trial in searched_methods(spec):
+        try:
+            sdt.check_counts(model, trial.method.to_sdt_config(seed=0))
+        except sdt.SDTConfigError as error:
+            raise JobSpecError(f"search.space.{key}", f"value {value!r} fails: {error}") from None
+
+
+def unsupported_model(spec: JobSpec, error: sdt.UnsupportedModelError) -> tuple[str, str]:
+    """(field, reason) of a base sdt cannot tune: the key of ``model.config`` the job wrote, the config it left at
+    transformers' defaults, or the checkpoint whose config it is."""
+    model = spec.model
+    if model.architecture is not None:
+        written = error.field in model.config
+        return ("model.config" + (f".{error.field}" if written else "")), (error.reason if written else str(error))
+    return ("model.name_or_path" if model.name_or_path else "model"), str(error)
+
+
+def searched_methods(spec: JobSpec) -> list[tuple[str, Any, JobSpec]]:
+    """(key, value, the spec with it) for every value a searched ``method`` key can take (the end points of a
+    range): what the sweep's trials train."""
+    return [
+        (key, value, spec.with_overrides({key: value}))
+        for key, domain in spec.search.space.items()
+        if key == "method" or key.startswith("method.")
+        for value in domain.candidates()
+    ]
+
+
+def training_plans(spec: JobSpec) -> list[str]:
+    """What each method the sweep can run trains in the base, per kind of layer, and how many parameters that is
+    (:func:`sdt.plan`), labelled as the sweep's arms are: lines to print."""
+    methods = {_arm_label(key, value, trial): trial for key, value, trial in searched_methods(spec)}
+    model = skeleton(spec)
+    return [
+        f"{label}: {line}"
+        for label, trial in (methods or {spec.method.name: spec}).items()
+        for line in sdt.plan(model, trial.method.to_sdt_config(seed=0)).lines()
+    ]
+
+
+def _arm_label(key: str, value: Any, trial: JobSpec) -> str:
+    from pipeline.results.arms import method_label, value_label
+
+    if key == "method":
+        return method_label(trial.method.name, value)
+    if key == "method.name":
+        return value
+    return f"{trial.method.name} {key.removeprefix('method.')}={value_label(value)}"
 
 
 def train_examples(spec: JobSpec) -> int | None:

@@ -187,7 +187,7 @@ CountOrFraction = Annotated[StrictInt | StrictFloat | None, BeforeValidator(_cou
 
 def _setting_type(kind: Any) -> Any:
     """The spec's type for an :class:`sdt.SDTConfig` setting of type ``kind``, None allowed (the preset's value)."""
-    if kind == float | int:  # a count or a fraction: each stays what it is
+    if kind in (float | int, float | int | None):  # a count or a fraction: each stays what it is
         return CountOrFraction
     if kind is float:  # strict pydantic would turn an int into a float; the spec keeps the value as written
         return StrictFloat | StrictInt | None

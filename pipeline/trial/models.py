@@ -9,7 +9,14 @@ from importlib.util import find_spec
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 import sdt
 from pipeline.compat.transformers import kernel_implementation
@@ -95,9 +102,20 @@ def load_base_model(
 def fresh_model(
     spec: ModelSpec, device: torch.device, trust: dict[str, bool]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``spec.architecture`` built from its config with weights drawn under :data:`ARCHITECTURE_SEED`, and its
-    tokenizer (``spec.tokenizer``, else the digits tokenizer, whose length and special ids are the config's
-    defaults)."""
+    """``spec.architecture`` built from :func:`fresh_config` with weights drawn under :data:`ARCHITECTURE_SEED`, and
+    its tokenizer."""
+    config, tokenizer = fresh_config(spec, trust)
+    # Built where it will run: initialising a 1.4b model on the host takes minutes of the trial's GPU time.
+    # The weights then come from that device's generator: the same on every call, not across device types.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(ARCHITECTURE_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trust)
+    return model, tokenizer
+
+
+def fresh_config(spec: ModelSpec, trust: dict[str, bool]) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The config of ``spec.architecture`` and its tokenizer (``spec.tokenizer``, else the digits tokenizer), whose
+    length and special ids are the config's defaults."""
     from pipeline.tasks.digits import digits_tokenizer  # imports datasets; keep `kernel_paths` light
 
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, **trust) if spec.tokenizer else digits_tokenizer()
@@ -110,13 +128,7 @@ def fresh_model(
     ):
         if value is not None:
             defaults[key] = value
-    config = AutoConfig.for_model(spec.architecture, **{**defaults, **spec.config})
-    # Built where it will run: initialising a 1.4b model on the host takes minutes of the trial's GPU time.
-    # The weights then come from that device's generator: the same on every call, not across device types.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        torch.manual_seed(ARCHITECTURE_SEED)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trust)
-    return model, tokenizer
+    return AutoConfig.for_model(spec.architecture, **{**defaults, **spec.config}), tokenizer
 
 
 def pretrained_path(spec: ModelSpec, log: Callable[[str], Any]) -> str:

@@ -1,0 +1,96 @@
+"""What a config will train in a model, from the model's shapes alone (a skeleton on the meta device will do).
+
+Per kind of mixer: each SDT axis with how many of its entries train and whether the family's default rule set
+the number (:mod:`sdt.targets`), the LoRA adapters, and the trainable parameters; then the model's total. Which
+groups of a Mamba-2 layer hold the selected heads is known only after the warmup, so with several groups the
+count is a range. ``sdtune validate`` prints it; ``tuner.num_trainable_parameters()`` after the selection lies in
+the range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import SDTConfig
+from .targets import Family, check_counts, family_of, mixers
+from .variants import get_variant
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What trains in one mixer: ``parts`` in words, ``parameters`` its trainable count (fewest, most)."""
+
+    mixer: str
+    parts: tuple[str, ...]
+    parameters: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``method`` trains: each kind of mixer with how many mixers are of it, and the whole model's count."""
+
+    method: str
+    layers: tuple[tuple[LayerPlan, int], ...]
+    trainable: tuple[int, int]  # fewest, most
+    total: int  # every parameter of the model
+
+    def lines(self) -> list[str]:
+        """One line per kind of mixer, then the total ("trainable: 455,280 of 129,135,360 parameters (0.35%)")."""
+        if not self.layers:
+            return [f"every weight trains: {self.total:,} parameters"]
+        lines = [
+            f"{count} × {layer.mixer}: {'; '.join(layer.parts)}: {_span(layer.parameters)} trainable parameters each"
+            for layer, count in self.layers
+        ]
+        share = "–".join(f"{100 * n / self.total:.3g}%" for n in sorted(set(self.trainable)))
+        return [*lines, f"trainable: {_span(self.trainable)} of {self.total:,} parameters ({share})"]
+
+
+def _span(numbers: tuple[int, int]) -> str:
+    low, high = numbers
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def plan(model: nn.Module, config: SDTConfig) -> Plan:
+    """What ``config`` trains in ``model``; raises what :func:`sdt.apply` would (:func:`sdt.check_counts`)."""
+    check_counts(model, config)
+    total = sum(p.numel() for p in model.parameters())
+    if config.trains_all_weights:
+        return Plan(config.method, (), (total, total), total)
+    family = family_of(model)
+    kinds: dict[LayerPlan, int] = {}
+    for prefix, mixer in mixers(model):
+        layer = _layer_plan(family, prefix, mixer, config)
+        kinds[layer] = kinds.get(layer, 0) + 1
+    trainable = tuple(sum(layer.parameters[end] * count for layer, count in kinds.items()) for end in (0, 1))
+    return Plan(config.method, tuple(kinds.items()), trainable, total)
+
+
+def _layer_plan(family: Family, prefix: str, mixer: nn.Module, config: SDTConfig) -> LayerPlan:
+    parts: list[str] = []
+    sdt_parameters = (0, 0)
+    if config.uses_sdt:
+        counts = family.counts(prefix, mixer, config)
+        parts += family.describe(mixer, counts, config.sdt_targets)
+        sdt_parameters = family.sdt_parameters(mixer, counts, config.sdt_targets)
+    lora = 0
+    if config.uses_lora:
+        variant = "" if config.lora_variant == "lora" else f" ({config.lora_variant})"
+        parts.append(f"LoRA{variant} r{config.lora_rank} on {', '.join(config.lora_targets)}")
+        lora = sum(_lora_parameters(getattr(mixer, target).weight.shape, config) for target in config.lora_targets)
+    name = next(cls.__name__ for cls in type(mixer).__mro__ if cls.__name__ == family.mixer_class)
+    return LayerPlan(name, tuple(parts), (sdt_parameters[0] + lora, sdt_parameters[1] + lora))
+
+
+def _lora_parameters(shape: torch.Size, config: SDTConfig) -> int:
+    """The parameters of the LoRA variant's adapter on a weight of ``shape``, counted on one built on the meta
+    device (a variant may add its own, as DoRA's magnitudes)."""
+    variant = get_variant(config.lora_variant)
+    adapter = variant.build(torch.empty(shape, device="meta"), config.lora_rank, config.lora_alpha, torch.Generator())
+    return sum(p.numel() for p in adapter.parameters())
+
+
+__all__ = ["LayerPlan", "Plan", "plan"]
