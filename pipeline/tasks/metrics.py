@@ -38,9 +38,10 @@ def evaluate(
     ``out_of_label``, the fraction of full-vocabulary argmaxes that are no label token. ``f1`` is binary (class
     1 positive) for two classes, else macro.
 
-    Generation decodes ``batch_size`` prompts at a time (greedy, or beam search for num_beams > 1), exactly as one
-    by one would (:mod:`pipeline.tasks.decoding`). ROUGE is the mean F-measure (rouge-score, no stemming); ``bleu`` is
-    sacrebleu's corpus BLEU / 100; ``exact_match`` compares whitespace-stripped strings.
+    Generation decodes ``batch_size`` prompts at a time (greedy, or beam search for num_beams > 1); in fp32 each
+    prompt gets the tokens it would get alone, in bf16 not always (:mod:`pipeline.tasks.decoding`). ROUGE is the mean
+    F-measure (rouge-score, no stemming); ``bleu`` is sacrebleu's corpus BLEU / 100; ``exact_match`` compares
+    whitespace-stripped strings.
     """
     if split not in DATA_SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {', '.join(DATA_SPLITS)}")
