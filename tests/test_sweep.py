@@ -36,8 +36,9 @@ from pipeline.storage.layout import ADAPTER_DIR
 from pipeline.storage.paths import content_hash
 from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import load_task
+from pipeline.trial.models import cpu_threads
 from pipeline.trial.warmup import INFO_FILE, WARMUP_DIR, WarmupStore, warmup_key
-from pipeline.trial.worker import cpu_threads, run_warmup, trial_inputs
+from pipeline.trial.worker import run_warmup, trial_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
@@ -96,7 +97,7 @@ def test_reused_warmup_is_the_one_the_trial_would_have_computed(sweep, monkeypat
     reused = next(t for t in load_trials(spec) if t.metrics.get("warmup/shared") == 1)
     trial, cpu = reused.spec, torch.device("cpu")
     threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(trial))
+    torch.set_num_threads(cpu_threads(trial.resources))
     try:
         with one_rank_process_group(monkeypatch):
             model, _, _, batches, total_steps = trial_inputs(trial, cpu, rank=0, world=1)

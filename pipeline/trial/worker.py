@@ -64,7 +64,7 @@ from pipeline.storage.paths import sibling_directories
 from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
 from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import TaskData, load_task
-from pipeline.trial.models import load_base_model
+from pipeline.trial.models import cpu_threads, load_base_model
 from pipeline.trial.progress import MAX_LINE, WORKER_WARNING, TrialProgress
 from pipeline.trial.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
@@ -389,11 +389,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
-def cpu_threads(spec: JobSpec) -> int:
-    """torch's threads in a worker on the CPU: its whole CPUs, at least one."""
-    return max(1, int(spec.resources.cpus_per_worker))
-
-
 def trial_inputs(
     spec: JobSpec, device: torch.device, rank: int, world: int
 ) -> tuple[torch.nn.Module, Any, TaskData, Batches, int]:
@@ -434,7 +429,7 @@ class TrialRun:
         device = ray.train.torch.get_device()
         clock = PhaseClock(device, entered_at, driver_at, placed_at)
         if device.type == "cpu":
-            torch.set_num_threads(cpu_threads(spec))
+            torch.set_num_threads(cpu_threads(spec.resources))
         model, tokenizer, task, batches, total_steps = trial_inputs(spec, device, rank, world)
         # For the sweep's console (pipeline.sweep.console): rank 0 writes its step, loss and speed at each log interval.
         progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, spec.training.log_every_steps)
