@@ -1,10 +1,10 @@
 """Where each architecture keeps what SDT tunes. The one module that knows parameter names and layouts.
 
-Mamba-1 (``MambaForCausalLM``) and Jamba (``JambaForCausalLM``, mamba layers only) share the layout of spec 9.1:
+Mamba-1 (``MambaForCausalLM``) and Jamba (``JambaForCausalLM``, mamba layers only) share one layout (docs/method.md §1):
 ``A_log`` (E, N); ``x_proj.weight`` (R + 2N, E) with rows [dt | B | C]. A channel is an inner channel c; its B and
 C parameters are column c of the B and C row blocks.
 
-Mamba-2 (``Mamba2ForCausalLM``) is our generalisation, not the paper's (spec 9.3): ``A_log`` is one scalar per
+Mamba-2 (``Mamba2ForCausalLM``) is our generalisation, not the paper's (docs/method.md §6): ``A_log`` is one scalar per
 head, so heads play channels; B and C are rows of ``in_proj.weight`` ([z | x | B | C | dt], B and C each
 G·N rows over the D hidden inputs), so the B/C rows of a head's group play states, and each selected row trains
 only its most-updated inputs.
