@@ -2,7 +2,7 @@
 trial computes its own SDT warmup) and once under ASHA with shared warmups, and for each the GPU-seconds the
 trials held and the best validation metric found.
 
-    python bench/early_stopping.py jobs/early-stopping.yaml --out early_stopping.json [--set key=value ...]
+    python bench/early_stopping.py bench/early_stopping.yaml --out early_stopping.json [--set key=value ...]
 
 GPU-seconds are each trial's wall time (its worker group's placement to its end, from its ``cost.json``) times the
 GPUs it held, summed; also counted from Tune's start of each trial (which charges the start of its Ray processes,
