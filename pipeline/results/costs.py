@@ -1,8 +1,9 @@
 """Where a sweep's GPU time went: every GPU-second the sweep held, in parts that add up to it.
 
-A sweep holds GPUs from the start of each run of its driver (``sdtune sweep``, ``sdtune resume``) to its end: the
-cluster's GPUs when sdtune started the Ray instance itself (the machine is the sweep's), else as many as its
-concurrent trials hold (:func:`reserved_gpus`). That time is split into
+Each run of the sweep's driver (``sdtune sweep``, ``sdtune resume``) holds GPUs from the start of its Tune
+experiment to its end (Ray's start before it, and the export and report after it, are not counted): the cluster's
+GPUs when sdtune started the Ray instance itself (the machine is the sweep's), else as many as its concurrent
+trials hold (:func:`reserved_gpus`). That time is split into
 
 - each trial's time from its worker group's placement to its end (:func:`trial_cost`, weighted by the GPUs it
   held): ``startup``, ``warmup``, ``training``, ``padding``, ``evaluation``, ``checkpointing``, ``teardown`` and
