@@ -21,7 +21,7 @@ from ray import tune
 from pipeline.compat import ray as ray_compat
 from pipeline.spec.job import JobSpec, import_modules
 from pipeline.storage.layout import DIVERGED_FILE, TRIAL_PREFIX
-from pipeline.trial.progress import WORKER_WARNING
+from pipeline.trial.progress import MAX_LINE, WORKER_WARNING
 from sdt.compat import CompatError
 
 
@@ -51,8 +51,10 @@ def placement_time() -> float | None:
     except CompatError as error:
         placed, reason = None, str(error)
     if placed is None:
-        print(f"{WORKER_WARNING}the placement time of this trial's worker group is unknown ({reason}): its start-up "
-              "counts from Tune's start of the trial, its queue included", flush=True)  # fmt: skip
+        consequence = ": its start-up counts from Tune's start of the trial, its queue included"
+        head = f"{WORKER_WARNING}the placement time of this trial's worker group is unknown ("
+        room = MAX_LINE - len(head) - len(consequence) - 1  # the console's lines are at most MAX_LINE long
+        print(f"{head}{' '.join(reason.split())[:room]}){consequence}", flush=True)
     return placed
 
 
