@@ -3,7 +3,7 @@
     python bench/sweep_cost.py runs/quickstart [--json cost.json]
 
 Reads the cost records the sweep driver writes per trial (``<sweep dir>/trial-<id>/cost.json``, see
-:func:`pipeline.results.outcomes.trial_cost`): the time before a trial's worker group was placed (queued, not GPU
+:func:`pipeline.results.costs.trial_cost`): the time before a trial's worker group was placed (queued, not GPU
 time: its Ray processes starting, a staged trial's wait for a GPU), start-up (placement to first training step, warmup
 excluded), warmup, training, evaluation, checkpointing, teardown (last report to the trial's end) and what none of
 them covers. ``sdtune report`` prints the same table.
@@ -21,8 +21,8 @@ import itertools
 import json
 import statistics
 
-from pipeline.results.outcomes import COST_PARTS, load_trials, sweep_spec
-from pipeline.results.report import cost_table, cost_totals
+from pipeline.results.costs import TRIAL_PARTS, cost_table, cost_totals, driver_runs
+from pipeline.results.outcomes import load_trials, sweep_spec
 
 
 def began(cost: dict) -> float:
@@ -35,15 +35,16 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
-    trials = [t for t in load_trials(sweep_spec(args.run_dir)) if t.cost]
-    print(cost_table(trials))
+    spec = sweep_spec(args.run_dir)
+    trials, runs = [t for t in load_trials(spec) if t.cost], driver_runs(spec.sweep_dir)
+    print(cost_table(trials, runs))
     ordered = sorted(trials, key=lambda t: began(t.cost))
     pairs = list(itertools.pairwise(ordered))
     gaps = [began(b.cost) - a.cost["ended_at"] for a, b in pairs]
     startups = [t.cost["startup"] for t in trials if "startup" in t.cost]
     summary = {
         "trials": len(trials),
-        "totals": cost_totals(trials),
+        "totals": cost_totals(trials, runs),
         "startup_s": {"mean": statistics.mean(startups), "max": max(startups)} if startups else None,
         "queued_s": [t.cost.get("queued", 0.0) for t in ordered],
         "teardown_plus_gap_s": [t.cost.get("teardown", 0.0) + gap for t, gap in zip(ordered, gaps)],
@@ -72,7 +73,7 @@ def main() -> None:
         print("GPU idle between trials, last report to the next one's first step: "
               + ", ".join(f"{s:.1f}" for s in summary["idle_between_s"]) + " s")  # fmt: skip
     totals = summary["totals"]
-    print("share of the trials' wall time: " + ", ".join(f"{p} {totals[p] / totals['wall']:.0%}" for p in COST_PARTS))
+    print("share of the trials' wall time: " + ", ".join(f"{p} {totals[p] / totals['wall']:.0%}" for p in TRIAL_PARTS))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=2)

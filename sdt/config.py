@@ -1,5 +1,5 @@
 """SDT configuration: one dataclass, the methods' presets from the registry, the fields a person sets
-(:data:`SETTINGS`) and the spec's count rounding."""
+(:data:`SETTINGS`) and the count rounding (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _field(default: Any, *, short: str | None = None, settable: bool = True) -> 
 class SDTConfig:
     """What to tune, and how much of it.
 
-    Counts (`channels_frozen`, `states_frozen`, `inputs_frozen`) follow the official code (spec section 3): a float
+    Counts (`channels_frozen`, `states_frozen`, `inputs_frozen`) follow the official code (docs/method.md §4): a float
     is the *frozen fraction* of the axis and is rounded with Python's ``round`` (banker's rounding on .5); an int
     is the absolute number of *frozen* entries. The trainable count is what remains, e.g. 0.99 of 1536 channels
     freezes 1521 and trains 15. A value set here is honoured exactly, and one that trains nothing in some layer is
@@ -49,7 +49,7 @@ class SDTConfig:
     # Frozen channels (Mamba-2: heads) and states per layer; None: the family's default rule (see above).
     channels_frozen: float | int | None = _field(None, short="ch")
     states_frozen: float | int | None = _field(None, short="st")
-    # Mamba-2 only: how many of the hidden inputs of each selected B/C row of in_proj stay frozen (spec 9.3).
+    # Mamba-2 only: how many of the hidden inputs of each selected B/C row of in_proj stay frozen (docs/method.md §6).
     inputs_frozen: float | int | None = None
     # Warmup length in optimizer steps (the official code's num_warmup_it + 1).
     warmup_steps: int = 500
@@ -197,7 +197,7 @@ def _check_method(method: Method, config: SDTConfig) -> None:
 
 
 def trainable_count(frozen: float | int, size: int, *, field_name: str = "count") -> int:
-    """How many of ``size`` entries train when ``frozen`` of them are frozen (spec section 3 rounding); may be 0.
+    """How many of ``size`` entries train when ``frozen`` of them are frozen (docs/method.md §4 rounding); may be 0.
     The count a config gives an axis, defaults included, is :func:`sdt.targets.resolve`'s."""
     n_frozen = round(frozen * size) if isinstance(frozen, float) else int(frozen)
     if n_frozen > size:

@@ -28,7 +28,7 @@ class AdapterCoverageError(RuntimeError):
 
 
 def to_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast the model to ``dtype`` but keep every mixer's A_log and D in fp32, as mamba-ssm does (spec pitfall 3).
+    """Cast the model to ``dtype`` but keep every mixer's A_log and D in fp32, as mamba-ssm does (docs/method.md §5).
 
     Call it on an fp32 model before :func:`apply`: casting A_log to bf16 and back would already lose digits.
     """

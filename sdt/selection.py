@@ -1,4 +1,4 @@
-"""Warmup scores and per-layer selection of channels and states (spec section 3; 9.3 for Mamba-2).
+"""Warmup scores and per-layer selection of channels and states (docs/method.md §3, §6 for Mamba-2).
 
 Pure functions on the dense warmup updates of one layer. The score is the squared *update* that warmup made
 (ΔA = A_log after - A_log before), not a gradient. Ranking is deterministic: a stable sort, best first, and on
@@ -56,7 +56,7 @@ def select_heads_and_rows(
     heads_per_group: int,
     name: str = "A_log",
 ) -> dict[str, torch.Tensor]:
-    """Mamba-2 selection (our generalisation, spec 9.3: heads play channels, B/C rows of in_proj play states).
+    """Mamba-2 selection (our generalisation, docs/method.md §6: heads play channels, B/C rows of in_proj play states).
 
     ``delta_a_log`` is (heads,); ``delta_b`` and ``delta_c`` are (groups, states, hidden). Returns ``channels``
     (k_h,) heads by ΔA_log²; ``groups`` (g,) the groups that hold a selected head, ascending; ``states`` (g, k_s)

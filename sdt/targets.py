@@ -1,10 +1,10 @@
 """Where each architecture keeps what SDT tunes. The one module that knows parameter names and layouts.
 
-Mamba-1 (``MambaForCausalLM``) and Jamba (``JambaForCausalLM``, mamba layers only) share the layout of spec 9.1:
+Mamba-1 (``MambaForCausalLM``) and Jamba (``JambaForCausalLM``, mamba layers only) share one layout (docs/method.md §1):
 ``A_log`` (E, N); ``x_proj.weight`` (R + 2N, E) with rows [dt | B | C]. A channel is an inner channel c; its B and
 C parameters are column c of the B and C row blocks.
 
-Mamba-2 (``Mamba2ForCausalLM``) is our generalisation, not the paper's (spec 9.3): ``A_log`` is one scalar per
+Mamba-2 (``Mamba2ForCausalLM``) is our generalisation, not the paper's (docs/method.md §6): ``A_log`` is one scalar per
 head, so heads play channels; B and C are rows of ``in_proj.weight`` ([z | x | B | C | dt], B and C each
 G·N rows over the D hidden inputs), so the B/C rows of a head's group play states, and each selected row trains
 only its most-updated inputs.
@@ -66,7 +66,7 @@ class DefaultCount:
 
 
 def paper_fraction(frozen: float) -> DefaultCount:
-    """The paper's frozen fraction, rounded as the official code rounds it (spec section 3), at least one trains."""
+    """The paper's frozen fraction, rounded as the official code rounds it (docs/method.md §4), at least one trains."""
     return DefaultCount(f"{frozen:g} frozen, at least 1", lambda size: max(1, trainable_count(frozen, size)))
 
 
@@ -97,7 +97,7 @@ class Count:
 
 def resolve(config: SDTConfig, prefix: str, axis: Axis) -> Count:
     """The trainable count along ``axis`` of the mixer ``prefix``: the default rule when the field is unset, else
-    the value as written (spec section 3 rounding); a set value that trains nothing is an error naming the field
+    the value as written (docs/method.md §4 rounding); a set value that trains nothing is an error naming the field
     and the layer."""
     value = getattr(config, axis.field)
     if value is None:

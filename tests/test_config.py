@@ -25,7 +25,7 @@ def test_presets_and_overrides():
 @pytest.mark.parametrize(
     ("frozen", "size", "expected"),
     [
-        (0.99, 1536, 15),  # 130m: round(1520.64) = 1521 frozen, 15 train (spec pitfall 12)
+        (0.99, 1536, 15),  # 130m: round(1520.64) = 1521 frozen, 15 train (docs/method.md §4)
         (0.99, 4096, 41),  # 1.4b
         (0.99, 5120, 51),  # 2.8b
         (0.75, 16, 4),

@@ -30,7 +30,13 @@ from sdt.fused import CudaKernels, MambaInnerFn, install_fused_path, mamba1_mixe
 
 pytestmark = pytest.mark.cuda
 VOCAB = 50280
+# bf16 keeps 8 bits of mantissa (a rounding step of 4e-3 relative): two bf16 implementations of the same function
+# sum in different orders, and a gradient built over 1024 tokens and several layers drifts by a few such steps.
 BF16_TOLERANCE = 1e-2
+# fp32: 4x the largest difference seen between the two paths on the H200 (2.6e-3, on the random 24-layer 130m
+# model, where depth amplifies the rounding of a different summation order; 1e-4 at most on 4 layers), and 100x below
+# what a wrong path gives: an adapter the kernels miss gets no gradient (relative error 1), a mislaid one another
+# tensor's (of order 1 too).
 FP32_TOLERANCE = 1e-2
 METHODS = {
     "lora": sdt.SDTConfig.preset("lora", lora_targets=("in_proj", "x_proj", "dt_proj", "out_proj")),
@@ -119,6 +125,8 @@ def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: 
     worst32 = max(fp32_errors, key=fp32_errors.get)
     print(f"\n{context}: fp32 loss fused {loss32_fused:.6f}, transformers {loss32:.6f}; worst gradient {worst32}: "
           f"{fp32_errors[worst32]:.2e}")  # fmt: skip
+    # The loss is a mean over 1024 tokens, which averages the paths' rounding out: 1e-4 relative is ~1000x fp32's
+    # step, and an adapter the fused forward missed would move the loss by its whole effect.
     assert abs(loss32_fused - loss32) <= 1e-4 * abs(loss32), f"{context}: fp32 loss {loss32_fused} vs {loss32}"
     assert fp32_errors[worst32] <= FP32_TOLERANCE, f"{context}: fp32 {worst32} off by {fp32_errors[worst32]:.2e}"
     uninstall_fused_path(tuner.model)
@@ -142,6 +150,8 @@ def compare_with_transformers_path(tuner: sdt.Tuner, tuner32: sdt.Tuner, label: 
     # gradients by more than their norm against fp32, one batch more for one path and the next for the other (H200:
     # the losses 0.151 and 0.105 from fp32 where transformers' were 0.051 and 0.022, and the reverse), so there the
     # fp32 comparison above carries the case (on 4 layers of the 1.4b shape: the loss ~0.1%, the worst gradient ~20%).
+    # Half a bf16 rounding step (4e-3) between the two bf16 losses, or within twice transformers' own bf16 error
+    # plus a bf16 step and a half.
     noise = 2 * abs(loss_hf - loss32) + 1e-2 * abs(loss32)
     loss_ok = abs(loss - loss_hf) <= 2e-3 * abs(loss_hf) or abs(loss - loss32) <= noise
     assert loss_ok, context
@@ -167,6 +177,8 @@ def assert_merge_keeps_logits(tuner: sdt.Tuner, vocab: int = VOCAB) -> None:
         adapted = tuner.model(input_ids=tokens).logits.float()
         uninstall_fused_path(tuner.model)
         merged = tuner.merge()(input_ids=tokens).logits.float()
+    # Merged, each weight W0 + Δ is rounded to bf16 once (4e-3 relative); the adapted model adds Δ in fp32 before its
+    # cast. Through the layers, logits of order 1 differ by a few bf16 steps: 2e-2 is five.
     torch.testing.assert_close(merged, adapted, rtol=2e-2, atol=2e-2)
 
 
@@ -228,6 +240,8 @@ def compare_kernels(kernels, reference, device: str) -> None:
         )
         results.append((out, torch.autograd.grad(out, list(leaves.values()), gradient)))
     (out, grads), (out_ref, grads_ref) = results
+    # fp32 both, for the output and each gradient: the kernels and the reference sum the scan and the convolution in
+    # other orders (fp32's step is 1e-7); a wrong layout or buffer gives differences of the values' own size.
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
     for name, g, g_ref in zip(leaves, grads, grads_ref):
         error = ((g - g_ref).norm() / g_ref.norm()).item()

@@ -1,48 +1,121 @@
-"""Batched generation equals one-prompt-at-a-time generation, token for token: greedy, and beam search against
-transformers' own beam search on each prompt alone; tiny Mamba, Mamba-2 and Jamba, prompts of different lengths."""
+"""Batched generation is exact in fp32: greedy decoding and beam search of prompts of different lengths, batched and
+left-padded, give every prompt the tokens that transformers' own ``generate`` gives it alone, token for token; on
+the CPU (tiny Mamba, Mamba-2 and Jamba) and, marked ``cuda``, on the mamba-ssm / causal-conv1d kernels.
+
+Exact means token-identical, not bit-identical: the two runs compute the same function, but a padded batch sums in
+another order than one prompt does, so their logits differ by float rounding (at most 6e-7 on these CPU models,
+whose logits have a standard deviation of 0.07 to 0.5). The models are random and untouched (no sharpened logits):
+a choice between two tokens that rounding could flip would show here as a failure, not be hidden."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import VOCAB
+from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+from pipeline.compat.transformers import kernel_implementation
 from pipeline.tasks.decoding import batches, generate
 
 EOS = PAD = VOCAB - 1
 LENGTHS = [3, 11, 6, 1, 9, 6, 14]
 
 
-def prompts(seed: int = 0) -> list[list[int]]:
+def prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB - 1, (n,), generator=generator).tolist() for n in LENGTHS]
+    return [torch.randint(0, vocab - 1, (n,), generator=generator).tolist() for n in lengths]
 
 
-def alone(model, prompt: list[int], num_beams: int, max_new_tokens: int) -> list[int]:
+def alone(model, prompt: list[int], num_beams: int, max_new_tokens: int, eos: int) -> list[int]:
     """transformers' generate on one prompt, cut after its first eos, as the batched path returns it."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
-        do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+        do_sample=False, eos_token_id=eos, pad_token_id=eos,
     )[0, len(prompt):].tolist()  # fmt: skip
-    return out[: out.index(EOS) + 1] if EOS in out else out
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+def assert_batched_equals_alone(model, lengths: list[int], vocab: int, num_beams: int, batch_size: int) -> None:
+    eos, max_new_tokens = vocab - 1, 12
+    inputs = prompts(lengths, vocab)
+    expected = [alone(model, p, num_beams, max_new_tokens, eos) for p in inputs]
+    got = generate(model, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, eos_token_id=eos,
+                   pad_token_id=eos, batch_size=batch_size)  # fmt: skip
+    differ = [(len(inputs[i]), got[i], expected[i]) for i in range(len(inputs)) if got[i] != expected[i]]
+    assert not differ, f"(prompt length, batched, alone): {differ}"
+    # Different continuations, so that a batch whose rows leaked into each other could not pass.
+    assert len({tuple(tokens) for tokens in got}) > len(inputs) // 2
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize("arch", ["mamba", "mamba2", "jamba"])
-def test_batched_generation_is_exact(load_base, arch, num_beams):
-    model = load_base(arch).eval()
-    # Sharpen the logits, so that tokens differ between prompts and ties are out of reach of float noise.
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
-    expected = [alone(model, p, num_beams, max_new_tokens=12) for p in prompts()]
-    got = generate(model, prompts(), max_new_tokens=12, num_beams=num_beams, eos_token_id=EOS, pad_token_id=PAD,
-                   batch_size=4)  # fmt: skip
-    assert got == expected
-    assert len({tuple(tokens) for tokens in got}) > 1  # not all the same continuation
+def test_batched_generation_is_exact_in_fp32(load_base, arch, num_beams):
+    assert_batched_equals_alone(load_base(arch).eval(), LENGTHS, VOCAB, num_beams, batch_size=4)
 
 
 def test_batches_go_longest_first_and_keep_lengths_apart_when_padding_is_not_exact():
     lengths = [[0] * n for n in (3, 5, 5, 2, 5)]
     assert batches(lengths, 2, mixed_lengths=True) == [[1, 2], [4, 0], [3]]
     assert batches(lengths, 2, mixed_lengths=False) == [[1, 2], [4], [0], [3]]
+
+
+CUDA_VOCAB = 512
+# Shapes the kernels take (as in tests/test_cuda.py); Mamba-2's chunk of 64 tokens is shorter than the longest
+# prompts, so a padded prompt's scan crosses chunks at other positions than it does alone.
+CUDA_MODELS = {
+    "mamba": (
+        MambaForCausalLM,
+        MambaConfig(vocab_size=CUDA_VOCAB, hidden_size=256, num_hidden_layers=2, state_size=16),
+    ),
+    "mamba2": (
+        Mamba2ForCausalLM,
+        Mamba2Config(
+            vocab_size=CUDA_VOCAB,
+            hidden_size=256,
+            num_hidden_layers=2,
+            state_size=64,
+            num_heads=8,
+            head_dim=64,
+            n_groups=2,
+            expand=2,
+            chunk_size=64,
+        ),
+    ),
+    "jamba": (
+        JambaForCausalLM,
+        JambaConfig(
+            vocab_size=CUDA_VOCAB,
+            hidden_size=128,
+            num_hidden_layers=4,
+            attn_layer_period=4,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=2,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mamba_d_state=16,
+        ),
+    ),
+}
+# The prompt's pass (a scan over it) and the decode step (one token on the cached state), per architecture.
+CUDA_KERNELS = {
+    "mamba": ("mamba_selective_scan", "mamba_selective_state_update", "causal_conv1d_fn", "causal_conv1d_update"),
+    "mamba2": ("mamba2_chunk_scan", "mamba2_selective_state_update", "causal_conv1d_fn", "causal_conv1d_update"),
+    "jamba": ("mamba_selective_scan", "mamba_selective_state_update", "causal_conv1d_fn", "causal_conv1d_update"),
+}
+CUDA_LENGTHS = [5, 90, 37, 1, 130, 64, 23, 9]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("arch", list(CUDA_MODELS))
+def test_batched_generation_is_exact_in_fp32_on_the_cuda_kernels(arch, num_beams):
+    paths = {name: kernel_implementation(arch, name).__module__.split(".")[0] for name in CUDA_KERNELS[arch]}
+    assert set(paths.values()) <= {"mamba_ssm", "causal_conv1d"}, paths  # not transformers' PyTorch fallback
+    model_class, config = CUDA_MODELS[arch]
+    torch.manual_seed(0)
+    model = model_class(config).float().cuda().eval()
+    assert_batched_equals_alone(model, CUDA_LENGTHS, CUDA_VOCAB, num_beams, batch_size=3)

@@ -105,7 +105,7 @@ def test_warmup_trains_a_dense_delta_and_restart_restores_the_base(load_base):
     model = load_base("mamba")
     base = {k: v.clone() for k, v in model.state_dict().items()}
     tuner = sdt.apply(model, CONFIGS["mamba"])
-    # warmup trains the dense fp32 delta on A_log plus LoRA; B/C stay frozen (spec section 2)
+    # warmup trains the dense fp32 delta on A_log plus LoRA; B/C stay frozen (docs/method.md §2)
     names = [n for n, _ in tuner.named_trainable_parameters()]
     assert all(("A_log" in n and n.endswith(".delta")) or "lora_" in n for n in names)
     warmup_lora_a = dict(tuner.named_trainable_parameters())[

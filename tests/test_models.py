@@ -129,8 +129,12 @@ def test_the_default_base_ships_and_no_one_pretrains_it(tmp_path, monkeypatch):
 
 
 def test_the_rebuilt_base_matches_the_shipped_one(tmp_path):
-    """`sdtune pretrain` rebuilds the default base from its recipe: the same weights (bit for bit with this torch
-    build and thread count; float rounding apart otherwise) and the same held-out next-pixel loss."""
+    """`sdtune pretrain` rebuilds the default base from its recipe: the same weights up to float rounding, and the
+    same held-out next-pixel loss. Not bit for bit: the summation order of the matrix products depends on the CPU
+    and the thread count, and 200 Adam steps carry last-bit differences into the weights (on a 2-core machine with
+    the shipped base's torch 2.13.0+cpu: 2.5e-6 at most, and the losses 2.2e-7 apart). A change of the recipe moves
+    them by far more: another seed draws other initial weights, and another learning rate changes every update
+    (Adam moves a weight by about the learning rate per step, 5e-3 at its peak)."""
     from typer.testing import CliRunner
 
     from pipeline.cli.commands import app
@@ -141,8 +145,10 @@ def test_the_rebuilt_base_matches_the_shipped_one(tmp_path):
     from pipeline.tasks.digits import compare_bases
 
     comparison = compare_bases(tmp_path / "rebuilt", SHIPPED_BASE)
-    assert comparison["max_weight_difference"] < 1e-3, comparison
-    assert comparison["validation_loss"] == pytest.approx(comparison["reference_validation_loss"], abs=1e-3)
+    # 40x the rounding difference measured (2.5e-6), 50x below one Adam step at the recipe's peak lr (5e-3)
+    assert comparison["max_weight_difference"] < 1e-4, comparison
+    # 45x the rounding difference measured (2.2e-7); the loss moves with every weight, so a recipe change moves it more
+    assert comparison["validation_loss"] == pytest.approx(comparison["reference_validation_loss"], abs=1e-5)
     rebuilt = json.loads((tmp_path / "rebuilt" / "pretrain.json").read_text())
     shipped = json.loads((SHIPPED_BASE / "pretrain.json").read_text())
     assert rebuilt["hash"] == shipped["hash"] and rebuilt["config"] == shipped["config"] == vars(DIGITS_BASE)

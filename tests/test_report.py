@@ -274,36 +274,3 @@ def test_an_asha_stopped_arm_is_compared_at_equal_budget(tmp_path, store):
         assert [row["stopped_early"] for row in csv.DictReader(file)] == ["False", "True", "True", "True"]
     assert_plots(folder, list(space))
     assert not (folder / "time.png").exists()  # no trial has a cost record
-
-
-def test_the_time_breakdown_is_a_picture_too(tmp_path, store):
-    spec = make_spec(tmp_path, store, {"training.lr": {"grid": [1e-3, 1e-2]}})
-    parts = {"startup": 5.0, "warmup": 0.0, "training": 30.0, "evaluation": 4.0, "checkpointing": 1.0,
-             "teardown": 2.0, "other": 0.5}  # fmt: skip
-    trials = [
-        replace(trial(spec, number, "TERMINATED", {"training.lr": lr}, {"eval/accuracy": 0.5 + number / 10}),
-                cost={"wall": 42.5, "gpus": 0.0, **parts})
-        for number, lr in enumerate((1e-3, 1e-2))
-    ]  # fmt: skip
-    folder = write_report(spec, trials, SweepTracker(spec), log=lambda _: None)
-    assert (folder / "time.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert "![time](time.png)" in (folder / "summary.md").read_text()
-
-
-def test_a_trials_time_begins_at_its_first_placement_and_a_failed_attempt_is_other_time():
-    """A trial holds its GPUs from its worker group's placement: the time before is queued, not in its wall. Where Ray
-    Train restarted the worker group, the last group's report splits its own start-up, and the failed attempt
-    between the first placement and the restart's is time none of the parts covers (other)."""
-    from pipeline.results.outcomes import COST_PARTS, trial_cost
-
-    report = {"time/placed": 104.0, "time/worker_start": 107.0, "time/imports": 5.0, "time/setup": 2.0,
-              "time/train": 30.0, "time/eval": 3.0, "time/report_at": 150.0}  # fmt: skip
-    once = trial_cost(started=100.0, ended=152.0, report=report, gpus=0.5)
-    assert (once["queued"], once["wall"], once["began_at"]) == (4.0, 48.0, 104.0)
-    assert (once["startup"], once["startup_ray"], once["teardown"]) == (10.0, 3.0, 2.0)
-    assert once["other"] == pytest.approx(3.0) and sum(once[part] for part in COST_PARTS) == pytest.approx(48.0)
-
-    first_group = 90.0  # placed 14 s earlier; that group failed and Ray Train placed the reporting one at 104
-    restarted = trial_cost(started=86.0, ended=152.0, report=report, gpus=0.5, placed=first_group)
-    assert (restarted["queued"], restarted["wall"], restarted["startup"]) == (4.0, 62.0, 10.0)
-    assert restarted["other"] == pytest.approx(3.0 + 14.0)

@@ -141,3 +141,21 @@ def test_a_killed_worker_resumes_its_trial_by_itself_from_its_last_readable_chec
     selection_keys = [k for k in adapters[0] if k.startswith("sdt_selection.")]
     assert selection_keys and all(torch.equal(a[k], adapters[0][k]) for a in adapters for k in selection_keys)
     assert "warmup/loss" in metrics  # carried over from the restored checkpoint, not recomputed
+
+
+def test_batches_count_the_pad_positions_of_the_batches_they_hand_out():
+    """Seven rows of 6 tokens and one of 2, in two batches of 4 padded to 6: 48 positions, 44 of them tokens. A
+    batch counts when it is handed out, not when it is prepared (one ahead): after the first, 24 positions."""
+    from pipeline.tasks.formatting import Example
+    from pipeline.trial.worker import Batches
+
+    rows = [Example(prompt_ids=[1] * 4, answer_ids=[2, 2], reference=0) for _ in range(7)]
+    rows.append(Example(prompt_ids=[1], answer_ids=[2], reference=0))
+    batches = Batches(rows, batch_size=4, seed=0, rank=0, world=1, pad_id=0)
+    epoch = batches.epoch(0, torch.device("cpu"))
+    next(epoch)
+    assert batches.positions == 24 and batches.tokens in (20, 24)  # the short row is in the first batch or not
+    list(epoch)
+    assert (batches.positions, batches.tokens) == (48, 44)
+    assert batches.padding_since(0, 0) == pytest.approx(4 / 48)
+    assert batches.padding_since(48, 44) == 0.0  # nothing handed out since

@@ -5,9 +5,9 @@
         --name mamba2_head_rule_sdlora                             # the same with LoRA r2 on out_proj
     nice -n 10 python bench/paper/mamba2_head_rule.py --quick      # smoke run: one seed, short training
 
-The paper's default freezes 99% of the channels (spec section 3); on Mamba-2, where heads play channels (spec 9.3),
-that trains no head of a checkpoint with up to 50 heads a layer and one head of one with 51 to 150. The rules, each
-at least one head:
+The paper's default freezes 99% of the channels (docs/method.md §4); on Mamba-2, where heads play channels
+(docs/method.md §6), that trains no head of a checkpoint with up to 50 heads a layer and one head of one with 51
+to 150. The rules, each at least one head:
 
 * ``one``: the paper's fraction, rounded as the official code does, at least one: 1 head up to 150 heads;
 * ``sixteenth``: ceil(heads / 16): 1 of 8, 2 of 24, 4 of 64, 8 of 128;

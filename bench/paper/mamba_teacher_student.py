@@ -1,4 +1,5 @@
-"""Mamba-1 analogue of the S4 synthetic experiment (spec 7.3 point 5), run through sdtune's own ``sdt`` package.
+"""Mamba-1 analogue of the S4 synthetic experiment, run through sdtune's own ``sdt`` package
+(docs/paper-reproduction.md, part 2).
 
     nice -n 19 python bench/paper/mamba_teacher_student.py                  # main run (batch 8 x 64, 200 steps)
     nice -n 19 python bench/paper/mamba_teacher_student.py --methods lora sdlora --lr 1e-2 \
@@ -15,7 +16,7 @@ Methods, each built with ``sdt.apply`` and trained on ``tuner.trainable_paramete
 * ``sdlora``: SDT on A_log and the B/C columns of x_proj + LoRA on out_proj (``SDTConfig.preset("sdlora")`` with
   the counts as ints), a short warmup, then ``tuner.start_training(tuner.select())`` and a fresh optimizer;
 * ``sdt``: the same without LoRA;
-* ``lora``: LoRA on x_proj, dt_proj and out_proj (the paper's matched-budget baseline modules, spec 5.2);
+* ``lora``: LoRA on x_proj, dt_proj and out_proj (the paper's matched-budget baseline modules, docs/method.md §7);
 * ``full``: every weight but the embedding; ``frozen``: nothing trained.
 LoRA uses alpha = rank (scale 1), as the official baselines. Budgets are matched with
 ``tuner.num_trainable_parameters()``; the x axis is trainable / all parameters of the frozen model.

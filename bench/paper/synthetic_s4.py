@@ -1,4 +1,5 @@
-"""The paper's S4 synthetic experiment (spec 7.1 / 7.3): SDT and SDLoRA against LoRA on a deep random S4D.
+"""The paper's S4 synthetic experiment: SDT and SDLoRA against LoRA on a deep random S4D
+(docs/paper-reproduction.md, part 1).
 
     nice -n 19 python bench/paper/synthetic_s4.py                   # main run (batch 64, 500 iterations)
     nice -n 19 python bench/paper/synthetic_s4.py --quick           # 1-2 minute smoke run
@@ -54,7 +55,7 @@ SWEEP = [
     *[("sdlora", {"k_c": c, "k_s": s, "r": r}) for c, s, r in ((4, 4, 2), (8, 8, 4), (16, 16, 4), (32, 16, 4))],
     ("full", {}),
 ]
-# The official run_s4.py's "LoRA (S4+Proj)": it never attaches the SSM LoRA (spec 7.1), so it trains log_dt, D, b and
+# The official run_s4.py's "LoRA (S4+Proj)": it never attaches the SSM LoRA, so it trains log_dt, D, b and
 # the W LoRA: 512 r + 768 = 8.4 / 14.5 / 26.7 %, the x positions of the paper's curve. Run with --methods.
 OFFICIAL_SWEEP = [("lora_s4_proj_official", {"r": r}) for r in (4, 8, 16)]
 QUICK_SWEEP = [
@@ -107,7 +108,7 @@ class CausalConv(torch.autograd.Function):
 
 
 def random_s4d(n_layers: int, n_states: int) -> list[dict[str, torch.Tensor]]:
-    """The official "random" init (spec 7.1): D ~ N(0, 1); log_dt ~ U(log 1e-3, log 1e-1); C complex randn (stored
+    """The official "random" init: D ~ N(0, 1); log_dt ~ U(log 1e-3, log 1e-1); C complex randn (stored
     (H, N, 2)); a = log U(0,1); θ = π·randint(0, N); W, b: nn.Linear's default. Drawn from the global CPU RNG in the
     official module's order, so the same seed gives the official script's target and frozen weights."""
     layers = []
@@ -183,7 +184,8 @@ class Full(nn.Module):
 
 
 class LowRank(nn.Module):
-    """base + left @ right with a zero-init left factor and no scaling (spec 7.1); complex if ``right`` is.
+    """base + left @ right with a zero-init left factor and no scaling, as the official code builds it; complex if
+    ``right`` is.
 
     Real or complex, the factors are stored as real tensors, so parameter counts and AdamW see real numbers.
     """
@@ -225,8 +227,8 @@ def lora_w(rank: int) -> LowRank:
 
 def build(method: str, cfg: dict, frozen: list[dict], warm: list[dict] | None, args) -> Student:
     """The student for one sweep point. ``warm``: the warmed-up layers (SDT arms and pruning need them);
-    ``args.prune``: (channels, states per channel) to keep usable, or None (no pruning, the spec's recommendation);
-    ``args.score``: the update score that ranks SDT's dims."""
+    ``args.prune``: (channels, states per channel) to keep usable, or None (no pruning: the method as the paper
+    states it); ``args.score``: the update score that ranks SDT's dims."""
     torch.manual_seed(SEED)  # every run draws its LoRA factors from the same stream, whatever ran before
     student = Student(frozen)
     n_states = frozen[0]["a"].shape[1]
@@ -310,7 +312,7 @@ def warmup(frozen: list[dict], target: nn.Module, args) -> list[dict[str, torch.
 
 def update_magnitude(frozen: dict, warm: dict, score: str) -> torch.Tensor:
     """sqrt(Δa² + Δθ²) per (channel, state): ``select_channels_and_states`` squares it, which gives the intended
-    update score |a_warm - a_0|² + |θ_warm - θ_0|² per entry (spec 7.1), summed over states for a channel.
+    update score |a_warm - a_0|² + |θ_warm - θ_0|² per entry, summed over states for a channel.
 
     ``score="official"`` reproduces run_s4.py's quirk instead: it subtracts +exp(a_0) from the warmed-up
     -exp(a_warm), so the "update" is about 2·|Re A| and ranks by the decay rate, hardly by what warmup changed.
@@ -321,7 +323,7 @@ def update_magnitude(frozen: dict, warm: dict, score: str) -> torch.Tensor:
 
 
 def usable_entries(warm: dict, channels: int, states: int) -> torch.Tensor:
-    """The official pruning's "usable" dims (spec 7.1, intended complex-A version), as a (channel, state) mask:
+    """The official pruning's "usable" dims (in their intended complex-A version), as a (channel, state) mask:
     the channels, and per channel the states, with the largest kernel contribution |C̃ exp(ΔA·⌊L/2⌋)| on the
     warmed-up weights."""
     a = torch.complex(-torch.exp(warm["a"]), warm["theta"])
@@ -354,7 +356,7 @@ def main() -> None:
         nargs=2,
         type=int,
         metavar=("CHANNELS", "STATES"),
-        help="the official hard mode's pruning (off by default, as spec 7.3 recommends): per layer keep CHANNELS "
+        help="the official hard mode's pruning (off by default): per layer keep CHANNELS "
         "usable channels and STATES usable states per channel, zero C elsewhere",
     )
     parser.add_argument(
@@ -377,7 +379,7 @@ def main() -> None:
     torch.set_num_threads(1)  # a shared 2-core machine
 
     start = time.perf_counter()
-    torch.manual_seed(SEED)  # one stream: the target first, then the frozen model (spec 7.1)
+    torch.manual_seed(SEED)  # one stream: the target first, then the frozen model (the official draw order)
     target = Student(random_s4d(TARGET_LAYERS, TARGET_N))
     frozen = random_s4d(FROZEN_LAYERS, FROZEN_N)
     frozen_params = sum(t.numel() for layer in frozen for t in layer.values())

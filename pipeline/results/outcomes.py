@@ -18,8 +18,6 @@ from pipeline.spec.job import JobSpec, TrialSpecs, load_job
 from pipeline.storage.layout import CHECKPOINT_KEY, COST_FILE, JOB_FILE, TRIAL_PREFIX, TUNE_DIR
 from pipeline.storage.paths import StoragePath, reported_path, storage_path
 
-# Where a trial's wall time goes: the worker measures the middle four, the driver the ends (pipeline.trial.worker).
-COST_PARTS = ("startup", "warmup", "training", "evaluation", "checkpointing", "teardown", "other")
 # Ray Tune's trial statuses (not MLflow's run statuses, which are FINISHED / FAILED / KILLED).
 TUNE_TERMINATED = "TERMINATED"  # finished, or stopped early by the scheduler
 TUNE_ERROR = "ERROR"
@@ -48,7 +46,7 @@ class TrialOutcome:
     config: dict[str, Any]  # the sampled values, by dotted spec key ("training.lr": 0.01)
     metrics: dict[str, Any]  # the last report
     spec: JobSpec  # the sweep's spec with the sampled values applied: what the trial ran
-    cost: dict[str, float] | None = None  # trial_cost of its last run, when the sweep driver recorded one
+    cost: dict[str, Any] | None = None  # costs.trial_cost of its last run, when the sweep driver recorded one
     error: str | None = None  # why it failed, in one line (ERROR only)
 
     @property
@@ -83,55 +81,6 @@ def reached_the_end(spec: JobSpec, report: Mapping[str, Any]) -> bool:
 
 def trial_dir(spec: JobSpec, trial_id: str) -> StoragePath:
     return spec.sweep_dir.resolve() / f"{TRIAL_PREFIX}{trial_id}"
-
-
-def trial_cost(
-    started: float, ended: float, report: Mapping[str, Any], gpus: float, placed: float | None = None
-) -> dict[str, float]:
-    """Where the wall time of one trial run (``started`` to ``ended``, epoch seconds) went, in seconds:
-
-    - ``queued``: from Tune's start of the trial to its worker group's placement (``placed``, else the report's
-      ``time/placed``): its Ray processes starting (Tune's function, Ray Train's controller) and, for a staged trial
-      (:func:`pipeline.sweep.tune.trials_at_once`), its wait for a running trial's GPUs. The trial held no GPU then:
-      not its GPU time, and not in its ``wall``. Its GPU time, and its start-up, begin at the placement
-      (``began_at``; at its start where Ray did not record the placement);
-    - ``startup``: from then to its first training step, warmup excluded: ``startup_ray`` (Ray Train's worker
-      group, up to the worker's training function; where the placement is unknown, from the trial's start, of
-      which ``startup_tune``, up to the trial's Tune function, and ``startup_train``, the rest),
-      ``startup_imports`` (that function's imports: torch, transformers, DeepSpeed, ...), ``startup_setup``
-      (model and data loading, the adapters, the DeepSpeed engine);
-    - ``warmup``, ``training``, ``evaluation``, ``checkpointing`` (all but the last report's): as the worker
-      measured them, up to its last report;
-    - ``teardown``: from the last report to the trial's end (its checkpoint, the worker group's shutdown);
-    - ``other``: what none of these covers (the remainder; near zero when the accounting is complete, a worker
-      group's failed attempt where Ray Train restarted it).
-
-    ``last_report_at``: when its last report came (for the GPU's idle time between one trial and the next).
-    ``gpus`` is what the trial held: GPU-seconds are these seconds times ``gpus``. ``placed``: the first placement
-    of the trial's worker groups, where Ray Train restarted one (the report is the last group's).
-    """
-    began = max(started, placed or report.get("time/placed", started))
-    reporting_group = max(began, report.get("time/placed", began))  # later than ``began`` in a restarted trial
-    until_worker = report["time/worker_start"] - reporting_group  # its start (placement unknown: Tune's too)
-    parts = {
-        "startup": until_worker + report.get("time/imports", 0.0) + report.get("time/setup", 0.0),
-        "warmup": report.get("time/warmup", 0.0),
-        "training": report.get("time/train", 0.0),
-        "evaluation": report.get("time/eval", 0.0),
-        "checkpointing": report.get("time/checkpoint", 0.0),
-        "teardown": ended - report["time/report_at"],
-    }
-    parts["other"] = ended - began - sum(parts.values())
-    startup = {  # what start-up is made of
-        "startup_ray": until_worker,
-        "startup_imports": report.get("time/imports", 0.0),
-        "startup_setup": report.get("time/setup", 0.0),
-    }
-    if "time/driver_start" in report and began == started:
-        startup["startup_tune"] = report["time/driver_start"] - started
-        startup["startup_train"] = report["time/worker_start"] - report["time/driver_start"]
-    moments = {"started_at": started, "began_at": began, "last_report_at": report["time/report_at"], "ended_at": ended}
-    return {**moments, "queued": began - started, "wall": ended - began, "gpus": gpus, **parts, **startup}
 
 
 def outcomes(specs: TrialSpecs, trials: Iterable[Any]) -> list[TrialOutcome]:

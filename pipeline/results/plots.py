@@ -17,10 +17,8 @@ from matplotlib.figure import Figure
 
 from pipeline.results.arm_summaries import MISSING, Budget, Curves, exclusion_note, setting_keys, setting_text
 from pipeline.results.arms import arm_of, canonical, value_label
-from pipeline.results.outcomes import (
-    COST_PARTS,
-    TrialOutcome,
-)
+from pipeline.results.costs import PART_NAMES, SWEEP_PARTS, TRIAL_PARTS, sweep_idle, weight
+from pipeline.results.outcomes import TrialOutcome
 from pipeline.results.tracking import is_finite_number
 from pipeline.spec.job import Domain, JobSpec
 
@@ -29,8 +27,9 @@ logger = logging.getLogger(__name__)
 TICK_WIDTH = 22  # characters per line of a category's label under its tick
 LOG_SPAN = 10  # positive values spanning this factor or more are drawn on a log axis
 JITTER = 0.15  # half-width of the spread of points around a category, so repeated seeds do not hide each other
-COST_COLORS = {"startup": "#9e9e9e", "warmup": "#f2a541", "training": "#2e7d32", "evaluation": "#1565c0",
-               "checkpointing": "#8e24aa", "teardown": "#6d4c41", "other": "#e0e0e0"}  # fmt: skip
+COST_COLORS = {"startup": "#9e9e9e", "warmup": "#f2a541", "training": "#2e7d32", "padding": "#a5d6a7",
+               "evaluation": "#1565c0", "checkpointing": "#8e24aa", "teardown": "#6d4c41", "other": "#e53935",
+               "idle": "#ffcc80", "unused": "#e0e0e0"}  # fmt: skip
 
 
 def plot_name(key: str) -> str:
@@ -200,23 +199,34 @@ def plot_learning_curves(
     figure.savefig(path, dpi=120)
 
 
-def plot_cost(trials: Sequence[TrialOutcome], path: Path) -> None:
-    """Each trial's wall time as one bar split into its parts (:data:`pipeline.results.outcomes.COST_PARTS`),
-    labelled with its arm, longest first; GPU-seconds when the trials held GPUs."""
+def plot_cost(trials: Sequence[TrialOutcome], runs: Sequence[Mapping[str, float]], path: Path) -> None:
+    """Each trial's wall time as one bar split into its parts (:data:`pipeline.results.costs.TRIAL_PARTS`), labelled
+    with its arm, longest first, and one bar per driver run for its GPU time no trial held (idle between trials,
+    reserved but unused); GPU-seconds when the trials held GPUs. A negative part (a rest where parts counted the same
+    seconds twice) is drawn left of zero, not hidden."""
     recorded = sorted((trial for trial in trials if trial.cost), key=lambda trial: trial.cost["wall"])
-    gpus = any(trial.cost["gpus"] for trial in recorded)
-    figure = new_figure(11, 1.2 + 0.45 * len(recorded))
-    axes = figure.add_subplot()
     labels = [
         f"{trial.trial_id}  {arm_of(trial).label}" + (" (stopped)" if trial.stopped_early else "") for trial in recorded
     ]
-    left = [0.0] * len(recorded)
-    for part in COST_PARTS:
-        seconds = [max(0.0, trial.cost.get(part, 0.0)) * (trial.cost["gpus"] or 1.0) for trial in recorded]
-        axes.barh(labels, seconds, left=left, color=COST_COLORS[part], label=part, edgecolor="white", linewidth=0.5)
-        left = [a + b for a, b in zip(left, seconds)]
+    rows = [{part: trial.cost.get(part, 0.0) * weight(trial.cost) for part in TRIAL_PARTS} for trial in recorded]
+    idle = sweep_idle(runs, [trial.cost for trial in recorded])
+    labels += [f"driver run {number}: no trial" for number in range(1, len(idle) + 1)]
+    rows += [{part: run[part] for part in SWEEP_PARTS} for run in idle]
+    figure = new_figure(11, 1.2 + 0.45 * len(rows))
+    axes = figure.add_subplot()
+    ends = [[0.0, 0.0] for _ in rows]  # per row: how far its bar reaches right of zero, and left of it
+    for part in (*TRIAL_PARTS, *SWEEP_PARTS):
+        values = [row.get(part, 0.0) for row in rows]
+        starts = [end[0] if value >= 0 else end[1] for value, end in zip(values, ends)]
+        axes.barh(labels, values, left=starts, color=COST_COLORS[part], label=PART_NAMES.get(part, part),
+                  edgecolor="white", linewidth=0.5)  # fmt: skip
+        for value, end in zip(values, ends):
+            end[value < 0] += value
+    if any(end[1] < 0 for end in ends):
+        axes.axvline(0.0, color="black", linewidth=0.8)
+    gpus = any(trial.cost["gpus"] for trial in recorded)
     axes.set_xlabel("GPU-seconds" if gpus else "seconds")
-    axes.set_title("Where each trial's time went", fontsize=10)
+    axes.set_title("Where the sweep's time went", fontsize=10)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     axes.grid(axis="x", alpha=0.3)
     figure.savefig(path, dpi=120)

@@ -41,8 +41,8 @@ from pipeline.results.arm_summaries import (
     setting_text,
 )
 from pipeline.results.arms import arm_of, canonical
+from pipeline.results.costs import SWEEP_PARTS, TRIAL_PARTS, cost_table, cost_totals, driver_runs
 from pipeline.results.outcomes import (
-    COST_PARTS,
     TUNE_ERROR,
     TrialOutcome,
     metric_on_test,
@@ -166,49 +166,6 @@ def summary_markdown(
     ]) + "\n"  # fmt: skip
 
 
-# -- the GPU-time breakdown -----------------------------------------------------------------------------------
-
-
-def cost_totals(trials: Sequence[TrialOutcome]) -> dict[str, float]:
-    """Seconds per part summed over the trials that have a cost record, weighted by the GPUs each held (device
-    seconds; plain seconds when the trials held no GPU), and ``wall``, the trials' summed wall time so weighted;
-    ``queued``, the seconds before the trials' worker groups were placed (plain seconds: no GPU was theirs then)."""
-    recorded = [trial.cost for trial in trials if trial.cost]
-    totals = {part: 0.0 for part in ("wall", *COST_PARTS)}
-    for cost in recorded:
-        weight = cost["gpus"] or 1.0
-        for part in totals:
-            totals[part] += cost.get(part, 0.0) * weight
-    totals["queued"] = sum(cost.get("queued", 0.0) for cost in recorded)
-    return totals
-
-
-def cost_table(trials: Sequence[TrialOutcome]) -> str:
-    """One row per trial with a cost record (seconds per part, and the seconds before its placement: queued) and
-    a total row with each part's share."""
-    recorded = [trial for trial in trials if trial.cost]
-    if not recorded:
-        return "No trial of this sweep has a cost record (the sweep driver writes one per trial as it ends)."
-    unit = "GPU-s" if any(trial.cost["gpus"] for trial in recorded) else "s"
-    header = ["trial", "arm", "GPUs", "queued s", "wall s", *(f"{part} s" for part in COST_PARTS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for trial in recorded:
-        cost = trial.cost
-        cells = [
-            trial.trial_id,
-            arm_of(trial).label,
-            f"{cost['gpus']:g}",
-            f"{cost.get('queued', 0.0):.1f}",
-            f"{cost['wall']:.1f}",
-        ]
-        cells += [f"{cost.get(part, 0.0):.1f}" for part in COST_PARTS]
-        lines.append("| " + " | ".join(cells) + " |")
-    totals = cost_totals(recorded)
-    shares = [f"{totals[part]:.0f} ({totals[part] / totals['wall']:.0%})" for part in COST_PARTS]
-    lines.append("| " + " | ".join([f"**total ({unit})**", "", "", "", f"{totals['wall']:.0f}", *shares]) + " |")
-    return "\n".join(lines)
-
-
 def csv_cell(value: Any) -> Any:
     """Numbers as they are (full precision), lists and mappings as JSON, missing as empty."""
     if value is None:
@@ -268,9 +225,9 @@ def log_to_parent_run(
         logger.warning("no MLflow run for sweep %s: the report is not logged to MLflow", spec.sweep_dir)
         return
     tracker.client.log_artifacts(parent, str(folder), REPORT_DIR)
-    if costs["wall"] > 0:
+    if costs["all"] > 0:
         metrics = {f"cost/total_{part}_s": seconds for part, seconds in costs.items()}
-        metrics.update({f"cost/{part}_fraction": costs[part] / costs["wall"] for part in COST_PARTS})
+        metrics.update({f"cost/{part}_fraction": costs[part] / costs["all"] for part in (*TRIAL_PARTS, *SWEEP_PARTS)})
         tracker.log_run_metrics(parent, metrics)
     log(f"logged as {REPORT_DIR}/ of MLflow run {parent}")
 
@@ -290,14 +247,16 @@ def write_report(
     curves = metric_curves(spec, trials, tracker)
     step_losses = {trial_id: tracker.metric_history(trial_id, STEP_LOSS) for trial_id in curves}
     rows, budget = arm_summaries(spec, trials, curves)
-    table, verdicts, cost = summary_table(spec, rows, budget), baseline_verdicts(spec, rows, budget), cost_table(trials)
+    runs = driver_runs(spec.sweep_dir)
+    table, verdicts = summary_table(spec, rows, budget), baseline_verdicts(spec, rows, budget)
+    cost = cost_table(trials, runs)
     colors = arm_colors([trial for trial in trials if trial.trial_id in curves])
 
     def write(folder: Path) -> None:
         plots = [CURVES_PNG]
         plot_learning_curves(spec, trials, curves, step_losses, budget, colors, folder / CURVES_PNG)
         if any(trial.cost for trial in trials):
-            plot_cost(trials, folder / COST_PNG)
+            plot_cost(trials, runs, folder / COST_PNG)
             plots.append(COST_PNG)
         for key, domain in spec.search.space.items():
             plot_hyperparameter(spec, key, domain, trials, curves, budget, colors, folder / plot_name(key))
@@ -311,7 +270,7 @@ def write_report(
     wrapped = "\n\n".join(textwrap.fill(paragraph, CONSOLE_WIDTH) for paragraph in verdicts.split("\n\n"))
     log(f"{table}\n\n{wrapped}\n\nWhere the time went:\n{cost}")
     with local_copy(out) as folder:
-        log_to_parent_run(spec, tracker, folder, cost_totals(trials), log)
+        log_to_parent_run(spec, tracker, folder, cost_totals(trials, runs), log)
     return out
 
 

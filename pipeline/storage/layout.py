@@ -6,6 +6,7 @@ CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneRe
 ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selection (sdt.save)
 TRIAL_PREFIX = "trial-"  # <sweep dir>/trial-<trial id>: Ray Train's storage of one trial
 COST_FILE = "cost.json"  # in a trial's directory: where its wall time went (written by the sweep driver)
+DRIVER_RUNS_FILE = "driver-runs.json"  # under the sweep dir: each run of the sweep driver, its start, end, capacity
 DIVERGED_FILE = "diverged.json"  # in a trial's directory: why its training loss stopped being finite
 EXPORT_DIR = "export"  # under the sweep dir, unless export.dir says elsewhere
 MERGED_DIR = "merged"  # in an export: the adapter merged into its base, a plain transformers model

@@ -14,15 +14,14 @@ from ray.tune import Callback
 
 from pipeline.compat import tune as tune_compat
 from pipeline.results.arms import trial_label
+from pipeline.results.costs import TRIAL_PARTS, trial_cost, unreported_cost
 from pipeline.results.outcomes import (
-    COST_PARTS,
     TUNE_ERROR,
     TUNE_TERMINATED,
     error_line,
     is_metric,
     metric_on_test,
     reached_the_end,
-    trial_cost,
     trial_dir,
 )
 from pipeline.results.tracking import ERROR_TAG, SweepTracker
@@ -46,7 +45,7 @@ def guarded(what: str, action, *args, strict: bool = False) -> Any:
 
 
 class TrialCostCallback(Callback):
-    """Where each trial's wall time went (:func:`pipeline.results.outcomes.trial_cost`): the driver notes when a trial
+    """Where each trial's wall time went (:func:`pipeline.results.costs.trial_cost`): the driver notes when a trial
     starts and ends, the worker's last report says how long it spent in each phase. Written to
     ``<trial dir>/cost.json`` and logged as ``cost/<part>_s`` metrics on the trial's MLflow run."""
 
@@ -83,12 +82,11 @@ class TrialCostCallback(Callback):
         if report.get("time/report_at", 0.0) >= started:
             cost = trial_cost(started, ended, report, self.gpus_per_trial, placed)
         else:  # no report of this run (it failed before its first: its last result is an earlier run's)
-            cost = {"started_at": started, "ended_at": ended, "wall": ended - started, "gpus": self.gpus_per_trial,
-                    "other": ended - started}  # fmt: skip
+            cost = unreported_cost(started, ended, self.gpus_per_trial)
         directory = trial_dir(self.spec, trial.trial_id)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / COST_FILE).write_text(json.dumps(cost, indent=2, sort_keys=True) + "\n")
-        metrics = {f"cost/{part}_s": cost[part] for part in ("queued", "wall", *COST_PARTS) if part in cost}
+        metrics = {f"cost/{part}_s": cost[part] for part in ("queued", "wall", *TRIAL_PARTS) if part in cost}
         guarded(
             f"cost of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, report.get("step", 0)
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 
 from pipeline.compat import tune as tune_compat
+from pipeline.results.costs import record_driver_run, reserved_gpus
 from pipeline.results.outcomes import TUNE_ERROR, TrialOutcome, outcomes
 from pipeline.results.tracking import SweepTracker
 from pipeline.spec.job import Domain, JobSpec, TrialSpecs
@@ -233,11 +235,14 @@ def run_sweep(spec: JobSpec, tracker: SweepTracker, local_cluster: bool) -> Swee
         experiment = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     else:
         experiment = make_experiment(spec, tracker, trainable, at_once)
+    capacity = reserved_gpus(cluster_gpus, local_cluster, spec.resources.max_concurrent_trials, gpus)
+    started = time.time()
     try:
         with StopSignals() as signals:
             experiment.fit()
     finally:
         end_coordinator(spec.sweep_dir)  # the warmup claims of its trials (pipeline.trial.claims): none is running now
+        record_driver_run(spec.sweep_dir, started, time.time(), capacity)  # for the report's GPU-time breakdown
     ledger = TrialLedger.take(spec.sweep_dir.resolve())
     interrupted = signals.received is not None or ledger.unfinished
     return SweepOutcome(outcomes(ledger.specs, ledger.trials), bool(interrupted), ledger.started, ledger.cut_short)

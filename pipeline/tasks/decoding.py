@@ -1,4 +1,4 @@
-"""Batched generation for SSMs, exact: many prompts decode together and each gets the tokens it would get alone.
+"""Batched generation for SSMs: many prompts decode together, and in fp32 each gets the tokens it would get alone.
 
 One prompt at a time leaves the GPU idle: a decode step of a 1.4b Mamba costs about the same for 1 sequence as
 for hundreds (it is bound by the host and by reading the weights), so an evaluation of SAMSum's 819 dialogues
@@ -11,7 +11,16 @@ keeps ``h = 0``) and reaches the convolution as the zeros of its own causal padd
 masked keys. This holds when ``in_proj`` has no bias (every released Mamba, Mamba-2 and Jamba checkpoint); a model
 with one would turn a zeroed input into its bias, so its prompts are batched only with prompts of the same length.
 Beam search normalises scores by the number of generated tokens, not the padded length, so beams are unchanged
-too. ``tests/test_generation.py`` checks both against one-prompt ``generate``, token for token.
+too.
+
+What "exact" means: **in fp32, batched greedy decoding and beam search give every prompt the same tokens as
+transformers' ``generate`` on that prompt alone, token for token.** It is not bit-identity of the logits: a padded
+batch sums in another order than a single prompt, so the two differ by float rounding (below 1e-6 on the tiny test
+models), which cannot change a choice unless two candidates tie within that rounding. ``tests/test_generation.py``
+checks it on the CPU and, marked ``cuda``, on the mamba-ssm kernels, for Mamba, Mamba-2 and Jamba. **In bf16 it is
+not guaranteed**: bf16 keeps 8 bits of mantissa (a rounding step of 4e-3 relative), enough to flip close choices,
+after which a sequence continues differently; ``bench/generation_speed.py`` reports the share of identical outputs
+and the task metric both ways.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How a sample becomes tokens, as the official SDT code does it (sdt-spec.md section 6).
+"""How a sample becomes tokens, as the official SDT code does it (docs/method.md §8).
 
 Every sample is a prompt and an answer. The prompt is ``instruction + text + "###"`` (a pair:
 ``instruction + text + "###" + text_pair + "###"``), tokenized with the tokenizer's own special tokens (a BOS for

@@ -32,15 +32,16 @@ def evaluate(
     """Metrics of ``model`` on ``split`` (keys: ``task.metric_names``), and ``loss``, the mean cross-entropy
     over the answer tokens.
 
-    Classification is scored at the position that predicts the first answer token. ``strict``: argmax over the
-    label strings' first tokens. ``official`` (spec pitfall 13): argmax over the whole vocabulary, and predictions
-    that are no label token are dropped before scoring (all metrics 0 when every one is). Both report
-    ``out_of_label``, the fraction of full-vocabulary argmaxes that are no label token. ``f1`` is binary (class
-    1 positive) for two classes, else macro.
+    Classification is scored at the position that predicts the first answer token (docs/method.md §8). ``strict``:
+    argmax over the label strings' first tokens. ``official`` (the official code's): argmax over the whole
+    vocabulary, and predictions that are no label token are dropped before scoring (all metrics 0 when every one
+    is). Both report ``out_of_label``, the fraction of full-vocabulary argmaxes that are no label token. ``f1`` is
+    binary (class 1 positive) for two classes, else macro.
 
-    Generation decodes ``batch_size`` prompts at a time (greedy, or beam search for num_beams > 1), exactly as one
-    by one would (:mod:`pipeline.tasks.decoding`). ROUGE is the mean F-measure (rouge-score, no stemming); ``bleu`` is
-    sacrebleu's corpus BLEU / 100; ``exact_match`` compares whitespace-stripped strings.
+    Generation decodes ``batch_size`` prompts at a time (greedy, or beam search for num_beams > 1); in fp32 each
+    prompt gets the tokens it would get alone, in bf16 not always (:mod:`pipeline.tasks.decoding`). ROUGE is the mean
+    F-measure (rouge-score, no stemming); ``bleu`` is sacrebleu's corpus BLEU / 100; ``exact_match`` compares
+    whitespace-stripped strings.
     """
     if split not in DATA_SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {', '.join(DATA_SPLITS)}")

@@ -1,6 +1,6 @@
-"""How every task gets its train / validation / test (sdt-spec.md section 6), in one place: validation carved out of
-train, a generated pool beside a fixed test set, the spec's local files or Hugging Face dataset as three splits,
-and how many training rows a spec gives, counted without loading them.
+"""How every task gets its train / validation / test (docs/method.md §8), in one place: validation carved
+out of train, a generated pool beside a fixed test set, the spec's local files or Hugging Face dataset as three
+splits, and how many training rows a spec gives, counted without loading them.
 
 The task modules import this one and the job spec imports them, so `datasets` is imported where it is used.
 """

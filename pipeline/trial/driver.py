@@ -9,7 +9,6 @@ the job spec), never DeepSpeed, datasets or MLflow. Only the workers import :mod
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any
@@ -22,9 +21,8 @@ from ray import tune
 from pipeline.compat import ray as ray_compat
 from pipeline.spec.job import JobSpec, import_modules
 from pipeline.storage.layout import DIVERGED_FILE, TRIAL_PREFIX
+from pipeline.trial.progress import MAX_LINE, WORKER_WARNING
 from sdt.compat import CompatError
-
-logger = logging.getLogger(__name__)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -41,17 +39,23 @@ def train_loop(config: dict[str, Any]) -> None:
 def placement_time() -> float | None:
     """When this worker's placement group (its worker group's resources) was placed: where the trial's hold on its
     GPUs begins, whether it got them at once or waited for a running trial's (a staged trial,
-    :func:`pipeline.sweep.tune.trials_at_once`). None outside a placement group, or where Ray's record lacks the times
-    or cannot be read (a Ray whose private record moved: a warning, and the trial's start-up counts from Tune's
-    start)."""
+    :func:`pipeline.sweep.tune.trials_at_once`). None outside a placement group, or where Ray's record lacks the
+    times or cannot be read: then a warning on the console says that the trial's start-up counts from Tune's start of
+    it, and its cost record says so too (``placement_known``)."""
     group = ray.util.get_current_placement_group()
     if group is None:
         return None
     try:
-        return ray_compat.placement_group_placed_at(group.id)
+        placed = ray_compat.placement_group_placed_at(group.id)
+        reason = "Ray's record of it holds no creation time"
     except CompatError as error:
-        logger.warning("%s; the trial's start-up counts from Tune's start of it", error)
-        return None
+        placed, reason = None, str(error)
+    if placed is None:
+        consequence = ": its start-up counts from Tune's start of the trial, its queue included"
+        head = f"{WORKER_WARNING}the placement time of this trial's worker group is unknown ("
+        room = MAX_LINE - len(head) - len(consequence) - 1  # the console's lines are at most MAX_LINE long
+        print(f"{head}{' '.join(reason.split())[:room]}){consequence}", flush=True)
+    return placed
 
 
 def trial_gpus(spec: JobSpec) -> float:

@@ -1,5 +1,6 @@
 """Base models: loading a job's base (checkpoint, fresh architecture or the builtin digits base) in its compute
-dtype, and which kernel path transformers picked, so a slow fallback on CUDA is never silent."""
+dtype (and the CPU threads a worker computes with), and which kernel path transformers picked, so a slow fallback on
+CUDA is never silent."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from transformers import (
 
 import sdt
 from pipeline.compat.transformers import kernel_implementation
-from pipeline.spec.job import ModelSpec
+from pipeline.spec.job import ModelSpec, ResourcesSpec
 from pipeline.trial.progress import WORKER_WARNING
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ def compute_dtype(spec: ModelSpec, device: torch.device | str) -> torch.dtype:
     if spec.dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[spec.dtype]
+
+
+def cpu_threads(resources: ResourcesSpec) -> int:
+    """torch's threads in a worker on the CPU: its whole CPUs, at least one."""
+    return max(1, int(resources.cpus_per_worker))
 
 
 def load_base_model(

@@ -1,11 +1,13 @@
 """The SDT warmup, computed once per sweep for every trial that would compute the same one.
 
 A warmup's result (the dense per-layer updates that SDT ranks) depends on the base model, the data, the seed, the
-batch, the warmup length, its learning rate and schedule, the world size, the LoRA that trains beside it, and the
-compute dtype; it does not depend on the channel / state ratios, which act only in the selection afterwards. So
-trials that differ only in ratios (or in the training-phase lr) share one warmup: :func:`warmup_key` lists those
-inputs, its hash names ``<sweep dir>/warmup/<hash>/`` (``updates.safetensors``, then ``warmup.json``, the marker of
-a published warmup), in the sweep's storage, local or object storage (:mod:`pipeline.storage.paths`), and
+batch, the warmup length, its learning rate and schedule, the optimizer's arithmetic (ZeRO stage, offloading, the
+DeepSpeed settings, the threads of a trial on the CPU), the world size, the LoRA that trains beside it, and the compute
+dtype; it does not depend on the channel / state ratios, which act only in the selection afterwards. So trials that
+differ only in ratios (or in the training-phase lr) share one warmup: :func:`warmup_key` lists those inputs
+(``tests/test_warmup.py`` flips every setting of the spec and checks which ones move it), its hash names
+``<sweep dir>/warmup/<hash>/`` (``updates.safetensors``, then ``warmup.json``, the marker of a published warmup), in
+the sweep's storage, local or object storage (:mod:`pipeline.storage.paths`), and
 
 - a trial that finds it published loads it;
 - otherwise it asks the sweep's claim coordinator, a Ray actor (:mod:`pipeline.trial.claims`): the one granted the key
@@ -45,7 +47,7 @@ Updates = dict[str, dict[str, torch.Tensor]]  # mixer prefix -> warmup tensor ke
 
 def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.device) -> dict[str, Any]:
     """Everything the warmup's result depends on, and nothing else."""
-    from pipeline.trial.models import compute_dtype
+    from pipeline.trial.models import compute_dtype, cpu_threads
 
     training = spec.training
     return {
@@ -60,11 +62,18 @@ def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.d
         "lr": training.warmup_lr or training.lr,
         "weight_decay": training.weight_decay,
         "grad_clip": training.grad_clip,
+        # How the optimizer steps: the ZeRO stage, and offloading, which moves AdamW's step to the host (and keeps
+        # ZeRO on a single rank, where it would otherwise step as stage 0); the spec's own DeepSpeed settings.
         "zero_stage": training.zero_stage,
+        "offload_optimizer": training.offload_optimizer,
+        "offload_parameters": training.offload_parameters,
+        "deepspeed": training.deepspeed,
         # The warmup's lr decays linearly over the whole run, as in the official code.
         "schedule_steps": total_steps,
         "world_size": world_size,
         "device": device.type,
+        # On the CPU a worker runs as many torch threads as its whole CPUs, and the threads split the float sums.
+        "cpu_threads": cpu_threads(spec.resources) if device.type == "cpu" else None,
         "dtype": str(compute_dtype(spec.model, device)),
     }
 

@@ -10,7 +10,7 @@ if a trial dies inside it; trials whose warmups would be identical share one (:m
 The loop never waits for the GPU inside a step: losses stay on the device and are read every
 ``training.log_every_steps`` steps, and batches are copied to the device ahead of their step. Every report carries
 the seconds the worker spent per phase (``time/*``), from which the sweep's GPU-time breakdown is built
-(:func:`pipeline.results.outcomes.trial_cost`).
+(:func:`pipeline.results.costs.trial_cost`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from pipeline.storage.paths import sibling_directories
 from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
 from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import TaskData, load_task
-from pipeline.trial.models import load_base_model
+from pipeline.trial.models import cpu_threads, load_base_model
 from pipeline.trial.progress import MAX_LINE, WORKER_WARNING, TrialProgress
 from pipeline.trial.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
@@ -77,7 +77,8 @@ class Batches:
     """This rank's micro-batches of one epoch: a seeded shuffle of all examples, dealt round-robin to the ranks.
 
     Every rank gets the same number of micro-batches (the remainder is dropped, as the official runs drop the last
-    partial batch), so collective steps stay in lockstep.
+    partial batch), so collective steps stay in lockstep. ``positions`` and ``tokens`` count what the batches handed
+    out so far held: every position, and the positions that hold an example's token (the rest is padding).
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int, world: int, pad_id: int):
@@ -91,6 +92,7 @@ class Batches:
             raise ValueError(
                 f"training.batch_size: {batch_size} x {world} workers exceeds the {len(examples)} examples"
             )
+        self.positions, self.tokens = 0, 0
 
     def epoch(self, epoch: int, device: torch.device, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """The epoch's micro-batches on ``device``, each copied there while the step before it still runs."""
@@ -100,14 +102,28 @@ class Batches:
         for index in range(start, self.per_epoch):
             first = (index * self.world + self.rank) * self.batch_size
             batch = pad_rows([self.rows[i] for i in order[first : first + self.batch_size]], self.pad_id)
+            counts = (batch["attention_mask"].numel(), int(batch["attention_mask"].sum()))  # on the host: no sync
             if device.type == "cuda":  # pinned memory: the copy is asynchronous and overlaps the GPU's work
                 batch = {key: tensor.pin_memory() for key, tensor in batch.items()}
-            upcoming = (index, {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()})
+            upcoming = (index, {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}, counts)
             if pending is not None:
-                yield pending
+                yield self.hand_out(*pending)
             pending = upcoming
         if pending is not None:
-            yield pending
+            yield self.hand_out(*pending)
+
+    def hand_out(
+        self, index: int, batch: dict[str, torch.Tensor], counts: tuple[int, int]
+    ) -> tuple[int, dict[str, torch.Tensor]]:
+        """Counts a batch as it is handed out (not as it is prepared, one ahead)."""
+        self.positions += counts[0]
+        self.tokens += counts[1]
+        return index, batch
+
+    def padding_since(self, positions: int, tokens: int) -> float:
+        """The share of pad positions in the batches handed out since the counts were ``positions``, ``tokens``."""
+        handed = self.positions - positions
+        return (handed - (self.tokens - tokens)) / handed if handed else 0.0
 
 
 def zero_stage(spec: JobSpec, world: int) -> int:
@@ -260,8 +276,9 @@ def check_finite(loss: torch.Tensor, step: int, what: str = "the training loss")
 
 
 class PhaseClock:
-    """Wall-clock seconds this worker spends per phase (setup, warmup, train, eval, checkpoint), for the sweep's
-    GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
+    """Wall-clock seconds this worker spends per phase (setup, warmup, train, eval, checkpoint), and of the warmup's
+    and the training's, the share its steps spent on pad positions (``warmup_padding``, ``train_padding``), for the
+    sweep's GPU-time breakdown. Phase boundaries wait for the GPU, so device work lands in the phase that queued it."""
 
     def __init__(
         self, device: torch.device, entered_at: float, driver_at: float | None, placed_at: float | None
@@ -306,7 +323,7 @@ def run_warmup(
     the dense updates (CPU copies), and drops the engine."""
     engine = make_engine(tuner, spec, spec.training.warmup_lr or spec.training.lr, total_steps)
     losses = LossLog(device, log_every_steps=spec.training.log_every_steps)
-    steps, epoch = 0, 0
+    steps, epoch, counted = 0, 0, (batches.positions, batches.tokens)
     while steps < tuner.config.warmup_steps:
         for _, batch in batches.epoch(epoch, device):
             loss, boundary = train_micro_batch(engine, batch)
@@ -333,7 +350,7 @@ def run_warmup(
     )  # on the collective's device
     check_finite(loss_sum, steps, "the SDT warmup's loss or update")
     mean, _ = losses.take()
-    return {"warmup/loss": mean, "warmup/steps": steps}, updates
+    return {"warmup/loss": mean, "warmup/steps": steps, "warmup/padding": batches.padding_since(*counted)}, updates
 
 
 def save_checkpoint(directory: Path, engine, tuner: sdt.Tuner, state: dict, rank: int) -> None:
@@ -389,11 +406,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             marker.write_text(json.dumps({"reason": str(diverged)}) + "\n")
 
 
-def cpu_threads(spec: JobSpec) -> int:
-    """torch's threads in a worker on the CPU: its whole CPUs, at least one."""
-    return max(1, int(spec.resources.cpus_per_worker))
-
-
 def trial_inputs(
     spec: JobSpec, device: torch.device, rank: int, world: int
 ) -> tuple[torch.nn.Module, Any, TaskData, Batches, int]:
@@ -434,7 +446,7 @@ class TrialRun:
         device = ray.train.torch.get_device()
         clock = PhaseClock(device, entered_at, driver_at, placed_at)
         if device.type == "cpu":
-            torch.set_num_threads(cpu_threads(spec))
+            torch.set_num_threads(cpu_threads(spec.resources))
         model, tokenizer, task, batches, total_steps = trial_inputs(spec, device, rank, world)
         # For the sweep's console (pipeline.sweep.console): rank 0 writes its step, loss and speed at each log interval.
         progress = TrialProgress.of_this_worker(spec.sweep_dir, total_steps, spec.training.log_every_steps)
@@ -519,6 +531,8 @@ def warm_up_and_select(run: TrialRun) -> tuple[sdt.Tuner, dict[str, float]]:
         metrics, updates = compute()
         metrics["warmup/shared"] = 0
     run.clock.lap("warmup")
+    if not metrics["warmup/shared"]:  # computed here: the share of its steps' time that went to pad positions
+        run.clock.seconds["warmup_padding"] = run.clock.seconds["warmup"] * metrics["warmup/padding"]
     if spec.training.zero_stage == 3:
         # The warmup engine left its parameters partitioned: the training phase starts from a fresh base (as the
         # official code does anyway), with the selection and a LoRA initialised as it would be.
@@ -535,7 +549,8 @@ class Training:
 
     def __init__(self, run: TrialRun, tuner: sdt.Tuner, engine, state: dict, guarded: bool) -> None:
         self.trial, self.tuner, self.engine, self.state = run, tuner, engine, state
-        self.step, self.tokens, self.guarded = state["step"], 0, guarded
+        self.step, self.guarded = state["step"], guarded
+        self.counted = (run.batches.positions, run.batches.tokens)  # the batches' counts at the last report
         self.losses = LossLog(run.device, run.spec.training.log_every_steps)
         self.trained_before = 0.0  # training seconds up to the last report
         if run.device.type == "cuda":
@@ -565,7 +580,6 @@ class Training:
         adapter tensor must get one (a kernel that bypasses an adapter would leave it at zero)."""
         loss, boundary = train_micro_batch(self.engine, batch)
         self.losses.add(loss)
-        self.tokens += int(batch["input_ids"].numel())
         if boundary and not self.guarded:
             self.tuner.check_gradients(grad_of=safe_get_full_grad)
             self.guarded = True
@@ -573,7 +587,7 @@ class Training:
         self.step += boundary
         if boundary:
             self.losses.end_step(self.step)
-            self.trial.progress.step(self.step, self.losses, self.tokens)
+            self.trial.progress.step(self.step, self.losses, self.trial.batches.tokens - self.counted[1])
         return boundary
 
     def report(self, epoch: int, next_batch: int, final: bool = False) -> None:
@@ -583,12 +597,16 @@ class Training:
         train_seconds, self.trained_before = clock.seconds["train"] - self.trained_before, clock.seconds["train"]
         mean_loss, points = self.losses.take()
         check_finite(torch.tensor(mean_loss, device=run.device), self.step)
+        # Tokens of the examples, not pad positions; the steps' time spent on padding, by its share of positions.
+        tokens, padding = run.batches.tokens - self.counted[1], run.batches.padding_since(*self.counted)
+        clock.seconds["train_padding"] += train_seconds * padding
         metrics = {
             "step": self.step,
             "epoch": epoch,
             "train/loss": mean_loss,
             "train/step_loss": points,  # a series: MLflow logs each point at its own step
-            "tokens_per_s": self.tokens * run.world / train_seconds if train_seconds > 0 else 0.0,
+            "train/padding": padding,
+            "tokens_per_s": tokens * run.world / train_seconds if train_seconds > 0 else 0.0,
             "trainable_parameters": self.tuner.num_trainable_parameters(),
             "node_id": ray.get_runtime_context().get_node_id(),
             **self.state["warmup"],
@@ -604,4 +622,4 @@ class Training:
             save_checkpoint(Path(tmp), self.engine, self.tuner, position, run.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         clock.lap("checkpoint")
-        self.tokens = 0
+        self.counted = (run.batches.positions, run.batches.tokens)

@@ -8,7 +8,7 @@
     train_sdt(trainer, tuner)          # instead of trainer.train(); resume_from_checkpoint=True resumes
     trainer.save_model("out")          # the adapter: sdt.load(AutoModelForCausalLM.from_pretrained(base), "out")
 
-:func:`train_sdt` runs the phases as the official code does (spec section 2):
+:func:`train_sdt` runs the phases as the official code does (docs/method.md §2):
 
 1. **Warmup**: ``trainer.train()`` for ``tuner.config.warmup_steps`` optimizer steps (SDT's warmup, not the LR warmup
    of ``TrainingArguments.warmup_steps``), with the run's own optimizer and LR schedule, planned over the whole run.
