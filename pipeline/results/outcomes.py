@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.spec.job import JobSpec, TrialSpecs, load_job
-from pipeline.storage.layout import CHECKPOINT_KEY, COST_FILE, JOB_FILE, TRIAL_PREFIX, TUNE_DIR
-from pipeline.storage.paths import StoragePath, reported_path, storage_path
+from pipeline.storage.layout import (
+    CHECKPOINT_KEY,
+    CHECKPOINT_PREFIX,
+    COST_FILE,
+    JOB_FILE,
+    TRAINER_STATE,
+    TRIAL_PREFIX,
+    TUNE_DIR,
+)
+from pipeline.storage.paths import StoragePath, reported_path, storage_path, subdirectories
 
 # Where a trial's wall time goes: the worker measures the middle four, the driver the ends (pipeline.trial.worker).
 COST_PARTS = ("startup", "warmup", "training", "evaluation", "checkpointing", "teardown", "other")
@@ -83,6 +91,21 @@ def reached_the_end(spec: JobSpec, report: Mapping[str, Any]) -> bool:
 
 def trial_dir(spec: JobSpec, trial_id: str) -> StoragePath:
     return spec.sweep_dir.resolve() / f"{TRIAL_PREFIX}{trial_id}"
+
+
+def checkpoint_reports(spec: JobSpec, trial_id: str) -> list[dict[str, Any]]:
+    """The reports the trial's checkpoints in the sweep's storage were made with, by step: a checkpoint's
+    ``trainer_state.json`` holds the report that came with it. One that cannot be read is passed over (restoring
+    the trial warns of it)."""
+    reports = []
+    for checkpoint in subdirectories(trial_dir(spec, trial_id), CHECKPOINT_PREFIX):
+        try:
+            report = json.loads((checkpoint / TRAINER_STATE).read_text()).get("metrics")
+        except (OSError, ValueError, AttributeError):  # unreadable, cut short, not a mapping
+            continue
+        if isinstance(report, dict) and isinstance(report.get("step"), int):
+            reports.append(report)
+    return sorted(reports, key=lambda report: report["step"])
 
 
 def trial_cost(

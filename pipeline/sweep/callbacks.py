@@ -18,6 +18,7 @@ from pipeline.results.outcomes import (
     COST_PARTS,
     TUNE_ERROR,
     TUNE_TERMINATED,
+    checkpoint_reports,
     error_line,
     is_metric,
     metric_on_test,
@@ -167,9 +168,10 @@ class MLflowSweepCallback(Callback):
 
     - ``setup``: starts (or reuses) the parent run.
     - ``on_trial_start``: the trial's child run, named by its arm label, with the flattened ``trial.config`` as
-      params.
+      params; for a trial that trained before (a resumed sweep), the report of each of its checkpoints that the
+      run lacks (:meth:`reconcile`).
     - ``on_trial_result``: the training metrics of the result (:meth:`is_metric`) at ``result["step"]``, else at
-      ``training_iteration``.
+      ``training_iteration``, each point once (:meth:`SweepTracker.log_report`).
     - ``on_trial_complete``: FINISHED, after logging the ``adapter/`` folder of the trial's latest checkpoint
       (``result["checkpoint_path"]`` as Train V2's TuneReportCallback adds it, or ``trial.checkpoint``) when it
       is a local directory, and how far it trained (``epochs_reached``; an ASHA-stopped trial completes normally
@@ -203,6 +205,16 @@ class MLflowSweepCallback(Callback):
         config = dict(trial.config or {})
         label = trial_label(config, self.specs.of(trial.trial_id, config).method.name)
         self._guard(f"start trial {trial.trial_id}", self.tracker.trial_run, trial.trial_id, config, label)
+        self._guard(f"reports of trial {trial.trial_id}'s checkpoints", self.reconcile, trial.trial_id)
+
+    def reconcile(self, trial_id: str) -> None:
+        """The report of every checkpoint the trial has in storage, logged where its MLflow run lacks it. When a sweep
+        stops (Ctrl+C, SIGTERM, a killed driver), Tune stops taking results at once while the trials' processes end
+        seconds later: a report made in between is saved with its checkpoint, which Ray Train resumes from, but never
+        reaches Tune or MLflow. The checkpoint holds it (:func:`pipeline.results.outcomes.checkpoint_reports`)."""
+        for report in checkpoint_reports(self.specs.spec, trial_id):
+            metrics = {key: value for key, value in report.items() if is_metric(key)}
+            self.tracker.log_report(trial_id, metrics, report["step"])
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if result.get(CHECKPOINT_KEY):
@@ -210,7 +222,7 @@ class MLflowSweepCallback(Callback):
         metrics = {key: value for key, value in result.items() if is_metric(key)}
         step = result.get("step")
         step = result.get("training_iteration", iteration) if step is None else step
-        self._guard(f"metrics of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, step)
+        self._guard(f"metrics of trial {trial.trial_id}", self.tracker.log_report, trial.trial_id, metrics, step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         adapter = self._adapter_dir(trial)
