@@ -176,6 +176,11 @@ def error_line(error: BaseException | str | None) -> str:
     return (lines[-1] if lines else "unknown error")[:500]
 
 
+def exception_line(error: BaseException) -> str:
+    """``Type: message`` of an exception raised in this process, on one line."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
 def sweep_spec(run_dir: str | StoragePath) -> JobSpec:
     """The spec a sweep was started with, from ``<run dir>/job.yaml`` (the resolved spec ``sdtune sweep`` wrote)."""
     return load_job(storage_path(run_dir) / JOB_FILE)

@@ -46,6 +46,7 @@ from pipeline.results.outcomes import (
     COST_PARTS,
     TUNE_ERROR,
     TrialOutcome,
+    exception_line,
     metric_on_test,
 )
 from pipeline.results.plots import arm_colors, plot_cost, plot_hyperparameter, plot_learning_curves, plot_name
@@ -284,7 +285,8 @@ def write_report(
     log: Callable[[str], Any] = print,
 ) -> StoragePath:
     """Writes the report of the sweep's ``trials`` to ``out`` (``<sweep dir>/report`` by default, replaced whole),
-    logs it to the sweep's MLflow parent run when there is one, and returns the folder. The trials' per-report
+    logs it to the sweep's MLflow parent run when there is one (a failure there is a warning), and returns the
+    folder. The trials' per-report
     history comes from their MLflow runs. Raises :class:`NoUsableTrialError` when no trial finished with a finite
     metric."""
     out = spec.sweep_dir.resolve() / REPORT_DIR if out is None else storage_path(out)
@@ -311,8 +313,11 @@ def write_report(
     log(f"report written to {out}")
     wrapped = "\n\n".join(textwrap.fill(paragraph, CONSOLE_WIDTH) for paragraph in verdicts.split("\n\n"))
     log(f"{table}\n\n{wrapped}\n\nWhere the time went:\n{cost}")
-    with local_copy(out) as folder:
-        log_to_parent_run(spec, tracker, folder, cost_totals(trials), log)
+    try:
+        with local_copy(out) as folder:
+            log_to_parent_run(spec, tracker, folder, cost_totals(trials), log)
+    except Exception as error:  # the report is written: MLflow's copy of it is not worth failing the sweep for
+        logger.warning("%s is written, but not logged to MLflow: %s", out, exception_line(error), exc_info=error)
     return out
 
 

@@ -450,11 +450,12 @@ class SweepTracker:
         """:meth:`log_metrics` on any run of the sweep (the parent's, say)."""
         self._log_points(run_id, _points(metrics, step))
 
-    def log_report(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    def log_report(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> bool:
         """:meth:`log_metrics` for one of the trial's reports, each point once: a metric's point at a step its
         run's history holds already is left out. A report can come twice: a trial that had finished when the sweep
         was interrupted reports its last checkpoint again on resume, and a resumed trial's checkpoints bring the
-        reports Tune never passed on (:meth:`pipeline.sweep.callbacks.MLflowSweepCallback.on_trial_start`)."""
+        reports Tune never passed on (:meth:`pipeline.sweep.callbacks.MLflowSweepCallback.on_trial_start`).
+        Returns whether any point was new."""
         run_id = self._trial_run_id(trial_id)
         held = self._held.setdefault(run_id, {})
         new = []
@@ -466,6 +467,7 @@ class SweepTracker:
                 held[key].add(at)
                 new.append((key, value, at))
         self._log_points(run_id, new)
+        return bool(new)
 
     def _log_points(self, run_id: str, points: Sequence[tuple[str, float, int]]) -> None:
         timestamp = int(time.time() * 1000)
