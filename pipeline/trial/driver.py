@@ -110,6 +110,7 @@ class WorkerRestartNotice(UserCallback):
             return
         rank, error = min(worker_exceptions.items())
         what = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        what = what.rstrip(".")
         limit = "" if self.max_failures < 0 else f" of {self.max_failures}"
         tail = (
             f"; Ray Train restarts its workers from the latest checkpoint (restart {self.failures}{limit}; "

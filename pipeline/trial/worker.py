@@ -485,7 +485,8 @@ def restore_latest(run: TrialRun, checkpoint: ray.train.Checkpoint) -> tuple[sdt
             # the console's line holds.
             reason = " ".join(str(error).split()).replace(f"{read_from}/", "")
             head = f"{WORKER_WARNING}checkpoint {candidate.path} cannot be restored, trying the one before it: "
-            print(head + reason[: max(0, MAX_LINE - len(head))], flush=True)
+            if run.rank == 0:  # every rank reads the same checkpoint: one line says it
+                print(head + reason[: max(0, MAX_LINE - len(head))], flush=True)
     raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
 
 
