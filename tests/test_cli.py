@@ -243,3 +243,24 @@ def test_a_finished_sweep_moves_an_earlier_failures_error_log_into_its_logs(tmp_
     assert not (sweep_dir / ERROR_LOG).exists()
     assert moved.parent == sweep_dir / "logs" and moved.name.startswith("driver-error-")
     assert moved.read_text() == "Traceback (most recent call last): ..."
+
+
+def test_a_sweep_of_another_spec_is_refused_before_its_directory_is_claimed(tmp_path):
+    """Another command's sweep under the same name: refused, its files (the lock among them) as they were."""
+    from pipeline.spec.job import parse_job
+    from pipeline.storage.paths import LOCK_FILE
+
+    earlier = {**GOOD, "output_dir": str(tmp_path / "runs"), "training": {"lr": 3e-3}}
+    sweep_dir = tmp_path / "runs" / "ok"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "job.yaml").write_text(parse_job(earlier).to_yaml())
+    (sweep_dir / LOCK_FILE).write_text("4242")  # the pid of the command that ran it
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in sweep_dir.iterdir()}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({**earlier, "training": {"lr": 1e-2}}))
+
+    result = CliRunner().invoke(app, ["sweep", str(job)])
+
+    assert result.exit_code == 2 and result.output.startswith(f"{sweep_dir} holds another sweep (its job.yaml differs")
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in sweep_dir.iterdir()} == before
+    assert not ray.is_initialized()

@@ -103,6 +103,28 @@ def test_workers_output_leaves_the_console_for_a_handler_of_sdtunes(local_ray):
         ray_compat.remove_console_worker_output()
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def die() -> None:
+    os._exit(1)
+
+
+def test_the_clusters_error_messages_leave_the_console_for_a_handler_of_sdtunes(local_ray, monkeypatch, capfd):
+    import ray._private.worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # Ray's own, after the test
+    received = threading.Event()
+
+    def handler(data) -> None:
+        if any("A worker died" in line for line in data.get("lines", [])):
+            received.set()
+
+    ray_compat.route_error_messages(handler, keep_printing=False)
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ray.get(die.remote())
+    assert received.wait(timeout=60), "Ray's message of the dead worker never reached the handler"
+    assert "A worker died" not in capfd.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Ray Tune and Optuna
 
@@ -329,8 +351,8 @@ COMPAT_MODULES = (ROOT / "sdt" / "compat", ROOT / "pipeline" / "compat")
 # import, a keyword or inside a string (docstrings and comments may name them).
 INTERNALS = {
     "ray": ("_private", "_internal", "gcs_pb2", "_connect_and_get_accessor", "global_worker_stdstream_dispatcher",
-            "ray_print_logs", "_system_config", "worker_maximum_startup_concurrency", "RAY_TRAIN_ENABLE_PRINT_PATCH",
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+            "ray_print_logs", "print_to_stdstream", "_system_config", "worker_maximum_startup_concurrency",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_API_SERVER_ADDRESS", "_live_trials", "_iterators",
             "uuid_prefix", "_counter", "live_trials", "num_unfinished_live_trials", "trial_data", "experiment_state"),
     "ray (its OptunaSearch)": ("_ot_trials", "_ot_study", "_completed_trials", "_space"),

@@ -46,3 +46,32 @@ def test_an_unstaged_trial_is_announced_when_tune_starts_it():
     console.started("a_00000", "lora · training.lr=0.01")
     console.refresh({"a_00000": {"total_steps": 40, "time": 1.0}})
     assert lines_of(stream) == ["started"]
+
+
+def test_a_resumed_trial_shows_no_progress_its_earlier_run_wrote(tmp_path, capsys):
+    """A resumed sweep starts its trials again, each with the progress file its interrupted run left: the console
+    shows a trial's progress only once this run's worker writes it."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from pipeline.spec.job import TrialSpecs, parse_job
+    from pipeline.sweep.callbacks import ProgressCallback
+
+    job = {"name": "resumed", "output_dir": str(tmp_path), "model": {"builtin": "digits"}, "training": {"epochs": 4}}
+    spec = parse_job(job)
+    callback = ProgressCallback(TrialSpecs(spec))
+    callback.setup()
+    trials = [SimpleNamespace(trial_id=f"r_0000{n}", config={}, status="RUNNING", last_result={}) for n in (0, 1)]
+    for trial in trials:
+        callback.on_trial_start(iteration=1, trials=trials, trial=trial)
+    earlier, now = time.time() - 60.0, time.time() + 1.0  # the interrupted run's file; this run's worker's
+    for trial, written in zip(trials, (earlier, now)):
+        (tmp_path / "resumed" / f"trial-{trial.trial_id}").mkdir(parents=True)
+        progress = {"step": 60, "total_steps": 80, "loss": 1.3, "tokens_per_s": 9000.0, "eta_s": 1.0, "time": written}
+        (tmp_path / "resumed" / f"trial-{trial.trial_id}" / "progress.json").write_text(json.dumps(progress))
+        trial.last_result = {"epoch": 4, "step": 80, "eval/accuracy": 0.3}
+        callback.on_trial_complete(iteration=2, trials=trials, trial=trial)
+    lines = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [["started", "r_00000"], ["started", "r_00001"], ["finished", "r_00000"],
+                     ["progress", "r_00001"], ["finished", "r_00001"]]  # fmt: skip

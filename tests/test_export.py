@@ -24,10 +24,10 @@ from pipeline.results.export import ExportRefused, export_trials
 from pipeline.results.outcomes import NoUsableTrialError, TrialOutcome
 from pipeline.results.tracking import CHAMPION_ALIAS, SweepTracker, tracking_uri
 from pipeline.spec.job import JobSpec, parse_job
-from pipeline.storage.layout import ADAPTER_DIR
+from pipeline.storage.layout import ADAPTER_DIR, TRAINER_STATE
 from pipeline.tasks.digits import SHIPPED_BASE, digits_pixel_sequences, digits_tokenizer
 from pipeline.trial.models import load_base_model
-from pipeline.trial.worker import ENGINE_DIR, TRAINER_STATE
+from pipeline.trial.worker import ENGINE_DIR
 
 CONTRACT = {"adapter_model.safetensors", "adapter_config.json", "trial.json", "job.yaml", "README.md"}
 WINNER = "t_best"

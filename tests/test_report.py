@@ -274,3 +274,42 @@ def test_an_asha_stopped_arm_is_compared_at_equal_budget(tmp_path, store):
         assert [row["stopped_early"] for row in csv.DictReader(file)] == ["False", "True", "True", "True"]
     assert_plots(folder, list(space))
     assert not (folder / "time.png").exists()  # no trial has a cost record
+
+
+# Four epochs. LoRA at lr 0.01 lost its third epoch's report (a sweep interrupted as that report was made, before
+# sdtune reconciled such reports), and ended best; SDLoRA's trials were stopped by ASHA after 3 epochs and 1.
+GAP_CURVES = {
+    ("lora", 0.01): {1: 0.50, 2: 0.60, 4: 0.90},
+    ("lora", 0.03): {1: 0.45, 2: 0.55, 3: 0.65, 4: 0.70},
+    ("sdlora", 0.01): {1: 0.52, 2: 0.62, 3: 0.72},
+    ("sdlora", 0.03): {1: 0.40},
+}
+
+
+def test_a_history_with_a_gap_is_read_by_epoch_not_by_position(tmp_path, store):
+    """The common budget is 3 epochs (SDLoRA's longest trial). LoRA at lr 0.01 has no value after 3 epochs: read by
+    position, its third evaluation (epoch 4's 0.9) would stand for epoch 3 and win LoRA's row and the ranking."""
+    space = {"method": {"grid": [SDLORA_ARM, LORA_ARM]}, "training.lr": {"grid": [0.01, 0.03]}}
+    spec = make_spec(tmp_path, store, space).with_overrides({"training.epochs": 4})
+    tracker = SweepTracker(spec)
+    tracker.start_sweep()
+    trials = []
+    for number, ((name, lr), curve) in enumerate(GAP_CURVES.items()):
+        config = {"method": SDLORA_ARM if name == "sdlora" else LORA_ARM, "training.lr": lr}
+        trial_id = f"t{number}"
+        tracker.trial_run(trial_id, config)
+        for epoch, accuracy in curve.items():
+            tracker.log_report(trial_id, {"eval/accuracy": accuracy, "epoch": epoch}, epoch * STEPS_PER_EPOCH)
+        last = max(curve)
+        report = {"eval/accuracy": curve[last], "epoch": last, "step": last * STEPS_PER_EPOCH}
+        trials.append(TrialOutcome(trial_id, "TERMINATED", config, report, spec.with_overrides(config)))
+
+    folder = write_report(spec, trials, tracker, log=lambda _: None)
+
+    summary = (folder / "summary.md").read_text()
+    assert "| **sdlora ch0.9** (best) | 2 (2) | 0.72 ± – | training.lr=0.01 | 3 of 4 (stopped) |" in summary
+    # after 3 epochs: lr 0.03's 0.65 (lr 0.01 has no third epoch); at the end: lr 0.01's 0.9
+    assert "| lora r4 x_proj+out_proj | 2 (0) | 0.65 ± – | training.lr=0.03 | 4 of 4 | 0.9 ± – |" in summary
+    rows = read_rows(folder)
+    assert list(rows) == ["sdlora ch0.9", "lora r4 x_proj+out_proj"]
+    assert float(rows["lora r4 x_proj+out_proj"]["eval/accuracy after 3 epochs mean"]) == 0.65

@@ -28,6 +28,7 @@ from pipeline.storage.paths import (
     local_state_dir,
     reported_path,
     storage_path,
+    subdirectories,
     write_directory,
 )
 
@@ -103,6 +104,24 @@ def new(folder):
 
 write_directory(storage_path(sys.argv[1]), new, marker=sys.argv[2])
 """
+
+
+def put(path, text: str) -> None:
+    """A file, its folders made first where the path is local (object storage has no folders to make)."""
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_directorys_subdirectories_are_listed_by_name_with_a_prefix(directory):
+    """How a resumed sweep finds a trial's checkpoints (checkpoint_<time>/), wherever the sweep is."""
+    assert subdirectories(directory, "checkpoint_") == []  # none yet: the trial never saved one
+    for name in ("checkpoint_2", "checkpoint_1", "other_1"):
+        put(directory / name / "trainer_state.json", "{}")
+    put(directory / "checkpoint_file", "a file, not a directory")
+    found = subdirectories(directory, "checkpoint_")
+    assert found == [directory / "checkpoint_1", directory / "checkpoint_2"]
+    assert all(path.is_dir() for path in found)
 
 
 def test_a_replacement_killed_while_the_old_directory_makes_way_leaves_the_new_one_whole(s3_bucket):

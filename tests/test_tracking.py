@@ -295,6 +295,42 @@ def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
     assert tracker.client.get_run(tracker.parent_run_id).info.status == "KILLED"
 
 
+def report_of(step: int, accuracy: float) -> dict:
+    """A worker's report at the end of an epoch of 20 steps, with its step losses (logged every 10 steps)."""
+    losses = [[step - 10, 3.0 - step / 100], [step, 2.9 - step / 100]]
+    return {"step": step, "epoch": step // 20, "eval/accuracy": accuracy, "train/step_loss": losses, "node_id": "n"}
+
+
+def test_a_resumed_trial_brings_the_reports_of_its_checkpoints_once(spec):
+    """The sweep stopped as trial a made its second report: Tune had stopped taking results, so only the first
+    reached MLflow, and the second lives in its checkpoint. The resumed sweep's callback logs it when the trial
+    starts again (the first, which its run holds, not again); the trial then trains on from it and reports, and
+    a report sent again (a finished trial's last, on resume) adds nothing."""
+    first = SweepTracker(spec)
+    first.trial_run("a", {})
+    first.log_report("a", report_of(20, 0.25), 20)
+    trial_dir = spec.sweep_dir.resolve() / "trial-a"
+    for name, report in (("checkpoint_1", report_of(20, 0.25)), ("checkpoint_2", report_of(40, 0.5))):
+        (trial_dir / name).mkdir(parents=True)
+        (trial_dir / name / "trainer_state.json").write_text(json.dumps({"step": report["step"], "metrics": report}))
+    (trial_dir / "checkpoint_3").mkdir()
+    (trial_dir / "checkpoint_3" / "trainer_state.json").write_text('{"step": 6')  # cut short by the stop
+
+    callback = MLflowSweepCallback(TrialSpecs(spec), SweepTracker(spec), strict=True)
+    callback = cloudpickle.loads(cloudpickle.dumps(callback))  # the resumed driver's, restored from tuner.pkl
+    callback.setup()
+    trial = fake_trial("a", last_result={**report_of(20, 0.25), "training_iteration": 1})
+    callback.on_trial_start(iteration=1, trials=[trial], trial=trial)
+    callback.on_trial_result(iteration=2, trials=[trial], trial=trial, result=report_of(60, 0.75))
+    callback.on_trial_result(iteration=3, trials=[trial], trial=trial, result=report_of(60, 0.75))
+
+    run_id = first.find_trial_run("a")
+    history = first.client.get_metric_history(run_id, "eval/accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(20, 0.25), (40, 0.5), (60, 0.75)]
+    losses = first.client.get_metric_history(run_id, "train/step_loss")
+    assert sorted(m.step for m in losses) == [10, 20, 30, 40, 50, 60]
+
+
 # ---- a real Ray Tune run ------------------------------------------------------------------------------------
 
 

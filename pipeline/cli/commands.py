@@ -1,14 +1,17 @@
 """The ``sdtune`` command.
 
-Exit codes: 0 done; 1 the run failed (one line says why; the traceback is in ``driver-error.log``, in the sweep
-directory, or in its local state directory for a sweep in object storage); 2 bad input or a busy sweep directory,
-with nothing started or written; 130 interrupted (Ctrl+C / SIGTERM): nothing exported, ``sdtune resume`` continues.
+Exit codes: 0 done (once the trials are done, a registration or MLflow write that fails is a one-line warning);
+1 the run failed (one line says why; the traceback is in ``driver-error.log``, in the sweep directory, or in its local
+state directory for a sweep in object storage); 2 bad input, a busy sweep directory, another spec's sweep, an export
+target that may not be replaced or a sweep with nothing to export, with nothing started or written; 130 interrupted
+(Ctrl+C / SIGTERM): nothing exported, ``sdtune resume`` continues.
 
 ``RUN_DIR`` (and ``export --out``) may be a local directory or an object-store URI, as ``output_dir`` may.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -25,7 +28,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from pipeline import __version__
 from pipeline.compat import ray as ray_compat
-from pipeline.results.outcomes import sweep_spec
+from pipeline.results.outcomes import exception_line, sweep_spec
 from pipeline.spec.job import JobSpec, JobSpecError
 from pipeline.storage.layout import JOB_FILE
 from pipeline.storage.paths import (
@@ -104,6 +107,7 @@ VerboseOption = Annotated[
         help="Also show what Ray, DeepSpeed, MLflow and transformers print (always kept in RUN_DIR/logs/)",
     ),
 ]
+logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"  # where a Ray instance started here serves its dashboard
 ERROR_LOG = "driver-error.log"  # in the sweep's local state directory: the traceback of a failed run
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
@@ -298,21 +302,48 @@ def sweep(
     · `sdtune sweep job.yaml --address auto` (an existing Ray cluster)
     """
     spec = load_or_exit(job, overrides, address)
+    refuse_another_sweep(spec)  # before the directory is claimed: a refused command writes nothing
+    refuse_export_target(spec)
     spec.sweep_dir.mkdir(parents=True, exist_ok=True)
     with owning(spec.sweep_dir):
         job_file = spec.sweep_dir / JOB_FILE
         if job_file.is_file():
-            earlier = sweep_spec(spec.sweep_dir)
-            changed = sorted(_differences(earlier.model_dump(mode="json"), spec.model_dump(mode="json")))
-            if changed:
-                raise fail(
-                    f"{spec.sweep_dir} holds another sweep (its job.yaml differs in {', '.join(changed[:5])}): resume "
-                    f"it with `sdtune resume {spec.sweep_dir}`, or give this one another name (--set name=...)"
-                )
+            refuse_another_sweep(spec)  # begun by another command since the check above
             typer.echo(f"{spec.sweep_dir}: this sweep exists with the same spec; resuming it")
         else:
             write_file(job_file, spec.to_yaml())
         run_and_finish(spec, address, verbose)
+
+
+def refuse_another_sweep(spec: JobSpec) -> None:
+    """Exit 2 where the spec's sweep directory holds a sweep of another spec (its job.yaml, written once)."""
+    if not (spec.sweep_dir / JOB_FILE).is_file():
+        return
+    earlier = sweep_spec(spec.sweep_dir)
+    changed = sorted(_differences(earlier.model_dump(mode="json"), spec.model_dump(mode="json")))
+    if changed:
+        raise fail(
+            f"{spec.sweep_dir} holds another sweep (its job.yaml differs in {', '.join(changed[:5])}): resume "
+            f"it with `sdtune resume {spec.sweep_dir}`, or give this one another name (--set name=...)"
+        )
+
+
+def refuse_export_target(spec: JobSpec, out: str | None = None) -> None:
+    """Exit 2 where the export would go (``out``, else the spec's) is something sdtune may not replace: checked
+    before anything starts, not after the trials (:func:`pipeline.results.export.check_target`)."""
+    from pipeline.results.export import ExportRefused, check_target, export_path
+
+    target = export_path(spec, out)
+    try:
+        if target.exists():
+            check_target(target, spec)
+    except ExportRefused as refused:
+        raise export_refused(refused, out) from None
+
+
+def export_refused(refused: Exception, out: str | None = None) -> typer.Exit:
+    """Exit 2 with the refusal, named by the field that chose the target."""
+    return fail(f"{'--out' if out is not None else 'export.dir'}: {refused}")
 
 
 def _differences(before: object, after: object, prefix: str = "") -> Iterator[str]:
@@ -333,6 +364,7 @@ def resume(run_dir: RunDirArgument, address: AddressOption = None, verbose: Verb
     Example: `sdtune resume runs/quickstart`
     """
     spec = spec_of_run(run_dir)
+    refuse_export_target(spec)
     with owning(spec.sweep_dir):
         run_and_finish(spec, address, verbose)
 
@@ -358,17 +390,25 @@ def export(
     import torch
 
     from pipeline.results.export import ExportRefused, export_trials
+    from pipeline.results.outcomes import NoUsableTrialError, best_trial
     from pipeline.results.tracking import SweepTracker
-    from pipeline.sweep.console import route_logs
+    from pipeline.sweep.console import library_environment, route_logs
 
     spec = spec_of_run(run_dir)
     trials = trials_of_run(spec)
-    route_logs(spec.sweep_dir, verbose, torch.cuda.is_available())
+    try:  # refused before anything is written
+        best_trial(spec, trials)
+    except NoUsableTrialError as nothing:
+        raise fail(f"{spec.sweep_dir}: nothing to export: {nothing}") from None
+    refuse_export_target(spec, out)
+    gpu = torch.cuda.is_available()
     with owning(spec.sweep_dir):
+        os.environ.update(library_environment(gpu))
+        route_logs(spec.sweep_dir, verbose, gpu)
         try:
             export_trials(spec, trials, SweepTracker(spec), out=out, merge=merge, log=typer.echo)
-        except ExportRefused as refused:
-            raise fail(str(refused)) from None
+        except ExportRefused as refused:  # replaced by another command since the check above
+            raise export_refused(refused, out) from None
 
 
 @command()
@@ -475,17 +515,18 @@ def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
         raise fail(f"interrupted; nothing exported; {resume_hint}", INTERRUPTED) from None
     except typer.Exit:
         raise
-    except ExportRefused as refused:
+    except ExportRefused as refused:  # export.dir became another sweep's export while the trials ran
         tracker.finish_sweep("FAILED")
-        raise fail(str(refused)) from None
+        raise export_refused(refused) from None
     except Exception as error:
         log = local_state_dir(spec.sweep_dir) / ERROR_LOG
         log.write_text(traceback.format_exc())
         tracker.finish_sweep("FAILED")
-        raise fail(
-            f"sweep failed: {type(error).__name__}: {' '.join(str(error).split())[:500]} (traceback: {log})", 1
-        ) from None
-    tracker.finish_sweep("FINISHED")
+        raise fail(f"sweep failed: {exception_line(error)[:500]} (traceback: {log})", 1) from None
+    try:
+        tracker.finish_sweep("FINISHED")
+    except Exception as error:  # the trials, the export and the report are done: the sweep has not failed
+        logger.warning("the sweep's MLflow run is not marked FINISHED: %s", exception_line(error), exc_info=error)
     archive_error_log(spec.sweep_dir)
 
 

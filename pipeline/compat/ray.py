@@ -1,7 +1,8 @@
 """Ray's internals that the pipeline touches (Ray Tune's and Optuna's are in :mod:`.tune`): a placement group's GCS
-record, the driver's dispatcher of its workers' output, and the settings that only Ray's private modules read
-(environment variables, a system-config key). Ray's private modules are imported where they are used, so that one
-that moved fails that use with a :class:`~sdt.compat.CompatError`, not every import of the pipeline."""
+record, the driver's dispatcher of its workers' output and its printer of the cluster's error messages, and the
+settings that only Ray's private modules read (environment variables, a system-config key). Ray's private modules
+are imported where they are used, so that one that moved fails that use with a :class:`~sdt.compat.CompatError`,
+not every import of the pipeline."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ STARTUP_CONCURRENCY = "worker_maximum_startup_concurrency"  # a key of Ray's C++
 # log_to_driver (ray._private.worker).
 CONSOLE_HANDLER = "ray_print_logs"
 DISPATCHER = "ray._private.ray_logging.global_worker_stdstream_dispatcher"
+# The driver's thread that receives the errors the cluster publishes to it prints each with this function.
+ERROR_PRINTER = "ray._private.worker.print_to_stdstream"
 
 
 def check_environment_variable(name: str) -> None:
@@ -123,3 +126,26 @@ def remove_console_worker_output() -> None:
     if CONSOLE_HANDLER not in names:
         raise CompatError("ray", DISPATCHER, f"has no handler {CONSOLE_HANDLER!r} (its handlers: {names})")
     dispatcher.remove_handler(CONSOLE_HANDLER)
+
+
+def route_error_messages(handler: Callable[[Mapping[str, Any]], None], keep_printing: bool) -> None:
+    """``handler`` gets every error message the cluster publishes to this driver (a worker that died: "A worker
+    died or was killed ..."; a mapping as the worker output dispatcher gives, ``lines`` and ``pid`` "raylet"),
+    which Ray prints on the console unless ``keep_printing`` is off. Ray's driver prints them from its error
+    listener thread through :data:`ERROR_PRINTER`, which no handler or setting of Ray's reaches; this replaces that
+    function (again on a second call, never wrapping it twice)."""
+    try:
+        import ray._private.worker as worker
+    except ImportError as error:
+        raise CompatError("ray", "ray._private.worker", f"cannot be imported ({error})") from None
+    require(worker, "listen_error_messages", "ray", "ray._private.worker")
+    printer = require(worker, "print_to_stdstream", "ray", "ray._private.worker")
+    printer = getattr(printer, "ray_printer", printer)
+
+    def route(data: Mapping[str, Any], ignore_prefix: bool) -> None:
+        handler(data)
+        if keep_printing:
+            printer(data, ignore_prefix)
+
+    route.ray_printer = printer
+    worker.print_to_stdstream = route

@@ -47,14 +47,14 @@ class Stats:
 
 @dataclass(frozen=True)
 class Budget:
-    """The training every compared arm reached: ``reports`` evaluations, which are epochs when the trials evaluate
-    once an epoch (``unit``)."""
+    """The training every compared arm reached: ``at`` epochs, or optimizer steps where the trials evaluate within
+    epochs too (``training.eval_every_steps``): :func:`evaluation_unit`."""
 
-    reports: int
-    unit: str  # "epoch" or "evaluation"
+    at: int
+    unit: str  # "epoch" or "step"
 
     def __str__(self) -> str:
-        return f"{self.reports} {self.unit}{'s' if self.reports != 1 else ''}"
+        return f"{self.at} {self.unit}{'s' if self.at != 1 else ''}"
 
 
 @dataclass(frozen=True)
@@ -96,30 +96,39 @@ def best_setting(spec: JobSpec, settings: Sequence[list[TrialOutcome]], score) -
     return pick(settings, key=lambda seeds: statistics.mean(score(trial) for trial in seeds))
 
 
-Curves = Mapping[str, Mapping[int, float]]  # trial id -> {evaluation number (1, 2, ...): the search metric then}
+Curves = Mapping[str, Mapping[int, float]]  # trial id -> {epoch (or step) of an evaluation: the search metric then}
+
+
+def evaluation_unit(spec: JobSpec) -> str:
+    """What an evaluation is keyed by: its epoch where the trials evaluate at the end of each epoch only (then
+    epochs compare trials of different batch sizes), else its optimizer step."""
+    return "epoch" if spec.training.eval_every_steps is None else "step"
 
 
 def metric_curves(spec: JobSpec, trials: Sequence[TrialOutcome], tracker: SweepTracker) -> dict[str, dict[int, float]]:
-    """Each scored trial's search metric at every evaluation, from its MLflow run's history; a trial without one
-    (no run) has its last report only, counted as evaluation ``training_iteration`` (else its epoch)."""
-    metric = spec.search.metric
+    """Each scored trial's search metric at every evaluation its MLflow run holds, keyed by the evaluation's epoch
+    (the run's ``epoch`` at the same step) or step (:func:`evaluation_unit`), never by its place in the history: a
+    history with a gap leaves that evaluation out and moves no other. A trial without a history (no run) has its
+    last report only."""
+    metric, unit = spec.search.metric, evaluation_unit(spec)
     curves = {}
     for trial in trials:
         if trial.score(metric) is None:
             continue
         history = tracker.metric_history(trial.trial_id, metric)
-        if history:
-            curves[trial.trial_id] = {index: value for index, (_, value) in enumerate(history, start=1)}
+        if unit == "epoch":
+            epoch_at = dict(tracker.metric_history(trial.trial_id, "epoch"))
+            curve = {round(epoch_at[step]): value for step, value in history if step in epoch_at}
         else:
-            reports = trial.metrics.get("training_iteration") or trial.metrics.get("epoch") or 1
-            curves[trial.trial_id] = {int(reports): trial.score(metric)}
+            curve = dict(history)
+        curves[trial.trial_id] = curve or {round(trial.metrics.get(unit) or 1): trial.score(metric)}
     return curves
 
 
 def common_budget(spec: JobSpec, by_arm: Mapping[str, Sequence[TrialOutcome]], curves: Curves) -> Budget:
-    """The most evaluations every arm reached with at least one trial."""
+    """The most epochs (or steps) every arm reached with at least one trial."""
     reached = [max(max(curves[trial.trial_id]) for trial in arm_trials) for arm_trials in by_arm.values()]
-    return Budget(min(reached), "epoch" if spec.training.eval_every_steps is None else "evaluation")
+    return Budget(min(reached), evaluation_unit(spec))
 
 
 def summarize(
@@ -130,9 +139,10 @@ def summarize(
     seeds = best_setting(spec, settings, lambda trial: trial.score(metric))
     validation = Stats.of([trial.score(metric) for trial in seeds])
     assert validation is not None  # a setting holds at least one scored trial
-    reached = [[t for t in setting if budget.reports in curves[t.trial_id]] for setting in settings]
-    reached = [setting for setting in reached if setting]  # empty only without MLflow history (see metric_curves)
-    budget_seeds = best_setting(spec, reached, lambda t: curves[t.trial_id][budget.reports]) if reached else []
+    # A trial whose history lacks the budget's evaluation (no MLflow history, or a gap) counts for no setting there.
+    reached = [[t for t in setting if budget.at in curves[t.trial_id]] for setting in settings]
+    reached = [setting for setting in reached if setting]
+    budget_seeds = best_setting(spec, reached, lambda t: curves[t.trial_id][budget.at]) if reached else []
     everyone = [trial for setting in settings for trial in setting]
     return ArmSummary(
         arm=arm,
@@ -145,7 +155,7 @@ def summarize(
         finished=not any(trial.stopped_early for trial in seeds),
         trials=len(everyone),
         stopped=sum(trial.stopped_early for trial in everyone),
-        at_budget=Stats.of([curves[t.trial_id][budget.reports] for t in budget_seeds]),
+        at_budget=Stats.of([curves[t.trial_id][budget.at] for t in budget_seeds]),
         budget_setting={key: budget_seeds[0].config.get(key) for key in setting_keys(spec)} if budget_seeds else None,
     )
 

@@ -19,13 +19,16 @@ Files get the usual modes (0666 less the umask; safetensors writes 0600). The re
 transformers flavor of the merged model with its tokenizer (a ``text-generation`` pipeline), with the export
 directory beside it as ``sdtune_export/``: ``mlflow.transformers.load_model("models:/<name>@champion")`` returns a
 pipeline that generates. Everything, registration included, happens in a staging directory that then replaces the
-export whole (:func:`pipeline.storage.paths.write_directory`: renamed into place locally, so a failure anywhere leaves
-the previous export, and the champion it registered, as they were; uploaded with ``trial.json`` last in object storage,
-where a failure midway leaves no export rather than a mix of two).
+export whole (:func:`pipeline.storage.paths.write_directory`: renamed into place locally, so a failure writing it
+leaves the previous export as it was; uploaded with ``trial.json`` last in object storage, where a failure midway
+leaves no export rather than a mix of two). A registration that fails (MLflow's registry unreachable) fails nothing:
+the export is written without it, its ``trial.json`` and card say it is not registered, the champion stays the
+version registered before, and a warning says why once the export is in place.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -40,7 +43,7 @@ import sdt
 from pipeline import __version__
 from pipeline.results.champion import register_staged_export
 from pipeline.results.model_card import POSITION_KEYS, model_card, registry_name
-from pipeline.results.outcomes import TrialOutcome, best_trial, is_metric
+from pipeline.results.outcomes import TrialOutcome, best_trial, exception_line, is_metric
 from pipeline.results.tracking import CHAMPION_ALIAS, SweepTracker, is_finite_number
 from pipeline.spec.job import JobSpec
 from pipeline.storage.layout import ADAPTER_DIR, CARD_FILE, EXPORT_DIR, JOB_FILE, MERGED_DIR, TRIAL_FILE
@@ -63,8 +66,10 @@ class ExportRefused(RuntimeError):
     replaced."""
 
 
-def export_path(spec: JobSpec) -> StoragePath:
-    """``export.dir``, else ``<sweep dir>/export`` (either may be in object storage)."""
+def export_path(spec: JobSpec, out: str | StoragePath | None = None) -> StoragePath:
+    """``out``, else ``export.dir``, else ``<sweep dir>/export`` (any of them may be in object storage)."""
+    if out is not None:
+        return storage_path(out)
     return storage_path(spec.export.dir) if spec.export.dir else spec.sweep_dir / EXPORT_DIR
 
 
@@ -82,41 +87,43 @@ def export_trials(
     An export of the same trial from the same checkpoint is left as it is (and not registered again). Raises,
     writing nothing, :class:`pipeline.results.outcomes.NoUsableTrialError` when no trial finished with a finite metric
     and a checkpoint, and :class:`ExportRefused` when ``out`` is a directory that is not an sdtune export, or the
-    export of another sweep.
+    export of another sweep. What follows the written export in MLflow (the registration, the winner on the sweep's
+    run) does not fail it: a failure there is a warning, once the export is in place, and ``trial.json`` and the
+    card say the export is not registered.
     """
     trial = best_trial(spec, trials)
-    winner = trial.spec
-    out = storage_path(out) if out is not None else export_path(spec)
+    winner, out = trial.spec, export_path(spec, out)
     merge = spec.export.merge if merge is None else merge
-    if out.exists() and export_up_to_date(out, spec, trial, merge):
-        log(f"best trial {trial.trial_id}: {spec.search.metric} = {trial.score(spec.search.metric):.6g}; "
-            f"its export is up to date: {out}")  # fmt: skip
-        return out
+    if out.exists():
+        check_target(out, spec)
+        if export_up_to_date(out, trial, merge):
+            log(f"best trial {trial.trial_id}: {spec.search.metric} = {trial.score(spec.search.metric):.6g}; "
+                f"its export is up to date: {out}")  # fmt: skip
+            return out
     run_id = tracker.find_trial_run(trial.trial_id)
     record = trial_record(spec, trial, run_id, tracker.find_sweep())
-    # fp32 on CPU whatever the trial trained in: merged weights must not lose digits to a bf16 round trip.
-    base_spec = winner.model.model_copy(update={"dtype": "float32"})
-    model, tokenizer = load_base_model(base_spec, "cpu", log=logger.info)
-    with local_copy(trial.checkpoint / ADAPTER_DIR) as adapter:
-        tuner = sdt.load(model, adapter)
-    register = spec.export.register_model
+    tuner, tokenizer = load_winner(trial)
+    register, unregistered = spec.export.register_model, []
 
     def write(staging: Path) -> None:
         adapter_config = write_adapter(staging, tuner, winner)
         (staging / JOB_FILE).write_text(winner.to_yaml())
         write_json(staging / TRIAL_FILE, record)
-        registered_as = registry_name(spec) if register and run_id is not None else None
-        (staging / CARD_FILE).write_text(model_card(winner, record, adapter_config, out, merge, registered_as))
+        card = functools.partial(model_card, winner, record, adapter_config, out, merge)
+        (staging / CARD_FILE).write_text(card(registry_name(spec) if register and run_id is not None else None))
         with tempfile.TemporaryDirectory() as scratch:
             merged = staging / MERGED_DIR if merge else Path(scratch) / MERGED_DIR
             if merge or register:
                 save_merged(tuner, tokenizer, merged)  # last touch of the tuner: merging ends it
             normal_file_modes(staging)
-            if register:
-                register_staged_export(spec, tracker, staging, merged, record)
+            if register and (error := registration_failure(spec, tracker, staging, merged, record)) is not None:
+                unregistered.append(error)
+                (staging / CARD_FILE).write_text(card(None))
 
     write_directory(out, write, marker=TRIAL_FILE)
-    tracker.record_winner(winner, trial.trial_id, {k: v for k, v in record["metrics"].items() if is_metric(k)})
+    for error in unregistered:
+        logger.warning("%s is written, but not registered in MLflow: %s", out, exception_line(error), exc_info=error)
+    record_winner(tracker, trial, record)
     registered = record["mlflow"]["registered_model"]
     log(f"best trial {trial.trial_id}: {spec.search.metric} = {record['value']:.6g} ({spec.search.mode})")
     if registered:
@@ -129,9 +136,38 @@ def export_trials(
 # The files
 
 
-def export_up_to_date(out: StoragePath, spec: JobSpec, trial: TrialOutcome, merge: bool) -> bool:
-    """Whether the existing export ``out`` is already this trial's, from the same checkpoint and as merged; raises
-    :class:`ExportRefused` where ``out`` is not an sdtune export, or is another sweep's."""
+def load_winner(trial: TrialOutcome) -> tuple[sdt.Tuner, PreTrainedTokenizerBase]:
+    """The winning checkpoint's adapter on its base, in fp32 on the CPU whatever the trial trained in: merged
+    weights must not lose digits to a bf16 round trip."""
+    base_spec = trial.spec.model.model_copy(update={"dtype": "float32"})
+    model, tokenizer = load_base_model(base_spec, "cpu", log=logger.info)
+    with local_copy(trial.checkpoint / ADAPTER_DIR) as adapter:
+        return sdt.load(model, adapter), tokenizer
+
+
+def record_winner(tracker: SweepTracker, trial: TrialOutcome, record: Mapping[str, Any]) -> None:
+    """The exported trial on the sweep's MLflow run; a failure there is a warning: the export is written."""
+    try:
+        tracker.record_winner(trial.spec, trial.trial_id, {k: v for k, v in record["metrics"].items() if is_metric(k)})
+    except Exception as error:
+        logger.warning("the sweep's MLflow run does not name its winner: %s", exception_line(error), exc_info=error)
+
+
+def registration_failure(
+    spec: JobSpec, tracker: SweepTracker, staging: Path, merged: Path, record: dict[str, Any]
+) -> Exception | None:
+    """:func:`register_staged_export`, whose failure (MLflow's registry unreachable, a model MLflow cannot log) is
+    returned, not raised: the export is written without it."""
+    try:
+        register_staged_export(spec, tracker, staging, merged, record)
+    except Exception as error:
+        return error
+    return None
+
+
+def check_target(out: StoragePath, spec: JobSpec) -> None:
+    """Raise :class:`ExportRefused` where the existing ``out`` may not be replaced by the export of ``spec``'s sweep:
+    it is not an sdtune export (a file, a directory of someone's), or it is another sweep's."""
     if not is_written_by_sdtune(out, TRIAL_FILE):
         raise ExportRefused(f"{out} exists and is not an sdtune export: choose another --out / export.dir")
     if (owner := exported_sweep(out)) is not None and owner != str(spec.sweep_dir.resolve()):
@@ -139,6 +175,10 @@ def export_up_to_date(out: StoragePath, spec: JobSpec, trial: TrialOutcome, merg
             f"{out} is the export of the sweep {owner}, not of {spec.sweep_dir.resolve()}: "
             "choose another --out / export.dir"
         )
+
+
+def export_up_to_date(out: StoragePath, trial: TrialOutcome, merge: bool) -> bool:
+    """Whether the existing export ``out`` is already this trial's, from the same checkpoint and as merged."""
     previous = out / TRIAL_FILE
     earlier = json.loads(previous.read_text()) if previous.is_file() else {}  # none: an upload cut short
     same = (earlier.get("trial_id"), earlier.get("checkpoint")) == (trial.trial_id, str(trial.checkpoint))
@@ -232,6 +272,7 @@ def save_merged(tuner: sdt.Tuner, tokenizer: PreTrainedTokenizerBase, directory:
 
 
 __all__ = [
+    "check_target",
     "export_path",
     "export_trials",
 ]

@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.spec.job import JobSpec, TrialSpecs, load_job
-from pipeline.storage.layout import CHECKPOINT_KEY, COST_FILE, JOB_FILE, TRIAL_PREFIX, TUNE_DIR
-from pipeline.storage.paths import StoragePath, reported_path, storage_path
+from pipeline.storage.layout import (
+    CHECKPOINT_KEY,
+    CHECKPOINT_PREFIX,
+    COST_FILE,
+    JOB_FILE,
+    TRAINER_STATE,
+    TRIAL_PREFIX,
+    TUNE_DIR,
+)
+from pipeline.storage.paths import StoragePath, reported_path, storage_path, subdirectories
 
 # Ray Tune's trial statuses (not MLflow's run statuses, which are FINISHED / FAILED / KILLED).
 TUNE_TERMINATED = "TERMINATED"  # finished, or stopped early by the scheduler
@@ -83,6 +91,21 @@ def trial_dir(spec: JobSpec, trial_id: str) -> StoragePath:
     return spec.sweep_dir.resolve() / f"{TRIAL_PREFIX}{trial_id}"
 
 
+def checkpoint_reports(spec: JobSpec, trial_id: str) -> list[dict[str, Any]]:
+    """The reports the trial's checkpoints in the sweep's storage were made with, by step: a checkpoint's
+    ``trainer_state.json`` holds the report that came with it. One that cannot be read is passed over (restoring
+    the trial warns of it)."""
+    reports = []
+    for checkpoint in subdirectories(trial_dir(spec, trial_id), CHECKPOINT_PREFIX):
+        try:
+            report = json.loads((checkpoint / TRAINER_STATE).read_text()).get("metrics")
+        except (OSError, ValueError, AttributeError):  # unreadable, cut short, not a mapping
+            continue
+        if isinstance(report, dict) and isinstance(report.get("step"), int):
+            reports.append(report)
+    return sorted(reports, key=lambda report: report["step"])
+
+
 def outcomes(specs: TrialSpecs, trials: Iterable[Any]) -> list[TrialOutcome]:
     """Ray Tune's ``Trial`` objects as outcomes, in trial-id order, each with its resolved spec."""
     spec, result = specs.spec, []
@@ -100,6 +123,11 @@ def error_line(error: BaseException | str | None) -> str:
     the message is the original exception's ``Type: message``."""
     lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
     return (lines[-1] if lines else "unknown error")[:500]
+
+
+def exception_line(error: BaseException) -> str:
+    """``Type: message`` of an exception raised in this process, on one line."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def sweep_spec(run_dir: str | StoragePath) -> JobSpec:

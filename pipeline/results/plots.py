@@ -116,12 +116,12 @@ def plot_hyperparameter(
     for position, trial in zip(positions, scored):
         color, curve = colors[arm_of(trial).label], curves[trial.trial_id]
         end = curve[max(curve)]
-        if budget.reports in curve:
+        if budget.at in curve:
             axes.scatter(
-                [position], [curve[budget.reports]], color=color, edgecolors="black", linewidths=0.5, s=45, zorder=3
+                [position], [curve[budget.at]], color=color, edgecolors="black", linewidths=0.5, s=45, zorder=3
             )
-        if max(curve) > budget.reports:
-            start = curve.get(budget.reports, end)
+        if max(curve) > budget.at:
+            start = curve.get(budget.at, end)
             axes.plot([position, position], [start, end], color=color, linewidth=1, alpha=0.6)
             axes.scatter([position], [end], color=color, marker="^", s=50, zorder=3)
     ended = f"at the end of a trial that trained longer ({spec.training.epochs} epochs at most)"
@@ -173,11 +173,11 @@ def plot_learning_curves(
         left.scatter(*points[-1], s=55, zorder=3, **end)
         if step_losses.get(trial.trial_id):
             right.plot(*zip(*step_losses[trial.trial_id]), color=color, linestyle=style, alpha=0.7, linewidth=1)
-    left.axvline(budget.reports, color="grey", linestyle=":")
-    left.annotate(f"common budget: {budget}", (budget.reports, 1.0), xycoords=("data", "axes fraction"),
+    left.axvline(budget.at, color="grey", linestyle=":")
+    left.annotate(f"common budget: {budget}", (budget.at, 1.0), xycoords=("data", "axes fraction"),
                   xytext=(4, -12), textcoords="offset points", fontsize=8, color="grey")  # fmt: skip
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
-    left.set_xlabel("epochs trained" if budget.unit == "epoch" else "evaluations")
+    left.set_xlabel("epochs trained" if budget.unit == "epoch" else "optimizer step")
     left.set_ylabel(metric)
     left.set_title(f"{metric}, one line per trial", fontsize=10)
     left.grid(alpha=0.3)

@@ -11,10 +11,11 @@ setting, not part of it: an arm is represented by its setting with the best mean
 the test metric is read for that setting only, so the test split never picks anything.
 
 Arms are compared at equal budgets. ASHA stops trials early, so the last reports of two arms can stand for 3 epochs
-against 1: the *common budget* is the most evaluations (epochs, when trials evaluate once an epoch) that every arm
-reached with at least one trial, and the ranking and the verdicts (a method against the baseline it names in
+against 1: the *common budget* is the most epochs (optimizer steps, when trials evaluate within epochs too) that
+every arm reached with at least one trial, and the ranking and the verdicts (a method against the baseline it names in
 ``sdt.METHODS``: SDLoRA against LoRA) use each arm's best setting at that budget, read from the per-report history
-the trials' MLflow runs hold. The last-report and test columns, the epochs each setting reached and how many trials
+the trials' MLflow runs hold, each evaluation keyed by its epoch (or step), never by its place in the history. The
+last-report and test columns, the epochs each setting reached and how many trials
 the scheduler stopped are shown beside it. Only when the compared settings all trained to the end does the verdict
 use their last reports (and the test metric).
 """
@@ -45,6 +46,7 @@ from pipeline.results.costs import SWEEP_PARTS, TRIAL_PARTS, cost_table, cost_to
 from pipeline.results.outcomes import (
     TUNE_ERROR,
     TrialOutcome,
+    exception_line,
     metric_on_test,
 )
 from pipeline.results.plots import arm_colors, plot_cost, plot_hyperparameter, plot_learning_curves, plot_name
@@ -240,7 +242,8 @@ def write_report(
     log: Callable[[str], Any] = print,
 ) -> StoragePath:
     """Writes the report of the sweep's ``trials`` to ``out`` (``<sweep dir>/report`` by default, replaced whole),
-    logs it to the sweep's MLflow parent run when there is one, and returns the folder. The trials' per-report
+    logs it to the sweep's MLflow parent run when there is one (a failure there is a warning), and returns the
+    folder. The trials' per-report
     history comes from their MLflow runs. Raises :class:`NoUsableTrialError` when no trial finished with a finite
     metric."""
     out = spec.sweep_dir.resolve() / REPORT_DIR if out is None else storage_path(out)
@@ -269,8 +272,11 @@ def write_report(
     log(f"report written to {out}")
     wrapped = "\n\n".join(textwrap.fill(paragraph, CONSOLE_WIDTH) for paragraph in verdicts.split("\n\n"))
     log(f"{table}\n\n{wrapped}\n\nWhere the time went:\n{cost}")
-    with local_copy(out) as folder:
-        log_to_parent_run(spec, tracker, folder, cost_totals(trials, runs), log)
+    try:
+        with local_copy(out) as folder:
+            log_to_parent_run(spec, tracker, folder, cost_totals(trials, runs), log)
+    except Exception as error:  # the report is written: MLflow's copy of it is not worth failing the sweep for
+        logger.warning("%s is written, but not logged to MLflow: %s", out, exception_line(error), exc_info=error)
     return out
 
 

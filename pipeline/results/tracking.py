@@ -150,6 +150,17 @@ def searched_params(spec: JobSpec) -> dict[str, None]:
     return keys
 
 
+def _points(metrics: Mapping[str, Any], step: int) -> list[tuple[str, float, int]]:
+    """(key, value, step) of every finite number in ``metrics`` at ``step``, and of every point of a series
+    (:func:`is_series`) at its own step; keys as MLflow takes them."""
+    points = [
+        (key, point, at)
+        for key, value in metrics.items()
+        for at, point in (value if is_series(value) else [(step, value)])
+    ]
+    return [(clean_key(key), float(value), int(at)) for key, value, at in points if is_finite_number(value)]
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -181,6 +192,8 @@ class SweepTracker:
         self.parent_run_id: str | None = None
         self._trial_runs: dict[str, str] = {}  # trial id -> child run id
         self._open: set[str] = set()  # trials whose child this process set RUNNING and has not terminated
+        self._created: set[str] = set()  # the runs this process created: their metric histories start empty
+        self._held: dict[str, dict[str, set[int]]] = {}  # run id -> report metric -> the steps its history holds
         self._client: MlflowClient | None = None
         db_file = sqlite_path(self.uri)
         if db_file is not None:
@@ -190,9 +203,13 @@ class SweepTracker:
     # -- pickling ---------------------------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_client"] = None  # holds a SQLAlchemy engine / HTTP session
-        return state
+        # Not the client, which holds a SQLAlchemy engine / HTTP session, nor what this process knows of the runs'
+        # histories: another process reads them from MLflow again.
+        return {key: value for key, value in self.__dict__.items() if key not in ("_client", "_created", "_held")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._client, self._created, self._held = None, set(), {}
 
     @property
     def client(self) -> MlflowClient:
@@ -413,6 +430,7 @@ class SweepTracker:
             extra = {ROLE_TAG: "trial", **({ARM_TAG: label} if label else {})}
             name = f"{label} [{trial_id}]" if label else f"trial-{trial_id}"
             run = self.client.create_run(self.experiment_id, tags={**tags, **extra}, run_name=name)
+            self._created.add(run.info.run_id)
         else:
             self._reopen(run)
         self._trial_runs[trial_id] = run.info.run_id
@@ -430,15 +448,30 @@ class SweepTracker:
 
     def log_run_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
         """:meth:`log_metrics` on any run of the sweep (the parent's, say)."""
+        self._log_points(run_id, _points(metrics, step))
+
+    def log_report(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> bool:
+        """:meth:`log_metrics` for one of the trial's reports, each point once: a metric's point at a step its
+        run's history holds already is left out. A report can come twice: a trial that had finished when the sweep
+        was interrupted reports its last checkpoint again on resume, and a resumed trial's checkpoints bring the
+        reports Tune never passed on (:meth:`pipeline.sweep.callbacks.MLflowSweepCallback.on_trial_start`).
+        Returns whether any point was new."""
+        run_id = self._trial_run_id(trial_id)
+        held = self._held.setdefault(run_id, {})
+        new = []
+        for key, value, at in _points(metrics, step):
+            if key not in held:  # a run made here has no history yet; one reopened is read once per metric
+                history = [] if run_id in self._created else self.client.get_metric_history(run_id, key)
+                held[key] = {point.step for point in history}
+            if at not in held[key]:
+                held[key].add(at)
+                new.append((key, value, at))
+        self._log_points(run_id, new)
+        return bool(new)
+
+    def _log_points(self, run_id: str, points: Sequence[tuple[str, float, int]]) -> None:
         timestamp = int(time.time() * 1000)
-        points = [
-            (key, point, at)
-            for key, value in metrics.items()
-            for at, point in (value if is_series(value) else [(step, value)])
-        ]
-        batch = [Metric(clean_key(key), float(v), timestamp, int(at)) for key, v, at in points if is_finite_number(v)]
-        if not batch:
-            return
+        batch = [Metric(key, value, timestamp, at) for key, value, at in points]
         for chunk in _chunks(batch, METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
 
@@ -469,8 +502,8 @@ class SweepTracker:
             self.client.set_tag(run_id, "mlflow.note.content", note)
 
     def metric_history(self, trial_id: str, key: str) -> list[tuple[int, float]]:
-        """Every value of ``key`` the trial's run holds, as (step, value) by step (the last value of a step that
-        was logged twice, as a resumed trial re-sends its last report); empty without a run."""
+        """Every value of ``key`` the trial's run holds, as (step, value) by step (the last, where a step was logged
+        twice); empty without a run."""
         run_id = self.find_trial_run(trial_id)
         if run_id is None:
             return []

@@ -52,8 +52,8 @@ def verdict(spec: JobSpec, rows: Sequence[ArmSummary], budget: Budget, method: s
             compared, ours, theirs = metric, ours_row.validation, theirs_row.validation
     elif ours_row.at_budget is None or theirs_row.at_budget is None:
         return (
-            f"No {ours_title} vs {theirs_title} comparison at equal budget: ASHA stopped trials early, and without "
-            f"the trials' per-evaluation history (their MLflow runs) their {metric} after {budget} is unknown."
+            f"No {ours_title} vs {theirs_title} comparison at equal budget: ASHA stopped trials early, and their "
+            f"{metric} after {budget} is not in the trials' per-evaluation history (their MLflow runs)."
         )
     else:
         where = f"at equal budget, after {budget} each"

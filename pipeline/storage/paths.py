@@ -290,6 +290,21 @@ def sibling_directories(filesystem: pyarrow.fs.FileSystem, path: str, prefix: st
     ]  # fmt: skip
 
 
+def subdirectories(directory: StoragePath, prefix: str) -> list[StoragePath]:
+    """The directories in ``directory`` whose names begin with ``prefix``, in name order; none where ``directory``
+    does not exist."""
+    if isinstance(directory, Path):
+        return sorted(path for path in directory.glob(f"{prefix}*") if path.is_dir())
+    filesystem, path = directory.filesystem()
+    entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    found = [entry for entry in entries if entry.type == pyarrow.fs.FileType.Directory]
+    return [
+        directory / entry.base_name
+        for entry in sorted(found, key=lambda e: e.base_name)
+        if entry.base_name.startswith(prefix)
+    ]
+
+
 def is_written_by_sdtune(directory: StoragePath, marker: str) -> bool:
     """Whether ``directory`` is one that :func:`write_directory` wrote (``marker``) or began writing."""
     return (directory / marker).is_file() or (directory / INCOMPLETE_MARKER).is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.results.costs import TRIAL_PARTS, trial_cost, unreported_cost
 from pipeline.results.outcomes import (
     TUNE_ERROR,
     TUNE_TERMINATED,
+    checkpoint_reports,
     error_line,
     is_metric,
     metric_on_test,
@@ -165,9 +167,10 @@ class MLflowSweepCallback(Callback):
 
     - ``setup``: starts (or reuses) the parent run.
     - ``on_trial_start``: the trial's child run, named by its arm label, with the flattened ``trial.config`` as
-      params.
+      params; for a trial that trained before (a resumed sweep), the report of each of its checkpoints that the
+      run lacks (:meth:`reconcile`).
     - ``on_trial_result``: the training metrics of the result (:meth:`is_metric`) at ``result["step"]``, else at
-      ``training_iteration``.
+      ``training_iteration``, each point once (:meth:`SweepTracker.log_report`).
     - ``on_trial_complete``: FINISHED, after logging the ``adapter/`` folder of the trial's latest checkpoint
       (``result["checkpoint_path"]`` as Train V2's TuneReportCallback adds it, or ``trial.checkpoint``) when it
       is a local directory, and how far it trained (``epochs_reached``; an ASHA-stopped trial completes normally
@@ -201,6 +204,20 @@ class MLflowSweepCallback(Callback):
         config = dict(trial.config or {})
         label = trial_label(config, self.specs.of(trial.trial_id, config).method.name)
         self._guard(f"start trial {trial.trial_id}", self.tracker.trial_run, trial.trial_id, config, label)
+        self._guard(f"reports of trial {trial.trial_id}'s checkpoints", self.reconcile, trial.trial_id)
+
+    def reconcile(self, trial_id: str) -> None:
+        """The report of every checkpoint the trial has in storage, logged where its MLflow run lacks it. When a sweep
+        stops (Ctrl+C, SIGTERM, a killed driver), Tune stops taking results at once while the trials' processes end
+        seconds later: a report made in between is saved with its checkpoint, which Ray Train resumes from, but never
+        reaches Tune or MLflow. The checkpoint holds it (:func:`pipeline.results.outcomes.checkpoint_reports`)."""
+        recovered = []
+        for report in checkpoint_reports(self.specs.spec, trial_id):
+            metrics = {key: value for key, value in report.items() if is_metric(key)}
+            if self.tracker.log_report(trial_id, metrics, report["step"]):
+                recovered.append(report["step"])
+        if recovered:
+            logger.info("trial %s: the reports of its checkpoints at steps %s logged to MLflow", trial_id, recovered)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if result.get(CHECKPOINT_KEY):
@@ -208,7 +225,7 @@ class MLflowSweepCallback(Callback):
         metrics = {key: value for key, value in result.items() if is_metric(key)}
         step = result.get("step")
         step = result.get("training_iteration", iteration) if step is None else step
-        self._guard(f"metrics of trial {trial.trial_id}", self.tracker.log_metrics, trial.trial_id, metrics, step)
+        self._guard(f"metrics of trial {trial.trial_id}", self.tracker.log_report, trial.trial_id, metrics, step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         adapter = self._adapter_dir(trial)
@@ -261,6 +278,7 @@ class ProgressCallback(Callback):
         self.staged = staged
         self._console = None
         self._polled = 0.0
+        self._started: dict[str, float] = {}  # trial id -> when this run of the driver started it
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_console": None}
@@ -269,8 +287,10 @@ class ProgressCallback(Callback):
         from pipeline.sweep.console import SweepConsole
 
         self._console = SweepConsole(self.spec.search.metric, self.spec.training.epochs)
+        self._started = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._started[trial.trial_id] = time.time()
         announce_now = not self.staged or not isinstance(self.spec.sweep_dir, Path)
         self._console.started(trial.trial_id, self._label(trial), announce=announce_now)
 
@@ -279,10 +299,8 @@ class ProgressCallback(Callback):
         self._console.reported(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        from pipeline.trial.progress import read_progress
-
         self._console.track(trial.trial_id, self._label(trial))
-        self._console.refresh({trial.trial_id: read_progress(trial_dir(self.spec, trial.trial_id))})
+        self._console.refresh({trial.trial_id: self._progress(trial.trial_id)})
         report, spec = trial.last_result or {}, self._spec_of(trial)
         score = f"{self.spec.search.metric} {report.get(self.spec.search.metric, float('nan')):.4g}"
         epochs = f"{report.get('epoch', 0):g} of {spec.training.epochs} epochs"
@@ -294,23 +312,31 @@ class ProgressCallback(Callback):
             self._console.ended(trial.trial_id, "stopped", f"early by the scheduler (ASHA) after {epochs}; {score}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        from pipeline.sweep.console import REASON_WIDTH, WORKERS_LOG, fit, log_dir
+        from pipeline.sweep.console import DRIVER_LOG, REASON_WIDTH, fit, log_dir
 
-        where = log_dir(self.spec.sweep_dir) / WORKERS_LOG
+        where = log_dir(self.spec.sweep_dir) / DRIVER_LOG  # Ray Tune's record of the failure, with its traceback
         reason = error_line(tune_compat.trial_error(trial))
         self._console.track(trial.trial_id, self._label(trial))
-        self._console.ended(trial.trial_id, "failed", f"{fit(reason, REASON_WIDTH)} (its output is in {where})")
+        self._console.ended(trial.trial_id, "failed", f"{fit(reason, REASON_WIDTH)} (full trace in {where})")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         from pipeline.sweep.console import REFRESH_S
-        from pipeline.trial.progress import read_progress
 
         now = time.time()
         if now - self._polled < REFRESH_S:
             return
         self._polled = now
         running = [trial.trial_id for trial in trials if trial.status == "RUNNING"]
-        self._console.refresh({trial_id: read_progress(trial_dir(self.spec, trial_id)) for trial_id in running})
+        self._console.refresh({trial_id: self._progress(trial_id) for trial_id in running})
+
+    def _progress(self, trial_id: str) -> dict[str, Any] | None:
+        """The trial's progress file, unless an earlier run of the trial wrote it (a resumed sweep's, before its
+        worker writes again)."""
+        from pipeline.trial.progress import read_progress
+
+        progress = read_progress(trial_dir(self.spec, trial_id))
+        fresh = progress is not None and progress.get("time", 0.0) >= self._started.get(trial_id, math.inf)
+        return progress if fresh else None
 
     def on_experiment_end(self, trials: list, **info) -> None:
         self._console.close()

@@ -6,8 +6,14 @@ directory's ``logs/`` (``--verbose`` also shows it):
 - ``logs/driver.log``: the Python log records of the sweep command (Ray, Tune, MLflow, transformers, sdtune);
 - ``logs/workers.log``: stdout and stderr of every Ray worker (the trials' Tune functions, Train controllers and
   training workers: DeepSpeed's and transformers' messages, the kernel path of each trial), prefixed with the
-  process that wrote them. A worker line of sdtune's that starts with ``WARNING: `` (:data:`WORKER_WARNING`: a
-  checkpoint that cannot be restored, a CUDA run on the slow reference kernels) is shown on the console too.
+  process that wrote them, and the errors the cluster sends the driver (a worker that died). A worker line of
+  sdtune's that starts with ``WARNING: `` (:data:`WORKER_WARNING`: a checkpoint that cannot be restored, a trial
+  whose workers Ray Train restarts, a CUDA run on the slow reference kernels) is shown on the console too.
+
+A fault is one line on the console, sdtune's, naming the trial, what happened and where its whole trace is (a
+trial's ``failed`` line, a worker's warning); a library's own records, errors and their tracebacks included (Ray
+Tune's "Trial task failed"), go to the log files only, and a record of sdtune's that carries a traceback shows as
+its one line there (the traceback: ``logs/driver.log``).
 
 Progress travels through files, not Ray: rank 0 of a trial writes ``<trial dir>/progress.json`` at its log interval
 (:class:`TrialProgress`), and the sweep driver reads it (:func:`read_progress`) from a Tune callback
@@ -69,10 +75,17 @@ def quiet_environment(local_cluster: bool, gpu: bool) -> dict[str, str]:
     env = {
         ray_compat.TRAIN_PRINT_PATCH: "0",
         "RAY_AIR_NEW_OUTPUT": "0",  # the legacy Tune reporter honours verbose=0 (the new one prints a header anyway)
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars in every worker
+        **library_environment(gpu),
     }
     if local_cluster:
         env[ray_compat.TRAIN_PREEMPTION_WATCHER] = "0"
+    return env
+
+
+def library_environment(gpu: bool) -> dict[str, str]:
+    """Environment variables that quiet the libraries of any process that loads a model (a trial's workers, the
+    command that exports one)."""
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Loading weights" bars
     if not gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would warn, in every process, that it fell back to the CPU
     return env
@@ -98,16 +111,28 @@ def ray_init_options(local_cluster: bool, concurrent_trials: int, workers_per_tr
 
 
 class ConsoleFilter(logging.Filter):
-    """On the console: sdtune's own warnings and everyone's errors (``verbose``: every record)."""
+    """On the console: sdtune's own warnings and errors (``verbose``: every record). A library's records, its
+    errors too, stay in the log file: what they mean for the sweep, sdtune says in its own line."""
 
     def __init__(self, verbose: bool):
         super().__init__()
         self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.verbose or record.levelno >= logging.ERROR:
-            return True
-        return record.name.startswith("pipeline") and record.levelno >= logging.WARNING
+        return self.verbose or (record.name.startswith("pipeline") and record.levelno >= logging.WARNING)
+
+
+class OneLine(logging.Formatter):
+    """A record as one console line of at most :data:`MAX_LINE` characters: its message, and, for a record with a
+    traceback, the log file that holds it."""
+
+    def __init__(self, log_file: Path):
+        super().__init__()
+        self.log_file = log_file
+
+    def format(self, record: logging.LogRecord) -> str:
+        traced = f" (traceback in {self.log_file})" if record.exc_info or record.stack_info else ""
+        return fit(" ".join(record.getMessage().split()), MAX_LINE - len(traced)) + traced
 
 
 def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
@@ -141,6 +166,8 @@ def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
             library.addHandler(to_file())
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(console_filter)
+    if not verbose:
+        console.setFormatter(OneLine(path))
     root = logging.getLogger()
     root.addHandler(to_file())
     root.addHandler(console)
@@ -154,9 +181,10 @@ def route_logs(sweep_dir: Path, verbose: bool, gpu: bool) -> Path:
 def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
     """Write the output of Ray's workers, which the driver receives with ``log_to_driver``, to ``logs/workers.log``
     (and, ``verbose``, to the console as Ray does; otherwise only sdtune's :data:`WORKER_WARNING` lines, cut to
-    :data:`MAX_LINE`). Ray has no public switch for this: the driver's dispatcher of worker output
-    (:func:`pipeline.compat.ray.worker_output_dispatcher`) gets one more handler, and loses its console one unless
-    ``verbose``. Returns the log file."""
+    :data:`MAX_LINE`), with the error messages the cluster sends the driver. Ray has no public switch for this: the
+    driver's dispatcher of worker output (:func:`pipeline.compat.ray.worker_output_dispatcher`) gets one more
+    handler, and loses its console one unless ``verbose``; its printer of error messages is replaced
+    (:func:`pipeline.compat.ray.route_error_messages`). Returns the log file."""
     path = log_dir(sweep_dir) / WORKERS_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = path.open("a", buffering=1)
@@ -165,8 +193,9 @@ def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
         if data.get("pid") == "autoscaler":  # the cluster's status every few seconds, which Ray never prints either
             return
         who = data.get("actor_name") or data.get("task_name") or "worker"
+        source = "(raylet)" if data.get("pid") == "raylet" else f"({who} pid={data.get('pid')})"
         lines = data.get("lines", [])
-        sink.writelines(f"({who} pid={data.get('pid')}) {line}\n" for line in lines)
+        sink.writelines(f"{source} {line}\n" for line in lines)
         if not verbose:  # verbose: Ray's own handler prints every line already
             for line in lines:
                 if line.startswith(WORKER_WARNING):
@@ -178,6 +207,10 @@ def capture_worker_output(sweep_dir: Path, verbose: bool) -> Path:
         except CompatError as error:
             logger.warning("%s: Ray's workers' output goes to the console too", error)
     ray_compat.add_worker_output_handler("sdtune_workers_log", write)
+    try:
+        ray_compat.route_error_messages(write, keep_printing=verbose)
+    except CompatError as error:
+        logger.warning("%s: the errors Ray sends the driver (a worker that died) go to the console only", error)
     return path
 
 

@@ -17,6 +17,7 @@ import ray
 import ray.train
 import ray.train.torch
 from ray import tune
+from ray.train import UserCallback
 
 from pipeline.compat import ray as ray_compat
 from pipeline.spec.job import JobSpec, import_modules
@@ -78,6 +79,7 @@ def build_trainer(
     when the trial's Tune function began (for the start-up breakdown)."""
     resources = spec.resources
     use_gpu = uses_gpu(spec)
+    restarts = WorkerRestartNotice(name, spec.training.max_failures)
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     return ray.train.torch.TorchTrainer(
         train_loop,
@@ -90,10 +92,35 @@ def build_trainer(
             storage_path=str(spec.sweep_dir.resolve()),
             failure_config=ray.train.FailureConfig(max_failures=spec.training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), restarts],
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
+
+
+class WorkerRestartNotice(UserCallback):
+    """One console line when Ray Train restarts a trial's workers after one failed (died, or raised): which trial,
+    what failed, and that it goes on from its latest checkpoint. It runs in the trial's Train controller, whose
+    output reaches the console in :data:`WORKER_WARNING` lines (:mod:`pipeline.sweep.console`). A failure beyond
+    ``training.max_failures`` fails the trial instead, which the sweep's own ``failed`` line says."""
+
+    def __init__(self, name: str, max_failures: int):
+        self.name, self.max_failures, self.failures = name, max_failures, 0
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1  # counted as Ray Train's failure policy counts a worker group's failures
+        if 0 <= self.max_failures < self.failures:
+            return
+        rank, error = min(worker_exceptions.items())
+        what = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        what = what.rstrip(".")
+        limit = "" if self.max_failures < 0 else f" of {self.max_failures}"
+        tail = (
+            f"; Ray Train restarts its workers from the latest checkpoint (restart {self.failures}{limit}; "
+            "the workers' output is in the sweep's logs/workers.log)"
+        )
+        head = f"{WORKER_WARNING}{self.name}: rank {rank} failed: "
+        print(head + what[: max(0, MAX_LINE - len(head) - len(tail))] + tail, flush=True)
 
 
 class TrialDiverged(RuntimeError):

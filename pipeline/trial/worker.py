@@ -59,7 +59,7 @@ from deepspeed.utils import safe_get_full_grad
 import sdt
 from pipeline.compat import deepspeed as deepspeed_compat
 from pipeline.spec.job import JobSpec
-from pipeline.storage.layout import ADAPTER_DIR, DIVERGED_FILE
+from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, DIVERGED_FILE, TRAINER_STATE
 from pipeline.storage.paths import sibling_directories
 from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
 from pipeline.tasks.metrics import evaluate
@@ -68,7 +68,6 @@ from pipeline.trial.models import cpu_threads, load_base_model
 from pipeline.trial.progress import MAX_LINE, WORKER_WARNING, TrialProgress
 from pipeline.trial.warmup import WarmupStore, on_cpu, shared_warmup, warmup_key
 
-TRAINER_STATE = "trainer_state.json"
 ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
 
@@ -366,7 +365,7 @@ def checkpoints_newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Che
     """The trial's checkpoint ``latest`` (Ray's latest reported), then the ones Ray kept before it, newest first, in
     the sweep's storage (local or object storage): a truncated or corrupted latest checkpoint falls back to the one
     before."""
-    earlier = sorted(sibling_directories(latest.filesystem, latest.path, prefix="checkpoint_"), reverse=True)
+    earlier = sorted(sibling_directories(latest.filesystem, latest.path, prefix=CHECKPOINT_PREFIX), reverse=True)
     return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in earlier)]
 
 
@@ -498,7 +497,8 @@ def restore_latest(run: TrialRun, checkpoint: ray.train.Checkpoint) -> tuple[sdt
             # the console's line holds.
             reason = " ".join(str(error).split()).replace(f"{read_from}/", "")
             head = f"{WORKER_WARNING}checkpoint {candidate.path} cannot be restored, trying the one before it: "
-            print(head + reason[: max(0, MAX_LINE - len(head))], flush=True)
+            if run.rank == 0:  # every rank reads the same checkpoint: one line says it
+                print(head + reason[: max(0, MAX_LINE - len(head))], flush=True)
     raise RuntimeError(f"no checkpoint of this trial in {posixpath.dirname(checkpoint.path)} can be restored")
 
 
