@@ -219,11 +219,12 @@ def cost_notes(
     if not runs:
         notes.append("- No run of the sweep driver is recorded: the GPU time between and around trials is unknown.")
         return "\n".join(notes)
-    notes.append(
+    notes += [
         "- Idle between trials: the GPUs a driver run held from its first trial's placement to its last trial's end "
-        "that no trial held; reserved, unused: before and after that (Ray and Tune starting, the sweep winding down). "
-        "A run holds the cluster's GPUs on a Ray instance sdtune started, else its concurrent trials' GPUs."
-    )
+        "that no trial held.",
+        "- Reserved, unused: what it held before and after that (Ray and Tune starting, the sweep winding down). A run "
+        "holds the cluster's GPUs on a Ray instance sdtune started, else its concurrent trials' GPUs.",
+    ]
     if totals["outside_runs"]:
         outside = [t.trial_id for t in recorded if run_of(t.cost, runs) is None]
         notes.append(
