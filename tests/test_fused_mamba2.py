@@ -14,7 +14,7 @@ import pytest
 import torch
 from fused_reference import ReferenceMamba2Kernels
 from helpers import VOCAB
-from test_fused_mamba import RecordBackward
+from test_fused_mamba import RecordBackward, loss_and_grads
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 import sdt
@@ -67,14 +67,6 @@ def training_tuner(model: torch.nn.Module, method: str, vocab: int = VOCAB) -> s
             for p in tuner.trainable_parameters():
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
     return tuner
-
-
-def loss_and_grads(tuner: sdt.Tuner, tokens: torch.Tensor, mask: torch.Tensor | None = None):
-    tuner.model.train()
-    tuner.model.zero_grad(set_to_none=True)
-    loss = tuner.model(input_ids=tokens, labels=tokens, attention_mask=mask).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.detach().clone() for name, p in tuner.named_trainable_parameters()}
 
 
 def relative_error(g: torch.Tensor, reference: torch.Tensor) -> float:
