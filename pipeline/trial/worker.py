@@ -59,7 +59,7 @@ from deepspeed.utils import safe_get_full_grad
 import sdt
 from pipeline.compat import deepspeed as deepspeed_compat
 from pipeline.spec.job import JobSpec
-from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, DIVERGED_FILE, TRAINER_STATE
+from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, DIVERGED_FILE, REPORTS_KEY, TRAINER_STATE
 from pipeline.storage.paths import sibling_directories
 from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
 from pipeline.tasks.metrics import evaluate
@@ -550,6 +550,7 @@ class Training:
     def __init__(self, run: TrialRun, tuner: sdt.Tuner, engine, state: dict, guarded: bool) -> None:
         self.trial, self.tuner, self.engine, self.state = run, tuner, engine, state
         self.step, self.guarded = state["step"], guarded
+        self.reports = state.get(REPORTS_KEY, 0)
         self.counted = (run.batches.positions, run.batches.tokens)  # the batches' counts at the last report
         self.losses = LossLog(run.device, run.spec.training.log_every_steps)
         self.trained_before = 0.0  # training seconds up to the last report
@@ -600,9 +601,11 @@ class Training:
         # Tokens of the examples, not pad positions; the steps' time spent on padding, by its share of positions.
         tokens, padding = run.batches.tokens - self.counted[1], run.batches.padding_since(*self.counted)
         clock.seconds["train_padding"] += train_seconds * padding
+        self.reports += 1
         metrics = {
             "step": self.step,
             "epoch": epoch,
+            REPORTS_KEY: self.reports,
             "train/loss": mean_loss,
             "train/step_loss": points,  # a series: MLflow logs each point at its own step
             "train/padding": padding,
@@ -618,6 +621,7 @@ class Training:
         metrics.update({**clock.metrics(), "time/report_at": time.time()})
         with tempfile.TemporaryDirectory() as tmp:
             position = {"step": self.step, "epoch": epoch, "next_batch": next_batch, "warmup": self.state["warmup"]}
+            position[REPORTS_KEY] = self.reports
             position["metrics"] = metrics  # what to report again if the trial is restarted once finished
             save_checkpoint(Path(tmp), self.engine, self.tuner, position, run.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
