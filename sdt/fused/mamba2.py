@@ -14,6 +14,12 @@ a cache that holds nothing yet for this layer (``Mamba2ForCausalLM`` builds one 
 transformers does. Evaluation, generation steps that continue from a state and any call this forward does not
 recognise run the class's own forward, unchanged. The padding mask is applied where transformers' kernel path
 applies it: to the mixer's input.
+
+Packed rows: a training forward given ``seq_idx`` (the model's keyword, which transformers hands every mixer) passes
+it to the kernels, which keep the examples of a row apart (:class:`.kernels.Mamba2Kernels`). transformers' own
+forward does not honour it on every path (its PyTorch scan and conv ignore it), so a call with ``seq_idx`` that this
+forward cannot take is an error, never a silent mix of examples; :func:`keeps_packed_examples_apart` says whether a
+model's training forward can take packed rows.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .mixer import record_in_cache, takes_fused_path
 from .projections import project_tokens_first, projection
 
 KERNELS_ATTRIBUTE = "_sdt_fused_mamba2_kernels"
+SEQ_IDX = "seq_idx"
 
 
 def fused_forward(
@@ -37,6 +44,7 @@ def fused_forward(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
     cache: Any | None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What transformers' ``Mamba2Mixer`` computes in training from no state, adapters in activation space."""
     batch, length, hidden = hidden_states.shape
@@ -58,6 +66,7 @@ def fused_forward(
         mixer.head_dim,
         mixer.n_groups,
         final_state=cache is not None,
+        seq_idx=seq_idx,
     )
     if cache is not None:
         conv_input = zxbcdt[..., mixer.intermediate_size : mixer.intermediate_size + mixer.conv_dim]
@@ -69,7 +78,22 @@ def fused_forward(
 def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Bound to a mixer instance by :func:`sdt.fused.install_fused_path` (see :func:`.mixer.forward` for why)."""
     kernels = self.__dict__[KERNELS_ATTRIBUTE]
+    seq_idx = kwargs.pop(SEQ_IDX, None)
     if takes_fused_path(self, kernels, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), mixer_cache(kwargs))
+        cache = mixer_cache(kwargs)
+        return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), cache, seq_idx)
+    if seq_idx is not None:
+        raise ValueError(
+            f"{SEQ_IDX}: packed rows need the fused path's training forward (training mode, on {kernels.device_type}, "
+            "no autocast, no state to continue from); transformers' forward would mix the examples of a row"
+        )
     return type(self).forward(self, *args, **kwargs)
+
+
+def keeps_packed_examples_apart(model: nn.Module) -> bool:
+    """Whether ``model``'s training forward, given ``seq_idx``, computes each packed example as if it were alone: a
+    Mamba-2 model (every layer a Mamba-2 mixer, nothing else mixing positions) whose mixers are on the fused path."""
+    config = getattr(model, "config", None)
+    fused = [m for m in model.modules() if KERNELS_ATTRIBUTE in m.__dict__]
+    return getattr(config, "model_type", None) == "mamba2" and len(fused) == config.num_hidden_layers
