@@ -9,11 +9,13 @@ fused Mamba-2 path with the pure-PyTorch reference kernels, marked ``cuda`` on m
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from fused_reference import ReferenceMamba2Kernels
 from helpers import VOCAB
 from test_fused_mamba2 import CUDA_CONFIG, CUDA_VOCAB, relative_error, training_tuner
@@ -215,3 +217,75 @@ def test_cuda_packed_row_equals_the_examples_one_at_a_time(method):
     packed = packed_losses_and_grads(tuner, rows, device="cuda")
     alone = alone_losses_and_grads(tuner, rows, device="cuda")
     assert_same(packed, alone, labelled_tokens(rows), CUDA_TOLERANCE)
+
+
+# -- a trial ---------------------------------------------------------------------------------------------------------
+
+# The largest of 2 to 30 pixel values: a generation task over the digits tokenizer whose examples vary in length
+# fifteenfold, so that padded batches would be mostly padding.
+VARIED_TASK = """
+import numpy as np
+
+from pipeline.tasks.registry import Task, register_task
+from pipeline.tasks.splits import carved_train_rows, pool_splits, table
+
+POOL, TEST = 96, 8
+
+
+def splits(data):
+    rng = np.random.default_rng(data.split_seed)
+    values = [rng.integers(0, 17, size=rng.integers(2, 31)).tolist() for _ in range(POOL + TEST)]
+    texts = [" ".join(map(str, row)) + " " for row in values]
+    rows = table({"text": texts, "target": [str(max(row)) for row in values]})
+    return pool_splits(rows, POOL, data.validation_fraction, data.split_seed)
+
+
+register_task(Task(
+    name="varied", summary="the largest of 2 to 30 pixel values", kind="generation", splits=splits,
+    headline=lambda data: "exact_match", train_rows=lambda data: carved_train_rows(POOL, data.validation_fraction),
+))
+"""
+
+
+def test_a_trial_on_varied_lengths_groups_them_and_counts_what_it_truncates(tmp_path, digits_cache):
+    """On the CPU (transformers' path: packing would not be exact) ``auto`` groups by length: the trial reports
+    the layout and a padding share far below what shuffled batches pad, and counts, never drops, the examples
+    longer than data.max_length."""
+    from processes import failure, plugin_env, sdtune
+
+    from pipeline.spec.job import parse_job
+    from pipeline.tasks.sources import load_task
+    from pipeline.trial.models import load_base_model
+
+    (tmp_path / "varied_task.py").write_text(VARIED_TASK)
+    job = {
+        "name": "varied",
+        "imports": ["varied_task"],
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"builtin": "digits"},
+        "data": {"task": "varied", "max_length": 24, "max_new_tokens": 2},
+        "method": {"name": "lora"},
+        "training": {"epochs": 1, "batch_size": 4, "zero_stage": 0, "eval_batch_size": 32},
+        "search": {"metric": "eval/exact_match"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = plugin_env(digits_cache, tmp_path)
+    result = sdtune("train", str(path), env=env)
+    assert result.returncode == 0, failure(result)
+    printed = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+
+    sys.path.insert(0, str(tmp_path))
+    spec = parse_job(job)
+    _, tokenizer = load_base_model(spec.model, torch.device("cpu"))
+    train = load_task(spec.data, tokenizer).train
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in train]
+    too_long = sum(1 for e in train if e.cut)
+    assert 0 < too_long < len(train) and max(lengths) == 24
+    assert printed["batching"] == "grouped"
+    assert int(float(printed["train/truncated_examples"])) == too_long
+    assert f"WARNING: {too_long} train" in result.stdout + result.stderr
+    shuffled = 1 - sum(lengths[: len(lengths) // 4 * 4]) / sum(
+        4 * max(lengths[i : i + 4]) for i in range(0, len(lengths) // 4 * 4, 4)
+    )
+    assert float(printed["train/padding"]) < 0.1 < shuffled
