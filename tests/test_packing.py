@@ -8,6 +8,7 @@ fused Mamba-2 path with the pure-PyTorch reference kernels, marked ``cuda`` on m
 
 from __future__ import annotations
 
+import copy as copy_module
 import random
 import sys
 from collections import Counter
@@ -104,6 +105,29 @@ def test_packed_row_equals_the_examples_one_at_a_time(load_base, method):
     packed = packed_losses_and_grads(tuner, rows)
     assert kernels.calls > 0, "the fused path did not run"
     assert_same(packed, alone_losses_and_grads(tuner, rows), labelled_tokens(rows), TOLERANCE)
+
+
+def test_packed_rows_stay_exact_under_gradient_checkpointing_and_in_a_deep_copy(load_base):
+    """The mixers keep the seq_idx the model's pre-hook handed them until the next forward: a backward that recomputes
+    a checkpointed block sees it. A deep copy of the model hands it to its own mixers."""
+    tuner = training_tuner(load_base("mamba2"), "sdlora")
+    install_fused_path(tuner.model, kernels=ReferenceMamba2Kernels())
+    tuner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows = random_examples([6, 10, 8], VOCAB, seed=random.randrange(2**31))
+    alone = alone_losses_and_grads(tuner, rows)  # its last forward left the mixers no seq_idx
+    copy = copy_module.deepcopy(tuner)
+    losses, _, _ = packed_losses_and_grads(copy, rows)
+    torch.testing.assert_close(losses, alone[0], rtol=TOLERANCE, atol=0)
+    assert_same(packed_losses_and_grads(tuner, rows), alone, labelled_tokens(rows), TOLERANCE)
+
+
+def test_seq_idx_after_the_fused_path_is_taken_off_is_an_error(load_base):
+    tuner = training_tuner(load_base("mamba2"), "sdlora")
+    install_fused_path(tuner.model, kernels=ReferenceMamba2Kernels())
+    uninstall_fused_path(tuner.model)
+    assert not keeps_packed_examples_apart(tuner.model)
+    with pytest.raises(ValueError, match=r"^seq_idx: the Mamba-2 mixers are off the fused path"):
+        tuner.model(**packed_row(random_examples([6, 6], VOCAB, seed=1)))
 
 
 def test_transformers_path_cannot_keep_examples_apart(load_base):
