@@ -12,6 +12,7 @@ import copy as copy_module
 import random
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,10 +272,9 @@ register_task(Task(
 """
 
 
-def test_a_trial_on_varied_lengths_groups_them_and_counts_what_it_truncates(tmp_path, digits_cache):
-    """On the CPU (transformers' path: packing would not be exact) ``auto`` groups by length: the trial reports
-    the layout and a padding share far below what shuffled batches pad, and counts, never drops, the examples
-    longer than data.max_length."""
+def varied_trial(tmp_path: Path, digits_cache: Path, **changes) -> tuple[dict[str, str], str, list[Example]]:
+    """``sdtune train`` of a LoRA trial on the varied task (the job changed by ``changes``): what it printed (its
+    metrics as ``key: value`` lines), all of its output, and its training examples as the trial saw them."""
     from processes import failure, plugin_env, sdtune
 
     from pipeline.spec.job import parse_job
@@ -291,25 +291,46 @@ def test_a_trial_on_varied_lengths_groups_them_and_counts_what_it_truncates(tmp_
         "method": {"name": "lora"},
         "training": {"epochs": 1, "batch_size": 4, "zero_stage": 0, "eval_batch_size": 32},
         "search": {"metric": "eval/exact_match"},
+        **changes,
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    env = plugin_env(digits_cache, tmp_path)
-    result = sdtune("train", str(path), env=env)
+    result = sdtune("train", str(path), env=plugin_env(digits_cache, tmp_path))
     assert result.returncode == 0, failure(result)
     printed = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
-
     sys.path.insert(0, str(tmp_path))
     spec = parse_job(job)
     _, tokenizer = load_base_model(spec.model, torch.device("cpu"))
-    train = load_task(spec.data, tokenizer).train
-    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in train]
+    return printed, result.stdout + result.stderr, load_task(spec.data, tokenizer).train
+
+
+def assert_truncations_counted(printed: dict[str, str], output: str, train: list[Example]) -> None:
     too_long = sum(1 for e in train if e.cut)
-    assert 0 < too_long < len(train) and max(lengths) == 24
-    assert printed["batching"] == "grouped"
+    assert 0 < too_long < len(train) and max(len(e.prompt_ids) + len(e.answer_ids) for e in train) == 24
     assert int(float(printed["train/truncated_examples"])) == too_long
-    assert f"WARNING: {too_long} train" in result.stdout + result.stderr
-    shuffled = 1 - sum(lengths[: len(lengths) // 4 * 4]) / sum(
-        4 * max(lengths[i : i + 4]) for i in range(0, len(lengths) // 4 * 4, 4)
-    )
+    assert f"WARNING: {too_long} train" in output
+
+
+def test_a_trial_on_varied_lengths_groups_them_and_counts_what_it_truncates(tmp_path, digits_cache):
+    """On the CPU (transformers' path: packing would not be exact) ``auto`` groups by length: the trial reports
+    the layout and a padding share far below what shuffled batches pad, and counts, never drops, the examples
+    longer than data.max_length."""
+    printed, output, train = varied_trial(tmp_path, digits_cache)
+    assert printed["batching"] == "grouped"
+    assert_truncations_counted(printed, output, train)
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in train]
+    whole = len(lengths) // 4 * 4
+    shuffled = 1 - sum(lengths[:whole]) / sum(4 * max(lengths[i : i + 4]) for i in range(0, whole, 4))
     assert float(printed["train/padding"]) < 0.1 < shuffled
+
+
+@pytest.mark.cuda
+def test_cuda_a_mamba2_trial_on_varied_lengths_packs_them(tmp_path, digits_cache):
+    """On the GPU a Mamba-2 on the fused path packs: no pad position at all, every example counted once."""
+    config = {"hidden_size": 256, "num_hidden_layers": 2, "state_size": 128, "num_heads": 8, "head_dim": 64,
+              "n_groups": 1, "chunk_size": 64}  # fmt: skip
+    printed, output, train = varied_trial(
+        tmp_path, digits_cache, model={"architecture": "mamba2", "config": config}, resources={"use_gpu": True}
+    )
+    assert printed["batching"] == "packed" and float(printed["train/padding"]) == 0.0
+    assert_truncations_counted(printed, output, train)
