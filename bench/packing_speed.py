@@ -88,8 +88,8 @@ def build(args, device: str) -> tuple[sdt.Tuner, torch.optim.Optimizer]:
     for _ in range(2):
         step(tuner.model, optimizer, {"input_ids": warm, "labels": warm})
     tuner.start_training(tuner.select())
-    if args.quick and args.arch == "mamba2":
-        sdt.fused.install_fused_path(model, kernels=ReferenceMamba2Kernels())  # start_training reinstalled CUDA's
+    if args.quick and args.arch == "mamba2":  # start_training put the (absent) CUDA kernels back
+        tuner.kernel_path = sdt.fused.install_fused_path(model, kernels=ReferenceMamba2Kernels())
     return tuner, torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-4, fused=device == "cuda")
 
 
