@@ -59,9 +59,15 @@ def task_lengths(job: str) -> list[int]:
 
     from pipeline.spec.job import load_job
     from pipeline.tasks.sources import load_task
+    from pipeline.trial.models import fresh_config, load_base_model
 
     spec = load_job(job)
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or spec.model.name_or_path)
+    if spec.model.name_or_path:  # the tokenizer alone: the checkpoint's weights are not needed
+        tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer or spec.model.name_or_path)
+    elif spec.model.architecture:
+        _, tokenizer = fresh_config(spec.model, {})
+    else:
+        _, tokenizer = load_base_model(spec.model, torch.device("cpu"))
     return [len(e.prompt_ids) + len(e.answer_ids) for e in load_task(spec.data, tokenizer).train]
 
 
