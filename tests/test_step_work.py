@@ -1,0 +1,80 @@
+"""What one training step on the fused paths computes of the adapters (issue 35, item 3): each adapted weight is formed
+once per step, not once per use, and LoRA on the projections never forms a weight at all (activation space).
+
+On the CPU with the pure-PyTorch reference kernels; the CUDA kernels read the same tensors through the same Function.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from fused_reference import ReferenceKernels, ReferenceMamba2Kernels
+from helpers import VOCAB
+from torch.nn.utils import parametrize
+
+import sdt
+from sdt import parametrize as P
+from sdt.fused import install_fused_path
+
+KERNELS = {"mamba": ReferenceKernels(), "mamba2": ReferenceMamba2Kernels()}
+SDT_COUNTS = {"channels_frozen": 0.75, "states_frozen": 0.5, "warmup_steps": 1}
+
+
+def adapter_classes() -> list[type]:
+    """The parametrizations sdt attaches (adapters, and the views of a sparse group), each with its own forward."""
+    modules = [c for c in vars(P).values() if isinstance(c, type) and issubclass(c, torch.nn.Module)]
+    return [c for c in modules if "forward" in vars(c)]
+
+
+@pytest.fixture
+def formed(monkeypatch) -> Counter:
+    """How often each adapter object formed its weight (its forward ran), by object."""
+    counts: Counter = Counter()
+    for cls in adapter_classes():
+        original = vars(cls)["forward"]
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts[id(self)] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    return counts
+
+
+def trained_tuner(model: torch.nn.Module, method: str) -> sdt.Tuner:
+    """In its training phase, after one real warmup step (so that the selection ranks real updates)."""
+    tuner = sdt.apply(model, sdt.SDTConfig.preset(method, **SDT_COUNTS))
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    with torch.no_grad():
+        for p in tuner.trainable_parameters():
+            p -= 0.1 * p.grad
+    tuner.start_training(tuner.select())
+    return tuner
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+@pytest.mark.parametrize("method", ["sdlora", "sdt"])
+def test_a_fused_step_forms_each_adapted_weight_once(load_base, formed, arch, method):
+    tuner = trained_tuner(load_base(arch), method)
+    install_fused_path(tuner.model, kernels=KERNELS[arch])
+    adapters = {
+        id(adapter): f"{name}.{tensor}"
+        for name, module in tuner.model.named_modules()
+        if parametrize.is_parametrized(module)
+        for tensor, adapters_of in module.parametrizations.items()
+        for adapter in adapters_of
+    }
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    tuner.model.zero_grad(set_to_none=True)
+    formed.clear()
+    tuner.model(input_ids=tokens, labels=tokens).loss.backward()
+    assert formed, "no adapted weight was formed: the step trained nothing in weight space"
+    twice = {adapters.get(key, key): count for key, count in formed.items() if count != 1}
+    assert not twice, f"formed more than once in one step: {twice}"
+    lora = [n for n, m in tuner.model.named_modules() if isinstance(m, P.LowRankDelta)]
+    assert lora if method == "sdlora" else not lora
+    assert not {id(m) for _, m in tuner.model.named_modules() if isinstance(m, P.LowRankDelta)} & set(formed)
