@@ -78,3 +78,52 @@ def test_a_fused_step_forms_each_adapted_weight_once(load_base, formed, arch, me
     lora = [n for n, m in tuner.model.named_modules() if isinstance(m, P.LowRankDelta)]
     assert lora if method == "sdlora" else not lora
     assert not {id(m) for _, m in tuner.model.named_modules() if isinstance(m, P.LowRankDelta)} & set(formed)
+
+
+# -- on the GPU -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["grouped", "padded"])
+def test_cuda_trial_steps_between_log_steps_never_wait_for_the_gpu(monkeypatch, layout):
+    """A trial's steps (its batches copied ahead, forward, backward, the engine's optimizer step, the loss kept on
+    the device) queue work without waiting for the GPU: a step that waits (a ``.item()``, a device-to-host copy, a
+    synchronize) raises under CUDA's sync debug mode. Losses are read only every ``log_every_steps`` steps."""
+    import torch.distributed as dist
+    from processes import free_port
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from pipeline.spec.job import parse_job
+    from pipeline.tasks.formatting import Example
+    from pipeline.trial.worker import Batches, LossLog, make_engine, train_micro_batch
+
+    environment = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**environment, "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)  # DeepSpeed's process group, as Ray Train sets it
+    spec = parse_job({"name": "steps", "model": {"builtin": "digits"}, "method": {"name": "lora"},
+                      "training": {"zero_stage": 0, "batch_size": 4, "log_every_steps": 100}})  # fmt: skip
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16)).cuda()
+    tuner = sdt.apply(model, sdt.SDTConfig.preset("lora"))
+    engine = make_engine(tuner, spec, lr=1e-3, total_steps=20)
+    generator = torch.Generator().manual_seed(0)
+    examples = [Example(torch.randint(0, 256, (n,), generator=generator).tolist(), [7, 8], 0) for n in range(8, 72, 2)]
+    batches = Batches(examples, batch_size=4, seed=0, rank=0, world=1, pad_id=0)
+    batches.use(layout)
+    losses = LossLog(torch.device("cuda"), log_every_steps=100)
+    steps = batches.epoch(0, torch.device("cuda"))
+    try:
+        for number, (_, batch) in enumerate(steps):
+            if number == 1:  # after a first step's allocations and kernel loading
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            loss, _ = train_micro_batch(engine, batch)
+            losses.add(loss)
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        engine.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert number == batches.per_epoch - 1 == 7
+    assert torch.isfinite(losses.report_sum) and losses.report_count == 8
