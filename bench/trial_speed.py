@@ -26,10 +26,10 @@ random weights, bf16 with A_log, D and the adapters in fp32, SDLoRA after 20 war
 rank runs as stage 0). What each round measures:
 
 - **training throughput**, tokens/s: the examples' tokens (not pad positions) of the training phase's optimizer
-  steps (after the warmup and the selection) over the seconds from the start of the first step to the GPU's end of the last. For ``train`` and
-  ``sweep``, the ``tokens_per_s`` of the trial's last report, as the trial reports it (one epoch, one report: the
-  whole training phase); the bare loop times the same span the same way (the GPU waited for before and after).
-  Both include the first step.
+  steps (after the warmup and the selection) over the seconds from the start of the first step to the GPU's end of
+  the last. For ``train`` and ``sweep``, the ``tokens_per_s`` of the trial's last report, as the trial reports it
+  (one epoch, one report: the whole training phase); the bare loop times the same span the same way (the GPU
+  waited for before and after). Both include the first step.
 - **end-to-end wall time**, s: from launching the command to its exit, start-up included (Python, imports, Ray,
   the model and data, warmup, training, and for the trials the evaluation, checkpoint, tracking, shutdown).
 
