@@ -213,6 +213,20 @@ def test_grouped_batches_pad_little_where_padded_ones_pad_much():
     assert padding_share(padded) > 0.4 and padding_share(grouped) < 0.05
 
 
+def test_grouped_epochs_of_many_batches_pad_little_and_change_their_batches():
+    """Sorted within pools of about 50 batches, not all at once (which, with no two lengths alike, would batch the
+    same examples together in every epoch): each epoch batches other neighbours, and its batches still pad little."""
+    lengths = random.Random(5).sample(range(10, 1010), 1000)  # 10 to 1,009 tokens, no two alike
+    epochs = [epoch_batches(lengths, "grouped", 2, 2, seed=0, epoch=epoch) for epoch in (0, 1)]
+    for epoch in epochs:
+        assert len(epoch) == 500 and sorted(i for batch in epoch for i in batch) == list(range(1000))
+        positions = sum(len(batch) * max(lengths[i] for i in batch) for batch in epoch)
+        assert 1 - sum(lengths) / positions < 0.05
+    # a batch of one long example comes back as it was; of the others, few
+    shared = [{frozenset(batch) for batch in epoch if len(batch) > 1} for epoch in epochs]
+    assert len(shared[0] & shared[1]) < 0.05 * len(shared[0])
+
+
 def test_worker_batches_count_a_packed_row_as_all_tokens():
     from pipeline.trial.worker import Batches
 

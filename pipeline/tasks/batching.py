@@ -2,9 +2,10 @@
 
 - ``padded``: a seeded shuffle cut into micro-batches of ``batch_size`` examples, each row padded to its batch's
   longest. Examples of very different lengths share a batch, and the steps compute the padding.
-- ``grouped``: examples of similar length together: sorted by length (ties in a seeded random order), cut into
-  micro-batches of about equal token counts, the micro-batches in a seeded random order. Rows are still padded to
-  their batch's longest, but that is about as long as the rest. Exact for every model.
+- ``grouped``: examples of similar length together: a seeded shuffle split into pools of about 50 micro-batches'
+  examples, each pool sorted by length and cut into micro-batches of about equal token counts, the micro-batches in
+  a seeded random order. Rows are still padded to their batch's longest, but that is about as long as the rest.
+  Exact for every model.
 - ``packed``: a seeded shuffle dealt into micro-batches of about equal token counts (each example to the one that
   holds the fewest tokens so far), each micro-batch one row of its examples end to end, with ``seq_idx`` numbering
   the examples of the row (0, 0, 0, 1, 1, 2, ...): no padding at all. Exact only for a model whose forward keeps
@@ -31,6 +32,9 @@ from pipeline.tasks.formatting import IGNORE_INDEX, pad_rows
 Layout = Literal["padded", "grouped", "packed"]
 LAYOUTS: tuple[Layout, ...] = ("padded", "grouped", "packed")
 SEQ_IDX = "seq_idx"  # the model keyword that numbers a packed row's examples
+# A grouped epoch sorts by length within pools of this many batches' examples, not all at once, so that a batch's
+# examples change from epoch to epoch (sorting everything would batch the same neighbours in every epoch).
+POOL_BATCHES = 50
 
 
 def batches_per_rank(examples: int, batch_size: int, world: int) -> int:
@@ -50,10 +54,28 @@ def epoch_batches(
         return [order[i * batch_size : (i + 1) * batch_size] for i in range(count)]
     if layout == "packed":
         return dealt_by_tokens(order, lengths, count)
-    by_length = sorted(order, key=lambda index: lengths[index])  # stable: ties keep the shuffle's order
-    batches = cut_by_tokens(by_length, lengths, count)
+    batches = [
+        batch
+        for pool, pool_count in pools(order, count)
+        for batch in cut_by_tokens(sorted(pool, key=lambda index: lengths[index]), lengths, pool_count)
+    ]  # sorted is stable: ties keep the shuffle's order
     rng.shuffle(batches)
     return batches
+
+
+def pools(order: list[int], count: int) -> list[tuple[list[int], int]]:
+    """``order`` in consecutive pools of about :data:`POOL_BATCHES` batches each, with the number of batches each
+    pool makes (together ``count``): a pool's examples in proportion to its batches, so that every pool has at least
+    one example per batch."""
+    number = max(1, round(count / POOL_BATCHES))
+    made = [count // number + (index < count % number) for index in range(number)]
+    result, start, before = [], 0, 0
+    for pool_count in made:
+        before += pool_count
+        end = len(order) * before // count
+        result.append((order[start:end], pool_count))
+        start = end
+    return result
 
 
 def dealt_by_tokens(order: list[int], lengths: list[int], count: int) -> list[list[int]]:
