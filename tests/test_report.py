@@ -313,3 +313,24 @@ def test_a_history_with_a_gap_is_read_by_epoch_not_by_position(tmp_path, store):
     rows = read_rows(folder)
     assert list(rows) == ["sdlora ch0.9", "lora r4 x_proj+out_proj"]
     assert float(rows["lora r4 x_proj+out_proj"]["eval/accuracy after 3 epochs mean"]) == 0.65
+
+
+def test_trials_csv_says_each_trials_batch_layout_padding_and_truncated_examples(tmp_path, store):
+    from pipeline.results.report import write_trials_csv
+
+    spec = make_spec(tmp_path, store, {"training.batching": {"grid": ["padded", "auto"]}})
+    layouts = {"padded": ("padded", 0.42, 3), "auto": ("packed", 0.0, 3)}
+    trials = [
+        trial(spec, number, "TERMINATED", {"training.batching": asked},
+              {"eval/accuracy": 0.5, "tokens_per_s": 1000.0, "batching": layout, "train/padding": padding,
+               "train/truncated_examples": cut})
+        for number, (asked, (layout, padding, cut)) in enumerate(layouts.items())
+    ]  # fmt: skip
+    write_trials_csv(spec, trials, tmp_path / "trials.csv")
+    with (tmp_path / "trials.csv").open(newline="") as file:
+        rows = {row["training.batching"]: row for row in csv.DictReader(file)}
+    assert {asked: (row["batching"], float(row["train/padding"])) for asked, row in rows.items()} == {
+        "padded": ("padded", 0.42),
+        "auto": ("packed", 0.0),
+    }
+    assert {row["train/truncated_examples"] for row in rows.values()} == {"3"}

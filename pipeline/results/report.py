@@ -71,6 +71,9 @@ TRIAL_COLUMNS = (
     "train/loss",
     "trainable_parameters",
     "tokens_per_s",
+    "batching",
+    "train/padding",
+    "train/truncated_examples",
     "peak_memory_gib",
     "warmup/shared",
 )
