@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 import torch
-from helpers import VOCAB
+from helpers import JAMBA_LAYOUT, VOCAB
 from transformers import (
     AutoModelForCausalLM,
     JambaConfig,
@@ -48,17 +48,12 @@ TINY_CONFIGS = {
         JambaConfig(
             vocab_size=VOCAB,
             hidden_size=16,
-            num_hidden_layers=4,
-            attn_layer_period=4,
-            attn_layer_offset=1,
-            expert_layer_period=2,
-            expert_layer_offset=1,
-            num_experts=2,
             intermediate_size=32,
             num_attention_heads=2,
             num_key_value_heads=1,
             mamba_d_state=8,
             mamba_dt_rank=4,
+            **JAMBA_LAYOUT,
         ),
     ),
 }

@@ -8,10 +8,33 @@ from contextlib import contextmanager
 
 import torch
 from processes import free_port
+from transformers import JambaConfig, Mamba2Config
 
 import sdt
 
 VOCAB = 64
+
+# Jamba's layer kinds in four layers: attention at layer 1 (Mamba at 0, 2, 3), a two-expert MoE on layers 1 and 3.
+JAMBA_LAYOUT = {
+    "num_hidden_layers": 4,
+    "attn_layer_period": 4,
+    "attn_layer_offset": 1,
+    "expert_layer_period": 2,
+    "expert_layer_offset": 1,
+    "num_experts": 2,
+}
+
+
+def kernel_mamba2_config(vocab: int) -> Mamba2Config:
+    """A Mamba-2 the CUDA kernels take (head_dim 64, state 64; chunks of 64 tokens), two groups of four heads."""
+    return Mamba2Config(vocab_size=vocab, hidden_size=256, num_hidden_layers=2, state_size=64, num_heads=8,
+                        head_dim=64, n_groups=2, expand=2, chunk_size=64)  # fmt: skip
+
+
+def kernel_jamba_config(vocab: int) -> JambaConfig:
+    """A Jamba the CUDA kernels take, with each of its layer kinds (:data:`JAMBA_LAYOUT`)."""
+    return JambaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, mamba_d_state=16, **JAMBA_LAYOUT)  # fmt: skip
 
 
 def random_tokens(batch: int = 4, length: int = 12, seed: int = 0) -> torch.Tensor:

@@ -5,8 +5,8 @@ Run on a CUDA machine: ``python -m pytest -m cuda -v``. Skipped elsewhere (conft
 
 import pytest
 import torch
-from helpers import assert_mamba1_invariants, assert_mamba2_invariants
-from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from helpers import assert_mamba1_invariants, assert_mamba2_invariants, kernel_jamba_config, kernel_mamba2_config
+from transformers import JambaForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import sdt
 from pipeline.trial.models import kernel_paths
@@ -84,17 +84,7 @@ def test_weight_space_lora_trains_every_projection_on_the_fused_path():
 def test_mamba2_sdlora_on_the_triton_path():
     paths = kernel_paths("mamba2")
     assert paths["mamba2_split_conv1d_scan_combined"] == "mamba_ssm" and paths["causal_conv1d_fn"] == "causal_conv1d"
-    config = Mamba2Config(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        num_hidden_layers=2,
-        state_size=64,
-        num_heads=8,
-        head_dim=64,
-        n_groups=2,
-        expand=2,
-        chunk_size=64,
-    )
+    config = kernel_mamba2_config(VOCAB)
     model = bf16_model(Mamba2ForCausalLM, config)
     cfg = sdt.SDTConfig(warmup_steps=5, channels_frozen=6, states_frozen=0.75, inputs_frozen=0.99)
     base, merged, selection, layers, num_trainable = sdlora_cycle(model, cfg)
@@ -106,20 +96,7 @@ def test_mamba2_sdlora_on_the_triton_path():
 
 def test_jamba_sdlora_on_the_cuda_kernels():
     assert kernel_paths("jamba") == {"mamba_selective_scan": "mamba_ssm", "causal_conv1d_fn": "causal_conv1d"}
-    config = JambaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        num_hidden_layers=4,
-        attn_layer_period=4,
-        attn_layer_offset=1,
-        expert_layer_period=2,
-        expert_layer_offset=1,
-        num_experts=2,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mamba_d_state=16,
-    )
+    config = kernel_jamba_config(VOCAB)
     model = bf16_model(JambaForCausalLM, config)
     cfg = sdt.SDTConfig(warmup_steps=5, channels_frozen=250)
     base, merged, selection, layers, _ = sdlora_cycle(model, cfg)

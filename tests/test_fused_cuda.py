@@ -23,6 +23,7 @@ import random
 import pytest
 import torch
 from fused_reference import ReferenceKernels
+from helpers import JAMBA_LAYOUT
 from transformers import JambaConfig, JambaForCausalLM, MambaConfig, MambaForCausalLM
 
 import sdt
@@ -263,12 +264,7 @@ def test_jamba_fused_path_matches_transformers_kernel_path(method):
     config = JambaConfig(
         vocab_size=4096,
         hidden_size=1024,
-        num_hidden_layers=4,
-        attn_layer_period=4,
-        attn_layer_offset=1,
-        expert_layer_period=2,
-        expert_layer_offset=1,
-        num_experts=2,
+        **JAMBA_LAYOUT,
         intermediate_size=2048,
         num_attention_heads=8,
         num_key_value_heads=2,

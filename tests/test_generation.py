@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import VOCAB
-from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from helpers import VOCAB, kernel_jamba_config, kernel_mamba2_config
+from transformers import JambaForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from pipeline.compat.transformers import kernel_implementation
 from pipeline.tasks.decoding import batches, generate
@@ -61,44 +61,15 @@ def test_batches_go_longest_first_and_keep_lengths_apart_when_padding_is_not_exa
 
 
 CUDA_VOCAB = 512
-# Shapes the kernels take (as in tests/test_cuda.py); Mamba-2's chunk of 64 tokens is shorter than the longest
-# prompts, so a padded prompt's scan crosses chunks at other positions than it does alone.
+# Shapes the kernels take; Mamba-2's chunk of 64 tokens is shorter than the longest prompts, so a padded prompt's
+# scan crosses chunks at other positions than it does alone.
 CUDA_MODELS = {
     "mamba": (
         MambaForCausalLM,
         MambaConfig(vocab_size=CUDA_VOCAB, hidden_size=256, num_hidden_layers=2, state_size=16),
     ),
-    "mamba2": (
-        Mamba2ForCausalLM,
-        Mamba2Config(
-            vocab_size=CUDA_VOCAB,
-            hidden_size=256,
-            num_hidden_layers=2,
-            state_size=64,
-            num_heads=8,
-            head_dim=64,
-            n_groups=2,
-            expand=2,
-            chunk_size=64,
-        ),
-    ),
-    "jamba": (
-        JambaForCausalLM,
-        JambaConfig(
-            vocab_size=CUDA_VOCAB,
-            hidden_size=128,
-            num_hidden_layers=4,
-            attn_layer_period=4,
-            attn_layer_offset=1,
-            expert_layer_period=2,
-            expert_layer_offset=1,
-            num_experts=2,
-            intermediate_size=256,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            mamba_d_state=16,
-        ),
-    ),
+    "mamba2": (Mamba2ForCausalLM, kernel_mamba2_config(CUDA_VOCAB)),
+    "jamba": (JambaForCausalLM, kernel_jamba_config(CUDA_VOCAB)),
 }
 # The prompt's pass (a scan over it) and the decode step (one token on the cached state), per architecture.
 CUDA_KERNELS = {
