@@ -12,11 +12,12 @@ the test metric is read for that setting only, so the test split never picks any
 
 Arms are compared at equal budgets. ASHA stops trials early, so the last reports of two arms can stand for 3 epochs
 against 1: the *common budget* is the most epochs (optimizer steps, when trials evaluate within epochs too) that
-every arm reached with at least one trial, and the ranking and the verdicts (in a sweep of three or more methods, the
-best method against each other one; a method against the baseline it names in ``sdt.METHODS``: SDLoRA against LoRA) use each arm's best setting at that budget, read from the per-report history
-the trials' MLflow runs hold, each evaluation keyed by its epoch (or step), never by its place in the history. The
-last-report and test columns, the epochs each setting reached and how many trials
-the scheduler stopped are shown beside it. Only when the compared settings all trained to the end does the verdict
+every arm reached with at least one trial, and the ranking and the verdicts (in a sweep of three or more methods,
+the best method against each other one; a method against the baseline it names in ``sdt.METHODS``: SDLoRA against
+LoRA) use each arm's best setting at that budget, read from the per-report history the trials' MLflow runs hold,
+each evaluation keyed by its epoch (or step), never by its place in the history. The last-report and test columns,
+the epochs each setting reached and how many trials the scheduler stopped are shown beside it. Only when the
+compared settings all trained to the end does the verdict
 use their last reports (and the test metric).
 """
 
