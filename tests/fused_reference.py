@@ -85,7 +85,8 @@ class ReferenceKernels:
 
 class ReferenceMamba2Kernels:
     """``sdt.fused.Mamba2Kernels`` in plain autograd ops, fp32 inside: the conv, a per-step SSD recurrence (heads
-    share their group's B and C), the D skip and the gated RMSNorm ``norm(y · SiLU(z))``. ``calls`` counts forwards,
+    share their group's B and C) from zero or the initial states given, the D skip and the gated RMSNorm
+    ``norm(y · SiLU(z))`` (without a norm weight: ``y · SiLU(z)``). ``calls`` counts forwards,
     so that a test can tell which path ran."""
 
     device_type = None
@@ -109,6 +110,7 @@ class ReferenceMamba2Kernels:
         headdim,
         ngroups,
         final_state,
+        initial_states=None,
     ):
         self.calls += 1
         batch, length, _ = zxbcdt.shape
@@ -121,12 +123,16 @@ class ReferenceMamba2Kernels:
         B, C = (t.reshape(batch, length, ngroups, states).repeat_interleave(heads // ngroups, dim=2) for t in (B, C))
         dt = F.softplus(dt + dt_bias.float()).clamp(*dt_limit)
         state = x.new_zeros(batch, heads, headdim, states)
+        if initial_states is not None:
+            state = state + initial_states.float()
         ys = []
         for t in range(length):
             decay = torch.exp(dt[:, t] * A)[..., None, None]
             state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
             ys.append((state * C[:, t, :, None, :]).sum(-1))
         y = (torch.stack(ys, dim=1) + x * D.float()[:, None]).reshape(batch, length, dim) * F.silu(z)
+        if norm_weight is None:
+            return y.to(zxbcdt.dtype), (state if final_state else None)
         grouped = y.reshape(batch, length, ngroups, dim // ngroups)
         y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm_eps)).reshape(batch, length, dim)
         return (norm_weight.float() * y).to(zxbcdt.dtype), (state if final_state else None)

@@ -23,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..state import mamba1_term
 from .kernels import MambaKernels
 
 
@@ -63,14 +65,16 @@ def _ssm_inputs(
 class MambaInnerFn(torch.autograd.Function):
     """``forward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight, out_bias,
     lora_A, lora_B, lora_scaling, dt_norm_weight, b_norm_weight, c_norm_weight, norm_eps, token_mask, record_state,
-    kernels)``.
+    kernels, state_kind, state_value)``.
 
     xz (b, 2E, l) in (2E, b, l) memory; conv_weight (E, 1, K); x_proj_weight (R + 2N, E); dt_proj_weight (E, R);
     dt_bias, D (E,) and A (E, N) fp32; out_weight (D, E) (the frozen base when lora_A / lora_B are given, fp32
     factors (r, E) / (D, r)); the three norm weights (R,), (N,), (N,) or None; token_mask (b, 1, l) in the compute
     dtype zeroes padding after the conv, as transformers' reference path does; ``record_state(x, last_state)``, if
-    given, receives the conv input (b, E, l) and the scan's final state (b, E, N), for a cache to keep. Returns
-    (b, l, D).
+    given, receives the conv input (b, E, l) and the scan's final state (b, E, N), for a cache to keep;
+    ``state_value`` (E, N) fp32, a state offset or initial state (``state_kind``, :mod:`sdt.state`) or None, whose
+    contribution is computed beside the scan kernel (which takes no initial state) and added before out_proj, gated
+    by SiLU(z) as the scan's output is. Returns (b, l, D).
     """
 
     @staticmethod
@@ -96,6 +100,8 @@ class MambaInnerFn(torch.autograd.Function):
         token_mask: torch.Tensor | None,
         record_state: Callable[[torch.Tensor, torch.Tensor], None] | None,
         kernels: MambaKernels,
+        state_kind: str | None = None,
+        state_value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, _, length = xz.shape
         inner, state = A.shape
@@ -111,9 +117,16 @@ class MambaInnerFn(torch.autograd.Function):
         out, saved, out_z = kernels.scan_fwd(
             conv_out, delta, A, as_batched(b, batch).unsqueeze(1), as_batched(c, batch).unsqueeze(1), D, z, dt_bias
         )
-        if record_state is not None:
-            record_state(x.detach(), kernels.last_state(saved))
+        last_state = kernels.last_state(saved) if record_state is not None else None
         o = as_matrix(out_z)  # (E, b·l)
+        if state_value is not None:
+            term = _state_term(state_kind, state_value, c, as_matrix(delta), dt_bias, A, batch)
+            o += (term * F.silu(as_matrix(z).float())).to(o.dtype)
+            if last_state is not None and state_kind == "initial":  # h_L gains h⁰ decayed over the whole sequence
+                total = F.softplus(delta.float() + dt_bias[:, None]).sum(-1)  # (b, E)
+                last_state = last_state + torch.exp(A * total[..., None]) * state_value
+        if record_state is not None:
+            record_state(x.detach(), last_state)
         y = torch.mm(o.t(), out_weight.t())  # (b·l, D)
         lora_a = lora_b = low = None
         if lora_A is not None:
@@ -125,10 +138,10 @@ class MambaInnerFn(torch.autograd.Function):
         # fmt: off
         ctx.save_for_backward(
             xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
-            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
+            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask, state_value,
         )
         # fmt: on
-        ctx.lora_scaling, ctx.norm_eps, ctx.kernels = lora_scaling, norm_eps, kernels
+        ctx.lora_scaling, ctx.norm_eps, ctx.kernels, ctx.state_kind = lora_scaling, norm_eps, kernels, state_kind
         ctx.has_out_bias = out_bias is not None
         return y.view(batch, length, -1)
 
@@ -138,7 +151,7 @@ class MambaInnerFn(torch.autograd.Function):
         # fmt: off
         (
             xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
-            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
+            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask, state_value,
         ) = ctx.saved_tensors
         # fmt: on
         need = ctx.needs_input_grad
@@ -187,6 +200,16 @@ class MambaInnerFn(torch.autograd.Function):
         )
 
         o = as_matrix(out_z)
+        db, dc = as_matrix(db.squeeze(1)), as_matrix(dc.squeeze(1))
+        ddelta = as_matrix(ddelta)
+        d_state = None
+        if state_value is not None:
+            inputs = (c.detach(), delta, dt_bias, A, state_value)
+            # fmt: off
+            d_state = _state_term_backward(
+                ctx.state_kind, inputs, batch, as_matrix(z), dout_z, o, as_matrix(dz), (dc, ddelta, ddt_bias, dA),
+            )
+            # fmt: on
         d_out_weight = torch.mm(dy_t, o.t()) if need[8] else None  # (D, E): full fine-tuning or an unknown adapter
         d_out_bias = dy.sum(0) if ctx.has_out_bias and need[9] else None
         d_lora_A = d_lora_B = None
@@ -197,10 +220,8 @@ class MambaInnerFn(torch.autograd.Function):
                 d_lora_B = torch.mm(dy_t, low.t()).float().mul_(scaling)  # (D, r)
 
         # dt_proj and x_proj, backwards to the conv output
-        ddelta = as_matrix(ddelta)
         d_dt_low = torch.mm(dt_proj_weight.t(), ddelta)  # (R, b·l)
         d_dt_weight = torch.mm(ddelta, dt_low.detach().t()) if need[4] else None
-        db, dc = as_matrix(db.squeeze(1)), as_matrix(dc.squeeze(1))
         d_norms: tuple[torch.Tensor | None, ...] = (None, None, None)
         if norms is None:
             dx_dbl = torch.cat([d_dt_low, db, dc])
@@ -237,4 +258,51 @@ class MambaInnerFn(torch.autograd.Function):
             None,  # token_mask
             None,  # record_state
             None,  # kernels
+            None,  # state_kind
+            d_state if need[21] else None,
         )
+
+
+def _state_term(
+    kind: str,
+    value: torch.Tensor,
+    c: torch.Tensor,
+    delta: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    batch: int,
+) -> torch.Tensor:
+    """The state tensor's contribution (:func:`sdt.state.mamba1_term`) as an (E, b·l) fp32 matrix, from c (N, b·l) and
+    delta (E, b·l) before softplus."""
+    dt = F.softplus(as_batched(delta, batch).float() + dt_bias[:, None])
+    term = mamba1_term(kind, value, as_batched(c, batch), dt, A)  # (b, E, l)
+    return term.transpose(0, 1).reshape(term.shape[1], -1)
+
+
+def _state_term_backward(
+    kind: str,
+    inputs: tuple[torch.Tensor, ...],
+    batch: int,
+    z: torch.Tensor,
+    dout_z: torch.Tensor,
+    o: torch.Tensor,
+    dz: torch.Tensor,
+    accumulate: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """Backward of ``o += term · SiLU(z)``: adds the term to the recomputed ``o`` (the output out_proj read), its
+    part of d(z) to ``dz``, and its gradients for (c, delta, dt_bias, A) to ``accumulate``; returns d(state value).
+    The term is recomputed under autograd from its small inputs (what the scan's backward keeps of the Function)."""
+    with torch.enable_grad():
+        leaves = tuple(t.detach().requires_grad_() for t in inputs)
+        term = _state_term(kind, leaves[4], *leaves[:4], batch)
+    z32 = z.float()
+    gate = F.silu(z32)
+    o += (term.detach() * gate).to(o.dtype)
+    sigmoid = torch.sigmoid(z32)
+    dz += (dout_z.float() * term.detach() * sigmoid * (1 + z32 * (1 - sigmoid))).to(dz.dtype)
+    # an offset's term reads only c and the offset: the other leaves get no gradient from it
+    grads = torch.autograd.grad(term, leaves, dout_z.float() * gate, allow_unused=True)
+    for total, grad in zip(accumulate, grads[:4]):
+        if grad is not None:
+            total += grad.to(total.dtype)
+    return grads[4]

@@ -15,6 +15,7 @@ from ..compat.deepspeed import partitioned_by_zero3
 from ..compat.mamba_ssm import CudaKernels, CudaMamba2Kernels, load_cuda_kernels
 from ..compat.transformers import has_accelerate_hooks, is_quantized
 from ..parametrize import SparseDeltaView
+from ..state import restore_forward
 from . import mamba2, mixer
 from .kernels import Mamba2Kernels, MambaKernels
 from .projections import describe, describe_small, kind_of
@@ -162,7 +163,7 @@ def uninstall_fused_path(model: nn.Module) -> None:
     """Give every Mamba mixer its class's forward back (before merging or detaching, or to compare paths)."""
     route, mixers = _route(model)
     for _, m in mixers:
-        m.__dict__.pop("forward", None)
+        restore_forward(m)  # its class's, or sdt.state's for a mixer with a state adapter
         m.__dict__.pop(route.attribute, None)
     _set_sparse_refresh(mixers, in_training=True)
 

@@ -11,9 +11,12 @@ their parametrizations as transformers reads them.
 As on the Mamba-1 path (:mod:`.mixer`), only a training forward that starts from no state is taken over: no cache, or
 a cache that holds nothing yet for this layer (``Mamba2ForCausalLM`` builds one in training, since its config says
 ``use_cache``; transformers then runs its unfused chunked scan), whose conv input and final state it records as
-transformers does. Evaluation, generation steps that continue from a state and any call this forward does not
-recognise run the class's own forward, unchanged. The padding mask is applied where transformers' kernel path
-applies it: to the mixer's input.
+transformers does. Evaluation (except of a mixer with a state adapter), generation steps that continue from a state and
+any call this forward does not recognise run the class's own forward, unchanged (:func:`sdt.state.forward` for a
+mixer with a state adapter). A state adapter (:mod:`sdt.state`) enters as the kernel's ``initial_states`` (an initial
+state) or, for an offset, beside the kernel: called without its norm, the kernel returns the gated scan output, the
+offset's gated term is added to it and the mixer's gated RMSNorm applied after. The padding mask is applied where
+transformers' kernel path applies it: to the mixer's input.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..compat.transformers import mixer_cache
+from ..state import mamba2_offset_term, state_adapter, unfused_forward
 from .kernels import Mamba2Kernels
 from .mixer import record_in_cache, takes_fused_path
 from .projections import project_tokens_first, projection
@@ -44,6 +49,11 @@ def fused_forward(
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
     zxbcdt = project_tokens_first(hidden_states.reshape(batch * length, hidden), projection(mixer.in_proj))
     zxbcdt = zxbcdt.view(batch, length, -1)
+    state = state_adapter(mixer)
+    offset = state is not None and state.kind == "offset"
+    initial = None
+    if state is not None and state.kind == "initial":  # the kernel's own initial state, one copy per sequence
+        initial = state.value[None].expand(batch, *state.value.shape).contiguous()
     y, final_state = kernels.split_conv1d_scan(
         zxbcdt,
         mixer.conv1d.weight.squeeze(1),
@@ -53,17 +63,33 @@ def fused_forward(
         mixer.D,
         mixer.chunk_size,
         tuple(mixer.time_step_limit),
-        mixer.norm.weight,
+        None if offset else mixer.norm.weight,
         mixer.norm.variance_epsilon,
         mixer.head_dim,
         mixer.n_groups,
         final_state=cache is not None,
+        initial_states=initial,
     )
+    if offset:
+        y = mixer.norm(y.float() + _offset_term(mixer, zxbcdt, state.value)).to(zxbcdt.dtype)
     if cache is not None:
         conv_input = zxbcdt[..., mixer.intermediate_size : mixer.intermediate_size + mixer.conv_dim]
         record_in_cache(cache, mixer, conv_input.detach().transpose(1, 2), final_state)
     out = project_tokens_first(y.reshape(batch * length, -1), projection(mixer.out_proj))
     return out.view(batch, length, -1)
+
+
+def _offset_term(mixer: nn.Module, zxbcdt: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``SiLU(z_t) · Σ_n h'[h, p, n] C_t[g(h), n]`` (b, l, dim) fp32, with C_t recomputed beside the kernel: the causal
+    conv over C's channels alone, a sliver of the conv's."""
+    batch, length, _ = zxbcdt.shape
+    dim, width, c_size = mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size, mixer.conv1d.weight.shape[-1]
+    c_rows = slice(mixer.conv_dim - width, mixer.conv_dim)  # C is the last block of the conv's channels
+    c_in = zxbcdt[..., dim + c_rows.start : dim + c_rows.stop].transpose(1, 2)
+    bias = None if mixer.conv1d.bias is None else mixer.conv1d.bias[c_rows]
+    C = F.silu(F.conv1d(c_in, mixer.conv1d.weight[c_rows], bias, padding=c_size - 1, groups=width)[..., :length])
+    term = mamba2_offset_term(offset, C.transpose(1, 2).reshape(batch, length, mixer.n_groups, -1))
+    return term.reshape(batch, length, dim) * F.silu(zxbcdt[..., :dim].float())
 
 
 def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -72,4 +98,4 @@ def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     if takes_fused_path(self, kernels, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), mixer_cache(kwargs))
-    return type(self).forward(self, *args, **kwargs)
+    return unfused_forward(self, *args, **kwargs)

@@ -1,0 +1,233 @@
+"""State-based adapters (docs/method.md §8): a trained state offset or initial state per Mamba mixer.
+
+State-offset Tuning (Kang et al., arXiv 2503.03499) adds a trained offset ``h'`` to the state where the output reads
+it, at every step: ``y_t = C_t·(h_t + h') + D x_t``, gated by ``SiLU(z_t)`` as the mixer gates ``y_t``; ``h'`` does
+not enter the recurrence. Initial-state tuning, the paper's baseline, trains the state the recurrence starts from:
+``h_0 = h⁰`` instead of zero. Both tensors have the shape of one sequence's SSM state: (channels, states) on Mamba-1
+and Jamba, (heads, head_dim, states) on Mamba-2 (and on every family whose mixer has Mamba-2's layout).
+
+Neither is a weight: no kernel reads them, so they cannot live in weight space as the other adapters do. A
+:class:`StateAdapter` is a submodule of its mixer (``<mixer>.sdt_state``), saved, loaded and gradient-checked as every
+:class:`~sdt.parametrize.Adapter` is, and its contribution enters the mixer's forward explicitly: on the fused paths
+inside :mod:`sdt.fused` (CUDA), and everywhere else in :func:`forward`, this module's own PyTorch forward of the
+mixer, which the tuner installs on every mixer that carries one. transformers' forward has no place where a state
+offset could enter (its scan functions return the gated output), so that forward is not used for these mixers.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compat.transformers import MIXER_ARGUMENTS, mixer_cache
+from .errors import SDTConfigError
+from .parametrize import Adapter
+
+ATTRIBUTE = "sdt_state"  # where a mixer holds its StateAdapter
+KINDS = ("offset", "initial")
+
+
+class StateAdapter(Adapter):
+    """One mixer's trained state tensor, fp32, zero at the start (the paper's initialisation, so that training starts
+    from the base model's outputs). ``kind``: ``offset`` (added where the output reads the state, every step) or
+    ``initial`` (the state the scan starts from)."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], device: torch.device) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+        self.kind = kind
+        self.register_parameter(kind, nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device)))
+
+    @property
+    def value(self) -> torch.Tensor:
+        return getattr(self, self.kind)
+
+
+def is_mamba2(mixer: nn.Module) -> bool:
+    """Mamba-2's layout (one A per head), which hybrid families' Mamba-2 mixers share."""
+    return mixer.A_log.dim() == 1
+
+
+def state_shape(mixer: nn.Module) -> tuple[int, ...]:
+    if is_mamba2(mixer):
+        return (mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
+    return tuple(mixer.A_log.shape)
+
+
+def state_adapter(mixer: nn.Module) -> StateAdapter | None:
+    return mixer._modules.get(ATTRIBUTE)
+
+
+def attach(mixer: nn.Module, kind: str) -> StateAdapter:
+    """Give ``mixer`` a fresh state adapter of ``kind`` and route its forwards through :func:`forward`."""
+    adapter = StateAdapter(kind, state_shape(mixer), mixer.A_log.device)
+    mixer.add_module(ATTRIBUTE, adapter)
+    restore_forward(mixer)
+    return adapter
+
+
+def restore_forward(mixer: nn.Module) -> None:
+    """The forward a mixer has off the fused path: this module's where it carries a state adapter, else its class's
+    (an instance attribute, as the fused path's: parametrize's class swaps keep it, ``copy.deepcopy`` rebinds it)."""
+    mixer.__dict__.pop("forward", None)
+    if state_adapter(mixer) is not None:
+        mixer.__dict__["forward"] = types.MethodType(forward, mixer)
+
+
+def unfused_forward(mixer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """What a mixer runs where the fused path does not take a call."""
+    if state_adapter(mixer) is not None:
+        return forward(mixer, *args, **kwargs)
+    return type(mixer).forward(mixer, *args, **kwargs)
+
+
+def refuse_merge(method: str, kind: str | None) -> None:
+    """A state adapter has no weight to go into (docs/method.md §8): merging one fails in one line naming the method."""
+    if kind is not None:
+        raise SDTConfigError("method", f"{method!r} trains a state {kind}, which cannot be merged into weights")
+
+
+# -- the contributions, in plain autograd ops (the fused paths call these too) -------------------------------------
+
+
+def mamba1_term(kind: str, value: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """What a state tensor adds to a Mamba-1 scan's output before the gate, (b, E, l) fp32.
+
+    C (b, N, l); dt (b, E, l), after softplus; A (E, N). Offset: ``Σ_n h'[e, n] C_t[n]``. Initial state: the part
+    of ``C_t·h_t`` that ``h_0 = h⁰`` makes, ``Σ_n C_t[n] exp(A[e, n] Σ_{s≤t} dt_s[e]) h⁰[e, n]``.
+    """
+    C = C.float()
+    if kind == "offset":
+        return torch.einsum("en,bnl->bel", value, C)
+    decay = torch.exp(A[None, :, None, :] * dt.float().cumsum(-1)[..., None])  # (b, E, l, N)
+    return torch.einsum("bnl,beln,en->bel", C, decay, value)
+
+
+def mamba2_offset_term(offset: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """A Mamba-2 state offset's addition to the scan's output, (b, l, H, P) fp32: ``Σ_n h'[h, p, n] C_t[g(h), n]``
+    with C (b, l, G, N) shared by the heads of each group."""
+    heads, groups = offset.shape[0], C.shape[2]
+    C = C.float().repeat_interleave(heads // groups, dim=2)  # (b, l, H, N)
+    return torch.einsum("hpn,blhn->blhp", offset, C)
+
+
+# -- the mixer forwards off the fused path ---------------------------------------------------------------------------
+
+
+def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The forward of a mixer with a state adapter, from no state. A cache that holds this layer's state already (a
+    generation step after the prompt) is refused: decoding with these methods is not built yet."""
+    if len(args) > 1 or not MIXER_ARGUMENTS.issuperset(kwargs):
+        raise TypeError(f"{type(self).__name__} with a state adapter: unexpected arguments {sorted(kwargs)}")
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    cache = mixer_cache(kwargs)
+    if cache is not None and (not hasattr(cache, "has_previous_state") or cache.has_previous_state(self.layer_idx)):
+        raise NotImplementedError(
+            f"decoding with a state {state_adapter(self).kind} (continuing from a cached state) is not supported yet"
+        )
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        hidden_states = (hidden_states * mask[:, :, None]).to(hidden_states.dtype)
+    run = _mamba2_forward if is_mamba2(self) else _mamba1_forward
+    return run(self, hidden_states, mask, cache)
+
+
+def _causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """SiLU of the depthwise causal conv over (b, c, l)."""
+    return F.silu(conv(x)[..., : x.shape[-1]])
+
+
+def _record(cache: Any, mixer: nn.Module, conv_input: torch.Tensor, last_state: torch.Tensor) -> None:
+    if cache is not None:  # a fresh cache: keep what transformers' forward would
+        cache.update_conv_state(conv_input.detach(), mixer.layer_idx, conv_kernel_size=mixer.conv1d.kernel_size[0])
+        cache.update_recurrent_state(last_state.detach(), mixer.layer_idx)
+
+
+def _mamba1_forward(
+    mixer: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None, cache: Any
+) -> torch.Tensor:
+    dtype = hidden_states.dtype
+    x, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, E, l) each
+    u = _causal_conv(mixer.conv1d, x)
+    if mask is not None:
+        u = u * mask[:, None, :].to(u.dtype)
+    rank, states = mixer.time_step_rank, mixer.ssm_state_size
+    dt, B, C = mixer.x_proj(u.transpose(1, 2)).split([rank, states, states], dim=-1)
+    if hasattr(mixer, "dt_layernorm"):  # Jamba
+        dt, B, C = mixer.dt_layernorm(dt), mixer.b_layernorm(B), mixer.c_layernorm(C)
+    dt = F.softplus((mixer.dt_proj.weight @ dt.transpose(1, 2)).float() + mixer.dt_proj.bias.float()[:, None])
+    A = -torch.exp(mixer.A_log.float())
+    adapter = state_adapter(mixer)
+    state = None if adapter.kind == "offset" else adapter.value
+    y, last = _scan(u.float(), dt, A, B.float().transpose(1, 2), C.float().transpose(1, 2), state)
+    if adapter.kind == "offset":
+        y = y + mamba1_term(adapter.kind, adapter.value, C.transpose(1, 2), dt, A)
+    y = (y + u.float() * mixer.D.float()[:, None]) * F.silu(z.float())
+    _record(cache, mixer, x, last)
+    return mixer.out_proj(y.transpose(1, 2).to(dtype))
+
+
+def _scan(u, dt, A, B, C, initial) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1's selective scan, step by step in fp32: u, dt (b, E, l), A (E, N), B, C (b, N, l), ``initial`` (E, N)
+    or None. Returns (y (b, E, l), the last state (b, E, N))."""
+    state = u.new_zeros(u.shape[0], *A.shape) if initial is None else initial.expand(u.shape[0], *A.shape)
+    ys = []
+    for t in range(u.shape[-1]):
+        state = torch.exp(dt[..., t, None] * A) * state + (dt[..., t] * u[..., t])[..., None] * B[:, None, :, t]
+        ys.append((state * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, dim=-1), state
+
+
+def _mamba2_forward(
+    mixer: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None, cache: Any
+) -> torch.Tensor:
+    batch, length, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    heads, dim, groups, states = mixer.num_heads, mixer.intermediate_size, mixer.n_groups, mixer.ssm_state_size
+    z, xbc, dt = mixer.in_proj(hidden_states).split([dim, mixer.conv_dim, heads], dim=-1)
+    conv_input = xbc.transpose(1, 2)
+    xbc = _causal_conv(mixer.conv1d, conv_input).transpose(1, 2)
+    if mask is not None:
+        xbc = xbc * mask[:, :, None].to(xbc.dtype)
+    x, B, C = xbc.float().split([dim, groups * states, groups * states], dim=-1)
+    x = x.reshape(batch, length, heads, mixer.head_dim)
+    B, C = (t.reshape(batch, length, groups, states) for t in (B, C))
+    dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*mixer.time_step_limit)
+    A = -torch.exp(mixer.A_log.float())
+    adapter = state_adapter(mixer)
+    state = x.new_zeros(batch, heads, mixer.head_dim, states)
+    if adapter.kind == "initial":
+        state = state + adapter.value
+    per_head = heads // groups
+    ys = []
+    for t in range(length):
+        b_t, c_t = (v[:, t].repeat_interleave(per_head, dim=1)[:, :, None, :] for v in (B, C))  # (b, H, 1, N)
+        state = torch.exp(dt[:, t] * A)[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * b_t
+        ys.append((state * c_t).sum(-1))
+    y = torch.stack(ys, dim=1)  # (b, l, H, P)
+    if adapter.kind == "offset":
+        y = y + mamba2_offset_term(adapter.value, C)
+    y = (y + x * mixer.D.float()[:, None]).reshape(batch, length, dim)
+    _record(cache, mixer, conv_input, state)
+    return mixer.out_proj(mixer.norm(y, z).to(dtype))
+
+
+__all__ = [
+    "ATTRIBUTE",
+    "KINDS",
+    "StateAdapter",
+    "attach",
+    "forward",
+    "mamba1_term",
+    "mamba2_offset_term",
+    "refuse_merge",
+    "restore_forward",
+    "state_adapter",
+    "state_shape",
+    "unfused_forward",
+]
