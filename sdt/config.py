@@ -103,6 +103,11 @@ class SDTConfig:
         """The state tensor the method trains in every mixer (``offset``, ``initial``: :mod:`sdt.state`), or None."""
         return self.method_info.state
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether the adapter can be baked into the model's weights: not a state tensor (docs/method.md §9)."""
+        return self.state is None
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SDTConfig:
         """The registered method ``name`` (``sdlora``, the paper's default, ``sdt``, ``lora``, ``full``, ...) with

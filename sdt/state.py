@@ -1,4 +1,4 @@
-"""State-based adapters (docs/method.md §8): a trained state offset or initial state per Mamba mixer.
+"""State-based adapters (docs/method.md §9): a trained state offset or initial state per Mamba mixer.
 
 State-offset Tuning (Kang et al., arXiv 2503.03499) adds a trained offset ``h'`` to the state where the output reads
 it, at every step: ``y_t = C_t·(h_t + h') + D x_t``, gated by ``SiLU(z_t)`` as the mixer gates ``y_t``; ``h'`` does
@@ -87,9 +87,13 @@ def unfused_forward(mixer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor
 
 
 def refuse_merge(method: str, kind: str | None) -> None:
-    """A state adapter has no weight to go into (docs/method.md §8): merging one fails in one line naming the method."""
+    """A state adapter has no weight to go into (docs/method.md §9): merging one fails in one line naming the method."""
     if kind is not None:
-        raise SDTConfigError("method", f"{method!r} trains a state {kind}, which cannot be merged into weights")
+        raise SDTConfigError("method", merge_refusal(method, kind))
+
+
+def merge_refusal(method: str, kind: str) -> str:
+    return f"{method!r} trains a state {kind}, which cannot be merged into weights"
 
 
 # -- the contributions, in plain autograd ops (the fused paths call these too) -------------------------------------

@@ -15,7 +15,7 @@ from ..compat.deepspeed import partitioned_by_zero3
 from ..compat.mamba_ssm import CudaKernels, CudaMamba2Kernels, load_cuda_kernels
 from ..compat.transformers import has_accelerate_hooks, is_quantized
 from ..parametrize import SparseDeltaView
-from ..state import restore_forward
+from ..state import restore_forward, state_adapter
 from . import mamba2, mixer
 from .kernels import Mamba2Kernels, MambaKernels
 from .projections import describe, describe_small, kind_of
@@ -135,7 +135,8 @@ def install_fused_path(
     if reason:
         uninstall_fused_path(model)
         reasons = sorted({why for _, m in mixers if (why := _unsupported(m))}) if kernels is not None else [reason]
-        return _report(f"fused path: off ({'; '.join(reasons)}), mixers run transformers' path", log, warn=on_cuda)
+        path = "sdt.state's PyTorch forward" if state_adapter(mixers[0][1]) else "transformers' path"
+        return _report(f"fused path: off ({'; '.join(reasons)}), mixers run {path}", log, warn=on_cuda)
     for _, m in mixers:
         m.__dict__[route.attribute] = kernels
         m.__dict__["forward"] = types.MethodType(route.forward, m)

@@ -1,4 +1,4 @@
-"""Initial-state tuning, State-offset Tuning's baseline (arXiv 2503.03499; docs/method.md §8): every mixer's scan
+"""Initial-state tuning, State-offset Tuning's baseline (arXiv 2503.03499; docs/method.md §9): every mixer's scan
 starts from a trained state instead of zero. LoRA may be added (``lora_targets``), as the paper's code allows."""
 
 from .base import Method, register_method

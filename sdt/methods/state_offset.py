@@ -1,4 +1,4 @@
-"""State-offset Tuning (Kang et al., arXiv 2503.03499; docs/method.md §8): a trained offset h' added to every
+"""State-offset Tuning (Kang et al., arXiv 2503.03499; docs/method.md §9): a trained offset h' added to every
 mixer's state where the output reads it, at every step. LoRA may be added (``lora_targets``); the paper's runs train
 h' alone."""
 
