@@ -124,40 +124,50 @@ def mamba2_offset_term(offset: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 
 def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """The forward of a mixer with a state adapter, from no state. A cache that holds this layer's state already (a
-    generation step after the prompt) is refused: decoding with these methods is not built yet."""
+    """The forward of a mixer with a state adapter: a whole sequence from no state (training, evaluation, a prompt)
+    or, with a cache that holds this layer's state, the next tokens from it (decoding), reading and updating the
+    cache through its public methods as transformers' forward does.
+
+    Left padding stays exact (pipeline/tasks/decoding.py): pad positions are zeroed before in_proj and after the
+    conv, as transformers does, and the scan holds its starting state through them, so that every sequence starts
+    from h⁰ at its own first token; transformers lets pads decay the state, which changes nothing only from zero.
+    """
     if len(args) > 1 or not MIXER_ARGUMENTS.issuperset(kwargs):
         raise TypeError(f"{type(self).__name__} with a state adapter: unexpected arguments {sorted(kwargs)}")
     hidden_states = args[0] if args else kwargs["hidden_states"]
     cache = mixer_cache(kwargs)
-    if cache is not None and (not hasattr(cache, "has_previous_state") or cache.has_previous_state(self.layer_idx)):
-        raise NotImplementedError(
-            f"decoding with a state {state_adapter(self).kind} (continuing from a cached state) is not supported yet"
-        )
+    if cache is not None and not hasattr(cache, "get_recurrent_state"):
+        raise TypeError(f"{type(self).__name__} with a state adapter: a cache of type {type(cache).__name__}")
+    previous = None if cache is None else cache.get_recurrent_state(self.layer_idx)
     mask = kwargs.get("attention_mask")
+    if mask is not None and mask.shape[1] != hidden_states.shape[1]:
+        mask = None  # a mask over the tokens before these: the new ones are no padding
     if mask is not None:
         hidden_states = (hidden_states * mask[:, :, None]).to(hidden_states.dtype)
     run = _mamba2_forward if is_mamba2(self) else _mamba1_forward
-    return run(self, hidden_states, mask, cache)
+    return run(self, hidden_states, mask, cache, previous)
 
 
-def _causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """SiLU of the depthwise causal conv over (b, c, l)."""
-    return F.silu(conv(x)[..., : x.shape[-1]])
+def _causal_conv(mixer: nn.Module, x: torch.Tensor, cache: Any) -> torch.Tensor:
+    """SiLU of the depthwise causal conv over (b, c, l), after the inputs the cache holds (which it then keeps)."""
+    length = x.shape[-1]
+    if cache is not None:  # returns the cached inputs (or left zeros) followed by these
+        x = cache.update_conv_state(x, mixer.layer_idx, conv_kernel_size=mixer.conv1d.kernel_size[0])
+    return F.silu(mixer.conv1d(x)[..., : x.shape[-1]][..., -length:])
 
 
-def _record(cache: Any, mixer: nn.Module, conv_input: torch.Tensor, last_state: torch.Tensor) -> None:
-    if cache is not None:  # a fresh cache: keep what transformers' forward would
-        cache.update_conv_state(conv_input.detach(), mixer.layer_idx, conv_kernel_size=mixer.conv1d.kernel_size[0])
-        cache.update_recurrent_state(last_state.detach(), mixer.layer_idx)
+def _start(adapter: StateAdapter, previous: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor):
+    """The state the scan starts from: the cached one, else h⁰ (initial-state tuning) or zero."""
+    if previous is not None:
+        return previous.float()
+    start = like.new_zeros(shape)
+    return start + adapter.value if adapter.kind == "initial" else start
 
 
-def _mamba1_forward(
-    mixer: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None, cache: Any
-) -> torch.Tensor:
+def _mamba1_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> torch.Tensor:
     dtype = hidden_states.dtype
     x, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, E, l) each
-    u = _causal_conv(mixer.conv1d, x)
+    u = _causal_conv(mixer, x, cache)
     if mask is not None:
         u = u * mask[:, None, :].to(u.dtype)
     rank, states = mixer.time_step_rank, mixer.ssm_state_size
@@ -167,35 +177,34 @@ def _mamba1_forward(
     dt = F.softplus((mixer.dt_proj.weight @ dt.transpose(1, 2)).float() + mixer.dt_proj.bias.float()[:, None])
     A = -torch.exp(mixer.A_log.float())
     adapter = state_adapter(mixer)
-    state = None if adapter.kind == "offset" else adapter.value
-    y, last = _scan(u.float(), dt, A, B.float().transpose(1, 2), C.float().transpose(1, 2), state)
+    start = _start(adapter, previous, (x.shape[0], *A.shape), A)
+    y, last = _scan(u.float(), dt, A, B.float().transpose(1, 2), C.float().transpose(1, 2), start, mask)
     if adapter.kind == "offset":
         y = y + mamba1_term(adapter.kind, adapter.value, C.transpose(1, 2), dt, A)
     y = (y + u.float() * mixer.D.float()[:, None]) * F.silu(z.float())
-    _record(cache, mixer, x, last)
+    if cache is not None:
+        cache.update_recurrent_state(last.detach(), mixer.layer_idx)
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
-def _scan(u, dt, A, B, C, initial) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba-1's selective scan, step by step in fp32: u, dt (b, E, l), A (E, N), B, C (b, N, l), ``initial`` (E, N)
-    or None. Returns (y (b, E, l), the last state (b, E, N))."""
-    state = u.new_zeros(u.shape[0], *A.shape) if initial is None else initial.expand(u.shape[0], *A.shape)
-    ys = []
+def _scan(u, dt, A, B, C, start, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1's selective scan, step by step in fp32: u, dt (b, E, l), A (E, N), B, C (b, N, l), ``start``
+    (b, E, N), held through the masked positions. Returns (y (b, E, l), the last state (b, E, N))."""
+    state, ys = start, []
     for t in range(u.shape[-1]):
         state = torch.exp(dt[..., t, None] * A) * state + (dt[..., t] * u[..., t])[..., None] * B[:, None, :, t]
+        if mask is not None:
+            state = torch.where(mask[:, t, None, None].bool(), state, start)
         ys.append((state * C[:, None, :, t]).sum(-1))
     return torch.stack(ys, dim=-1), state
 
 
-def _mamba2_forward(
-    mixer: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None, cache: Any
-) -> torch.Tensor:
+def _mamba2_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> torch.Tensor:
     batch, length, _ = hidden_states.shape
     dtype = hidden_states.dtype
     heads, dim, groups, states = mixer.num_heads, mixer.intermediate_size, mixer.n_groups, mixer.ssm_state_size
     z, xbc, dt = mixer.in_proj(hidden_states).split([dim, mixer.conv_dim, heads], dim=-1)
-    conv_input = xbc.transpose(1, 2)
-    xbc = _causal_conv(mixer.conv1d, conv_input).transpose(1, 2)
+    xbc = _causal_conv(mixer, xbc.transpose(1, 2), cache).transpose(1, 2)
     if mask is not None:
         xbc = xbc * mask[:, :, None].to(xbc.dtype)
     x, B, C = xbc.float().split([dim, groups * states, groups * states], dim=-1)
@@ -204,20 +213,21 @@ def _mamba2_forward(
     dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*mixer.time_step_limit)
     A = -torch.exp(mixer.A_log.float())
     adapter = state_adapter(mixer)
-    state = x.new_zeros(batch, heads, mixer.head_dim, states)
-    if adapter.kind == "initial":
-        state = state + adapter.value
+    state = start = _start(adapter, previous, (batch, heads, mixer.head_dim, states), A)
     per_head = heads // groups
     ys = []
     for t in range(length):
         b_t, c_t = (v[:, t].repeat_interleave(per_head, dim=1)[:, :, None, :] for v in (B, C))  # (b, H, 1, N)
         state = torch.exp(dt[:, t] * A)[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * b_t
+        if mask is not None:
+            state = torch.where(mask[:, t, None, None, None].bool(), state, start)
         ys.append((state * c_t).sum(-1))
     y = torch.stack(ys, dim=1)  # (b, l, H, P)
     if adapter.kind == "offset":
         y = y + mamba2_offset_term(adapter.value, C)
     y = (y + x * mixer.D.float()[:, None]).reshape(batch, length, dim)
-    _record(cache, mixer, conv_input, state)
+    if cache is not None:
+        cache.update_recurrent_state(state.detach(), mixer.layer_idx)
     return mixer.out_proj(mixer.norm(y, z).to(dtype))
 
 

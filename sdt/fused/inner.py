@@ -120,10 +120,11 @@ class MambaInnerFn(torch.autograd.Function):
         last_state = kernels.last_state(saved) if record_state is not None else None
         o = as_matrix(out_z)  # (E, b·l)
         if state_value is not None:
-            term = _state_term(state_kind, state_value, c, as_matrix(delta), dt_bias, A, batch)
+            term = _state_term(state_kind, state_value, c, as_matrix(delta), dt_bias, A, batch, token_mask)
             o += (term * F.silu(as_matrix(z).float())).to(o.dtype)
             if last_state is not None and state_kind == "initial":  # h_L gains h⁰ decayed over the whole sequence
-                total = F.softplus(delta.float() + dt_bias[:, None]).sum(-1)  # (b, E)
+                steps = F.softplus(delta.float() + dt_bias[:, None])
+                total = (steps if token_mask is None else steps * token_mask).sum(-1)  # (b, E)
                 last_state = last_state + torch.exp(A * total[..., None]) * state_value
         if record_state is not None:
             record_state(x.detach(), last_state)
@@ -207,7 +208,8 @@ class MambaInnerFn(torch.autograd.Function):
             inputs = (c.detach(), delta, dt_bias, A, state_value)
             # fmt: off
             d_state = _state_term_backward(
-                ctx.state_kind, inputs, batch, as_matrix(z), dout_z, o, as_matrix(dz), (dc, ddelta, ddt_bias, dA),
+                ctx.state_kind, inputs, batch, token_mask, as_matrix(z), dout_z, o, as_matrix(dz),
+                (dc, ddelta, ddt_bias, dA),
             )
             # fmt: on
         d_out_weight = torch.mm(dy_t, o.t()) if need[8] else None  # (D, E): full fine-tuning or an unknown adapter
@@ -271,10 +273,14 @@ def _state_term(
     dt_bias: torch.Tensor,
     A: torch.Tensor,
     batch: int,
+    token_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """The state tensor's contribution (:func:`sdt.state.mamba1_term`) as an (E, b·l) fp32 matrix, from c (N, b·l) and
-    delta (E, b·l) before softplus."""
+    delta (E, b·l) before softplus. Padding takes no step: the initial state reaches a left-padded sequence's first
+    token undecayed, as :func:`sdt.state.forward` holds it."""
     dt = F.softplus(as_batched(delta, batch).float() + dt_bias[:, None])
+    if token_mask is not None:
+        dt = dt * token_mask
     term = mamba1_term(kind, value, as_batched(c, batch), dt, A)  # (b, E, l)
     return term.transpose(0, 1).reshape(term.shape[1], -1)
 
@@ -283,6 +289,7 @@ def _state_term_backward(
     kind: str,
     inputs: tuple[torch.Tensor, ...],
     batch: int,
+    token_mask: torch.Tensor | None,
     z: torch.Tensor,
     dout_z: torch.Tensor,
     o: torch.Tensor,
@@ -294,7 +301,7 @@ def _state_term_backward(
     The term is recomputed under autograd from its small inputs (what the scan's backward keeps of the Function)."""
     with torch.enable_grad():
         leaves = tuple(t.detach().requires_grad_() for t in inputs)
-        term = _state_term(kind, leaves[4], *leaves[:4], batch)
+        term = _state_term(kind, leaves[4], *leaves[:4], batch, token_mask)
     z32 = z.float()
     gate = F.silu(z32)
     o += (term.detach() * gate).to(o.dtype)
