@@ -47,6 +47,11 @@ class StateAdapter(Adapter):
     def value(self) -> torch.Tensor:
         return getattr(self, self.kind)
 
+    def forward(self) -> torch.Tensor:
+        """The tensor for a mixer's forward to use: read through this call, so that DeepSpeed ZeRO-3 gathers a
+        partitioned one as it gathers a parametrization's (a copy, which outlives the gathered storage)."""
+        return self.value.clone()
+
 
 def is_mamba2(mixer: nn.Module) -> bool:
     """Mamba-2's layout (one A per head), which hybrid families' Mamba-2 mixers share."""
@@ -89,11 +94,7 @@ def unfused_forward(mixer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor
 def refuse_merge(method: str, kind: str | None) -> None:
     """A state adapter has no weight to go into (docs/method.md §9): merging one fails in one line naming the method."""
     if kind is not None:
-        raise SDTConfigError("method", merge_refusal(method, kind))
-
-
-def merge_refusal(method: str, kind: str) -> str:
-    return f"{method!r} trains a state {kind}, which cannot be merged into weights"
+        raise SDTConfigError("method", f"{method!r} trains a state {kind}, which cannot be merged into weights")
 
 
 # -- the contributions, in plain autograd ops (the fused paths call these too) -------------------------------------
@@ -161,7 +162,7 @@ def _start(adapter: StateAdapter, previous: torch.Tensor | None, shape: tuple[in
     if previous is not None:
         return previous.float()
     start = like.new_zeros(shape)
-    return start + adapter.value if adapter.kind == "initial" else start
+    return start + adapter() if adapter.kind == "initial" else start
 
 
 def _mamba1_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> torch.Tensor:
@@ -180,7 +181,7 @@ def _mamba1_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> t
     start = _start(adapter, previous, (x.shape[0], *A.shape), A)
     y, last = _scan(u.float(), dt, A, B.float().transpose(1, 2), C.float().transpose(1, 2), start, mask)
     if adapter.kind == "offset":
-        y = y + mamba1_term(adapter.kind, adapter.value, C.transpose(1, 2), dt, A)
+        y = y + mamba1_term(adapter.kind, adapter(), C.transpose(1, 2), dt, A)
     y = (y + u.float() * mixer.D.float()[:, None]) * F.silu(z.float())
     if cache is not None:
         cache.update_recurrent_state(last.detach(), mixer.layer_idx)
@@ -224,7 +225,7 @@ def _mamba2_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> t
         ys.append((state * c_t).sum(-1))
     y = torch.stack(ys, dim=1)  # (b, l, H, P)
     if adapter.kind == "offset":
-        y = y + mamba2_offset_term(adapter.value, C)
+        y = y + mamba2_offset_term(adapter(), C)
     y = (y + x * mixer.D.float()[:, None]).reshape(batch, length, dim)
     if cache is not None:
         cache.update_recurrent_state(state.detach(), mixer.layer_idx)

@@ -53,7 +53,8 @@ def fused_forward(
     offset = state is not None and state.kind == "offset"
     initial = None
     if state is not None and state.kind == "initial":  # the kernel's own initial state, one copy per sequence
-        initial = state.value[None].expand(batch, *state.value.shape).contiguous()
+        value = state()
+        initial = value[None].expand(batch, *value.shape).contiguous()
     y, final_state = kernels.split_conv1d_scan(
         zxbcdt,
         mixer.conv1d.weight.squeeze(1),
@@ -71,7 +72,7 @@ def fused_forward(
         initial_states=initial,
     )
     if offset:
-        y = mixer.norm(y.float() + _offset_term(mixer, zxbcdt, state.value)).to(zxbcdt.dtype)
+        y = mixer.norm(y.float() + _offset_term(mixer, zxbcdt, state())).to(zxbcdt.dtype)
     if cache is not None:
         conv_input = zxbcdt[..., mixer.intermediate_size : mixer.intermediate_size + mixer.conv_dim]
         record_in_cache(cache, mixer, conv_input.detach().transpose(1, 2), final_state)

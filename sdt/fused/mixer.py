@@ -71,7 +71,7 @@ def fused_forward(
         record_state,
         kernels,
         None if state is None else state.kind,
-        None if state is None else state.value,
+        None if state is None else state(),
     )
 
 
