@@ -59,6 +59,12 @@ def is_mamba2(mixer: nn.Module) -> bool:
 
 
 def state_shape(mixer: nn.Module) -> tuple[int, ...]:
+    """The shape of one sequence's SSM state in ``mixer``; raises for a mixer whose forward :func:`forward` does not
+    reproduce (µP multipliers, a norm before the gate: Falcon-H1's)."""
+    quirks = [q for q in ("mup_vector", "ssm_in_multiplier") if getattr(mixer, q, None) is not None]
+    if quirks or getattr(getattr(mixer, "norm", None), "norm_before_gate", False):
+        reason = f"its {', '.join(quirks)}" if quirks else "its norm before the gate"
+        raise SDTConfigError("method", f"the state methods do not take {type(mixer).__name__} yet ({reason})")
     if is_mamba2(mixer):
         return (mixer.num_heads, mixer.head_dim, mixer.ssm_state_size)
     return tuple(mixer.A_log.shape)

@@ -16,7 +16,7 @@ from test_fused_mamba import loss_and_grads
 
 import sdt
 from sdt.fused import install_fused_path, uninstall_fused_path
-from sdt.state import state_adapter
+from sdt.state import state_adapter, state_shape
 
 ARCHS = ("mamba", "jamba", "mamba2")
 METHODS = ("state-offset", "initial-state")
@@ -256,3 +256,17 @@ def test_cuda_fused_path_matches_the_state_forward(arch, method, lora):
         assert torch.count_nonzero(grads[name]), name
         error = ((grads[name] - ref).norm() / ref.norm()).item()
         assert error <= 1e-3, f"{name}: relative error {error:.2e}"
+
+
+def test_a_mixer_whose_forward_the_state_path_does_not_reproduce_is_refused():
+    """Falcon-H1's mixer scales in_proj's input and output by µP multipliers, which sdt.state's forward leaves out:
+    refused in one line naming the mixer, not trained on a different function."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    config = FalconH1Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
+    )  # fmt: skip
+    mixer = FalconH1ForCausalLM(config).model.layers[0].mamba
+    with pytest.raises(sdt.SDTConfigError, match=r"^method: the state methods do not take FalconH1Mixer yet"):
+        state_shape(mixer)
