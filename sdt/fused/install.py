@@ -105,6 +105,8 @@ def _plan(route: Route, mixer: nn.Module) -> str:
     for module, tensor in route.small_tensors:
         owner = getattr(mixer, module) if module else mixer
         parts.append(f"{module or tensor}={describe_small(owner, tensor)}")
+    if (state := state_adapter(mixer)) is not None:
+        parts.append(f"state {state.kind} (sdt.state)")
     return ", ".join(parts)
 
 
