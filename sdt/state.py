@@ -103,20 +103,13 @@ def refuse_merge(method: str, kind: str | None) -> None:
         raise SDTConfigError("method", f"{method!r} trains a state {kind}, which cannot be merged into weights")
 
 
-# -- the contributions, in plain autograd ops (the fused paths call these too) -------------------------------------
+# -- the offsets' terms, in plain autograd ops ----------------------------------------------------------------------
 
 
-def mamba1_term(kind: str, value: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """What a state tensor adds to a Mamba-1 scan's output before the gate, (b, E, l) fp32.
-
-    C (b, N, l); dt (b, E, l), after softplus; A (E, N). Offset: ``Σ_n h'[e, n] C_t[n]``. Initial state: the part
-    of ``C_t·h_t`` that ``h_0 = h⁰`` makes, ``Σ_n C_t[n] exp(A[e, n] Σ_{s≤t} dt_s[e]) h⁰[e, n]``.
-    """
-    C = C.float()
-    if kind == "offset":
-        return torch.einsum("en,bnl->bel", value, C)
-    decay = torch.exp(A[None, :, None, :] * dt.float().cumsum(-1)[..., None])  # (b, E, l, N)
-    return torch.einsum("bnl,beln,en->bel", C, decay, value)
+def mamba1_offset_term(offset: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """A Mamba-1 state offset's addition to the scan's output before the gate, (b, E, l) fp32:
+    ``Σ_n h'[e, n] C_t[n]`` with C (b, N, l)."""
+    return torch.einsum("en,bnl->bel", offset, C.float())
 
 
 def mamba2_offset_term(offset: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -187,7 +180,7 @@ def _mamba1_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> t
     start = _start(adapter, previous, (x.shape[0], *A.shape), A)
     y, last = _scan(u.float(), dt, A, B.float().transpose(1, 2), C.float().transpose(1, 2), start, mask)
     if adapter.kind == "offset":
-        y = y + mamba1_term(adapter.kind, adapter(), C.transpose(1, 2), dt, A)
+        y = y + mamba1_offset_term(adapter(), C.transpose(1, 2))
     y = (y + u.float() * mixer.D.float()[:, None]) * F.silu(z.float())
     if cache is not None:
         cache.update_recurrent_state(last.detach(), mixer.layer_idx)
@@ -244,7 +237,7 @@ __all__ = [
     "StateAdapter",
     "attach",
     "forward",
-    "mamba1_term",
+    "mamba1_offset_term",
     "mamba2_offset_term",
     "refuse_merge",
     "restore_forward",

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..state import mamba1_term
 from .kernels import MambaKernels
+from .prefix import InitialStatePrefix
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,9 @@ class MambaInnerFn(torch.autograd.Function):
     factors (r, E) / (D, r)); the three norm weights (R,), (N,), (N,) or None; token_mask (b, 1, l) in the compute
     dtype zeroes padding after the conv, as transformers' reference path does; ``record_state(x, last_state)``, if
     given, receives the conv input (b, E, l) and the scan's final state (b, E, N), for a cache to keep;
-    ``state_value`` (E, N) fp32, a state offset or initial state (``state_kind``, :mod:`sdt.state`) or None, whose
-    contribution is computed beside the scan kernel (which takes no initial state) and added before out_proj, gated
-    by SiLU(z) as the scan's output is. Returns (b, l, D).
+    ``state_value`` (E, N) fp32, a state offset or initial state (``state_kind``, :mod:`sdt.state`) or None: an
+    offset's term ``h' C_t`` is added beside the scan, gated by SiLU(z) as the scan's output is; an initial state is
+    written into the scan by a prefix of N tokens (:mod:`.prefix`), since the kernel takes none. Returns (b, l, D).
     """
 
     @staticmethod
@@ -114,20 +114,12 @@ class MambaInnerFn(torch.autograd.Function):
         x_dbl = torch.mm(x_proj_weight, as_matrix(conv_out))  # (R + 2N, b·l)
         dt_low, b, c = _ssm_inputs(x_dbl, rank, state, norms, norm_eps)
         delta = as_batched(torch.mm(dt_proj_weight, dt_low), batch)
-        out, saved, out_z = kernels.scan_fwd(
-            conv_out, delta, A, as_batched(b, batch).unsqueeze(1), as_batched(c, batch).unsqueeze(1), D, z, dt_bias
-        )
-        last_state = kernels.last_state(saved) if record_state is not None else None
-        o = as_matrix(out_z)  # (E, b·l)
-        if state_value is not None:
-            term = _state_term(state_kind, state_value, c, as_matrix(delta), dt_bias, A, batch, token_mask)
-            o += (term * F.silu(as_matrix(z).float())).to(o.dtype)
-            if last_state is not None and state_kind == "initial":  # h_L gains h⁰ decayed over the whole sequence
-                steps = F.softplus(delta.float() + dt_bias[:, None])
-                total = (steps if token_mask is None else steps * token_mask).sum(-1)  # (b, E)
-                last_state = last_state + torch.exp(A * total[..., None]) * state_value
+        prefix = None if state_kind != "initial" else InitialStatePrefix(state_value, A, dt_bias, conv_out.dtype)
+        out, saved, o = _scan_forward(kernels, prefix, conv_out, delta, A, b, c, D, z, dt_bias, token_mask)
+        if state_kind == "offset":  # Σ_n h'[e, n] C_t[n], gated as the scan's output is
+            o += (torch.mm(state_value, c.float()) * F.silu(as_matrix(z).float())).to(o.dtype)
         if record_state is not None:
-            record_state(x.detach(), last_state)
+            record_state(x.detach(), kernels.last_state(saved))  # with a prefix, from h⁰
         y = torch.mm(o.t(), out_weight.t())  # (b·l, D)
         lora_a = lora_b = low = None
         if lora_A is not None:
@@ -185,33 +177,15 @@ class MambaInnerFn(torch.autograd.Function):
 
         dxz = torch.empty_like(xz)  # the kernels write d(x) and d(z) into its two halves
         dx, dz = dxz[:, :inner], dxz[:, inner:]
-        du, ddelta, dA, db, dc, dD, ddt_bias, out_z = kernels.scan_bwd(
-            conv_out,
-            as_batched(delta, batch),
-            A,
-            as_batched(b.detach(), batch).unsqueeze(1),
-            as_batched(c.detach(), batch).unsqueeze(1),
-            D,
-            z,
-            dt_bias,
-            as_batched(dout_z, batch),
-            saved,
-            out,
-            dz,
+        prefix = None if ctx.state_kind != "initial" else InitialStatePrefix(state_value, A, dt_bias, conv_out.dtype)
+        # fmt: off
+        du, ddelta, dA, db, dc, dD, ddt_bias, o, d_state = _scan_backward(
+            kernels, prefix, conv_out, as_batched(delta, batch), A, b.detach(), c.detach(), D, z, dt_bias,
+            as_batched(dout_z, batch), saved, out, dz, token_mask,
         )
-
-        o = as_matrix(out_z)
-        db, dc = as_matrix(db.squeeze(1)), as_matrix(dc.squeeze(1))
-        ddelta = as_matrix(ddelta)
-        d_state = None
-        if state_value is not None:
-            inputs = (c.detach(), delta, dt_bias, A, state_value)
-            # fmt: off
-            d_state = _state_term_backward(
-                ctx.state_kind, inputs, batch, token_mask, as_matrix(z), dout_z, o, as_matrix(dz),
-                (dc, ddelta, ddt_bias, dA),
-            )
-            # fmt: on
+        # fmt: on
+        if ctx.state_kind == "offset":
+            d_state = _offset_backward(state_value, c.detach(), as_matrix(z), dout_z, o, as_matrix(dz), dc)
         d_out_weight = torch.mm(dy_t, o.t()) if need[8] else None  # (D, E): full fine-tuning or an unknown adapter
         d_out_bias = dy.sum(0) if ctx.has_out_bias and need[9] else None
         d_lora_A = d_lora_B = None
@@ -265,51 +239,52 @@ class MambaInnerFn(torch.autograd.Function):
         )
 
 
-def _state_term(
-    kind: str,
-    value: torch.Tensor,
-    c: torch.Tensor,
-    delta: torch.Tensor,
-    dt_bias: torch.Tensor,
-    A: torch.Tensor,
-    batch: int,
-    token_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """The state tensor's contribution (:func:`sdt.state.mamba1_term`) as an (E, b·l) fp32 matrix, from c (N, b·l) and
-    delta (E, b·l) before softplus. Padding takes no step: the initial state reaches a left-padded sequence's first
-    token undecayed, as :func:`sdt.state.forward` holds it."""
-    dt = F.softplus(as_batched(delta, batch).float() + dt_bias[:, None])
-    if token_mask is not None:
-        dt = dt * token_mask
-    term = mamba1_term(kind, value, as_batched(c, batch), dt, A)  # (b, E, l)
-    return term.transpose(0, 1).reshape(term.shape[1], -1)
+def _scan_forward(kernels, prefix, u, delta, A, b, c, D, z, dt_bias, token_mask):
+    """The selective scan, with an initial state's prefix (:mod:`.prefix`) where there is one: (out, saved, o), o
+    the gated output as an (E, b·l) matrix. u, delta, z (b, E, l); b, c (N, b·l)."""
+    batch = u.shape[0]
+    B, C = as_batched(b, batch), as_batched(c, batch)
+    if prefix is None:
+        out, saved, out_z = kernels.scan_fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias)
+        return out, saved, as_matrix(out_z)
+    u, delta, B, C, z = prefix.scan_inputs(u, delta, B, C, z, token_mask)
+    out, saved, out_z = kernels.scan_fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias)
+    return out, saved, prefix.cut(out_z)
 
 
-def _state_term_backward(
-    kind: str,
-    inputs: tuple[torch.Tensor, ...],
-    batch: int,
-    token_mask: torch.Tensor | None,
-    z: torch.Tensor,
-    dout_z: torch.Tensor,
-    o: torch.Tensor,
-    dz: torch.Tensor,
-    accumulate: tuple[torch.Tensor, ...],
-) -> torch.Tensor:
-    """Backward of ``o += term · SiLU(z)``: adds the term to the recomputed ``o`` (the output out_proj read), its
-    part of d(z) to ``dz``, and its gradients for (c, delta, dt_bias, A) to ``accumulate``; returns d(state value).
-    The term is recomputed under autograd from its small inputs (what the scan's backward keeps of the Function)."""
-    with torch.enable_grad():
-        leaves = tuple(t.detach().requires_grad_() for t in inputs)
-        term = _state_term(kind, leaves[4], *leaves[:4], batch, token_mask)
-    z32 = z.float()
-    gate = F.silu(z32)
-    o += (term.detach() * gate).to(o.dtype)
+def _scan_backward(kernels, prefix, u, delta, A, b, c, D, z, dt_bias, dout, saved, out, dz, token_mask):
+    """The scan's backward, as :func:`_scan_forward` ran it: (du (b, E, l) laid out as u, ddelta (E, b·l), dA,
+    db (N, b·l), dc (N, b·l), dD, ddt_bias, o (E, b·l) recomputed, d h⁰ or None). Writes d(z) into ``dz``."""
+    batch = u.shape[0]
+    B, C = as_batched(b, batch), as_batched(c, batch)
+    if prefix is None:
+        du, ddelta, dA, db, dc, dD, ddt_bias, out_z = kernels.scan_bwd(
+            u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias, dout, saved, out, dz
+        )
+        matrices = (as_matrix(ddelta), dA, as_matrix(db.squeeze(1)), as_matrix(dc.squeeze(1)))
+        return du, *matrices, dD, ddt_bias, as_matrix(out_z), None
+    body, n = u, prefix.length
+    u, delta, B, C, z = prefix.scan_inputs(u, delta, B, C, z, token_mask)
+    dz_all = torch.empty_like(z)
+    du, ddelta, dA, db, dc, dD, ddt_bias, out_z = kernels.scan_bwd(
+        u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias, prefix.extend(dout, 0.0), saved, out, dz_all
+    )
+    dz.copy_(dz_all[..., n:])
+    d_initial, dA_inputs = prefix.gradients(du[..., :n])
+    ddt_bias = ddt_bias - ddelta[..., :n].float().sum((0, 2))  # the prefix's steps are constants
+    du_body = torch.empty_like(body).copy_(du[..., n:])
+    matrices = (prefix.cut(ddelta), dA + dA_inputs, prefix.cut(db[:, 0]), prefix.cut(dc[:, 0]))
+    return du_body, *matrices, dD, ddt_bias, prefix.cut(out_z), d_initial
+
+
+def _offset_backward(offset, c, z, dout_z, o, dz, dc) -> torch.Tensor:
+    """Backward of ``o += (h' C) · SiLU(z)`` (all (E, b·l) matrices, c (N, b·l)): adds the term to the recomputed
+    ``o`` (what out_proj read), its parts of d(z) and d(c) to ``dz`` and ``dc``; returns d h'."""
+    term, z32 = torch.mm(offset, c.float()), z.float()
     sigmoid = torch.sigmoid(z32)
-    dz += (dout_z.float() * term.detach() * sigmoid * (1 + z32 * (1 - sigmoid))).to(dz.dtype)
-    # an offset's term reads only c and the offset: the other leaves get no gradient from it
-    grads = torch.autograd.grad(term, leaves, dout_z.float() * gate, allow_unused=True)
-    for total, grad in zip(accumulate, grads[:4]):
-        if grad is not None:
-            total += grad.to(total.dtype)
-    return grads[4]
+    gate = z32 * sigmoid
+    o += (term * gate).to(o.dtype)
+    dz += (dout_z.float() * term * sigmoid * (1 + z32 * (1 - sigmoid))).to(dz.dtype)
+    d_term = dout_z.float() * gate
+    dc += torch.mm(offset.t(), d_term).to(dc.dtype)
+    return torch.mm(d_term, c.float().t())
