@@ -129,8 +129,8 @@ def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     cache through its public methods as transformers' forward does.
 
     Left padding stays exact (pipeline/tasks/decoding.py): pad positions are zeroed before in_proj and after the
-    conv, as transformers does, and the scan holds its starting state through them, so that every sequence starts
-    from h⁰ at its own first token; transformers lets pads decay the state, which changes nothing only from zero.
+    conv, as transformers does, and take no step of the scan (Δ = 0), so that every sequence starts from h⁰ at its
+    own first token; transformers lets pads decay the state, which changes nothing only from zero.
     """
     if len(args) > 1 or not MIXER_ARGUMENTS.issuperset(kwargs):
         raise TypeError(f"{type(self).__name__} with a state adapter: unexpected arguments {sorted(kwargs)}")
@@ -178,7 +178,9 @@ def _mamba1_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> t
     A = -torch.exp(mixer.A_log.float())
     adapter = state_adapter(mixer)
     start = _start(adapter, previous, (x.shape[0], *A.shape), A)
-    y, last = _scan(u.float(), dt, A, B.float().transpose(1, 2), C.float().transpose(1, 2), start, mask)
+    if mask is not None:  # a pad takes no step: the state passes it unchanged
+        dt = dt * mask[:, None, :]
+    y, last = _scan(u.float(), dt, A, B.float().transpose(1, 2), C.float().transpose(1, 2), start)
     if adapter.kind == "offset":
         y = y + mamba1_offset_term(adapter(), C.transpose(1, 2))
     y = (y + u.float() * mixer.D.float()[:, None]) * F.silu(z.float())
@@ -187,14 +189,12 @@ def _mamba1_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> t
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
-def _scan(u, dt, A, B, C, start, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba-1's selective scan, step by step in fp32: u, dt (b, E, l), A (E, N), B, C (b, N, l), ``start``
-    (b, E, N), held through the masked positions. Returns (y (b, E, l), the last state (b, E, N))."""
+def _scan(u, dt, A, B, C, start) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1's selective scan, step by step in fp32: u, dt (b, E, l), A (E, N), B, C (b, N, l), from ``start``
+    (b, E, N). Returns (y (b, E, l), the last state (b, E, N))."""
     state, ys = start, []
     for t in range(u.shape[-1]):
         state = torch.exp(dt[..., t, None] * A) * state + (dt[..., t] * u[..., t])[..., None] * B[:, None, :, t]
-        if mask is not None:
-            state = torch.where(mask[:, t, None, None].bool(), state, start)
         ys.append((state * C[:, None, :, t]).sum(-1))
     return torch.stack(ys, dim=-1), state
 
@@ -211,16 +211,16 @@ def _mamba2_forward(mixer: nn.Module, hidden_states, mask, cache, previous) -> t
     x = x.reshape(batch, length, heads, mixer.head_dim)
     B, C = (t.reshape(batch, length, groups, states) for t in (B, C))
     dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*mixer.time_step_limit)
+    if mask is not None:  # a pad takes no step: the state passes it unchanged
+        dt = dt * mask[:, :, None]
     A = -torch.exp(mixer.A_log.float())
     adapter = state_adapter(mixer)
-    state = start = _start(adapter, previous, (batch, heads, mixer.head_dim, states), A)
+    state = _start(adapter, previous, (batch, heads, mixer.head_dim, states), A)
     per_head = heads // groups
     ys = []
     for t in range(length):
         b_t, c_t = (v[:, t].repeat_interleave(per_head, dim=1)[:, :, None, :] for v in (B, C))  # (b, H, 1, N)
         state = torch.exp(dt[:, t] * A)[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * b_t
-        if mask is not None:
-            state = torch.where(mask[:, t, None, None, None].bool(), state, start)
         ys.append((state * c_t).sum(-1))
     y = torch.stack(ys, dim=1)  # (b, l, H, P)
     if adapter.kind == "offset":

@@ -31,6 +31,7 @@ from ..compat.transformers import mixer_cache
 from ..state import mamba2_offset_term, state_adapter, unfused_forward
 from .kernels import Mamba2Kernels
 from .mixer import record_in_cache, takes_fused_path
+from .prefix import NO_STEP
 from .projections import project_tokens_first, projection
 
 KERNELS_ATTRIBUTE = "_sdt_fused_mamba2_kernels"
@@ -55,6 +56,10 @@ def fused_forward(
     if state is not None and state.kind == "initial":  # the kernel's own initial state, one copy per sequence
         value = state()
         initial = value[None].expand(batch, *value.shape).contiguous()
+        if attention_mask is not None:  # a pad takes no step (Δ = softplus(NO_STEP) = 0): h⁰ reaches the first token
+            heads = mixer.num_heads
+            dt = zxbcdt[..., -heads:].masked_fill(attention_mask[..., None] == 0, NO_STEP)
+            zxbcdt = torch.cat([zxbcdt[..., :-heads], dt], dim=-1)
     y, final_state = kernels.split_conv1d_scan(
         zxbcdt,
         mixer.conv1d.weight.squeeze(1),

@@ -84,14 +84,8 @@ def record_in_cache(cache: Any, mixer: nn.Module, x: torch.Tensor, last_state: t
 def takes_fused_path(mixer: nn.Module, kernels: MambaKernels, args: tuple, kwargs: dict[str, Any]) -> bool:
     """A forward from no state; in evaluation without a cache too where the mixer carries a state adapter (its
     only other forward is :func:`sdt.state.forward`'s step-by-step scan, which a prompt for generation takes: it
-    keeps left padding exact, and an evaluation whose batch is left-padded)."""
-    mask = kwargs.get("attention_mask")
-    evaluating_state = (
-        not mixer.training
-        and state_adapter(mixer) is not None
-        and mixer_cache(kwargs) is None
-        and (mask is None or bool(mask[:, 0].all()))  # Mamba-2's kernel would decay h⁰ over left padding
-    )
+    keeps left padding exact)."""
+    evaluating_state = not mixer.training and state_adapter(mixer) is not None and mixer_cache(kwargs) is None
     if not (mixer.training or evaluating_state) or len(args) > 1 or not MIXER_ARGUMENTS.issuperset(kwargs):
         return False
     cache = mixer_cache(kwargs)
