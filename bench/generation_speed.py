@@ -37,6 +37,7 @@ import torch
 from rounds import header, spread, write_json
 
 from pipeline.tasks.decoding import generate
+from pipeline.tasks.metrics import _generation_scores as generation_scores
 
 EOS = PAD = 0  # of the random-weight model; the digits base has its tokenizer's
 
@@ -149,7 +150,6 @@ def task_metric(args, device: torch.device, dtype: str) -> dict[str, Any]:
     """Part 2 in ``dtype``: the completions decoded in batches of ``--batch`` and one at a time, their agreement, and
     each way's scores as sdtune's evaluation computes them for a generation task."""
     from pipeline.spec.job import ModelSpec
-    from pipeline.tasks.metrics import _generation_scores as generation_scores
     from pipeline.trial.models import load_base_model
 
     model, tokenizer = load_base_model(ModelSpec(builtin="digits", dtype=dtype), device, log=lambda line: None)
@@ -229,6 +229,7 @@ def main() -> None:
         args.new_tokens, args.beams, args.batch, args.completion_images = 8, 2, 4, 16
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     refuse_fallback(device)
+    generation_scores(["1 2"], ["1 2"])  # part 2's scorers (rouge-score, sacrebleu) load: fail before part 1's minutes
     shape = {
         key: getattr(args, key)
         for key in ("hidden", "layers", "vocab", "prompt_tokens", "new_tokens", "beams", "batch", "completion_prefix")
@@ -239,8 +240,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": shape,
         "speed": speed(args, device, dtypes[0]),
-        "task_metric": {dtype: task_metric(args, device, dtype) for dtype in dtypes},
     }
+    if args.out:  # part 1 kept should part 2 not finish
+        write_json(args.out, {**header("generation_speed"), **result})
+    result["task_metric"] = {dtype: task_metric(args, device, dtype) for dtype in dtypes}
     print_results(result)
     if args.out:
         write_json(args.out, {**header("generation_speed"), **result})

@@ -25,11 +25,11 @@ random weights, bf16 with A_log, D and the adapters in fp32, SDLoRA after 20 war
 8 rows of 1,022 tokens (bench/long_sequences.py; every row one length, so no padding), one GPU, ZeRO-2 (which one
 rank runs as stage 0). What each round measures:
 
-- **training throughput**, tokens/s: the input tokens of the training phase's optimizer steps (after the warmup and
-  the selection) over the seconds from the start of the first step to the GPU's end of the last. For ``train`` and
-  ``sweep``, the ``tokens_per_s`` of the trial's last report, as the trial reports it (one epoch, one report: the
-  whole training phase); the bare loop times the same span the same way (the GPU waited for before and after).
-  Both include the first step.
+- **training throughput**, tokens/s: the examples' tokens (not pad positions) of the training phase's optimizer
+  steps (after the warmup and the selection) over the seconds from the start of the first step to the GPU's end of
+  the last. For ``train`` and ``sweep``, the ``tokens_per_s`` of the trial's last report, as the trial reports it
+  (one epoch, one report: the whole training phase); the bare loop times the same span the same way (the GPU
+  waited for before and after). Both include the first step.
 - **end-to-end wall time**, s: from launching the command to its exit, start-up included (Python, imports, Ray,
   the model and data, warmup, training, and for the trials the evaluation, checkpoint, tracking, shutdown).
 
@@ -106,14 +106,14 @@ def bare_loop(job: str, overrides: list[str]) -> dict[str, Any]:
     train_steps(tuner, batches[:steps], training.lr, training, steps)
     synchronize(device)
     seconds = time.perf_counter() - began
-    tokens = sum(int(batch["input_ids"].numel()) for batch in batches[:steps])
-    real = sum(int(batch["attention_mask"].sum()) for batch in batches[:steps])
+    positions = sum(int(batch["input_ids"].numel()) for batch in batches[:steps])
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches[:steps])  # the examples', as a trial counts
     return {
         "tokens_per_s": tokens / seconds,
         "train_s": seconds,
         "steps": steps,
         "tokens": tokens,
-        "padding_share": 1 - real / tokens,
+        "padding_share": 1 - tokens / positions,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "kernel_path": tuner.kernel_path,
     }

@@ -24,6 +24,21 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return F.silu(y[..., : x.shape[-1]])
 
 
+def _conv_apart(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seq_idx: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_conv` where each position reads only the positions of its own example (``seq_idx``, (b, l)): tap ``k``
+    looks ``width - 1 - k`` positions back, and a position of another example (or before the row) reads as zero."""
+    width, length = weight.shape[-1], x.shape[-1]
+    x, y = x.float(), x.new_zeros(x.shape, dtype=torch.float32)
+    for k in range(width):
+        back = width - 1 - k
+        shifted = F.pad(x, (back, 0))[..., :length]
+        same = seq_idx == F.pad(seq_idx, (back, 0), value=-1)[..., :length]
+        y = y + weight.float()[None, :, k, None] * shifted * same[:, None, :]
+    return F.silu(y if bias is None else y + bias.float()[None, :, None])
+
+
 def _scan(u, delta, A, B, C, D, z, delta_bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y + D·u, (y + D·u) · SiLU(z), last state) in fp32; u, delta, z (b, d, l), B, C (b, 1, n, l)."""
     dt = F.softplus(delta.float() + delta_bias.float()[:, None])
@@ -86,8 +101,9 @@ class ReferenceKernels:
 class ReferenceMamba2Kernels:
     """``sdt.fused.Mamba2Kernels`` in plain autograd ops, fp32 inside: the conv, a per-step SSD recurrence (heads
     share their group's B and C) from zero or the initial states given, the D skip and the gated RMSNorm
-    ``norm(y · SiLU(z))`` (without a norm weight: ``y · SiLU(z)``). ``calls`` counts forwards,
-    so that a test can tell which path ran."""
+    ``norm(y · SiLU(z))`` (without a norm weight: ``y · SiLU(z)``); with ``seq_idx``, the conv and the recurrence of
+    each example see none of the example before it in its row. ``calls`` counts forwards, so that a test can tell
+    which path ran."""
 
     device_type = None
     name = "pure-PyTorch reference Mamba-2 kernels (tests)"
@@ -110,6 +126,7 @@ class ReferenceMamba2Kernels:
         headdim,
         ngroups,
         final_state,
+        seq_idx=None,
         initial_states=None,
     ):
         self.calls += 1
@@ -117,7 +134,10 @@ class ReferenceMamba2Kernels:
         heads, dim = A.shape[0], A.shape[0] * headdim
         states = (conv_weight.shape[0] - dim) // (2 * ngroups)
         z, xbc, dt = zxbcdt.float().split([dim, conv_weight.shape[0], heads], dim=-1)
-        xbc = _conv(xbc.transpose(1, 2), conv_weight, conv_bias).transpose(1, 2)
+        if seq_idx is None:
+            xbc = _conv(xbc.transpose(1, 2), conv_weight, conv_bias).transpose(1, 2)
+        else:
+            xbc = _conv_apart(xbc.transpose(1, 2), conv_weight, conv_bias, seq_idx).transpose(1, 2)
         x, B, C = xbc.split([dim, ngroups * states, ngroups * states], dim=-1)
         x = x.reshape(batch, length, heads, headdim)
         B, C = (t.reshape(batch, length, ngroups, states).repeat_interleave(heads // ngroups, dim=2) for t in (B, C))
@@ -128,6 +148,8 @@ class ReferenceMamba2Kernels:
         ys = []
         for t in range(length):
             decay = torch.exp(dt[:, t] * A)[..., None, None]
+            if seq_idx is not None and t:  # an example starts from a zero state
+                decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None, None]
             state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
             ys.append((state * C[:, t, :, None, :]).sum(-1))
         y = (torch.stack(ys, dim=1) + x * D.float()[:, None]).reshape(batch, length, dim) * F.silu(z)

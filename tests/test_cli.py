@@ -21,6 +21,7 @@ BAD_SPECS = [
     ({**GOOD, "training": {"lr": -1}}, "training.lr"),
     ({**GOOD, "training": {"offload_parameters": True}}, "training.offload_parameters"),
     ({**GOOD, "training": {"epochs": 0}}, "training.epochs"),
+    ({**GOOD, "training": {"batching": "pack"}}, "training.batching"),
     ({**GOOD, "method": {"name": "adapter"}}, "method.name"),
     ({**GOOD, "method": {"lora_rank": 0}}, "method.lora_rank"),
     ({**GOOD, "method": {"channels_frozen": 1.5}}, "method.channels_frozen"),

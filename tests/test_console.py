@@ -75,3 +75,13 @@ def test_a_resumed_trial_shows_no_progress_its_earlier_run_wrote(tmp_path, capsy
     lines = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
     assert lines == [["started", "r_00000"], ["started", "r_00001"], ["finished", "r_00000"],
                      ["progress", "r_00001"], ["finished", "r_00001"]]  # fmt: skip
+
+
+def test_a_progress_line_says_the_trials_batch_layout_beside_its_tokens_per_second():
+    stream = io.StringIO()
+    console = SweepConsole("eval/accuracy", 3, stream=stream)
+    console.started("a_00000", "sdlora · training.lr=0.01")
+    row = {"step": 10, "total_steps": 40, "loss": 1.5, "tokens_per_s": 12345.6, "batching": "packed", "time": 3.0}
+    console.refresh({"a_00000": row})
+    [progress] = [line for line in stream.getvalue().splitlines() if line.startswith("progress")]
+    assert " · 12,346 tokens/s packed · " in progress

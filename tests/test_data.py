@@ -310,6 +310,9 @@ def test_files_parquet_with_column_mapping_and_string_labels(tmp_path, text_tok)
         evaluate(LookupLM(torch.zeros(len(text_tok), len(text_tok))), task, "test", text_tok, spec)
 
 
+SPLITS = ("train", "validation", "test")
+
+
 def test_truncation_keeps_separator_and_answer(text_tok):
     full = load_task(DataSpec(task="generation", data_files=SAMSUM), text_tok)
     short = load_task(DataSpec(task="generation", data_files=SAMSUM, max_length=24), text_tok)
@@ -321,6 +324,29 @@ def test_truncation_keeps_separator_and_answer(text_tok):
             assert cut.prompt_ids[-1] == text_tok.sep_token_id
     tiny = load_task(DataSpec(task="generation", data_files=SAMSUM, max_length=4), text_tok)
     assert all(e.prompt_ids == [text_tok.sep_token_id] and len(e.answer_ids) == 3 for e in tiny.train)
+
+
+def test_examples_longer_than_max_length_are_counted_or_refused(text_tok):
+    """Never dropped: truncated and counted per split (``cut`` says how many tokens went), or refused in one line
+    that names the field and the counts."""
+    full = load_task(DataSpec(task="generation", data_files=SAMSUM), text_tok)
+    lengths = {split: [len(e.prompt_ids) + len(e.answer_ids) for e in getattr(full, split)] for split in SPLITS}
+    limit = sorted(lengths["train"])[len(lengths["train"]) // 2]  # about half of train is longer
+    expected = {split: sum(length > limit for length in values) for split, values in lengths.items()}
+    assert 0 < expected["train"] < len(full.train)
+    short = load_task(DataSpec(task="generation", data_files=SAMSUM, max_length=limit), text_tok)
+    assert short.too_long() == expected and full.too_long() == dict.fromkeys(SPLITS, 0)
+    assert [len(e.train) for e in (full, short)] == [len(full.train)] * 2  # none dropped
+    for whole, cut in zip(full.train, short.train):
+        assert cut.cut == max(0, len(whole.prompt_ids) + len(whole.answer_ids) - limit)
+    with pytest.raises(ValueError) as refused:
+        load_task(DataSpec(task="generation", data_files=SAMSUM, max_length=limit, too_long="refuse"), text_tok)
+    message = str(refused.value)
+    assert message.startswith("data.too_long: refuse, and ") and "\n" not in message
+    assert f"{expected['train']} of {len(full.train)} train" in message
+    assert (
+        f"longer than data.max_length {limit} (the longest {max(max(v) for v in lengths.values())} tokens)" in message
+    )
 
 
 def test_label_strings_need_distinct_first_tokens(text_tok):

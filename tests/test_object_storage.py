@@ -140,3 +140,32 @@ def test_the_export_in_the_bucket_holds_the_best_trial_and_exports_merged(sweep,
     scores = evaluate(merged, load_task(winner.data, tokenizer), "validation", tokenizer, winner.data,
                       batch_size=winner.training.eval_batch_size)  # fmt: skip
     assert scores["accuracy"] == pytest.approx(record["metrics"]["eval/accuracy"], abs=1e-9)
+
+
+def test_a_cluster_too_small_for_a_trial_is_refused_before_anything_is_written(two_nodes, digits_cache, tmp_path):
+    """The two one-CPU nodes hold no worker of 1.5 CPUs, though the cluster has 2 CPUs (Ray would wait forever):
+    `sweep --address` says so in one line naming the field and exits 2, with no sweep directory (no job.yaml, lock
+    file or logs/); so does `resume --address` of an existing sweep, which keeps its files as they were."""
+    env = {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled"}
+    job = tmp_path / "job.yaml"
+    too_big = {**JOB["resources"], "cpus_per_worker": 1.5}
+    job.write_text(yaml.safe_dump({**JOB, "resources": too_big, "output_dir": str(tmp_path / "runs")}))
+    command = [sys.executable, "-m", "pipeline.cli.commands"]
+    refused = subprocess.run([*command, "sweep", str(job), "--address", two_nodes.address], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = refused.stdout.strip().splitlines() + refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stdout + refused.stderr
+    assert (
+        "resources.cpus_per_worker: a worker needs 1.5 CPUs on one node; the cluster's largest node has 1" in lines[0]
+    )
+    assert not (tmp_path / "runs").exists()
+
+    sweep_dir = tmp_path / "runs" / JOB["name"]
+    sweep_dir.mkdir(parents=True)
+    spec = parse_job({**JOB, "resources": too_big, "output_dir": str(tmp_path / "runs")})
+    (sweep_dir / "job.yaml").write_text(spec.to_yaml())
+    before = {path.name: path.read_bytes() for path in sweep_dir.iterdir()}
+    resumed = subprocess.run([*command, "resume", str(sweep_dir), "--address", two_nodes.address], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 2 and "resources.cpus_per_worker" in resumed.stdout + resumed.stderr
+    assert {path.name: path.read_bytes() for path in sweep_dir.iterdir()} == before

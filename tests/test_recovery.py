@@ -32,6 +32,7 @@ from pipeline.cli.commands import app
 from pipeline.results.outcomes import checkpoint_reports, load_trials
 from pipeline.results.tracking import ERROR_TAG, SweepTracker, tracking_uri
 from pipeline.spec.job import load_job
+from pipeline.storage.layout import REPORTS_KEY
 
 SAMPLES, BATCH = 160, 8
 STEPS_PER_EPOCH = SAMPLES // BATCH
@@ -124,6 +125,8 @@ def test_ctrl_c_then_resume_leaves_every_evaluation_and_step_loss_in_mlflow_once
         assert value_at[report["step"]] == report["eval/accuracy"]
     [trial] = load_trials(spec)
     assert (trial.status, trial.metrics["epoch"], trial.metrics["step"]) == ("TERMINATED", 4, 4 * STEPS_PER_EPOCH)
+    # Tune's training_iteration began again with the restarted trial; ASHA's time counts on from its checkpoint
+    assert trial.metrics[REPORTS_KEY] == 4 and trial.metrics["training_iteration"] < 4
     assert not any(noise in interrupted.resumed.stdout + interrupted.resumed.stderr for noise in CONSOLE_NOISE)
 
 

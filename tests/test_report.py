@@ -17,7 +17,7 @@ from pipeline.results.arms import Arm
 from pipeline.results.outcomes import TrialOutcome
 from pipeline.results.report import write_report
 from pipeline.results.tracking import SweepTracker
-from pipeline.results.verdicts import baseline_verdicts
+from pipeline.results.verdicts import baseline_verdicts, method_ranking, sweep_verdicts
 from pipeline.spec.job import parse_job
 
 # Every test runs in an empty working directory that must stay empty (no stray ./mlruns).
@@ -313,3 +313,52 @@ def test_a_history_with_a_gap_is_read_by_epoch_not_by_position(tmp_path, store):
     rows = read_rows(folder)
     assert list(rows) == ["sdlora ch0.9", "lora r4 x_proj+out_proj"]
     assert float(rows["lora r4 x_proj+out_proj"]["eval/accuracy after 3 epochs mean"]) == 0.65
+
+
+def test_trials_csv_says_each_trials_batch_layout_padding_and_truncated_examples(tmp_path, store):
+    from pipeline.results.report import write_trials_csv
+
+    spec = make_spec(tmp_path, store, {"training.batching": {"grid": ["padded", "auto"]}})
+    layouts = {"padded": ("padded", 0.42, 3), "auto": ("packed", 0.0, 3)}
+    trials = [
+        trial(spec, number, "TERMINATED", {"training.batching": asked},
+              {"eval/accuracy": 0.5, "tokens_per_s": 1000.0, "batching": layout, "train/padding": padding,
+               "train/truncated_examples": cut})
+        for number, (asked, (layout, padding, cut)) in enumerate(layouts.items())
+    ]  # fmt: skip
+    write_trials_csv(spec, trials, tmp_path / "trials.csv")
+    with (tmp_path / "trials.csv").open(newline="") as file:
+        rows = {row["training.batching"]: row for row in csv.DictReader(file)}
+    assert {asked: (row["batching"], float(row["train/padding"])) for asked, row in rows.items()} == {
+        "padded": ("padded", 0.42),
+        "auto": ("packed", 0.0),
+    }
+    assert {row["train/truncated_examples"] for row in rows.values()} == {"3"}
+
+
+def test_a_sweep_of_several_methods_names_the_winner_and_says_which_leads_are_inside_the_spread(tmp_path, store):
+    """Four methods' best arms, test accuracy over three seeds each: SDLoRA leads; its lead over LoRA is inside the
+    seeds' spread, its leads over full fine-tuning and SDT are clear. Two methods get no ranking (the baseline verdict
+    says it all)."""
+    spec = make_spec(tmp_path, store, {"method.name": {"grid": ["sdlora", "lora", "full", "sdt"]}})
+
+    def row(method: str, test: list[float]) -> ArmSummary:
+        return ArmSummary(Arm(method, method, method), {}, Stats.of([0.5, 0.6]), Stats.of(test), None, None)
+
+    budget = Budget(2, "epoch")
+    rows = [
+        row("sdlora", [0.80, 0.82, 0.84]),
+        row("lora", [0.79, 0.81, 0.83]),
+        row("full", [0.70, 0.71, 0.72]),
+        row("sdt", [0.60, 0.61, 0.62]),
+    ]
+    ranking = method_ranking(spec, rows, budget)
+    assert ranking.startswith("Best method: SDLoRA (sdlora), against each other method's best arm: ahead of LoRA")
+    assert "a difference of +0.01, 0.5 pooled standard deviations: within the spread over seeds" in ranking
+    assert "; ahead of full fine-tuning on test/accuracy after the whole training" in ranking
+    assert "a difference of +0.11, 7 pooled standard deviations; ahead of SDT" in ranking
+    assert "a difference of +0.21, 13 pooled standard deviations;" in ranking
+    assert ranking.endswith("SDLoRA is clearly ahead (beyond the seeds' spread) of 2 of 3.")
+    verdicts = sweep_verdicts(spec, rows, budget)
+    assert verdicts.startswith(ranking) and "SDLoRA beats the best LoRA arm (lora)" in verdicts
+    assert method_ranking(spec, rows[:2], budget) == ""

@@ -273,6 +273,7 @@ def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
         "config": {"training.lr": 0.1},
         "warmup/loss": 1.5,
         "epoch": 1,
+        "batching": "packed",
     }
     callback.on_trial_result(iteration=2, trials=[a, b], trial=a, result=result)
     a.last_result = result  # as Tune keeps it
@@ -289,6 +290,7 @@ def test_callback_interrupted_sweep_and_checkpoint_adapter(spec, tmp_path):
     # its last report is of epoch 1 of 3: the scheduler stopped it
     assert runs["a"].data.tags["sdtune.stopped_early"] == "true" and "sdtune.stopped_early" not in runs["b"].data.tags
     assert runs["a"].data.tags["sdtune.arm"] == "sdlora · training.lr=0.1"
+    assert runs["a"].data.tags["sdtune.batching"] == "packed" and "sdtune.batching" not in runs["b"].data.tags
     assert [m.step for m in tracker.client.get_metric_history(runs["b"].info.run_id, "eval/accuracy")] == [3]
     listed = [info.path for info in tracker.client.list_artifacts(runs["a"].info.run_id, "adapter")]
     assert listed == ["adapter/adapter_model.safetensors"]

@@ -58,6 +58,7 @@ SHAPES_THE_WARMUP = [
     ("method.sdt_targets", {}, {"method.sdt_targets": ["A_log"]}),
     ("method.warmup_steps", {}, {"method.warmup_steps": 10}),
     ("training.batch_size", {}, {"training.batch_size": 16}),
+    ("training.batching", {}, {"training.batching": "grouped"}),
     ("training.gradient_accumulation", {}, {"training.gradient_accumulation": 2}),
     ("training.lr", NO_WARMUP_LR, {"training.lr": 3e-2}),  # the warmup's lr when warmup_lr is not set
     ("training.warmup_lr", {}, {"training.warmup_lr": 3e-2}),
@@ -72,6 +73,7 @@ SHAPES_THE_WARMUP = [
 ]
 # Settings that act only after the warmup, or not on what it computes: flipped, the key stays.
 LEAVE_IT = [
+    ("data.too_long", {}, {"data.too_long": "refuse"}),  # refused, a trial never warms up
     ("method.channels_frozen", {}, {"method.channels_frozen": 0.8}),  # the selection's ratios
     ("method.states_frozen", {}, {"method.states_frozen": 0.5}),
     ("method.inputs_frozen", {}, {"method.inputs_frozen": 0.9}),

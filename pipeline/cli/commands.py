@@ -125,7 +125,7 @@ def load_or_exit(job: Path, overrides: list[str] | None, address: str | None = N
     from pipeline.cli.preflight import load_checked
 
     try:
-        return load_checked(job, overrides or [], local_cluster=address is None, in_sweep=in_sweep)
+        return load_checked(job, overrides or [], address, in_sweep=in_sweep)
     except JobSpecError as error:
         raise fail(spec_error_line(job, error)) from None
 
@@ -135,14 +135,14 @@ def spec_error_line(path: Path, error: JobSpecError) -> str:
     return str(error) if error.where == error.source else f"{path}: {error}"
 
 
-def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool = True) -> None:
-    """A local Ray instance, or the cluster at ``address`` (whose resources must fit a trial, ``in_sweep`` with
-    its Tune driver: exit 2). Library output goes to ``RUN_DIR/logs/`` (and, ``verbose``, to the console too:
-    :mod:`pipeline.sweep.console`)."""
+def start_ray(spec: JobSpec, address: str | None, verbose: bool) -> None:
+    """A local Ray instance, or the cluster at ``address`` (checked to fit a trial before anything was written:
+    :func:`load_or_exit`, :func:`resume`). Library output goes to ``RUN_DIR/logs/`` (and, ``verbose``, to the console
+    too: :mod:`pipeline.sweep.console`)."""
     import ray
     import torch
 
-    from pipeline.cli.preflight import check_resources, missing_bytecode
+    from pipeline.cli.preflight import missing_bytecode
     from pipeline.sweep.console import capture_worker_output, quiet_environment, ray_init_options, route_logs
 
     local = address is None
@@ -172,13 +172,6 @@ def start_ray(spec: JobSpec, address: str | None, verbose: bool, in_sweep: bool 
         **(own_state_api() if local else {}),
     )
     capture_worker_output(spec.sweep_dir, verbose)
-    if address is not None:
-        resources = ray.cluster_resources()
-        try:
-            check_resources(spec, resources.get("CPU", 0.0), resources.get("GPU", 0.0), in_sweep=in_sweep)
-        except JobSpecError as error:
-            ray.shutdown()
-            raise fail(f"{address}: {error}") from None
 
 
 def own_state_api() -> dict[str, Any]:
@@ -271,7 +264,7 @@ def train(
     Example: `sdtune train jobs/quickstart.yaml --set training.epochs=1`
     """
     spec = load_or_exit(job, overrides, address, in_sweep=False)
-    start_ray(spec, address, verbose, in_sweep=False)
+    start_ray(spec, address, verbose)
     from pipeline.trial.claims import end_coordinator
     from pipeline.trial.driver import TrialDiverged, build_trainer, raise_if_diverged
 
@@ -365,6 +358,14 @@ def resume(run_dir: RunDirArgument, address: AddressOption = None, verbose: Verb
     """
     spec = spec_of_run(run_dir)
     refuse_export_target(spec)
+    if address is not None:
+        from pipeline.cli.preflight import check_resources, cluster_resources
+
+        try:
+            cpus, gpus, largest_node = cluster_resources(address)
+            check_resources(spec, cpus, gpus, largest_node=largest_node)
+        except JobSpecError as error:
+            raise fail(f"{run_dir}: {error}") from None
     with owning(spec.sweep_dir):
         run_and_finish(spec, address, verbose)
 

@@ -10,6 +10,7 @@ starts only to fail in its trials over something knowable up front.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 import sdt
+from pipeline.results.outcomes import exception_line
 from pipeline.spec.job import JobSpec, JobSpecError, load_job, method_field
 from pipeline.storage.paths import ObjectPath, check_reachable, storage_path
 from pipeline.tasks.registry import get_task
@@ -30,16 +32,19 @@ TRACKING_TIMEOUT_S = 3
 
 
 def load_checked(
-    job: str | Path, overrides: Sequence[str] = (), local_cluster: bool = True, in_sweep: bool = True
+    job: str | Path, overrides: Sequence[str] = (), address: str | None = None, in_sweep: bool = True
 ) -> JobSpec:
     """The validation entry point: the spec of ``job`` with ``overrides``, its relative paths made absolute (Ray
-    workers run elsewhere), checked against this machine; with ``local_cluster`` (Ray will start here) a trial's
-    resources (``in_sweep``: with its Tune driver) are checked against this machine's too. Raises
+    workers run elsewhere), checked against this machine, and a trial's resources (``in_sweep``: with its Tune
+    driver) against those of the Ray cluster at ``address`` (None: the one Ray would start here). Raises
     :class:`JobSpecError`."""
     spec = load_job(job, overrides).with_absolute_paths()
     check(spec)
-    if local_cluster:
+    if address is None:
         check_resources(spec, *local_resources(), in_sweep=in_sweep)
+    else:
+        cpus, gpus, largest_node = cluster_resources(address)
+        check_resources(spec, cpus, gpus, in_sweep=in_sweep, largest_node=largest_node)
     return spec
 
 
@@ -233,18 +238,28 @@ def check_tracking(spec: JobSpec) -> None:
         ) from None
 
 
-def check_resources(spec: JobSpec, cpus: float, gpus: float, in_sweep: bool = True) -> None:
-    """One trial (its workers, and ``in_sweep`` its Tune driver) fits in ``cpus`` / ``gpus``: otherwise Ray would
-    wait for resources forever."""
+def check_resources(
+    spec: JobSpec, cpus: float, gpus: float, in_sweep: bool = True, largest_node: tuple[float, float] | None = None
+) -> None:
+    """One trial (its workers, and ``in_sweep`` its Tune driver) fits in ``cpus`` / ``gpus``, and each worker in
+    the ``largest_node``'s (CPUs, GPUs) (None: one node has them all): otherwise Ray would wait for resources
+    forever."""
     resources = spec.resources
     driver = resources.trial_cpus if in_sweep else 0.0
     needs_cpus = driver + resources.num_workers * resources.cpus_per_worker
+    node_cpus, node_gpus = largest_node or (cpus, gpus)
     if needs_cpus > cpus:
         raise JobSpecError(
             "resources.cpus_per_worker",
             f"a trial needs {needs_cpus:g} CPUs ({resources.num_workers} workers x {resources.cpus_per_worker:g}"
             + (f" + {driver:g} for its driver" if driver else "")
             + f"); the cluster has {cpus:g}",
+        )
+    if resources.cpus_per_worker > node_cpus:
+        raise JobSpecError(
+            "resources.cpus_per_worker",
+            f"a worker needs {resources.cpus_per_worker:g} CPUs on one node; the cluster's largest node has "
+            f"{node_cpus:g}",
         )
     if resources.use_gpu:
         needs_gpus = resources.num_workers * resources.gpus_per_worker
@@ -254,6 +269,30 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, in_sweep: bool = Tr
                 f"a trial needs {needs_gpus:g} GPUs ({resources.num_workers} workers x {resources.gpus_per_worker:g}); "
                 f"the cluster has {gpus:g}",
             )
+        if resources.gpus_per_worker > node_gpus:
+            raise JobSpecError(
+                "resources.gpus_per_worker",
+                f"a worker needs {resources.gpus_per_worker:g} GPUs on one node; the cluster's largest node has "
+                f"{node_gpus:g}",
+            )
+
+
+def cluster_resources(address: str) -> tuple[float, float, tuple[float, float]]:
+    """(CPUs, GPUs, the largest node's (CPUs, GPUs)) of the running Ray cluster at ``address``, asked before the
+    command writes anything: a cluster too small for a trial is refused with nothing started or written. Connects
+    once, quietly, and disconnects."""
+    import ray
+
+    try:
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise JobSpecError("--address", f"no Ray cluster answers at {address!r} ({exception_line(error)})") from None
+    try:
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()
+    cpus, gpus = ([node.get(kind, 0.0) for node in nodes] or [0.0] for kind in ("CPU", "GPU"))
+    return sum(cpus), sum(gpus), (max(cpus), max(gpus))
 
 
 def local_resources() -> tuple[float, float]:

@@ -12,8 +12,8 @@ the test metric is read for that setting only, so the test split never picks any
 
 Arms are compared at equal budgets. ASHA stops trials early, so the last reports of two arms can stand for 3 epochs
 against 1: the *common budget* is the most epochs (optimizer steps, when trials evaluate within epochs too) that
-every arm reached with at least one trial, and the ranking and the verdicts (a method against the baseline it names in
-``sdt.METHODS``: SDLoRA against LoRA) use each arm's best setting at that budget, read from the per-report history
+every arm reached with at least one trial, and the ranking and the verdicts (in a sweep of three or more methods, the
+best method against each other one; a method against the baseline it names in ``sdt.METHODS``: SDLoRA against LoRA) use each arm's best setting at that budget, read from the per-report history
 the trials' MLflow runs hold, each evaluation keyed by its epoch (or step), never by its place in the history. The
 last-report and test columns, the epochs each setting reached and how many trials
 the scheduler stopped are shown beside it. Only when the compared settings all trained to the end does the verdict
@@ -51,7 +51,7 @@ from pipeline.results.outcomes import (
 )
 from pipeline.results.plots import arm_colors, plot_cost, plot_hyperparameter, plot_learning_curves, plot_name
 from pipeline.results.tracking import SweepTracker
-from pipeline.results.verdicts import baseline_verdicts
+from pipeline.results.verdicts import sweep_verdicts
 from pipeline.spec.job import JobSpec
 from pipeline.storage.paths import StoragePath, local_copy, storage_path, write_directory
 
@@ -71,6 +71,9 @@ TRIAL_COLUMNS = (
     "train/loss",
     "trainable_parameters",
     "tokens_per_s",
+    "batching",
+    "train/padding",
+    "train/truncated_examples",
     "peak_memory_gib",
     "warmup/shared",
 )
@@ -251,7 +254,7 @@ def write_report(
     step_losses = {trial_id: tracker.metric_history(trial_id, STEP_LOSS) for trial_id in curves}
     rows, budget = arm_summaries(spec, trials, curves)
     runs = driver_runs(spec.sweep_dir)
-    table, verdicts = summary_table(spec, rows, budget), baseline_verdicts(spec, rows, budget)
+    table, verdicts = summary_table(spec, rows, budget), sweep_verdicts(spec, rows, budget)
     cost = cost_table(trials, runs)
     colors = arm_colors([trial for trial in trials if trial.trial_id in curves])
 

@@ -56,6 +56,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 VIEW_KEY = "sdtune"
 VIEW_STATE_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+BATCHING_TAG = "sdtune.batching"  # on a trial's run: its batch layout (packed, grouped, padded), from its reports
 ERROR_TAG = "sdtune.error"  # on a FAILED trial's run: why, in one line (MLflow drops NaN metrics, so it is a tag)
 PARENT_TAG = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": the UI nests children under it
 DB_FILE = "mlflow.db"

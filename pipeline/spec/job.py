@@ -110,6 +110,9 @@ class DataSpec(_Spec):
     label_names: list[str] | None = None  # answer string per class index; None = "0", "1", ...
     kind: Literal["classification", "generation"] | None = None  # for a task whose kind the spec gives ("files")
     max_length: PositiveInt = 512
+    # An example longer than max_length: its prompt cut from the left (counted, on the console and in MLflow), or
+    # the trial refused with the count.
+    too_long: Literal["truncate", "refuse"] = "truncate"
     max_train_samples: PositiveInt | None = None
     max_eval_samples: PositiveInt | None = None
     validation_fraction: float = Field(0.2, gt=0, lt=1)  # carved from train when there is no validation split
@@ -261,6 +264,10 @@ class TrainingSpec(_Spec):
     max_failures: NonNegativeInt = 2
     eval_batch_size: PositiveInt = 8
     seed: int = 42
+    # How micro-batches are laid out (pipeline.tasks.batching): auto packs several examples per row where the model
+    # keeps them apart exactly (Mamba-2 on sdt's fused path) and groups rows by length elsewhere; grouped and padded
+    # force those layouts (padded: today's shuffled batches, each row padded to its batch's longest).
+    batching: Literal["auto", "grouped", "padded"] = "auto"
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainingSpec:

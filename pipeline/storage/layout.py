@@ -3,6 +3,9 @@
 TUNE_DIR = "tune"  # Ray Tune's experiment state, under the sweep dir
 JOB_FILE = "job.yaml"  # the resolved spec, under the sweep dir
 CHECKPOINT_KEY = "checkpoint_path"  # added to each report by Ray Train's TuneReportCallback
+# In each report: how many the trial has made, its earlier runs included (Tune's training_iteration starts again
+# when a resumed sweep restarts a trial), so ASHA's rungs count a restarted trial's reports where they left off.
+REPORTS_KEY = "reports"
 ADAPTER_DIR = "adapter"  # in a trial's checkpoint: the adapter with its selection (sdt.save)
 TRAINER_STATE = "trainer_state.json"  # in a trial's checkpoint: its data position and the report made with it
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train names a trial's checkpoints checkpoint_<time> in its directory

@@ -26,7 +26,7 @@ from pipeline.results.outcomes import (
     reached_the_end,
     trial_dir,
 )
-from pipeline.results.tracking import ERROR_TAG, SweepTracker
+from pipeline.results.tracking import BATCHING_TAG, ERROR_TAG, SweepTracker
 from pipeline.spec.job import JobSpec, TrialSpecs
 from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_KEY, COST_FILE
 from pipeline.storage.paths import StoragePath, local_copy, reported_path
@@ -170,7 +170,7 @@ class MLflowSweepCallback(Callback):
       params; for a trial that trained before (a resumed sweep), the report of each of its checkpoints that the
       run lacks (:meth:`reconcile`).
     - ``on_trial_result``: the training metrics of the result (:meth:`is_metric`) at ``result["step"]``, else at
-      ``training_iteration``, each point once (:meth:`SweepTracker.log_report`).
+      ``training_iteration``, each point once (:meth:`SweepTracker.log_report`); its batch layout as a tag.
     - ``on_trial_complete``: FINISHED, after logging the ``adapter/`` folder of the trial's latest checkpoint
       (``result["checkpoint_path"]`` as Train V2's TuneReportCallback adds it, or ``trial.checkpoint``) when it
       is a local directory, and how far it trained (``epochs_reached``; an ASHA-stopped trial completes normally
@@ -226,6 +226,9 @@ class MLflowSweepCallback(Callback):
         step = result.get("step")
         step = result.get("training_iteration", iteration) if step is None else step
         self._guard(f"metrics of trial {trial.trial_id}", self.tracker.log_report, trial.trial_id, metrics, step)
+        if result.get("batching"):
+            tags = {BATCHING_TAG: result["batching"]}
+            self._guard(f"batch layout of trial {trial.trial_id}", self.tracker.tag_trial, trial.trial_id, tags)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         adapter = self._adapter_dir(trial)

@@ -340,12 +340,12 @@ class SweepConsole:
 
     def _cells(self, row: TrialRow) -> list[str]:
         progress = row.progress or {}
-        tokens = progress.get("tokens_per_s")
+        tokens, layout = progress.get("tokens_per_s"), progress.get("batching")
         return [
             f"step {progress.get('step', '–')}/{progress.get('total_steps', '–')}",
             f"loss {number(progress.get('loss'))}",
             f"{self.metric} {number(row.metric)}",
-            f"{tokens:,.0f} tokens/s" if tokens else "– tokens/s",
+            (f"{tokens:,.0f} tokens/s" if tokens else "– tokens/s") + (f" {layout}" if layout else ""),
             f"ETA {duration(progress.get('eta_s'))}",
         ]
 
@@ -364,7 +364,7 @@ class SweepConsole:
                 step.removeprefix("step "),
                 loss.removeprefix("loss "),
                 number(row.metric),
-                tokens.removesuffix(" tokens/s"),
+                tokens.replace(" tokens/s", ""),
                 eta.removeprefix("ETA "),
             )
         return table

@@ -24,7 +24,7 @@ from pipeline.results.costs import record_driver_run, reserved_gpus
 from pipeline.results.outcomes import TUNE_ERROR, TrialOutcome, outcomes
 from pipeline.results.tracking import SweepTracker
 from pipeline.spec.job import Domain, JobSpec, TrialSpecs
-from pipeline.storage.layout import TUNE_DIR
+from pipeline.storage.layout import REPORTS_KEY, TUNE_DIR
 from pipeline.sweep.callbacks import MLflowSweepCallback, ProgressCallback, TrialCostCallback, TrialLedger, ended_ids
 from pipeline.trial.claims import end_coordinator
 from pipeline.trial.driver import trial_driver, trial_gpus
@@ -81,7 +81,7 @@ def tune_config(spec: JobSpec, at_once: int) -> tune.TuneConfig:
     search = spec.search
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(
-            time_attr="training_iteration",  # reports: one per epoch, plus one per eval_every_steps
+            time_attr=REPORTS_KEY,  # one per epoch, plus one per eval_every_steps
             # A trial's last report ends it anyway; the bound only matters in that ASHA stops trials reaching it.
             max_t=spec.training.epochs if spec.training.eval_every_steps is None else 10**9,
             grace_period=search.grace_period,

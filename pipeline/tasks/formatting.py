@@ -30,6 +30,7 @@ class Example:
     prompt_ids: list[int]
     answer_ids: list[int]
     reference: str | int  # class index (classification) or reference text (generation)
+    cut: int = 0  # tokens :func:`fit` cut off to keep the example within ``data.max_length``
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -52,6 +53,13 @@ def fit(prompt: list[int], answer: list[int], max_length: int) -> tuple[list[int
     answer stays. An answer that leaves no room for one prompt token is itself cut from the right."""
     answer = answer[: max_length - 1]
     return prompt[-(max_length - len(answer)) :], answer
+
+
+def fitted(prompt: list[int], answer: list[int], reference: str | int, max_length: int) -> Example:
+    """The example of ``prompt`` and ``answer``, :func:`fit` to ``max_length``, saying how many tokens that cut."""
+    kept_prompt, kept_answer = fit(prompt, answer, max_length)
+    cut = len(prompt) + len(answer) - len(kept_prompt) - len(kept_answer)
+    return Example(kept_prompt, kept_answer, reference, cut=cut)
 
 
 def label_token_ids(tokenizer: PreTrainedTokenizerBase, label_names: list[str]) -> list[int]:
@@ -86,7 +94,7 @@ def classification_examples(
         index = index_of.get(label) if isinstance(label, str) else label
         if index is None or not 0 <= index < len(label_names):
             raise ValueError(f"row {row}: label {label!r} is not one of the {len(label_names)} classes {label_names}")
-        examples.append(Example(*fit(prompt, answers[index], spec.max_length), reference=int(index)))
+        examples.append(fitted(prompt, answers[index], int(index), spec.max_length))
     return examples
 
 
@@ -103,7 +111,7 @@ def generation_examples(
     prompt_ids = tokenizer(prompts(split, columns, spec.instruction))["input_ids"]
     answer_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     return [
-        Example(*fit(prompt, [*answer, tokenizer.eos_token_id], spec.max_length), reference=target)
+        fitted(prompt, [*answer, tokenizer.eos_token_id], target, spec.max_length)
         for prompt, answer, target in zip(prompt_ids, answer_ids, targets)
     ]
 

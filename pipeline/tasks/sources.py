@@ -27,6 +27,11 @@ class TaskData:
     label_names: list[str] | None  # answer string per class index; None for generation
     metric_names: tuple[str, ...]  # the keys `evaluate` returns; the first is the task's headline metric
 
+    def too_long(self) -> dict[str, int]:
+        """Per split, how many examples were longer than ``data.max_length`` (and truncated to it)."""
+        splits = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {name: sum(1 for example in examples if example.cut) for name, examples in splits.items()}
+
 
 def _limit(split: datasets.Dataset | None, n: int | None, seed: int) -> datasets.Dataset | None:
     """At most ``n`` rows, a seeded random subset, so that a capped eval set is not the head of a sorted file."""
@@ -37,7 +42,9 @@ def _limit(split: datasets.Dataset | None, n: int | None, seed: int) -> datasets
 
 def load_task(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
     """The task of ``spec`` as tokenized train / validation / test examples, split as its registry entry says, with
-    ``max_train_samples`` / ``max_eval_samples`` applied after splitting."""
+    ``max_train_samples`` / ``max_eval_samples`` applied after splitting. An example longer than ``max_length`` is
+    truncated (:func:`pipeline.tasks.formatting.fit`; :meth:`TaskData.too_long` counts them) or, with ``too_long:
+    refuse``, a ValueError naming the field."""
     task = get_task(spec.task)
     kind = task.kind_of(spec)
     columns = task.column_roles(spec)
@@ -62,9 +69,29 @@ def load_task(spec: DataSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
     else:
         label_names = None
         examples = {name: generation_examples(split, columns, spec, tokenizer) for name, split in splits.items()}
+    if spec.too_long == "refuse":
+        refuse_too_long(examples, spec.max_length)
     return TaskData(
         kind, examples["train"], examples["validation"], examples["test"], label_names, task.metric_names(spec)
     )
+
+
+def refuse_too_long(examples: dict[str, list[Example]], max_length: int) -> None:
+    """``data.too_long: refuse``: one line naming the field, how many examples of which splits are too long, and
+    the longest."""
+    long = {
+        name: [len(e.prompt_ids) + len(e.answer_ids) + e.cut for e in split if e.cut]
+        for name, split in examples.items()
+    }
+    if any(long.values()):
+        counts = ", ".join(
+            f"{len(lengths)} of {len(examples[name])} {name}" for name, lengths in long.items() if lengths
+        )
+        longest = max(max(lengths) for lengths in long.values() if lengths)
+        raise ValueError(
+            f"data.too_long: refuse, and {counts} examples are longer than data.max_length {max_length} (the longest "
+            f"{longest} tokens); raise max_length, or set too_long: truncate to cut their prompts from the left"
+        )
 
 
 def _label_names(splits: dict[str, datasets.Dataset | None], column: str, given: list[str] | None) -> list[str]:

@@ -20,9 +20,9 @@ MAX_LINE = 300  # no console line of sdtune's is longer, a worker's warning incl
 
 class TrialProgress:
     """Rank 0 of a sweep's trial writes its training progress to ``<trial dir>/progress.json`` every
-    ``training.log_every_steps`` optimizer steps: the step, the steps in all, the loss of that step, tokens/s and
-    the seconds left at the rate so far (evaluations included). Other ranks, and runs outside a sweep (``sdtune
-    train``), write nothing."""
+    ``training.log_every_steps`` optimizer steps: the step, the steps in all, the loss of that step, tokens/s (of
+    the examples' tokens, not padding), the batch layout and the seconds left at the rate so far (evaluations
+    included). Other ranks, and runs outside a sweep (``sdtune train``), write nothing."""
 
     def __init__(self, directory: Path | None, total_steps: int, log_every_steps: int, world: int):
         self.path = directory / PROGRESS_FILE if directory is not None else None
@@ -30,6 +30,7 @@ class TrialProgress:
         self.started: float | None = None  # when the first step of this run was logged
         self.first_step = 0
         self.tokens, self.last_tokens = 0, 0
+        self.batching: str | None = None  # the trial's batch layout (pipeline.tasks.batching), once it trains
 
     @classmethod
     def of_this_worker(cls, sweep_dir: Path, total_steps: int, log_every_steps: int) -> TrialProgress:
@@ -68,6 +69,7 @@ class TrialProgress:
             "total_steps": self.total_steps,
             "loss": float(loss),
             "tokens_per_s": self.tokens * self.world / elapsed if elapsed > 0 else None,
+            "batching": self.batching,
             "eta_s": (self.total_steps - step) / rate if rate > 0 else None,
             "time": now,
         }

@@ -38,9 +38,11 @@ WARMUP_DIR = "warmup"
 UPDATES_FILE = "updates.safetensors"
 INFO_FILE = "warmup.json"
 # Bump when the warmup loop changes what the same inputs produce.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: batches laid out by training.batching (grouped or packed where lengths vary)
 # DataSpec fields that shape only the evaluation splits and their scoring, never the training batches.
-EVAL_ONLY_DATA_FIELDS = ("max_eval_samples", "scoring", "num_beams", "max_new_tokens")
+# Data settings that leave the warmup's batches as they are: evaluation's, and too_long (truncate gives the batches
+# any way; refuse ends the trial before its warmup).
+WARMUP_BLIND_DATA_FIELDS = ("max_eval_samples", "scoring", "num_beams", "max_new_tokens", "too_long")
 
 Updates = dict[str, dict[str, torch.Tensor]]  # mixer prefix -> warmup tensor key -> dense update
 
@@ -54,10 +56,12 @@ def warmup_key(spec: JobSpec, total_steps: int, world_size: int, device: torch.d
         "recipe": RECIPE_VERSION,
         "sdtune": __version__,
         "model": spec.model.model_dump(mode="json"),
-        "data": spec.data.model_dump(mode="json", exclude=set(EVAL_ONLY_DATA_FIELDS)),
+        "data": spec.data.model_dump(mode="json", exclude=set(WARMUP_BLIND_DATA_FIELDS)),
         "method": spec.method.to_sdt_config(seed=training.seed).warmup_inputs(),
         "seed": training.seed,
         "batch_size": training.batch_size,
+        # The layout auto picks follows from the model, the data and the device, all in this key.
+        "batching": training.batching,
         "gradient_accumulation": training.gradient_accumulation,
         "lr": training.warmup_lr or training.lr,
         "weight_decay": training.weight_decay,

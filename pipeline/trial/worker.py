@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import posixpath
-import random
 import sys
 import tempfile
 import time
@@ -59,9 +58,10 @@ from deepspeed.utils import safe_get_full_grad
 import sdt
 from pipeline.compat import deepspeed as deepspeed_compat
 from pipeline.spec.job import JobSpec
-from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, DIVERGED_FILE, TRAINER_STATE
+from pipeline.storage.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, DIVERGED_FILE, REPORTS_KEY, TRAINER_STATE
 from pipeline.storage.paths import sibling_directories
-from pipeline.tasks.formatting import Example, pad_rows, pad_token_id, token_row
+from pipeline.tasks.batching import SEQ_IDX, Layout, batches_per_rank, collate_layout, epoch_batches
+from pipeline.tasks.formatting import Example, pad_token_id, token_row
 from pipeline.tasks.metrics import evaluate
 from pipeline.tasks.sources import TaskData, load_task
 from pipeline.trial.models import cpu_threads, load_base_model
@@ -73,35 +73,41 @@ ENGINE_TAG = "state"
 
 
 class Batches:
-    """This rank's micro-batches of one epoch: a seeded shuffle of all examples, dealt round-robin to the ranks.
+    """This rank's micro-batches of one epoch, in a layout of :mod:`pipeline.tasks.batching` (``padded`` until
+    :meth:`use` says otherwise): the epoch's batches, from a seeded shuffle, dealt round-robin to the ranks.
 
-    Every rank gets the same number of micro-batches (the remainder is dropped, as the official runs drop the last
-    partial batch), so collective steps stay in lockstep. ``positions`` and ``tokens`` count what the batches handed
-    out so far held: every position, and the positions that hold an example's token (the rest is padding).
+    Every rank gets the same number of micro-batches, whatever the layout, so collective steps stay in lockstep.
+    ``positions`` and ``tokens`` count what the batches handed out so far held: every position, and the positions
+    that hold an example's token (the rest is padding).
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int, world: int, pad_id: int):
         # Converted once: converting each batch's token lists again costs the host time in every step, and small
         # models' steps are bound by the host.
         self.rows = [token_row(example) for example in examples]
+        self.lengths = [len(tokens) for tokens, _ in self.rows]
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world, self.pad_id = rank, world, pad_id
-        self.per_epoch = len(examples) // (batch_size * world)
+        self.per_epoch = batches_per_rank(len(examples), batch_size, world)
         if self.per_epoch == 0:
             raise ValueError(
                 f"training.batch_size: {batch_size} x {world} workers exceeds the {len(examples)} examples"
             )
+        self.layout: Layout = "padded"
         self.positions, self.tokens = 0, 0
+
+    def use(self, layout: Layout) -> None:
+        self.layout = layout
 
     def epoch(self, epoch: int, device: torch.device, start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """The epoch's micro-batches on ``device``, each copied there while the step before it still runs."""
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        plan = epoch_batches(self.lengths, self.layout, self.batch_size, self.world, self.seed, epoch)
         pending = None
         for index in range(start, self.per_epoch):
-            first = (index * self.world + self.rank) * self.batch_size
-            batch = pad_rows([self.rows[i] for i in order[first : first + self.batch_size]], self.pad_id)
-            counts = (batch["attention_mask"].numel(), int(batch["attention_mask"].sum()))  # on the host: no sync
+            rows = [self.rows[i] for i in plan[index * self.world + self.rank]]
+            batch = collate_layout(rows, self.layout, self.pad_id)
+            tokens = sum(len(tokens) for tokens, _ in rows)
+            counts = (batch["input_ids"].numel(), tokens)  # on the host: no sync
             if device.type == "cuda":  # pinned memory: the copy is asynchronous and overlaps the GPU's work
                 batch = {key: tensor.pin_memory() for key, tensor in batch.items()}
             upcoming = (index, {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}, counts)
@@ -123,6 +129,31 @@ class Batches:
         """The share of pad positions in the batches handed out since the counts were ``positions``, ``tokens``."""
         handed = self.positions - positions
         return (handed - (self.tokens - tokens)) / handed if handed else 0.0
+
+
+def batch_layout(spec: JobSpec, model: torch.nn.Module, lengths: list[int]) -> Layout:
+    """The trial's batch layout: ``training.batching``, where ``auto`` keeps padded batches when every example has
+    one length (there is no padding to save), packs examples wherever the model keeps the examples of a row apart
+    exactly (Mamba-2 on sdt's fused path) and groups them by length elsewhere (Mamba-1's selective scan and
+    transformers' own Mamba-2 path cannot keep packed examples apart; nor can attention layers here yet)."""
+    asked = spec.training.batching
+    if asked != "auto":
+        return asked
+    if len(set(lengths)) == 1:
+        return "padded"
+    return "packed" if sdt.fused.keeps_packed_examples_apart(model) else "grouped"
+
+
+def warn_too_long(task: TaskData, max_length: int) -> None:
+    """One console line when the task's examples did not all fit ``data.max_length``: how many were truncated."""
+    too_long = {split: count for split, count in task.too_long().items() if count}
+    if too_long:
+        counts = ", ".join(f"{count} {split}" for split, count in too_long.items())
+        print(
+            f"{WORKER_WARNING}{counts} examples are longer than data.max_length {max_length} tokens: their prompts are"
+            " cut from the left (data.too_long: refuse would stop the trial instead)",
+            flush=True,
+        )
 
 
 def zero_stage(spec: JobSpec, world: int) -> int:
@@ -310,7 +341,8 @@ class PhaseClock:
 def train_micro_batch(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """Forward and backward of one micro-batch (already on the device); returns (loss on the device, whether this
     backward ends an optimizer step)."""
-    outputs = engine(input_ids=batch["input_ids"], labels=batch["labels"])
+    packed = {SEQ_IDX: batch[SEQ_IDX]} if SEQ_IDX in batch else {}
+    outputs = engine(input_ids=batch["input_ids"], labels=batch["labels"], **packed)
     engine.backward(outputs.loss)
     return outputs.loss, engine.is_gradient_accumulation_boundary()
 
@@ -321,6 +353,7 @@ def run_warmup(
     """SDT warmup: the dense deltas and LoRA train for ``warmup_steps`` optimizer steps; returns its metrics and
     the dense updates (CPU copies), and drops the engine."""
     engine = make_engine(tuner, spec, spec.training.warmup_lr or spec.training.lr, total_steps)
+    batches.use(batch_layout(spec, tuner.model, batches.lengths))
     losses = LossLog(device, log_every_steps=spec.training.log_every_steps)
     steps, epoch, counted = 0, 0, (batches.positions, batches.tokens)
     while steps < tuner.config.warmup_steps:
@@ -413,6 +446,8 @@ def trial_inputs(
     torch.manual_seed(spec.training.seed)
     model, tokenizer = load_base_model(spec.model, device, log=print)
     task = load_task(spec.data, tokenizer)
+    if rank == 0:
+        warn_too_long(task, spec.data.max_length)
     training = spec.training
     batches = Batches(task.train, training.batch_size, training.seed, rank, world, pad_token_id(tokenizer))
     total_steps = training.epochs * (batches.per_epoch // training.gradient_accumulation)
@@ -550,6 +585,10 @@ class Training:
     def __init__(self, run: TrialRun, tuner: sdt.Tuner, engine, state: dict, guarded: bool) -> None:
         self.trial, self.tuner, self.engine, self.state = run, tuner, engine, state
         self.step, self.guarded = state["step"], guarded
+        self.reports = state.get(REPORTS_KEY, 0)
+        # after the engine, which settles the kernel path
+        run.batches.use(batch_layout(run.spec, tuner.model, run.batches.lengths))
+        run.progress.batching = run.batches.layout
         self.counted = (run.batches.positions, run.batches.tokens)  # the batches' counts at the last report
         self.losses = LossLog(run.device, run.spec.training.log_every_steps)
         self.trained_before = 0.0  # training seconds up to the last report
@@ -600,12 +639,16 @@ class Training:
         # Tokens of the examples, not pad positions; the steps' time spent on padding, by its share of positions.
         tokens, padding = run.batches.tokens - self.counted[1], run.batches.padding_since(*self.counted)
         clock.seconds["train_padding"] += train_seconds * padding
+        self.reports += 1
         metrics = {
             "step": self.step,
             "epoch": epoch,
+            REPORTS_KEY: self.reports,
             "train/loss": mean_loss,
             "train/step_loss": points,  # a series: MLflow logs each point at its own step
             "train/padding": padding,
+            "train/truncated_examples": run.task.too_long()["train"],
+            "batching": run.batches.layout,
             "tokens_per_s": tokens * run.world / train_seconds if train_seconds > 0 else 0.0,
             "trainable_parameters": self.tuner.num_trainable_parameters(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -618,6 +661,7 @@ class Training:
         metrics.update({**clock.metrics(), "time/report_at": time.time()})
         with tempfile.TemporaryDirectory() as tmp:
             position = {"step": self.step, "epoch": epoch, "next_batch": next_batch, "warmup": self.state["warmup"]}
+            position[REPORTS_KEY] = self.reports
             position["metrics"] = metrics  # what to report again if the trial is restarted once finished
             save_checkpoint(Path(tmp), self.engine, self.tuner, position, run.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

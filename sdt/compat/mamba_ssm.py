@@ -7,7 +7,8 @@ and layouts that the fused path exists to avoid (:mod:`sdt.fused`). :class:`Cuda
 :class:`sdt.fused.kernels.MambaKernels`; ``tests/test_fused_cuda.py`` checks it against the pure-PyTorch reference.
 
 Mamba-2: mamba-ssm's public ``mamba_split_conv1d_scan_combined`` (the function transformers' ``Mamba2Mixer`` calls in
-training), without its out_proj, which the fused path applies itself (:class:`CudaMamba2Kernels`).
+training), without its out_proj, which the fused path applies itself (:class:`CudaMamba2Kernels`); its ``seq_idx``
+(int32, one example number per position) keeps packed examples apart in causal-conv1d's conv and the chunked scan.
 """
 
 from __future__ import annotations
@@ -77,13 +78,12 @@ class CudaMamba2Kernels:
     # fmt: off
     def split_conv1d_scan(
         self, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, dt_limit, norm_weight, norm_eps, headdim,
-        ngroups, final_state, initial_states=None,
+        ngroups, final_state, seq_idx=None, initial_states=None,
     ):
         result = self._combined(
-            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, initial_states=initial_states, dt_limit=dt_limit,
-            activation="silu",
-            rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, headdim=headdim, ngroups=ngroups, norm_before_gate=False,
-            return_final_states=final_state,
+            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, initial_states=initial_states, seq_idx=seq_idx,
+            dt_limit=dt_limit, activation="silu", rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, headdim=headdim,
+            ngroups=ngroups, norm_before_gate=False, return_final_states=final_state,
         )
         # fmt: on
         return result if final_state else (result, None)

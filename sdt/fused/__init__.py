@@ -22,6 +22,7 @@ from ..compat.mamba_ssm import CudaKernels, CudaMamba2Kernels, load_cuda_kernels
 from .inner import MambaInnerFn
 from .install import install_fused_path, mamba1_mixers, mamba2_mixers, uninstall_fused_path
 from .kernels import Mamba2Kernels, MambaKernels
+from .mamba2 import keeps_packed_examples_apart
 
 __all__ = [
     "CudaKernels",
@@ -30,6 +31,7 @@ __all__ = [
     "MambaInnerFn",
     "MambaKernels",
     "install_fused_path",
+    "keeps_packed_examples_apart",
     "load_cuda_kernels",
     "mamba1_mixers",
     "mamba2_mixers",

@@ -142,6 +142,8 @@ def install_fused_path(
     for _, m in mixers:
         m.__dict__[route.attribute] = kernels
         m.__dict__["forward"] = types.MethodType(route.forward, m)
+    if route is MAMBA2:  # packed rows: the model's seq_idx reaches the mixers whatever transformers passes on
+        mamba2.hand_seq_idx_to_mixers(model, [m for _, m in mixers])
     _set_sparse_refresh(mixers, in_training=False)
     kind = next(cls.__name__ for cls in type(mixers[0][1]).__mro__ if cls.__name__ in route.classes)
     plans = " | ".join(sorted({_plan(route, m) for _, m in mixers}))
@@ -168,6 +170,8 @@ def uninstall_fused_path(model: nn.Module) -> None:
     for _, m in mixers:
         restore_forward(m)  # its class's, or sdt.state's for a mixer with a state adapter
         m.__dict__.pop(route.attribute, None)
+    if route is MAMBA2:
+        mamba2.stop_handing_seq_idx(model, [m for _, m in mixers])
     _set_sparse_refresh(mixers, in_training=True)
 
 

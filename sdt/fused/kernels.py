@@ -67,9 +67,13 @@ class MambaKernels(Protocol):
 
 class Mamba2Kernels(Protocol):
     """A Mamba-2 mixer from in_proj's output to out_proj's input, as mamba-ssm's ``mamba_split_conv1d_scan_combined``
-    computes it without its out_proj: the causal conv (SiLU) over [x | B | C], the chunked SSD scan with
-    softplus(dt + dt_bias) clamped to ``dt_limit`` and the D skip, then the gated RMSNorm ``norm(y · SiLU(z))`` over
-    groups of ``dim / ngroups`` channels (transformers' ``norm_before_gate=False``). Differentiable in every input."""
+        computes it without its out_proj: the causal conv (SiLU) over [x | B | C], the chunked SSD scan with
+        softplus(dt + dt_bias) clamped to ``dt_limit`` and the D skip, then the gated RMSNorm ``norm(y · SiLU(z))`` over
+        groups of ``dim / ngroups`` channels (transformers' ``norm_before_gate=False``). Differentiable in every input.
+
+    ``seq_idx`` (b, l) int32, where given, numbers the examples packed into each row (0, 0, 0, 1, 1, 2, ...): the conv
+    reads no position of another example and the scan starts each example from a zero state, so every example's output
+    is what it would be alone in a row of its own."""
 
     #: the device type these kernels run on; None: any (a reference implementation)
     device_type: str | None
@@ -79,7 +83,8 @@ class Mamba2Kernels(Protocol):
     def split_conv1d_scan(
         self, zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
         A: torch.Tensor, D: torch.Tensor, chunk_size: int, dt_limit: tuple[float, float], norm_weight: torch.Tensor,
-        norm_eps: float, headdim: int, ngroups: int, final_state: bool, initial_states: torch.Tensor | None = None,
+        norm_eps: float, headdim: int, ngroups: int, final_state: bool, seq_idx: torch.Tensor | None = None,
+        initial_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # fmt: on
         """zxbcdt (b, l, 2·dim + 2·ngroups·N + H); conv_weight (dim + 2·ngroups·N, width); A, dt_bias, D (H,) with A

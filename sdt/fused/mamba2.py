@@ -13,10 +13,22 @@ a cache that holds nothing yet for this layer (``Mamba2ForCausalLM`` builds one 
 ``use_cache``; transformers then runs its unfused chunked scan), whose conv input and final state it records as
 transformers does. Evaluation (except of a mixer with a state adapter), generation steps that continue from a state and
 any call this forward does not recognise run the class's own forward, unchanged (:func:`sdt.state.forward` for a
-mixer with a state adapter). A state adapter (:mod:`sdt.state`) enters as the kernel's ``initial_states`` (an initial
-state) or, for an offset, beside the kernel: called without its norm, the kernel returns the gated scan output, the
-offset's gated term is added to it and the mixer's gated RMSNorm applied after. The padding mask is applied where
-transformers' kernel path applies it: to the mixer's input.
+mixer with a state adapter). The padding mask is applied where transformers' kernel path applies it: to the mixer's
+input.
+
+A state adapter (:mod:`sdt.state`) enters as the kernel's ``initial_states`` (an initial state) or, for an offset,
+beside the kernel: called without its norm, the kernel returns the gated scan output, the offset's gated term is added
+to it and the mixer's gated RMSNorm applied after.
+
+Packed rows: the model's forward takes a ``seq_idx`` keyword ((batch, length) int32, numbering the examples of each
+row), which a pre-hook on the model takes out of the call (transformers' forward would drop it, as 5.17's
+``Mamba2ForCausalLM`` does, or refuse it on its PyTorch path, as 5.25's does) and hands to the fused mixers, which
+pass it to the kernels (:class:`.kernels.Mamba2Kernels`). The mixers keep it until the model's next forward, so a
+backward that recomputes a checkpointed forward sees it too. A mixer with a ``seq_idx`` that cannot take the fused
+path, or a model whose mixers left it, is an error, never a silent mix of examples;
+:func:`keeps_packed_examples_apart` says whether a model's training forward can take packed rows. A state adapter
+refuses packed rows: the kernel would start every example but the first from zero, not h⁰, and an offset's C,
+recomputed beside the kernel, would see the example before.
 """
 
 from __future__ import annotations
@@ -35,6 +47,9 @@ from .prefix import NO_STEP
 from .projections import project_tokens_first, projection
 
 KERNELS_ATTRIBUTE = "_sdt_fused_mamba2_kernels"
+SEQ_IDX = "seq_idx"
+PACKED_ATTRIBUTE = "_sdt_seq_idx"  # on a fused mixer: the seq_idx of its model's latest forward, or None
+HANDOFF_ATTRIBUTE = "_sdt_seq_idx_handoff"  # on the model: its SeqIdxHandoff, whose pre-hook hands seq_idx on
 
 
 def fused_forward(
@@ -43,6 +58,7 @@ def fused_forward(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
     cache: Any | None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What transformers' ``Mamba2Mixer`` computes in training from no state, adapters in activation space."""
     batch, length, hidden = hidden_states.shape
@@ -51,6 +67,8 @@ def fused_forward(
     zxbcdt = project_tokens_first(hidden_states.reshape(batch * length, hidden), projection(mixer.in_proj))
     zxbcdt = zxbcdt.view(batch, length, -1)
     state = state_adapter(mixer)
+    if state is not None and seq_idx is not None:
+        raise ValueError(f"{SEQ_IDX}: packed rows with a state {state.kind}: each example would not start from it")
     offset = state is not None and state.kind == "offset"
     initial = None
     if state is not None and state.kind == "initial":  # the kernel's own initial state, one copy per sequence
@@ -74,6 +92,7 @@ def fused_forward(
         mixer.head_dim,
         mixer.n_groups,
         final_state=cache is not None,
+        seq_idx=seq_idx,
         initial_states=initial,
     )
     if offset:
@@ -101,7 +120,68 @@ def _offset_term(mixer: nn.Module, zxbcdt: torch.Tensor, offset: torch.Tensor) -
 def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Bound to a mixer instance by :func:`sdt.fused.install_fused_path` (see :func:`.mixer.forward` for why)."""
     kernels = self.__dict__[KERNELS_ATTRIBUTE]
+    seq_idx = kwargs.pop(SEQ_IDX, None)
+    if seq_idx is None:
+        seq_idx = self.__dict__.get(PACKED_ATTRIBUTE)
     if takes_fused_path(self, kernels, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), mixer_cache(kwargs))
+        cache = mixer_cache(kwargs)
+        return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), cache, seq_idx)
+    if seq_idx is not None:
+        raise ValueError(
+            f"{SEQ_IDX}: packed rows need the fused path's training forward (training mode, on {kernels.device_type}, "
+            "no autocast, no state to continue from); transformers' forward would mix the examples of a row"
+        )
     return unfused_forward(self, *args, **kwargs)
+
+
+class SeqIdxHandoff:
+    """The model's forward pre-hook that takes ``seq_idx`` out of each call and hands it to the fused mixers (a bound
+    method, as :meth:`sdt.parametrize.SparseGroups.refresh` is, so that a deep copy of the model hooks its own)."""
+
+    def __init__(self) -> None:
+        self.mixers: list[nn.Module] = []
+
+    def take(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        seq_idx = kwargs.pop(SEQ_IDX, None)
+        if seq_idx is not None and not self.mixers:
+            raise ValueError(
+                f"{SEQ_IDX}: the Mamba-2 mixers are off the fused path, the one that keeps packed rows apart"
+            )
+        for mixer in self.mixers:
+            mixer.__dict__[PACKED_ATTRIBUTE] = seq_idx
+        return args, kwargs
+
+
+def hand_seq_idx_to_mixers(model: nn.Module, mixers: list[nn.Module]) -> None:
+    """From now on, the ``seq_idx`` of a call of ``model`` goes to ``mixers`` (the hook is added once)."""
+    handoff = model.__dict__.get(HANDOFF_ATTRIBUTE)
+    if handoff is None:
+        handoff = model.__dict__[HANDOFF_ATTRIBUTE] = SeqIdxHandoff()
+        model.register_forward_pre_hook(handoff.take, with_kwargs=True)
+    handoff.mixers = mixers
+
+
+def stop_handing_seq_idx(model: nn.Module, mixers: list[nn.Module]) -> None:
+    """A ``seq_idx`` given to ``model`` from now on is an error: its mixers left the fused path."""
+    handoff = model.__dict__.get(HANDOFF_ATTRIBUTE)
+    if handoff is not None:
+        handoff.mixers = []
+    for mixer in mixers:
+        mixer.__dict__.pop(PACKED_ATTRIBUTE, None)
+
+
+def keeps_packed_examples_apart(model: nn.Module) -> bool:
+    """Whether ``model``'s training forward, given ``seq_idx``, computes each packed example as if it were alone: a
+    Mamba-2 model (every layer a Mamba-2 mixer, nothing else mixing positions) whose mixers are on the fused path and
+    carry no state adapter."""
+    config = getattr(model, "config", None)
+    fused = [m for m in model.modules() if KERNELS_ATTRIBUTE in m.__dict__]
+    handoff = model.__dict__.get(HANDOFF_ATTRIBUTE)
+    return (
+        handoff is not None
+        and bool(handoff.mixers)
+        and getattr(config, "model_type", None) == "mamba2"
+        and len(fused) == config.num_hidden_layers
+        and not any(state_adapter(m) for m in fused)
+    )
