@@ -15,10 +15,12 @@ from helpers import VOCAB
 from test_fused_mamba import loss_and_grads
 from test_fused_mamba2 import CUDA_CONFIG as CUDA_MAMBA2
 from test_fused_mamba2 import CUDA_FP32_TOLERANCE
+from test_packing import random_examples
 from transformers import Mamba2ForCausalLM
 
 import sdt
-from sdt.fused import install_fused_path, uninstall_fused_path
+from pipeline.tasks.batching import packed_row
+from sdt.fused import install_fused_path, keeps_packed_examples_apart, uninstall_fused_path
 from sdt.state import state_adapter, state_shape
 
 ARCHS = ("mamba", "jamba", "mamba2")
@@ -317,3 +319,15 @@ def test_a_mixer_whose_forward_the_state_path_does_not_reproduce_is_refused():
     mixer = FalconH1ForCausalLM(config).model.layers[0].mamba
     with pytest.raises(sdt.SDTConfigError, match=r"^method: the state methods do not take FalconH1Mixer yet"):
         state_shape(mixer)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_rows_are_refused_with_a_state_and_auto_batching_does_not_pack(method):
+    """A packed row's examples after the first would not start from h⁰ (the kernel starts them from zero), and an
+    offset's C, recomputed beside the kernel, would see the example before: refused, not trained on."""
+    tuner = trained_tuner("mamba2", method)
+    install_fused_path(tuner.model, kernels=ReferenceMamba2Kernels())
+    assert not keeps_packed_examples_apart(tuner.model)
+    tuner.model.train()
+    with pytest.raises(ValueError, match=rf"^seq_idx: packed rows with a state {sdt.METHODS[method].state}"):
+        tuner.model(**packed_row(random_examples([5, 6], VOCAB, seed=2)))
