@@ -6,9 +6,13 @@ and on sdt's fused path.
     python bench/step_speed.py --arch mamba2 --modes sdlora:fused lora-out:fused full peft  # 130m-like Mamba-2
     python bench/step_speed.py --arch jamba --modes lora-out sdlora sdlora:fused
     python bench/step_speed.py --checkpointing --modes lora-out:fused sdlora:fused  # with gradient checkpointing
+    python bench/step_speed.py --hidden 2048 --layers 48 --modes lora-out lora-out:fused state-offset:fused \
+        initial-state:fused                                           # the state methods, mamba-1.4b shape
 
-A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt, peft; PATH ``hf`` (default: transformers'
-own mixer forward on the mamba-ssm kernels) or ``fused`` (``sdt.fused.install_fused_path``). ``peft`` is HF PEFT's
+A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt, state-offset, initial-state, peft; PATH
+``hf`` (default: transformers' own mixer forward on the mamba-ssm kernels) or ``fused``
+(``sdt.fused.install_fused_path``). The state methods run on the fused path only: off it, their mixers run
+``sdt.state``'s step-by-step scan, which is no kernel path to time. ``peft`` is HF PEFT's
 LoRA (r 8, alpha 16, as sdt's presets) on every mixer projection PEFT accepts for the architecture (in_proj,
 out_proj; x_proj and dt_proj on Mamba-1), on transformers' path; the targets it took are printed.
 Every mode trains the same randomly initialised model shape: forward + loss + backward + fused AdamW step, timed
@@ -34,6 +38,8 @@ from pipeline.trial.models import kernel_paths
 from sdt.fused import uninstall_fused_path
 
 PATHS = ("hf", "fused")
+METHODS = ("full", "lora-out", "sdlora", "sdt", "state-offset", "initial-state")
+STATE_METHODS = ("state-offset", "initial-state")
 # per architecture: the shape's defaults (overridable), how to build it, and the SDT counts that fit it
 ARCHS = {
     # mamba-130m: hidden 768, 24 layers, state 16, expand 2
@@ -59,16 +65,20 @@ def method_config(method: str, arch: str) -> sdt.SDTConfig:
         "lora-out": lambda: sdt.SDTConfig.preset("lora", lora_targets=("out_proj",)),
         "sdlora": lambda: sdt.SDTConfig.preset("sdlora", **sdt_counts),
         "sdt": lambda: sdt.SDTConfig.preset("sdt", **sdt_counts),
+        "state-offset": lambda: sdt.SDTConfig.preset("state-offset"),
+        "initial-state": lambda: sdt.SDTConfig.preset("initial-state"),
     }[method]()
 
 
 def parse_mode(mode: str, arch: str) -> tuple[str, str]:
     method, _, path = mode.partition(":")
     path = path or "hf"
-    if method not in ("full", "lora-out", "sdlora", "sdt", "peft") or path not in PATHS:
-        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD full|lora-out|sdlora|sdt|peft, PATH hf|fused")
+    if method not in (*METHODS, "peft") or path not in PATHS:
+        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD {'|'.join(METHODS)}|peft, PATH hf|fused")
     if method == "peft" and path != "hf":
         raise SystemExit(f"mode {mode!r}: PEFT runs on transformers' path only")
+    if method in STATE_METHODS and path != "fused":
+        raise SystemExit(f"mode {mode!r}: a state method times on the fused path only ({method}:fused)")
     return method, path
 
 

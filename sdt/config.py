@@ -98,6 +98,16 @@ class SDTConfig:
     def uses_lora(self) -> bool:
         return bool(self.lora_targets)
 
+    @property
+    def state(self) -> str | None:
+        """The state tensor the method trains in every mixer (``offset``, ``initial``: :mod:`sdt.state`), or None."""
+        return self.method_info.state
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the adapter can be baked into the model's weights: not a state tensor (docs/method.md §9)."""
+        return self.state is None
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SDTConfig:
         """The registered method ``name`` (``sdlora``, the paper's default, ``sdt``, ``lora``, ``full``, ...) with
@@ -131,6 +141,8 @@ class SDTConfig:
         """One line: what the adapter trains (LoRA where and how big; SDT on which tensors, how many entries).
         ``kept_per_layer``: the selection's count per axis, when every layer keeps the same."""
         parts = [f"{self.method} ({self.method_info.summary})"]
+        if self.state:
+            parts.append(f"a trained state {self.state} per mixer")
         if self.uses_lora:
             variant = (
                 "" if self.lora_variant == "lora" else f" ({self.lora_variant}: {VARIANTS[self.lora_variant].summary})"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import parametrize as P
+from . import state as S
 from .config import SDTConfig
 from .fused import install_fused_path, uninstall_fused_path
 from .saving import save_into
@@ -125,6 +126,9 @@ class Tuner:
             P.attach_sparse_groups(self.model, groups)  # first: sparse views read the stacked base tensors
         # A different seed from warmup's: the official code re-initialises LoRA for the real run.
         self._attach_lora(seed=self.config.seed + 1)
+        if self.config.state:
+            for _, mixer in self.mixers:
+                S.attach(mixer, self.config.state)
 
     def _attach_lora(self, seed: int) -> None:
         cfg = self.config
@@ -232,6 +236,7 @@ class Tuner:
         """Bake the adapters into plain weights and return the (now adapter-free) model."""
         if self.phase != "train":
             raise RuntimeError("merge: only a training-phase adapter can be merged, not a warmup one")
+        S.refuse_merge(self.config.method, self.config.state)
         uninstall_fused_path(self.model)  # a merged model is a plain transformers model
         self.model.__dict__.pop("save_pretrained", None)
         P.detach_all(self.model, merge=True)

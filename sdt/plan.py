@@ -9,12 +9,14 @@ the range.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import SDTConfig
+from .state import state_shape
 from .targets import Family, check_counts, family_of, mixers
 from .variants import get_variant
 
@@ -76,11 +78,15 @@ def _layer_plan(family: Family, prefix: str, mixer: nn.Module, config: SDTConfig
         counts = family.counts(prefix, mixer, config)
         parts += family.describe(mixer, counts, config.sdt_targets)
         sdt_parameters = family.sdt_parameters(mixer, counts, config.sdt_targets)
-    lora = 0
+    lora = 0  # and the state tensor: what every mixer of the kind trains besides SDT's deltas
     if config.uses_lora:
         variant = "" if config.lora_variant == "lora" else f" ({config.lora_variant})"
         parts.append(f"LoRA{variant} r{config.lora_rank} on {', '.join(config.lora_targets)}")
         lora = sum(_lora_parameters(getattr(mixer, target).weight.shape, config) for target in config.lora_targets)
+    if config.state:
+        shape = state_shape(mixer)
+        parts.append(f"state {config.state} {' × '.join(map(str, shape))}")
+        lora += math.prod(shape)
     name = next(cls.__name__ for cls in type(mixer).__mro__ if cls.__name__ == family.mixer_class)
     return LayerPlan(name, tuple(parts), (sdt_parameters[0] + lora, sdt_parameters[1] + lora))
 

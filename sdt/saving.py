@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import parametrize as P
+from .state import refuse_merge
 
 if TYPE_CHECKING:
     from .model import Tuner
@@ -173,6 +174,7 @@ def merged_state_dict(tuner: Tuner) -> dict[str, torch.Tensor]:
     adapter tensors), computed without changing the model."""
     if tuner.phase != "train" or tuner.merged:
         raise RuntimeError(f"merged_state_dict: needs a training-phase adapter; the tuner is in {tuner.state_name}")
+    refuse_merge(tuner.config.method, tuner.config.state)
     model = tuner.model
     adapter_prefixes = _adapter_prefixes(model)
     state = {key: value for key, value in model.state_dict().items() if not key.startswith(adapter_prefixes)}

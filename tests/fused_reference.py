@@ -100,9 +100,10 @@ class ReferenceKernels:
 
 class ReferenceMamba2Kernels:
     """``sdt.fused.Mamba2Kernels`` in plain autograd ops, fp32 inside: the conv, a per-step SSD recurrence (heads
-    share their group's B and C), the D skip and the gated RMSNorm ``norm(y · SiLU(z))``; with ``seq_idx``, the conv
-    and the recurrence of each example see none of the example before it in its row. ``calls`` counts forwards, so
-    that a test can tell which path ran."""
+    share their group's B and C) from zero or the initial states given, the D skip and the gated RMSNorm
+    ``norm(y · SiLU(z))`` (without a norm weight: ``y · SiLU(z)``); with ``seq_idx``, the conv and the recurrence of
+    each example see none of the example before it in its row. ``calls`` counts forwards, so that a test can tell
+    which path ran."""
 
     device_type = None
     name = "pure-PyTorch reference Mamba-2 kernels (tests)"
@@ -126,6 +127,7 @@ class ReferenceMamba2Kernels:
         ngroups,
         final_state,
         seq_idx=None,
+        initial_states=None,
     ):
         self.calls += 1
         batch, length, _ = zxbcdt.shape
@@ -141,6 +143,8 @@ class ReferenceMamba2Kernels:
         B, C = (t.reshape(batch, length, ngroups, states).repeat_interleave(heads // ngroups, dim=2) for t in (B, C))
         dt = F.softplus(dt + dt_bias.float()).clamp(*dt_limit)
         state = x.new_zeros(batch, heads, headdim, states)
+        if initial_states is not None:
+            state = state + initial_states.float()
         ys = []
         for t in range(length):
             decay = torch.exp(dt[:, t] * A)[..., None, None]
@@ -149,6 +153,8 @@ class ReferenceMamba2Kernels:
             state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
             ys.append((state * C[:, t, :, None, :]).sum(-1))
         y = (torch.stack(ys, dim=1) + x * D.float()[:, None]).reshape(batch, length, dim) * F.silu(z)
+        if norm_weight is None:
+            return y.to(zxbcdt.dtype), (state if final_state else None)
         grouped = y.reshape(batch, length, ngroups, dim // ngroups)
         y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm_eps)).reshape(batch, length, dim)
         return (norm_weight.float() * y).to(zxbcdt.dtype), (state if final_state else None)

@@ -14,6 +14,7 @@ import torch
 from helpers import VOCAB, kernel_jamba_config, kernel_mamba2_config
 from transformers import JambaForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+import sdt
 from pipeline.compat.transformers import kernel_implementation
 from pipeline.tasks.decoding import batches, generate
 
@@ -52,6 +53,59 @@ def assert_batched_equals_alone(model, lengths: list[int], vocab: int, num_beams
 @pytest.mark.parametrize("arch", ["mamba", "mamba2", "jamba"])
 def test_batched_generation_is_exact_in_fp32(load_base, arch, num_beams):
     assert_batched_equals_alone(load_base(arch).eval(), LENGTHS, VOCAB, num_beams, batch_size=4)
+
+
+def state_tuned(model, method: str):
+    """``model`` with the state method's tensors set away from their zero start (zero would leave the base)."""
+    tuner = sdt.apply(model, sdt.SDTConfig.preset(method))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tuner.trainable_parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=generator))
+    return tuner.model.eval()
+
+
+@pytest.mark.parametrize("method", ["state-offset", "initial-state"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "jamba"])
+def test_batched_generation_with_a_state_method_is_exact_in_fp32(load_base, arch, method):
+    """Every left-padded prompt starts from the initial state at its own first token, and the offset joins every
+    decoding step: batched greedy decoding and beam search give each prompt the tokens it gets alone."""
+    model = state_tuned(load_base(arch), method)
+    assert_batched_equals_alone(model, LENGTHS, VOCAB, num_beams=1, batch_size=4)
+    assert_batched_equals_alone(model, LENGTHS[:4], VOCAB, num_beams=3, batch_size=2)
+
+
+@pytest.mark.parametrize("method", ["state-offset", "initial-state"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "jamba"])
+def test_left_padding_leaves_a_prompts_logits_as_alone(load_base, arch, method):
+    """Tokens are a coarse check (a random tiny model rarely flips a choice): the logits of a left-padded prompt are
+    those it gets alone, where a state decayed over the pads would move them by its decay."""
+    model = state_tuned(load_base(arch), method)
+    short, long = prompts([4, 9], VOCAB, seed=5)
+    ids = torch.tensor([[PAD] * 5 + short, long])
+    mask = torch.tensor([[0] * 5 + [1] * 4, [1] * 9])
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits[0, 5:]
+        alone_logits = model(input_ids=torch.tensor([short])).logits[0]
+    torch.testing.assert_close(padded, alone_logits, rtol=1e-5, atol=1e-5)  # fp32 rounding, as above
+
+
+@pytest.mark.parametrize("method", ["state-offset", "initial-state"])
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "jamba"])
+def test_each_decoding_step_gives_the_logits_of_the_whole_sequence(load_base, arch, method):
+    """A step from the cached state (conv inputs and SSM state kept by the prompt's forward) computes what a forward
+    of the whole sequence from no state computes at that position."""
+    model = state_tuned(load_base(arch), method)
+    prompt = torch.tensor(prompts([5], VOCAB, seed=3))
+    out = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, eos_token_id=EOS, pad_token_id=PAD,
+    )  # fmt: skip
+    with torch.no_grad():
+        whole = model(input_ids=out.sequences).logits
+    for step, logits in enumerate(out.logits):
+        # fp32, one function summed in two orders (a step against the whole scan): rounding, ~1e-6
+        torch.testing.assert_close(logits, whole[:, prompt.shape[1] - 1 + step], rtol=1e-5, atol=1e-5)
 
 
 def test_batches_go_longest_first_and_keep_lengths_apart_when_padding_is_not_exact():

@@ -207,6 +207,11 @@ MALFORMED = [
     (minimal(method={"states_frozen": "most"}), "method.states_frozen"),
     (minimal(method={"inputs_frozen": True}), "method.inputs_frozen"),
     (minimal(method={"warmup_steps": 0}), "method.warmup_steps"),
+    (minimal(method={"name": "state-offset"}, export={"merge": True}), "export.merge"),
+    (
+        searching({"method": {"grid": [{"name": "initial-state"}]}}) | {"export": {"merge": True}},
+        "search.space.method",
+    ),
     (minimal(data={"task": "glue"}), "data.dataset"),
     (minimal(data={"task": "files", "kind": "classification"}), "data.data_files"),
     (minimal(data={"task": "files", "data_files": {"train": "t.csv"}}), "data.kind"),

@@ -1,13 +1,13 @@
 """DeepSpeed's ZeRO stages with sdt's weight-space adapters (CPU, gloo): every stage trains the same adapter values.
 
 Two real DeepSpeed ranks (torch.multiprocessing, gloo) train each of lora, sdlora (training phase, a fixed
-selection) and full fine-tuning on tiny Mamba, Mamba-2 and Jamba models for a few steps through
-``pipeline.trial.worker.make_engine``, under ZeRO-0, ZeRO-2 and ZeRO-3 with every parameter partitioned
-(``stage3_param_persistence_threshold: 0``: tiny models would otherwise keep every parameter whole and test
-nothing). One rank runs ZeRO-0 against a plain torch loop (AdamW, ``clip_grad_norm_``, the linear schedule): the
-engine's lightened stage 0 (``pipeline.trial.worker.lighten_stage0``) must be the same optimizer. Gradient clipping
-is set low enough to act at every step. The adapters (gathered) must agree to fp32 rounding. The trial-level run (Ray
-Train, checkpoints, resume, export) is in tests/test_trial.py.
+selection), full fine-tuning and the state methods (sdt.state: a state tensor no kernel reads as a weight) on tiny
+Mamba, Mamba-2 and Jamba models for a few steps through ``pipeline.trial.worker.make_engine``, under ZeRO-0, ZeRO-2
+and ZeRO-3 with every parameter partitioned (``stage3_param_persistence_threshold: 0``: tiny models would otherwise
+keep every parameter whole and test nothing). One rank runs ZeRO-0 against a plain torch loop (AdamW,
+``clip_grad_norm_``, the linear schedule): the engine's lightened stage 0 (``pipeline.trial.worker.lighten_stage0``)
+must be the same optimizer. Gradient clipping is set low enough to act at every step. The adapters (gathered) must
+agree to fp32 rounding. The trial-level run (Ray Train, checkpoints, resume, export) is in tests/test_trial.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from processes import free_port
 from safetensors.torch import load_file, save_file
 
 ARCHS = ("mamba", "mamba2", "jamba")
-METHODS = ("lora", "sdlora", "full")
+METHODS = ("lora", "sdlora", "full", "state-offset", "initial-state")
 STEPS = 3
 GRAD_CLIP = 0.05  # below every tiny model's gradient norm, so clipping changes every step
 
@@ -56,6 +56,8 @@ def train_all(rank: int, world: int, port: int, model_dirs: dict[str, str], out:
                     "lora": sdt.SDTConfig.preset("lora", lora_targets=("in_proj", "out_proj")),
                     "sdlora": sdt.SDTConfig.preset("sdlora", channels_frozen=2, states_frozen=0.5, inputs_frozen=0.5),
                     "full": sdt.SDTConfig.preset("full"),
+                    "state-offset": sdt.SDTConfig.preset("state-offset"),
+                    "initial-state": sdt.SDTConfig.preset("initial-state", lora_targets=("out_proj",)),
                 }[method]
                 # a fixed selection from fixed pseudo-updates: the training phase of sdlora
                 updates = (

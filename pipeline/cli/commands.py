@@ -398,9 +398,13 @@ def export(
     spec = spec_of_run(run_dir)
     trials = trials_of_run(spec)
     try:  # refused before anything is written
-        best_trial(spec, trials)
+        winner = best_trial(spec, trials).spec
     except NoUsableTrialError as nothing:
         raise fail(f"{spec.sweep_dir}: nothing to export: {nothing}") from None
+    config = winner.method.to_sdt_config(seed=winner.training.seed)
+    if merge and not config.mergeable:
+        raise fail(f"--merge: the best trial's method {config.method!r} trains a state {config.state}, which cannot be "
+                   "merged into weights; export it without --merge")  # fmt: skip
     refuse_export_target(spec, out)
     gpu = torch.cuda.is_available()
     with owning(spec.sweep_dir):

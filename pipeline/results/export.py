@@ -103,7 +103,15 @@ def export_trials(
     run_id = tracker.find_trial_run(trial.trial_id)
     record = trial_record(spec, trial, run_id, tracker.find_sweep())
     tuner, tokenizer = load_winner(trial)
-    register, unregistered = spec.export.register_model, []
+    register, unregistered = spec.export.register_model and tuner.config.mergeable, []
+    if spec.export.register_model and not register:  # the registry holds merged models
+        logger.warning(
+            "%s is written, but not registered in MLflow: method %r trains a state %s, which cannot be merged into "
+            "weights",
+            out,
+            tuner.config.method,
+            tuner.config.state,
+        )
 
     def write(staging: Path) -> None:
         adapter_config = write_adapter(staging, tuner, winner)

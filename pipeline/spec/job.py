@@ -488,6 +488,17 @@ class JobSpec(_Spec):
         return output_dir
 
     @model_validator(mode="after")
+    def _merge_needs_a_mergeable_method(self) -> JobSpec:
+        config = self.method.to_sdt_config(seed=self.training.seed)
+        if self.export.merge and not config.mergeable:
+            reason = (
+                f"method {config.method!r} trains a state {config.state}, which cannot be merged into weights; "
+                "set export.merge: false"
+            )
+            raise _field_error(("export", "merge"), reason, True)
+        return self
+
+    @model_validator(mode="after")
     def _space_values_fit(self, info: ValidationInfo) -> JobSpec:
         # Every value must be valid with the rest of the spec as written, so no trial fails on it. Combinations
         # of searched values are not tried. A trial's own spec (with_overrides) skips this: its sweep's spec passed.

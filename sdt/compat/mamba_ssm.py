@@ -78,12 +78,12 @@ class CudaMamba2Kernels:
     # fmt: off
     def split_conv1d_scan(
         self, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, dt_limit, norm_weight, norm_eps, headdim,
-        ngroups, final_state, seq_idx=None,
+        ngroups, final_state, seq_idx=None, initial_states=None,
     ):
         result = self._combined(
-            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, seq_idx=seq_idx, dt_limit=dt_limit,
-            activation="silu", rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, headdim=headdim, ngroups=ngroups,
-            norm_before_gate=False, return_final_states=final_state,
+            zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, initial_states=initial_states, seq_idx=seq_idx,
+            dt_limit=dt_limit, activation="silu", rmsnorm_weight=norm_weight, rmsnorm_eps=norm_eps, headdim=headdim,
+            ngroups=ngroups, norm_before_gate=False, return_final_states=final_state,
         )
         # fmt: on
         return result if final_state else (result, None)

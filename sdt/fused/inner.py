@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .kernels import MambaKernels
+from .prefix import InitialStatePrefix
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -63,14 +65,16 @@ def _ssm_inputs(
 class MambaInnerFn(torch.autograd.Function):
     """``forward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight, out_bias,
     lora_A, lora_B, lora_scaling, dt_norm_weight, b_norm_weight, c_norm_weight, norm_eps, token_mask, record_state,
-    kernels)``.
+    kernels, state_kind, state_value)``.
 
     xz (b, 2E, l) in (2E, b, l) memory; conv_weight (E, 1, K); x_proj_weight (R + 2N, E); dt_proj_weight (E, R);
     dt_bias, D (E,) and A (E, N) fp32; out_weight (D, E) (the frozen base when lora_A / lora_B are given, fp32
     factors (r, E) / (D, r)); the three norm weights (R,), (N,), (N,) or None; token_mask (b, 1, l) in the compute
     dtype zeroes padding after the conv, as transformers' reference path does; ``record_state(x, last_state)``, if
-    given, receives the conv input (b, E, l) and the scan's final state (b, E, N), for a cache to keep. Returns
-    (b, l, D).
+    given, receives the conv input (b, E, l) and the scan's final state (b, E, N), for a cache to keep;
+    ``state_value`` (E, N) fp32, a state offset or initial state (``state_kind``, :mod:`sdt.state`) or None: an
+    offset's term ``h' C_t`` is added beside the scan, gated by SiLU(z) as the scan's output is; an initial state is
+    written into the scan by a prefix of N tokens (:mod:`.prefix`), since the kernel takes none. Returns (b, l, D).
     """
 
     @staticmethod
@@ -96,6 +100,8 @@ class MambaInnerFn(torch.autograd.Function):
         token_mask: torch.Tensor | None,
         record_state: Callable[[torch.Tensor, torch.Tensor], None] | None,
         kernels: MambaKernels,
+        state_kind: str | None = None,
+        state_value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, _, length = xz.shape
         inner, state = A.shape
@@ -108,12 +114,12 @@ class MambaInnerFn(torch.autograd.Function):
         x_dbl = torch.mm(x_proj_weight, as_matrix(conv_out))  # (R + 2N, b·l)
         dt_low, b, c = _ssm_inputs(x_dbl, rank, state, norms, norm_eps)
         delta = as_batched(torch.mm(dt_proj_weight, dt_low), batch)
-        out, saved, out_z = kernels.scan_fwd(
-            conv_out, delta, A, as_batched(b, batch).unsqueeze(1), as_batched(c, batch).unsqueeze(1), D, z, dt_bias
-        )
+        prefix = None if state_kind != "initial" else InitialStatePrefix(state_value, A, dt_bias, conv_out.dtype)
+        out, saved, o = _scan_forward(kernels, prefix, conv_out, delta, A, b, c, D, z, dt_bias, token_mask)
+        if state_kind == "offset":  # Σ_n h'[e, n] C_t[n], gated as the scan's output is
+            o += (torch.mm(state_value, c.float()) * F.silu(as_matrix(z).float())).to(o.dtype)
         if record_state is not None:
-            record_state(x.detach(), kernels.last_state(saved))
-        o = as_matrix(out_z)  # (E, b·l)
+            record_state(x.detach(), kernels.last_state(saved))  # with a prefix, from h⁰
         y = torch.mm(o.t(), out_weight.t())  # (b·l, D)
         lora_a = lora_b = low = None
         if lora_A is not None:
@@ -125,10 +131,10 @@ class MambaInnerFn(torch.autograd.Function):
         # fmt: off
         ctx.save_for_backward(
             xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
-            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
+            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask, state_value,
         )
         # fmt: on
-        ctx.lora_scaling, ctx.norm_eps, ctx.kernels = lora_scaling, norm_eps, kernels
+        ctx.lora_scaling, ctx.norm_eps, ctx.kernels, ctx.state_kind = lora_scaling, norm_eps, kernels, state_kind
         ctx.has_out_bias = out_bias is not None
         return y.view(batch, length, -1)
 
@@ -138,7 +144,7 @@ class MambaInnerFn(torch.autograd.Function):
         # fmt: off
         (
             xz, conv_weight, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_weight,
-            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask,
+            lora_a, lora_b, low, out, saved, dt_norm_weight, b_norm_weight, c_norm_weight, token_mask, state_value,
         ) = ctx.saved_tensors
         # fmt: on
         need = ctx.needs_input_grad
@@ -171,22 +177,15 @@ class MambaInnerFn(torch.autograd.Function):
 
         dxz = torch.empty_like(xz)  # the kernels write d(x) and d(z) into its two halves
         dx, dz = dxz[:, :inner], dxz[:, inner:]
-        du, ddelta, dA, db, dc, dD, ddt_bias, out_z = kernels.scan_bwd(
-            conv_out,
-            as_batched(delta, batch),
-            A,
-            as_batched(b.detach(), batch).unsqueeze(1),
-            as_batched(c.detach(), batch).unsqueeze(1),
-            D,
-            z,
-            dt_bias,
-            as_batched(dout_z, batch),
-            saved,
-            out,
-            dz,
+        prefix = None if ctx.state_kind != "initial" else InitialStatePrefix(state_value, A, dt_bias, conv_out.dtype)
+        # fmt: off
+        du, ddelta, dA, db, dc, dD, ddt_bias, o, d_state = _scan_backward(
+            kernels, prefix, conv_out, as_batched(delta, batch), A, b.detach(), c.detach(), D, z, dt_bias,
+            as_batched(dout_z, batch), saved, out, dz, token_mask,
         )
-
-        o = as_matrix(out_z)
+        # fmt: on
+        if ctx.state_kind == "offset":
+            d_state = _offset_backward(state_value, c.detach(), as_matrix(z), dout_z, o, as_matrix(dz), dc)
         d_out_weight = torch.mm(dy_t, o.t()) if need[8] else None  # (D, E): full fine-tuning or an unknown adapter
         d_out_bias = dy.sum(0) if ctx.has_out_bias and need[9] else None
         d_lora_A = d_lora_B = None
@@ -197,10 +196,8 @@ class MambaInnerFn(torch.autograd.Function):
                 d_lora_B = torch.mm(dy_t, low.t()).float().mul_(scaling)  # (D, r)
 
         # dt_proj and x_proj, backwards to the conv output
-        ddelta = as_matrix(ddelta)
         d_dt_low = torch.mm(dt_proj_weight.t(), ddelta)  # (R, b·l)
         d_dt_weight = torch.mm(ddelta, dt_low.detach().t()) if need[4] else None
-        db, dc = as_matrix(db.squeeze(1)), as_matrix(dc.squeeze(1))
         d_norms: tuple[torch.Tensor | None, ...] = (None, None, None)
         if norms is None:
             dx_dbl = torch.cat([d_dt_low, db, dc])
@@ -237,4 +234,57 @@ class MambaInnerFn(torch.autograd.Function):
             None,  # token_mask
             None,  # record_state
             None,  # kernels
+            None,  # state_kind
+            d_state if need[21] else None,
         )
+
+
+def _scan_forward(kernels, prefix, u, delta, A, b, c, D, z, dt_bias, token_mask):
+    """The selective scan, with an initial state's prefix (:mod:`.prefix`) where there is one: (out, saved, o), o
+    the gated output as an (E, b·l) matrix. u, delta, z (b, E, l); b, c (N, b·l)."""
+    batch = u.shape[0]
+    B, C = as_batched(b, batch), as_batched(c, batch)
+    if prefix is None:
+        out, saved, out_z = kernels.scan_fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias)
+        return out, saved, as_matrix(out_z)
+    u, delta, B, C, z = prefix.scan_inputs(u, delta, B, C, z, token_mask)
+    out, saved, out_z = kernels.scan_fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias)
+    return out, saved, prefix.cut(out_z)
+
+
+def _scan_backward(kernels, prefix, u, delta, A, b, c, D, z, dt_bias, dout, saved, out, dz, token_mask):
+    """The scan's backward, as :func:`_scan_forward` ran it: (du (b, E, l) laid out as u, ddelta (E, b·l), dA,
+    db (N, b·l), dc (N, b·l), dD, ddt_bias, o (E, b·l) recomputed, d h⁰ or None). Writes d(z) into ``dz``."""
+    batch = u.shape[0]
+    B, C = as_batched(b, batch), as_batched(c, batch)
+    if prefix is None:
+        du, ddelta, dA, db, dc, dD, ddt_bias, out_z = kernels.scan_bwd(
+            u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias, dout, saved, out, dz
+        )
+        matrices = (as_matrix(ddelta), dA, as_matrix(db.squeeze(1)), as_matrix(dc.squeeze(1)))
+        return du, *matrices, dD, ddt_bias, as_matrix(out_z), None
+    body, n = u, prefix.length
+    u, delta, B, C, z = prefix.scan_inputs(u, delta, B, C, z, token_mask)
+    dz_all = torch.empty_like(z)
+    du, ddelta, dA, db, dc, dD, ddt_bias, out_z = kernels.scan_bwd(
+        u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias, prefix.extend(dout, 0.0), saved, out, dz_all
+    )
+    dz.copy_(dz_all[..., n:])
+    d_initial, dA_inputs = prefix.gradients(du[..., :n])
+    ddt_bias = ddt_bias - ddelta[..., :n].float().sum((0, 2))  # the prefix's steps are constants
+    du_body = torch.empty_like(body).copy_(du[..., n:])
+    matrices = (prefix.cut(ddelta), dA + dA_inputs, prefix.cut(db[:, 0]), prefix.cut(dc[:, 0]))
+    return du_body, *matrices, dD, ddt_bias, prefix.cut(out_z), d_initial
+
+
+def _offset_backward(offset, c, z, dout_z, o, dz, dc) -> torch.Tensor:
+    """Backward of ``o += (h' C) · SiLU(z)`` (all (E, b·l) matrices, c (N, b·l)): adds the term to the recomputed
+    ``o`` (what out_proj read), its parts of d(z) and d(c) to ``dz`` and ``dc``; returns d h'."""
+    term, z32 = torch.mm(offset, c.float()), z.float()
+    sigmoid = torch.sigmoid(z32)
+    gate = z32 * sigmoid
+    o += (term * gate).to(o.dtype)
+    dz += (dout_z.float() * term * sigmoid * (1 + z32 * (1 - sigmoid))).to(dz.dtype)
+    d_term = dout_z.float() * gate
+    dc += torch.mm(offset.t(), d_term).to(dc.dtype)
+    return torch.mm(d_term, c.float().t())

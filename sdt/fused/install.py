@@ -15,6 +15,7 @@ from ..compat.deepspeed import partitioned_by_zero3
 from ..compat.mamba_ssm import CudaKernels, CudaMamba2Kernels, load_cuda_kernels
 from ..compat.transformers import has_accelerate_hooks, is_quantized
 from ..parametrize import SparseDeltaView
+from ..state import restore_forward, state_adapter
 from . import mamba2, mixer
 from .kernels import Mamba2Kernels, MambaKernels
 from .projections import describe, describe_small, kind_of
@@ -104,6 +105,8 @@ def _plan(route: Route, mixer: nn.Module) -> str:
     for module, tensor in route.small_tensors:
         owner = getattr(mixer, module) if module else mixer
         parts.append(f"{module or tensor}={describe_small(owner, tensor)}")
+    if (state := state_adapter(mixer)) is not None:
+        parts.append(f"state {state.kind} (sdt.state)")
     return ", ".join(parts)
 
 
@@ -134,7 +137,8 @@ def install_fused_path(
     if reason:
         uninstall_fused_path(model)
         reasons = sorted({why for _, m in mixers if (why := _unsupported(m))}) if kernels is not None else [reason]
-        return _report(f"fused path: off ({'; '.join(reasons)}), mixers run transformers' path", log, warn=on_cuda)
+        path = "sdt.state's PyTorch forward" if state_adapter(mixers[0][1]) else "transformers' path"
+        return _report(f"fused path: off ({'; '.join(reasons)}), mixers run {path}", log, warn=on_cuda)
     for _, m in mixers:
         m.__dict__[route.attribute] = kernels
         m.__dict__["forward"] = types.MethodType(route.forward, m)
@@ -164,7 +168,7 @@ def uninstall_fused_path(model: nn.Module) -> None:
     """Give every Mamba mixer its class's forward back (before merging or detaching, or to compare paths)."""
     route, mixers = _route(model)
     for _, m in mixers:
-        m.__dict__.pop("forward", None)
+        restore_forward(m)  # its class's, or sdt.state's for a mixer with a state adapter
         m.__dict__.pop(route.attribute, None)
     if route is MAMBA2:
         mamba2.stop_handing_seq_idx(model, [m for _, m in mixers])

@@ -84,9 +84,12 @@ class Mamba2Kernels(Protocol):
         self, zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
         A: torch.Tensor, D: torch.Tensor, chunk_size: int, dt_limit: tuple[float, float], norm_weight: torch.Tensor,
         norm_eps: float, headdim: int, ngroups: int, final_state: bool, seq_idx: torch.Tensor | None = None,
+        initial_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # fmt: on
         """zxbcdt (b, l, 2·dim + 2·ngroups·N + H); conv_weight (dim + 2·ngroups·N, width); A, dt_bias, D (H,) with A
         fp32; norm_weight (dim,). Returns (y, state): y (b, l, dim) in zxbcdt's dtype; the scan's final state
-        (b, H, headdim, N) where ``final_state`` asks for it, else None (asked for, it costs a little)."""
+        (b, H, headdim, N) where ``final_state`` asks for it, else None (asked for, it costs a little).
+        ``initial_states`` (b, H, headdim, N) fp32: the state the scan starts from (None: zero), differentiable;
+        ``norm_weight`` None: no norm, y is the gated ``(scan + D x) · SiLU(z)``."""
         ...

@@ -11,9 +11,14 @@ their parametrizations as transformers reads them.
 As on the Mamba-1 path (:mod:`.mixer`), only a training forward that starts from no state is taken over: no cache, or
 a cache that holds nothing yet for this layer (``Mamba2ForCausalLM`` builds one in training, since its config says
 ``use_cache``; transformers then runs its unfused chunked scan), whose conv input and final state it records as
-transformers does. Evaluation, generation steps that continue from a state and any call this forward does not
-recognise run the class's own forward, unchanged. The padding mask is applied where transformers' kernel path
-applies it: to the mixer's input.
+transformers does. Evaluation (except of a mixer with a state adapter), generation steps that continue from a state and
+any call this forward does not recognise run the class's own forward, unchanged (:func:`sdt.state.forward` for a
+mixer with a state adapter). The padding mask is applied where transformers' kernel path applies it: to the mixer's
+input.
+
+A state adapter (:mod:`sdt.state`) enters as the kernel's ``initial_states`` (an initial state) or, for an offset,
+beside the kernel: called without its norm, the kernel returns the gated scan output, the offset's gated term is added
+to it and the mixer's gated RMSNorm applied after.
 
 Packed rows: the model's forward takes a ``seq_idx`` keyword ((batch, length) int32, numbering the examples of each
 row), which a pre-hook on the model takes out of the call (transformers' forward would drop it, as 5.17's
@@ -21,7 +26,9 @@ row), which a pre-hook on the model takes out of the call (transformers' forward
 pass it to the kernels (:class:`.kernels.Mamba2Kernels`). The mixers keep it until the model's next forward, so a
 backward that recomputes a checkpointed forward sees it too. A mixer with a ``seq_idx`` that cannot take the fused
 path, or a model whose mixers left it, is an error, never a silent mix of examples;
-:func:`keeps_packed_examples_apart` says whether a model's training forward can take packed rows.
+:func:`keeps_packed_examples_apart` says whether a model's training forward can take packed rows. A state adapter
+refuses packed rows: the kernel would start every example but the first from zero, not h⁰, and an offset's C,
+recomputed beside the kernel, would see the example before.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..compat.transformers import mixer_cache
+from ..state import mamba2_offset_term, state_adapter, unfused_forward
 from .kernels import Mamba2Kernels
 from .mixer import record_in_cache, takes_fused_path
+from .prefix import NO_STEP
 from .projections import project_tokens_first, projection
 
 KERNELS_ATTRIBUTE = "_sdt_fused_mamba2_kernels"
@@ -56,6 +66,18 @@ def fused_forward(
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
     zxbcdt = project_tokens_first(hidden_states.reshape(batch * length, hidden), projection(mixer.in_proj))
     zxbcdt = zxbcdt.view(batch, length, -1)
+    state = state_adapter(mixer)
+    if state is not None and seq_idx is not None:
+        raise ValueError(f"{SEQ_IDX}: packed rows with a state {state.kind}: each example would not start from it")
+    offset = state is not None and state.kind == "offset"
+    initial = None
+    if state is not None and state.kind == "initial":  # the kernel's own initial state, one copy per sequence
+        value = state()
+        initial = value[None].expand(batch, *value.shape).contiguous()
+        if attention_mask is not None:  # a pad takes no step (Δ = softplus(NO_STEP) = 0): h⁰ reaches the first token
+            heads = mixer.num_heads
+            dt = zxbcdt[..., -heads:].masked_fill(attention_mask[..., None] == 0, NO_STEP)
+            zxbcdt = torch.cat([zxbcdt[..., :-heads], dt], dim=-1)
     y, final_state = kernels.split_conv1d_scan(
         zxbcdt,
         mixer.conv1d.weight.squeeze(1),
@@ -65,18 +87,34 @@ def fused_forward(
         mixer.D,
         mixer.chunk_size,
         tuple(mixer.time_step_limit),
-        mixer.norm.weight,
+        None if offset else mixer.norm.weight,
         mixer.norm.variance_epsilon,
         mixer.head_dim,
         mixer.n_groups,
         final_state=cache is not None,
         seq_idx=seq_idx,
+        initial_states=initial,
     )
+    if offset:
+        y = mixer.norm(y.float() + _offset_term(mixer, zxbcdt, state())).to(zxbcdt.dtype)
     if cache is not None:
         conv_input = zxbcdt[..., mixer.intermediate_size : mixer.intermediate_size + mixer.conv_dim]
         record_in_cache(cache, mixer, conv_input.detach().transpose(1, 2), final_state)
     out = project_tokens_first(y.reshape(batch * length, -1), projection(mixer.out_proj))
     return out.view(batch, length, -1)
+
+
+def _offset_term(mixer: nn.Module, zxbcdt: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``SiLU(z_t) · Σ_n h'[h, p, n] C_t[g(h), n]`` (b, l, dim) fp32, with C_t recomputed beside the kernel: the causal
+    conv over C's channels alone, a sliver of the conv's."""
+    batch, length, _ = zxbcdt.shape
+    dim, width, c_size = mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size, mixer.conv1d.weight.shape[-1]
+    c_rows = slice(mixer.conv_dim - width, mixer.conv_dim)  # C is the last block of the conv's channels
+    c_in = zxbcdt[..., dim + c_rows.start : dim + c_rows.stop].transpose(1, 2)
+    bias = None if mixer.conv1d.bias is None else mixer.conv1d.bias[c_rows]
+    C = F.silu(F.conv1d(c_in, mixer.conv1d.weight[c_rows], bias, padding=c_size - 1, groups=width)[..., :length])
+    term = mamba2_offset_term(offset, C.transpose(1, 2).reshape(batch, length, mixer.n_groups, -1))
+    return term.reshape(batch, length, dim) * F.silu(zxbcdt[..., :dim].float())
 
 
 def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -94,7 +132,7 @@ def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
             f"{SEQ_IDX}: packed rows need the fused path's training forward (training mode, on {kernels.device_type}, "
             "no autocast, no state to continue from); transformers' forward would mix the examples of a row"
         )
-    return type(self).forward(self, *args, **kwargs)
+    return unfused_forward(self, *args, **kwargs)
 
 
 class SeqIdxHandoff:
@@ -135,7 +173,8 @@ def stop_handing_seq_idx(model: nn.Module, mixers: list[nn.Module]) -> None:
 
 def keeps_packed_examples_apart(model: nn.Module) -> bool:
     """Whether ``model``'s training forward, given ``seq_idx``, computes each packed example as if it were alone: a
-    Mamba-2 model (every layer a Mamba-2 mixer, nothing else mixing positions) whose mixers are on the fused path."""
+    Mamba-2 model (every layer a Mamba-2 mixer, nothing else mixing positions) whose mixers are on the fused path and
+    carry no state adapter."""
     config = getattr(model, "config", None)
     fused = [m for m in model.modules() if KERNELS_ATTRIBUTE in m.__dict__]
     handoff = model.__dict__.get(HANDOFF_ATTRIBUTE)
@@ -144,4 +183,5 @@ def keeps_packed_examples_apart(model: nn.Module) -> bool:
         and bool(handoff.mixers)
         and getattr(config, "model_type", None) == "mamba2"
         and len(fused) == config.num_hidden_layers
+        and not any(state_adapter(m) for m in fused)
     )

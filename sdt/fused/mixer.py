@@ -2,8 +2,9 @@
 
 Only a training forward that starts from no state is taken over: no cache, or a cache that holds nothing yet for
 this layer (Jamba builds one in every forward, training included, since its config says ``use_cache``); the
-forward then records the conv and SSM states in it as transformers does. Evaluation, generation steps that
-continue from a state and any call this forward does not recognise go to the class's own forward, unchanged.
+forward then records the conv and SSM states in it as transformers does. Evaluation (except of a mixer with a
+state adapter, :mod:`sdt.state`), generation steps that continue from a state and any call this forward does not
+recognise go to the class's own forward, unchanged (a mixer with a state adapter: :func:`sdt.state.forward`).
 The adapters are read at every call (see :mod:`.projections`), so the path stays right when the tuner swaps
 them (warmup -> training, merge).
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..compat.transformers import MIXER_ARGUMENTS, mixer_cache
+from ..state import state_adapter, unfused_forward
 from .inner import MambaInnerFn, as_batched
 from .kernels import MambaKernels
 from .projections import project_channels_first, projection
@@ -48,6 +50,7 @@ def fused_forward(
     else:
         norm_weights, norm_eps = (None, None, None), (0.0, 0.0, 0.0)
     record_state = None if cache is None else functools.partial(record_in_cache, cache, mixer)
+    state = state_adapter(mixer)
     return MambaInnerFn.apply(
         as_batched(xz, batch),
         mixer.conv1d.weight,
@@ -67,6 +70,8 @@ def fused_forward(
         token_mask,
         record_state,
         kernels,
+        None if state is None else state.kind,
+        None if state is None else state(),
     )
 
 
@@ -77,7 +82,11 @@ def record_in_cache(cache: Any, mixer: nn.Module, x: torch.Tensor, last_state: t
 
 
 def takes_fused_path(mixer: nn.Module, kernels: MambaKernels, args: tuple, kwargs: dict[str, Any]) -> bool:
-    if not mixer.training or len(args) > 1 or not MIXER_ARGUMENTS.issuperset(kwargs):
+    """A forward from no state; in evaluation without a cache too where the mixer carries a state adapter (its
+    only other forward is :func:`sdt.state.forward`'s step-by-step scan, which a prompt for generation takes: it
+    keeps left padding exact)."""
+    evaluating_state = not mixer.training and state_adapter(mixer) is not None and mixer_cache(kwargs) is None
+    if not (mixer.training or evaluating_state) or len(args) > 1 or not MIXER_ARGUMENTS.issuperset(kwargs):
         return False
     cache = mixer_cache(kwargs)
     if cache is not None and (not hasattr(cache, "has_previous_state") or cache.has_previous_state(mixer.layer_idx)):
@@ -98,4 +107,4 @@ def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     if takes_fused_path(self, kernels, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         return fused_forward(self, kernels, hidden_states, kwargs.get("attention_mask"), mixer_cache(kwargs))
-    return type(self).forward(self, *args, **kwargs)
+    return unfused_forward(self, *args, **kwargs)

@@ -12,6 +12,6 @@ from .base import METHODS, Method, get_method, register_method
 
 # isort: split
 # Registration happens on import: in the order help texts list the methods.
-from . import sdlora, sdt, lora, full  # noqa: F401,I001
+from . import sdlora, sdt, lora, full, state_offset, initial_state  # noqa: F401,I001
 
 __all__ = ["METHODS", "Method", "get_method", "register_method"]

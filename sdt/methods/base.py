@@ -18,6 +18,7 @@ class Method:
     ``lora`` / ``sdt``: whether the method's config must name LoRA targets (SDT targets), may, or must not.
     ``defaults``: the :class:`sdt.SDTConfig` fields the method's preset sets (others keep the dataclass default).
     ``baseline``: the method this one claims to beat, by name: a sweep that trains both says whether it does.
+    ``state``: the state tensor it trains in every mixer (:mod:`sdt.state`: ``offset`` or ``initial``), or None.
     """
 
     name: str
@@ -28,6 +29,7 @@ class Method:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     title: str = ""  # how people write the name in a sentence ("SDLoRA"); empty: the name itself
     baseline: str | None = None
+    state: str | None = None
 
     def __post_init__(self) -> None:
         if not self.title:
