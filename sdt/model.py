@@ -17,7 +17,7 @@ from . import parametrize as P
 from .config import SDTConfig
 from .fused import install_fused_path, uninstall_fused_path
 from .saving import save_into
-from .targets import Selection, check_counts, check_lora_targets, family_of, mixers
+from .targets import Selection, check_counts, check_lora_targets, family_of, layer_lora_plan, mixers
 from .variants import get_variant
 
 Phase = Literal["warmup", "train"]
@@ -131,10 +131,18 @@ class Tuner:
         check_lora_targets(self.family, cfg)
         variant = get_variant(cfg.lora_variant)
         generator = torch.Generator().manual_seed(seed)
-        for _, mixer in self.mixers:
-            for target in cfg.lora_targets:
-                module = getattr(mixer, target)
-                P.attach(module, "weight", variant.build(module.weight, cfg.lora_rank, cfg.lora_alpha, generator))
+        places = [(mixer, cfg.lora_targets) for _, mixer in self.mixers]
+        places += [(layer, kind.attributes) for kind in layer_lora_plan(self.model, cfg) for _, layer in kind.layers]
+        # A weight shared by several modules (Zamba2's shared transformer block, tied at every depth it serves) gets
+        # one adapter, attached at each: every depth sees the same update, and merging bakes it in once.
+        built: dict[int, nn.Module] = {}
+        for owner, targets in places:
+            for target in targets:
+                module = getattr(owner, target)
+                weight = P.original(module, "weight")
+                if id(weight) not in built:
+                    built[id(weight)] = variant.build(weight, cfg.lora_rank, cfg.lora_alpha, generator)
+                P.attach(module, "weight", built[id(weight)])
 
     def engine_wrapped(self) -> str:
         """Call after wrapping the model in a training engine that adds hooks or partitions parameters

@@ -253,13 +253,26 @@ def detach_all(model: nn.Module, *, merge: bool) -> None:
         if merge and hasattr(model, SPARSE_GROUPS):
             # From the deltas as they are now: an optimizer may have written them behind autograd's back (.data).
             getattr(model, SPARSE_GROUPS).refresh(model, ())
+        # A tensor shared by several modules (tied weights) is merged in place once; the other modules then get it
+        # back as it is, already merged, rather than having their adapters added a second time.
+        merged: set[int] = set()
         for module in list(model.modules()):
             if parametrize.is_parametrized(module):
                 for name in list(module.parametrizations.keys()):
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=merge)
+                    tensor = id(original(module, name))
+                    bake = merge and tensor not in merged
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
+                    merged.add(tensor)
     if hasattr(model, SPARSE_GROUPS):
         _remove_hooks(model, getattr(model, SPARSE_GROUPS))
         delattr(model, SPARSE_GROUPS)
+
+
+def original(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as stored, under whatever adapters route its reads."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
 
 
 def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
