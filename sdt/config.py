@@ -228,7 +228,8 @@ def _check_method(method: Method, config: SDTConfig) -> None:
         raise SDTConfigError(set_layer_lora[0], f"method {name!r} trains no LoRA")
     for field, need, used in (
         ("sdt_targets", method.sdt, config.uses_sdt),
-        ("lora_targets", method.lora, config.uses_lora),
+        # set: a method that needs LoRA is told where, as a field left unset may touch nothing in a model
+        ("lora_targets", method.lora, bool(config.lora_targets or set_layer_lora)),
     ):
         kind = "SDT" if field == "sdt_targets" else "LoRA"
         allowed = SDT_TARGETS if field == "sdt_targets" else LORA_TARGETS

@@ -93,14 +93,14 @@ def _coverage(config: SDTConfig, n_mixers: int, layer_lora: list[LayerLora]) -> 
     """Per layer type, how many of its layers train and how: "mamba 36/36 (SDT+LoRA)", "attention 1/1 (LoRA,
     shared by 2 depths)", "experts 0/40"."""
     how = "+".join(name for name, used in (("SDT", config.uses_sdt), ("LoRA", bool(config.lora_targets))) if used)
-    parts = [f"mamba {n_mixers if how else 0}/{n_mixers}" + (f" ({how})" if how else "")]
+    parts = [f"mamba {n_mixers if how else 0}/{n_mixers}" + (f" ({how})" if how and n_mixers else "")]
     for kind in layer_lora:
         distinct = _distinct(kind)
         n = len(distinct)
-        notes = ["LoRA"] if kind.attributes else []
+        touched = n if kind.attributes else 0
+        notes = ["LoRA"] if touched else []
         if n and (shared := max(depths for _, depths in distinct)) > 1:
             notes.append(f"shared by {shared} depths")
-        touched = n if kind.attributes else 0
         parts.append(f"{kind.kind.name} {touched}/{n}" + (f" ({', '.join(notes)})" if notes else ""))
     return tuple(parts)
 

@@ -92,7 +92,7 @@ HYBRID_CONFIGS = {
     "falcon_h1": FalconH1Config(
         **MAMBA2_SHAPE, num_hidden_layers=2, num_key_value_heads=1, head_dim=8, mamba_n_heads=8, mamba_d_head=4,
         mamba_n_groups=2, mamba_d_state=8, mamba_d_ssm=32, mamba_expand=3, mamba_chunk_size=8,
-        ssm_multipliers=[0.5, 2.0, 1.5, 0.7, 1.2], ssm_in_multiplier=0.8, ssm_out_multiplier=1.1,
+        ssm_multipliers=[0.5, 2.0, 1.5, 0.75, 1.25], ssm_in_multiplier=0.8, ssm_out_multiplier=1.125,
     ),
     "zamba2": Zamba2Config(
         **MAMBA2_SHAPE, num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
