@@ -6,6 +6,7 @@ default config of each family (real dimensions) through ``sdt.plan`` and ``sdt.a
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -248,3 +249,21 @@ def test_default_config_of_each_family_on_the_meta_device(arch):
     selection = tuner.select(updates)  # a meta tensor has no values: every entry ranks alike
     tuner.start_training(selection)
     assert low <= tuner.num_trainable_parameters() <= high
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_a_trainer_runs_the_phases_and_its_saved_model_reloads(arch, load_hybrid, tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install 'sdtune[hf]')")
+    from test_trainer_integration import Tokens, arguments
+    from transformers import Trainer
+
+    from sdt.integrations.trainer import train_sdt
+
+    tuner = sdt.apply(load_hybrid(arch), dataclasses.replace(CONFIG, warmup_steps=1))
+    args = arguments(tmp_path / "run", max_steps=2, save_strategy="no")
+    trainer = Trainer(model=tuner.model, args=args, train_dataset=Tokens(size=8))
+    output = train_sdt(trainer, tuner)  # the coverage guard runs at the first step of each phase
+    assert tuner.phase == "train" and output.global_step == 2
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = sdt.load(load_hybrid(arch), tmp_path / "final")
+    assert torch.equal(logits(reloaded.model), logits(tuner.model))
