@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import HYBRID_CONFIGS
+from conftest import HYBRID_CONFIGS, hybrid_config
 from helpers import assert_mamba2_invariants, changed_entries, logits, warmup_select_train
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -144,9 +144,7 @@ def test_a_layer_setting_on_a_pure_ssm_or_a_hybrid_without_that_layer_names_its_
     with pytest.raises(sdt.SDTConfigError, match="has no such layers") as error:
         sdt.plan(load_base("mamba2"), sdt.SDTConfig(attention_lora_targets=["q"]))
     assert error.value.field == "attention_lora_targets"
-    no_attention = copy.deepcopy(HYBRID_CONFIGS["bamba"])
-    no_attention.attn_layer_indices = []
-    bamba = AutoModelForCausalLM.from_config(no_attention)
+    bamba = AutoModelForCausalLM.from_config(hybrid_config("bamba", attn_layer_indices=[]))
     with pytest.raises(sdt.SDTConfigError, match="has no attention layer") as error:
         sdt.apply(bamba, sdt.SDTConfig(attention_lora_targets=["q"]))
     assert error.value.field == "attention_lora_targets"
