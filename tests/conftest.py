@@ -1,4 +1,5 @@
-"""Tiny Mamba / Mamba-2 / Jamba models, saved once and loaded back through ``from_pretrained`` like a user's."""
+"""Tiny Mamba / Mamba-2 / Jamba models and Mamba-2 hybrids, saved once and loaded back through ``from_pretrained``
+like a user's."""
 
 from __future__ import annotations
 
