@@ -70,7 +70,8 @@ def plan(model: nn.Module, config: SDTConfig) -> Plan:
     found = mixers(model)
     for prefix, mixer in found:
         layer = _layer_plan(family, prefix, mixer, config)
-        kinds[layer] = kinds.get(layer, 0) + 1
+        if layer.parts:  # a hybrid's mixers may train nothing (LoRA on attention and MLP only)
+            kinds[layer] = kinds.get(layer, 0) + 1
     layer_lora = layer_lora_plan(model, config)
     for kind in layer_lora:
         for module, _ in _distinct(kind) if kind.attributes else ():

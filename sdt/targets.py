@@ -415,7 +415,7 @@ class LayerLora:
 
 def layer_lora_plan(model: nn.Module, config: SDTConfig) -> list[LayerLora]:
     """Per kind of layer beside the SSM mixers, what LoRA takes. A field set (not None) that touches no layer of its
-    kind, or names a module the family's layers lack, is an :class:`SDTConfigError` naming it."""
+    kind (no such layer, or only names its layers lack) is an :class:`SDTConfigError` naming it."""
     family = family_of(model)
     kinds = {kind.field: kind for kind in family.layer_types}
     for field in LAYER_LORA_TARGETS:
@@ -437,11 +437,10 @@ def _check_layer_targets(model: nn.Module, kind: LayerType, layers: list, target
     if not layers:
         model_name = type(model).__name__
         raise SDTConfigError(kind.field, f"{list(targets)} touch no layer: this {model_name} has no {kind.name} layer")
+    # a name the family's layers lack (gate on Nemotron-H's MLP) is left out while another one touches the layers
     known = dict(kind.modules)
-    if missing := [t for t in targets if t not in known]:
-        raise SDTConfigError(
-            kind.field, f"{missing} do not exist in {kind.classes[0]}; choose among {', '.join(known)}"
-        )
+    if not any(t in known for t in targets):
+        raise SDTConfigError(kind.field, f"{list(targets)} touch nothing: {kind.classes[0]} has {', '.join(known)}")
 
 
 def check_lora_targets(family: Family, config: SDTConfig) -> None:
