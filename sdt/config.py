@@ -58,9 +58,9 @@ class SDTConfig:
     lora_variant: str = "lora"  # a name from sdt.VARIANTS: how the factors make a weight
     # LoRA on a hybrid model's attention, MLP and MoE-expert layers, by target name (LAYER_LORA_TARGETS); None: the
     # default (attention q, k, v, o; MLP gate, up, down; experts none) where the method trains LoRA.
-    attention_lora_targets: tuple[str, ...] | None = None
-    mlp_lora_targets: tuple[str, ...] | None = None
-    expert_lora_targets: tuple[str, ...] | None = None
+    attention_lora_targets: tuple[str, ...] | None = _field(None, short="attn:")
+    mlp_lora_targets: tuple[str, ...] | None = _field(None, short="mlp:")
+    expert_lora_targets: tuple[str, ...] | None = _field(None, short="experts:")
     # SDT: A_log entries of the selected channels/states, and the B/C weights of the selected channels.
     sdt_targets: tuple[str, ...] = SDT_TARGETS
     # Frozen channels (Mamba-2: heads) and states per layer; None: the family's default rule (see above).
