@@ -153,9 +153,11 @@ class SDTConfig:
             "targets": {
                 "lora": list(self.lora_targets),
                 "sdt": list(self.sdt_targets),
+                # as set; unset, the method's default for a hybrid's other layers (none on a pure SSM)
                 **{
-                    name.removesuffix("_lora_targets"): list(self.layer_lora_targets(name))
+                    name.removesuffix("_lora_targets"): list(value)
                     for name in LAYER_LORA_TARGETS
+                    if (value := getattr(self, name)) is not None
                 },
             },
         }

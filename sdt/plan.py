@@ -86,8 +86,10 @@ def _distinct(kind: LayerLora) -> list[tuple[nn.Module, int]]:
     """The kind's layers with distinct weights, each with how many depths use it: Zamba2's shared transformer block
     is one module per depth, all of them on the same (tied) weights, which train as one."""
     depths = Counter(id(next(m.parameters())) for _, m in kind.layers)
-    first = {id(next(m.parameters())): m for _, m in reversed(kind.layers)}
-    return [(module, depths[key]) for key, module in reversed(first.items())]
+    first: dict[int, nn.Module] = {}
+    for _, module in kind.layers:
+        first.setdefault(id(next(module.parameters())), module)
+    return [(module, depths[key]) for key, module in first.items()]
 
 
 def _coverage(config: SDTConfig, n_mixers: int, layer_lora: list[LayerLora]) -> tuple[str, ...]:
