@@ -98,7 +98,7 @@ def _unsupported(mixer: nn.Module) -> str | None:
         return "DeepSpeed ZeRO-3 partitions its parameters"
     if mixer.activation not in ("silu", "swish"):
         return f"activation {mixer.activation!r} (the kernels apply SiLU)"
-    if getattr(mixer.norm, "norm_before_gate", False):  # Falcon-H1's mamba_norm_before_gate with its norm on
+    if getattr(getattr(mixer, "norm", None), "norm_before_gate", False):  # Falcon-H1's, with its gated norm on
         return "a gated norm that normalises before the gate (the kernel gates first)"
     if mixer.conv1d.weight.shape[-1] not in CONV_WIDTHS:
         return f"conv width {mixer.conv1d.weight.shape[-1]} (causal_conv1d takes 2 to 4)"
