@@ -1,6 +1,7 @@
 """The tiny hybrid jobs (jobs/*-tiny.yaml of the five hybrid families) end to end, as a user runs them: ``sdtune
-sweep`` on a real local Ray cluster, the hybrid preset against LoRA on attention and MLP only; both trials train as
-many parameters as ``sdt.plan`` says, the best is exported and merged, and the merged model, loaded by plain
+sweep`` on a real local Ray cluster, the hybrid preset against LoRA on attention and MLP only; before any trial the
+console and the sweep's MLflow run say what each arm touches per layer type; both trials train as many parameters as
+``sdt.plan`` says, the best is exported and merged, and the merged model, loaded by plain
 transformers, computes what base + adapter computes."""
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def sweep(request, tmp_path_factory, digits_cache):
         timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root / load_job(job).name
+    return root / load_job(job).name, result.stdout
 
 
 def base_of(trial) -> torch.nn.Module:
@@ -47,7 +48,18 @@ def base_of(trial) -> torch.nn.Module:
     return base
 
 
+def test_the_console_and_mlflow_show_what_each_arm_touches_before_training(sweep):
+    sweep, console = sweep
+    [preset, baseline] = [line for line in console.splitlines() if ": layers: mamba " in line]
+    assert preset.startswith("sdlora warmup_steps=3: layers: mamba ") and "(SDT+LoRA)" in preset
+    assert baseline.startswith("lora [] attn:q+k+v+o mlp:gate+up+down: layers: mamba 0/")
+    assert all(line.split("; ")[-1].startswith("trainable: ") for line in (preset, baseline))
+    [plan] = sweep.rglob("plan.txt")  # the parent run's artifact, in the sweep's own MLflow store
+    assert preset.split(": layers: ")[1].split(";")[0] in plan.read_text()
+
+
 def test_both_arms_train_what_the_plan_says(sweep):
+    sweep, _ = sweep
     trials = {t.spec.method.name: t for t in load_trials(load_job(sweep / "job.yaml"))}
     assert set(trials) == {"sdlora", "lora"}
     for trial in trials.values():
@@ -59,6 +71,7 @@ def test_both_arms_train_what_the_plan_says(sweep):
 
 
 def test_the_export_merges_into_a_plain_model_that_computes_base_plus_adapter(sweep):
+    sweep, _ = sweep
     export = sweep / "export"
     winner = json.loads((export / "trial.json").read_text())
     [trial] = [t for t in load_trials(load_job(sweep / "job.yaml")) if t.trial_id == winner["trial_id"]]
