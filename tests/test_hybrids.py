@@ -265,3 +265,36 @@ def test_a_trainer_runs_the_phases_and_its_saved_model_reloads(arch, load_hybrid
     trainer.save_model(str(tmp_path / "final"))
     reloaded = sdt.load(load_hybrid(arch), tmp_path / "final")
     assert torch.equal(logits(reloaded.model), logits(tuner.model))
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_trl_runs_the_phases_under_gradient_checkpointing(arch, load_hybrid, tmp_path):
+    trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'sdtune[hf]')")
+    from test_trl_integration import texts, word_tokenizer
+
+    from sdt.integrations.trainer import train_sdt
+
+    tuner = sdt.apply(load_hybrid(arch), dataclasses.replace(CONFIG, warmup_steps=1))
+    # TRL 1.16's MoE load-balancing loss reads config.num_experts, which Granite-4.0-H's config calls
+    # num_local_experts (an AttributeError in TRL, with or without sdt): the auxiliary loss off for it
+    moe = {"router_aux_loss_coef": 0.0} if arch == "granitemoehybrid" else {}
+    args = trl.SFTConfig(  # fp32 (TRL's default is bf16 autocast); SFTConfig turns gradient checkpointing on
+        output_dir=str(tmp_path / "run"),
+        max_length=16,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        **moe,
+    )
+    trainer = trl.SFTTrainer(
+        model=tuner.model, args=args, train_dataset=texts(size=8), processing_class=word_tokenizer()
+    )
+    assert trainer.args.gradient_checkpointing
+    output = train_sdt(trainer, tuner)  # the coverage guard runs at the first step of each phase
+    assert tuner.phase == "train" and output.global_step == 2
