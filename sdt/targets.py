@@ -11,6 +11,10 @@ only its most-updated inputs.
 
 Each family lists the axes its selection ranks (:class:`Axis`): the config field that sets how many entries of
 each stay frozen, and the default rule for a field left unset, which trains at least one (docs/mamba2.md).
+
+The hybrids (Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2) are Mamba-2 families whose other layers are
+declared as layer types (:class:`LayerType`): attention, MLP and MoE experts, with the linear module each LoRA target
+name means there (docs/hybrids.md).
 """
 
 from __future__ import annotations
