@@ -75,7 +75,7 @@ def plan(model: nn.Module, config: SDTConfig) -> Plan:
     layer_lora = layer_lora_plan(model, config)
     for kind in layer_lora:
         for module, _ in _distinct(kind) if kind.attributes else ():
-            layer = _lora_layer_plan(module, kind.attributes, config)
+            layer = _lora_layer_plan(kind, module, config)
             kinds[layer] = kinds.get(layer, 0) + 1
     trainable = tuple(sum(layer.parameters[end] * count for layer, count in kinds.items()) for end in (0, 1))
     coverage = _coverage(config, len(found), layer_lora) if family.layer_types else ()
@@ -108,10 +108,10 @@ def _coverage(config: SDTConfig, n_mixers: int, layer_lora: list[LayerLora]) -> 
     return tuple(parts)
 
 
-def _lora_layer_plan(module: nn.Module, attributes: tuple[str, ...], config: SDTConfig) -> LayerPlan:
-    lora = sum(_lora_parameters(getattr(module, name).weight.shape, config) for name in attributes)
+def _lora_layer_plan(kind: LayerLora, module: nn.Module, config: SDTConfig) -> LayerPlan:
+    lora = sum(_lora_parameters(getattr(owner, name).shape, config) for owner, name in kind.tensors(module))
     name = next(cls.__name__ for cls in type(module).__mro__ if not cls.__name__.startswith("Parametrized"))
-    return LayerPlan(name, (f"{_lora_text(config)} on {', '.join(attributes)}",), (lora, lora))
+    return LayerPlan(name, (f"{_lora_text(config)} on {', '.join(kind.attributes)}",), (lora, lora))
 
 
 def _lora_text(config: SDTConfig) -> str:

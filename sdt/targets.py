@@ -126,7 +126,9 @@ class LayerType:
     name: str  # "attention", "mlp", "experts"
     field: str
     classes: tuple[str, ...]
-    modules: tuple[tuple[str, str], ...] = ()  # (target name, attribute of the layer's module)
+    modules: tuple[tuple[str, str], ...]  # (target name, attribute of the layer's module)
+    # the attributes are the module's own stacked (experts, out, in) tensors, not linear submodules
+    stacked: bool = False
 
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The model's modules of this kind, each once: a module shared by several depths (Zamba2's shared
@@ -134,9 +136,13 @@ class LayerType:
         return _modules_of(model, self.classes)
 
     def attributes(self, targets: tuple[str, ...]) -> tuple[str, ...]:
-        """The linear modules the target names mean, each once, in the layer's order."""
+        """The linear modules (or stacked tensors) the target names mean, each once, in the layer's order."""
         mapping = dict(self.modules)
         return tuple(dict.fromkeys(mapping[t] for t in targets if t in mapping))
+
+    def tensor(self, layer: nn.Module, attribute: str) -> tuple[nn.Module, str]:
+        """(module, tensor name) of a target: the linear submodule's weight, or the layer's own stacked tensor."""
+        return (layer, attribute) if self.stacked else (getattr(layer, attribute), "weight")
 
 
 ATTENTION_MODULES = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj"))
@@ -151,9 +157,10 @@ def mlp(cls: str, modules: tuple[tuple[str, str], ...] = GATED_MLP_MODULES) -> L
     return LayerType("mlp", "mlp_lora_targets", (cls,), modules)
 
 
-def experts(cls: str) -> LayerType:
-    """MoE experts: counted, and LoRA on them refused (their weights are one 3-D tensor per projection)."""
-    return LayerType("experts", "expert_lora_targets", (cls,))
+def experts(cls: str, modules: tuple[tuple[str, str], ...]) -> LayerType:
+    """A MoE's routed experts, whose weights are one stacked (experts, out, in) tensor per projection: LoRA on them is
+    one low-rank pair per expert. The router is never a target."""
+    return LayerType("experts", "expert_lora_targets", (cls,), modules, stacked=True)
 
 
 def _modules_of(model: nn.Module, classes: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
@@ -360,13 +367,19 @@ FAMILIES: dict[str, Family] = {
             attention("GraniteMoeHybridAttention"),
             # the shared MLP's input_linear holds gate and up, chunked
             mlp("GraniteMoeHybridMLP", (("gate", "input_linear"), ("up", "input_linear"), ("down", "output_linear"))),
-            experts("GraniteMoeHybridMoE"),
+            experts(
+                "GraniteMoeHybridExperts", (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))
+            ),
         ),
     ),
     "nemotron_h": Mamba2Family(
         "NemotronHMamba2Mixer",
         # its MLP (relu² of up) has no gate; a MoE layer's shared expert is one of these MLPs
-        (attention("NemotronHAttention"), mlp("NemotronHMLP", GATED_MLP_MODULES[1:]), experts("NemotronHMoE")),
+        (
+            attention("NemotronHAttention"),
+            mlp("NemotronHMLP", GATED_MLP_MODULES[1:]),
+            experts("NemotronHExperts", GATED_MLP_MODULES[1:]),
+        ),
     ),
     "falcon_h1": Mamba2Family("FalconH1Mixer", (attention("FalconH1Attention"), mlp("FalconH1MLP"))),
     "zamba2": Mamba2Family(
@@ -416,6 +429,10 @@ class LayerLora:
     layers: list[tuple[str, nn.Module]]
     attributes: tuple[str, ...]
 
+    def tensors(self, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(module, tensor name) of each weight that takes LoRA in ``layer``."""
+        return [self.kind.tensor(layer, attribute) for attribute in self.attributes]
+
 
 def layer_lora_plan(model: nn.Module, config: SDTConfig) -> list[LayerLora]:
     """Per kind of layer beside the SSM mixers, what LoRA takes. A field set (not None) that touches no layer of its
@@ -431,13 +448,15 @@ def layer_lora_plan(model: nn.Module, config: SDTConfig) -> list[LayerLora]:
         explicit = getattr(config, kind.field) is not None
         if explicit and targets:
             _check_layer_targets(model, kind, layers, targets)
+            if kind.stacked and config.lora_variant != "lora":
+                raise SDTConfigError(
+                    "lora_variant", f"{config.lora_variant!r} on MoE experts: their stacked weights take plain lora"
+                )
         plan.append(LayerLora(kind, layers, kind.attributes(targets)))
     return plan
 
 
 def _check_layer_targets(model: nn.Module, kind: LayerType, layers: list, targets: tuple[str, ...]) -> None:
-    if not kind.modules:
-        raise SDTConfigError(kind.field, "LoRA on MoE experts is not supported (their weights are 3-D); set it to []")
     if not layers:
         model_name = type(model).__name__
         raise SDTConfigError(kind.field, f"{list(targets)} touch no layer: this {model_name} has no {kind.name} layer")

@@ -31,23 +31,33 @@ def load_hybrid(hybrid_model_dirs):
 
 
 def lora_weights(model: torch.nn.Module, config: sdt.SDTConfig) -> set[str]:
-    """The qualified names of the attention and MLP weights that carry LoRA (every depth of a shared block)."""
+    """The qualified names of the attention, MLP and expert weights that carry LoRA (every depth of a shared
+    block)."""
     return {
-        f"{name}.{attribute}.weight"
+        f"{name}.{attribute}" if kind.kind.stacked else f"{name}.{attribute}.weight"
         for kind in layer_lora_plan(model, config)
         for name, _ in kind.layers
         for attribute in kind.attributes
     }
 
 
-@pytest.mark.parametrize("arch", HYBRIDS)
-def test_a_hybrid_trains_only_its_selection_and_lora_targets_and_reloads_and_merges(arch, load_hybrid, tmp_path):
+# LoRA on the routed experts too: one low-rank pair per expert on their stacked weights
+EXPERTS = dataclasses.replace(CONFIG, expert_lora_targets=("gate", "up", "down"))
+LIFECYCLES = [(arch, CONFIG) for arch in HYBRIDS] + [("granitemoehybrid", EXPERTS), ("nemotron_h", EXPERTS)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"), LIFECYCLES, ids=[*HYBRIDS, "granitemoehybrid-experts", "nemotron_h-experts"]
+)
+def test_a_hybrid_trains_only_its_selection_and_lora_targets_and_reloads_and_merges(
+    arch, config, load_hybrid, tmp_path
+):
     model = load_hybrid(arch)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     layers = sdt.mixers(load_hybrid(arch))
-    attention_and_mlp = lora_weights(model, CONFIG)
+    attention_and_mlp = lora_weights(model, config)
     assert attention_and_mlp, "the default covers the attention and MLP layers"
-    tuner = sdt.apply(model, CONFIG)
+    tuner = sdt.apply(model, config)
     selection = warmup_select_train(tuner)  # the coverage guard runs at the first step of both phases
     expected = logits(tuner.model)
     assert not torch.equal(expected, logits(load_hybrid(arch)))  # training changed the function
@@ -129,7 +139,7 @@ def test_attention_and_mlp_lora_are_configurable_per_layer_type(load_hybrid):
 @pytest.mark.parametrize(
     ("arch", "overrides", "field", "message"),
     [
-        ("granitemoehybrid", {"expert_lora_targets": ["up"]}, "expert_lora_targets", "experts is not supported"),
+        ("granitemoehybrid", {"expert_lora_targets": ["up"], "lora_variant": "dora"}, "lora_variant", "plain lora"),
         ("nemotron_h", {"mlp_lora_targets": ["gate"]}, "mlp_lora_targets", "touch nothing: NemotronHMLP has up, down"),
         ("falcon_h1", {"expert_lora_targets": ["up"]}, "expert_lora_targets", "has no such layers"),
     ],
