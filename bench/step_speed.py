@@ -8,13 +8,18 @@ and on sdt's fused path.
     python bench/step_speed.py --checkpointing --modes lora-out:fused sdlora:fused  # with gradient checkpointing
     python bench/step_speed.py --hidden 2048 --layers 48 --modes lora-out lora-out:fused state-offset:fused \
         initial-state:fused                                           # the state methods, mamba-1.4b shape
+    python bench/step_speed.py --arch granitemoehybrid --batch 4 --vocab 100352 \
+        --modes sdlora:fused sdlora peft-default peft-all full          # a hybrid at granite-4.0-h-1b's shape
 
-A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt, state-offset, initial-state, peft; PATH
-``hf`` (default: transformers' own mixer forward on the mamba-ssm kernels) or ``fused``
+A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt, state-offset, initial-state, peft,
+peft-default, peft-all; PATH ``hf`` (default: transformers' own mixer forward on the mamba-ssm kernels) or ``fused``
 (``sdt.fused.install_fused_path``). The state methods run on the fused path only: off it, their mixers run
-``sdt.state``'s step-by-step scan, which is no kernel path to time. ``peft`` is HF PEFT's
-LoRA (r 8, alpha 16, as sdt's presets) on every mixer projection PEFT accepts for the architecture (in_proj,
-out_proj; x_proj and dt_proj on Mamba-1), on transformers' path; the targets it took are printed.
+``sdt.state``'s step-by-step scan, which is no kernel path to time. ``peft`` is HF PEFT's LoRA (r 8, alpha 16, as
+sdt's presets) on every mixer projection PEFT accepts for the architecture (in_proj, out_proj; x_proj and dt_proj on
+Mamba-1), on transformers' path; the targets it took are printed. ``peft-default`` is PEFT's LoRA on its default
+targets for the model type, ``peft-all`` on every linear layer (``target_modules="all-linear"``); a mode PEFT refuses
+is printed with PEFT's reason and left out. On a hybrid (``--arch granitemoehybrid``) ``sdlora`` is sdt's hybrid
+preset: SDT + LoRA on the Mamba-2 layers and LoRA on attention and MLP.
 Every mode trains the same randomly initialised model shape: forward + loss + backward + fused AdamW step, timed
 with CUDA synchronisation around each step. The modes take turns step by step, so that clock changes, garbage
 collection and other drift hit all of them alike. ``--checkpointing`` turns on transformers' gradient checkpointing
@@ -31,7 +36,16 @@ import statistics
 import time
 
 import torch
-from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from transformers import (
+    GraniteMoeHybridConfig,
+    GraniteMoeHybridForCausalLM,
+    JambaConfig,
+    JambaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+)
 
 import sdt
 from pipeline.trial.models import kernel_paths
@@ -49,13 +63,19 @@ ARCHS = {
     "mamba2": {"hidden": 768, "layers": 24, "sdt": {"channels_frozen": 22}},
     # a small Jamba: hidden 1024, 8 layers (attention at 4), MoE on every other layer with 4 experts
     "jamba": {"hidden": 1024, "layers": 8, "sdt": {}},
+    # a hybrid at granite-4.0-h-1b's dimensions (its GGUF metadata: hidden 1536, 40 layers, 48 Mamba-2 heads of 64,
+    # state 128, one group, a shared MLP of 4096, 12 attention heads; vocabulary 100,352 with --vocab), attention
+    # at 4 of the 40 layers (every tenth from the fifth: where, is assumed), no MoE; the default counts
+    "granitemoehybrid": {"hidden": 1536, "layers": 40, "sdt": {}},
 }
 # the kernel entry point whose implementation says whether transformers' path runs on mamba-ssm
 KERNEL_ENTRY = {
     "mamba": "mamba_inner_fn",
     "mamba2": "mamba2_split_conv1d_scan_combined",
     "jamba": "mamba_selective_scan",
+    "granitemoehybrid": "mamba2_split_conv1d_scan_combined",
 }
+PEFT_METHODS = ("peft", "peft-default", "peft-all")
 
 
 def method_config(method: str, arch: str) -> sdt.SDTConfig:
@@ -73,9 +93,11 @@ def method_config(method: str, arch: str) -> sdt.SDTConfig:
 def parse_mode(mode: str, arch: str) -> tuple[str, str]:
     method, _, path = mode.partition(":")
     path = path or "hf"
-    if method not in (*METHODS, "peft") or path not in PATHS:
-        raise SystemExit(f"mode {mode!r}: expected METHOD[:PATH], METHOD {'|'.join(METHODS)}|peft, PATH hf|fused")
-    if method == "peft" and path != "hf":
+    if method not in (*METHODS, *PEFT_METHODS) or path not in PATHS:
+        raise SystemExit(
+            f"mode {mode!r}: expected METHOD[:PATH], METHOD {'|'.join((*METHODS, *PEFT_METHODS))}, PATH hf|fused"
+        )
+    if method in PEFT_METHODS and path != "hf":
         raise SystemExit(f"mode {mode!r}: PEFT runs on transformers' path only")
     if method in STATE_METHODS and path != "fused":
         raise SystemExit(f"mode {mode!r}: a state method times on the fused path only ({method}:fused)")
@@ -89,16 +111,24 @@ PEFT_TARGETS = {"mamba": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2":
 class PeftRun:
     """PEFT's LoRA model behind the two calls the timing loop makes of an ``sdt.Tuner``."""
 
-    def __init__(self, model: torch.nn.Module, args) -> None:
+    def __init__(self, model: torch.nn.Module, args, method: str = "peft") -> None:
+        """``method``: ``peft`` (the mixer projections PEFT accepts), ``peft-default`` (PEFT's default targets for
+        the model type), ``peft-all`` (every linear layer). PEFT's refusal of the last two is a ``ValueError``."""
         from peft import LoraConfig, get_peft_model
 
         def lora(targets):
-            return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets))
+            return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
 
+        self.targets, self.refused = [], {}
+        if method != "peft":
+            self.model = get_peft_model(model, lora(None if method == "peft-default" else "all-linear"))
+            self.targets = sorted(
+                {name.rpartition(".")[2] for name, m in self.model.named_modules() if hasattr(m, "lora_A")}
+            )
+            return
         # which projections PEFT accepts, tried one at a time on a tiny model of the same architecture
         tiny_args = argparse.Namespace(**{**vars(args), "hidden": 128, "layers": 2, "vocab": 256})
         model_class, tiny_config = model_config(tiny_args)
-        self.targets, self.refused = [], {}
         for target in PEFT_TARGETS.get(args.arch, ("in_proj", "out_proj")):
             try:
                 get_peft_model(model_class(tiny_config), lora([target]))
@@ -130,6 +160,22 @@ def model_config(args):
             chunk_size=256,
             tie_word_embeddings=True,
         )
+    if args.arch == "granitemoehybrid":
+        return GraniteMoeHybridForCausalLM, GraniteMoeHybridConfig(
+            **common,
+            layer_types=["attention" if layer % 10 == 5 else "mamba" for layer in range(args.layers)],
+            mamba_n_heads=2 * args.hidden // 64,
+            mamba_d_head=64,
+            mamba_d_state=128,
+            mamba_n_groups=1,
+            mamba_expand=2,
+            mamba_chunk_size=256,
+            shared_intermediate_size=8 * args.hidden // 3,
+            num_local_experts=0,
+            num_attention_heads=args.hidden // 128,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        )
     return JambaForCausalLM, JambaConfig(
         **common,
         attn_layer_period=8,
@@ -153,8 +199,8 @@ def build(mode: str, args) -> tuple[sdt.Tuner | PeftRun, torch.optim.Optimizer, 
     with torch.device("cuda"):  # initialised on the GPU: a 1.4b model takes minutes to initialise on the host
         model = model_class(config)
     model = sdt.to_compute_dtype(model, torch.bfloat16).train()
-    if method == "peft":
-        run = PeftRun(model, args)
+    if method in PEFT_METHODS:
+        run = PeftRun(model, args, method)
         line = f"PEFT LoRA r8 on {', '.join(run.targets)}" + "".join(
             f"; refused {t}: {w}" for t, w in run.refused.items()
         )
@@ -244,7 +290,16 @@ def main() -> None:
     print("kernel paths:", paths, flush=True)
     if paths[KERNEL_ENTRY[args.arch]] != "mamba_ssm":
         raise SystemExit("transformers' mamba-ssm path is not active; refusing to time a fallback")
-    runs = {mode: build(mode, args) for mode in dict.fromkeys(args.modes + args.profile)}
+    runs = {}
+    for mode in dict.fromkeys(args.modes + args.profile):
+        try:
+            runs[mode] = build(mode, args)
+        except ValueError as refusal:  # PEFT refuses a model type or a module (its own words)
+            if not mode.startswith("peft"):
+                raise
+            print(f"{mode}: refused by PEFT: {str(refusal).splitlines()[0]}", flush=True)
+    args.modes = [mode for mode in args.modes if mode in runs]
+    args.profile = [mode for mode in args.profile if mode in runs]
     for mode, (_, _, line) in runs.items():
         print(f"{mode}: {line}", flush=True)
     for mode in args.modes:
@@ -296,7 +351,7 @@ def main() -> None:
         )
     # every mode against each baseline that ran: LoRA on out_proj and full fine-tuning on transformers' path,
     # and each method's own transformers-path run
-    baselines = [b for b in ("lora-out", "lora-out:fused", "full", "peft") if b in results["modes"]]
+    baselines = [b for b in ("lora-out", "lora-out:fused", "full", *PEFT_METHODS) if b in results["modes"]]
     for mode, r in results["modes"].items():
         method = mode.partition(":")[0]
         ratios = {f"vs_{b}": r["tokens_per_s"] / results["modes"][b]["tokens_per_s"] for b in baselines if b != mode}

@@ -16,6 +16,18 @@ SDT_TARGETS: tuple[str, ...] = ("A_log", "B", "C")
 LORA_TARGETS: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj")
 # Fields that act only after the warmup, in the selection: trials differing only in them share one warmup.
 SELECTION_FIELDS: tuple[str, ...] = ("channels_frozen", "states_frozen", "inputs_frozen")
+# LoRA on a hybrid's layers beside its SSM mixers (docs/hybrids.md): per field, the target names it takes, and what
+# it means when left unset (None) in a method that trains LoRA. MoE experts are off by default; routers never train.
+LAYER_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "attention_lora_targets": ("q", "k", "v", "o"),
+    "mlp_lora_targets": ("gate", "up", "down"),
+    "expert_lora_targets": ("gate", "up", "down"),
+}
+LAYER_LORA_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "attention_lora_targets": ("q", "k", "v", "o"),
+    "mlp_lora_targets": ("gate", "up", "down"),
+    "expert_lora_targets": (),
+}
 
 
 def _field(default: Any, *, short: str | None = None, settable: bool = True) -> Any:
@@ -44,6 +56,11 @@ class SDTConfig:
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = _field(("out_proj",), short="")
     lora_variant: str = "lora"  # a name from sdt.VARIANTS: how the factors make a weight
+    # LoRA on a hybrid model's attention, MLP and MoE-expert layers, by target name (LAYER_LORA_TARGETS); None: the
+    # default (attention q, k, v, o; MLP gate, up, down; experts none) where the method trains LoRA.
+    attention_lora_targets: tuple[str, ...] | None = _field(None, short="attn:")
+    mlp_lora_targets: tuple[str, ...] | None = _field(None, short="mlp:")
+    expert_lora_targets: tuple[str, ...] | None = _field(None, short="experts:")
     # SDT: A_log entries of the selected channels/states, and the B/C weights of the selected channels.
     sdt_targets: tuple[str, ...] = SDT_TARGETS
     # Frozen channels (Mamba-2: heads) and states per layer; None: the family's default rule (see above).
@@ -62,13 +79,17 @@ class SDTConfig:
         get_variant(self.lora_variant)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "sdt_targets", tuple(self.sdt_targets))
-        for name, allowed in (("lora_targets", LORA_TARGETS), ("sdt_targets", SDT_TARGETS)):
-            unknown = [t for t in getattr(self, name) if t not in allowed]
+        for name in LAYER_LORA_TARGETS:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        checked = (("lora_targets", LORA_TARGETS), ("sdt_targets", SDT_TARGETS), *LAYER_LORA_TARGETS.items())
+        for name, allowed in checked:
+            unknown = [t for t in getattr(self, name) or () if t not in allowed]
             if unknown:
                 raise SDTConfigError(name, f"{unknown} not among {', '.join(allowed)}")
-        if self.lora_targets and self.lora_rank < 1:
+        if self.uses_lora and self.lora_rank < 1:
             raise SDTConfigError("lora_rank", f"must be >= 1, got {self.lora_rank}")
-        if self.lora_targets and self.lora_alpha <= 0:
+        if self.uses_lora and self.lora_alpha <= 0:
             raise SDTConfigError("lora_alpha", f"must be > 0 (alpha/rank scales the update), got {self.lora_alpha}")
         if self.uses_sdt and self.warmup_steps < 1:
             raise SDTConfigError("warmup_steps", f"SDT needs at least one warmup step, got {self.warmup_steps}")
@@ -96,7 +117,16 @@ class SDTConfig:
 
     @property
     def uses_lora(self) -> bool:
-        return bool(self.lora_targets)
+        """Whether LoRA trains anywhere: on the SSM mixers, or on a hybrid's other layers."""
+        return bool(self.lora_targets) or any(self.layer_lora_targets(name) for name in LAYER_LORA_TARGETS)
+
+    def layer_lora_targets(self, name: str) -> tuple[str, ...]:
+        """The LoRA targets of one kind of a hybrid's other layers (a field of :data:`LAYER_LORA_TARGETS`): as set,
+        or, left unset, the default where the method trains LoRA and nothing where it does not."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return LAYER_LORA_DEFAULTS[name] if self.method_info.lora != "none" else ()
 
     @property
     def state(self) -> str | None:
@@ -130,7 +160,16 @@ class SDTConfig:
         return {
             "ranks": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha},
             "ratios": {name: getattr(self, name) for name in SELECTION_FIELDS},
-            "targets": {"lora": list(self.lora_targets), "sdt": list(self.sdt_targets)},
+            "targets": {
+                "lora": list(self.lora_targets),
+                "sdt": list(self.sdt_targets),
+                # as set; unset, the method's default for a hybrid's other layers (none on a pure SSM)
+                **{
+                    name.removesuffix("_lora_targets"): list(value)
+                    for name in LAYER_LORA_TARGETS
+                    if (value := getattr(self, name)) is not None
+                },
+            },
         }
 
     def warmup_inputs(self) -> dict[str, Any]:
@@ -147,9 +186,13 @@ class SDTConfig:
             variant = (
                 "" if self.lora_variant == "lora" else f" ({self.lora_variant}: {VARIANTS[self.lora_variant].summary})"
             )
-            parts.append(
-                f"LoRA{variant} rank {self.lora_rank}, alpha {self.lora_alpha:g} on {', '.join(self.lora_targets)}"
-            )
+            places = [", ".join(self.lora_targets)] if self.lora_targets else []
+            places += [
+                f"{name.removesuffix('_lora_targets')} {', '.join(value)}"
+                for name in LAYER_LORA_TARGETS
+                if (value := getattr(self, name))
+            ]
+            parts.append(f"LoRA{variant} rank {self.lora_rank}, alpha {self.lora_alpha:g} on {'; '.join(places)}")
         if self.uses_sdt:
             axes = set(kept_per_layer or ()) | {"channels", "states"}
             ratios = ", ".join(
@@ -194,9 +237,13 @@ def _check_method(method: Method, config: SDTConfig) -> None:
     name = method.name
     if method.trains_all_weights and (config.lora_targets or config.sdt_targets):
         raise SDTConfigError("method", f"{name!r} trains every weight and takes no lora_targets or sdt_targets")
+    set_layer_lora = [field for field in LAYER_LORA_TARGETS if getattr(config, field)]
+    if method.lora == "none" and set_layer_lora:
+        raise SDTConfigError(set_layer_lora[0], f"method {name!r} trains no LoRA")
     for field, need, used in (
         ("sdt_targets", method.sdt, config.uses_sdt),
-        ("lora_targets", method.lora, config.uses_lora),
+        # set: a method that needs LoRA is told where, as a field left unset may touch nothing in a model
+        ("lora_targets", method.lora, bool(config.lora_targets or set_layer_lora)),
     ):
         kind = "SDT" if field == "sdt_targets" else "LoRA"
         allowed = SDT_TARGETS if field == "sdt_targets" else LORA_TARGETS
@@ -218,6 +265,8 @@ def trainable_count(frozen: float | int, size: int, *, field_name: str = "count"
 
 
 __all__ = [
+    "LAYER_LORA_DEFAULTS",
+    "LAYER_LORA_TARGETS",
     "LORA_TARGETS",
     "SDT_TARGETS",
     "SELECTION_FIELDS",

@@ -18,7 +18,7 @@ from . import state as S
 from .config import SDTConfig
 from .fused import install_fused_path, uninstall_fused_path
 from .saving import save_into
-from .targets import Selection, check_counts, check_lora_targets, family_of, mixers
+from .targets import Selection, check_counts, check_lora_targets, family_of, layer_lora_plan, mixers
 from .variants import get_variant
 
 Phase = Literal["warmup", "train"]
@@ -135,10 +135,18 @@ class Tuner:
         check_lora_targets(self.family, cfg)
         variant = get_variant(cfg.lora_variant)
         generator = torch.Generator().manual_seed(seed)
-        for _, mixer in self.mixers:
-            for target in cfg.lora_targets:
-                module = getattr(mixer, target)
-                P.attach(module, "weight", variant.build(module.weight, cfg.lora_rank, cfg.lora_alpha, generator))
+        tensors = [(getattr(mixer, target), "weight") for _, mixer in self.mixers for target in cfg.lora_targets]
+        tensors += [
+            t for kind in layer_lora_plan(self.model, cfg) for _, layer in kind.layers for t in kind.tensors(layer)
+        ]
+        # A weight shared by several modules (Zamba2's shared transformer block, tied at every depth it serves) gets
+        # one adapter, attached at each: every depth sees the same update, and merging bakes it in once.
+        built: dict[int, nn.Module] = {}
+        for module, name in tensors:
+            weight = P.original(module, name)
+            if id(weight) not in built:
+                built[id(weight)] = variant.build(weight, cfg.lora_rank, cfg.lora_alpha, generator)
+            P.attach(module, name, built[id(weight)])
 
     def engine_wrapped(self) -> str:
         """Call after wrapping the model in a training engine that adds hooks or partitions parameters

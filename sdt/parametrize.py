@@ -23,16 +23,18 @@ class Adapter(nn.Module):
 
 
 def low_rank_factors(weight: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[nn.Parameter, nn.Parameter]:
-    """LoRA's (A, B) for ``weight`` (out, in), fp32, as PEFT initialises them: A kaiming-uniform, B zero."""
-    out_features, in_features = weight.shape
-    lora_a = torch.empty(rank, in_features, dtype=torch.float32)
-    nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
-    lora_b = torch.zeros(out_features, rank, dtype=torch.float32, device=weight.device)
-    return nn.Parameter(lora_a.to(weight.device)), nn.Parameter(lora_b)
+    """LoRA's (A, B) for ``weight`` (out, in), fp32, as PEFT initialises them: A kaiming-uniform, B zero. A stacked
+    weight (experts, out, in), as a MoE keeps its experts', gets one pair per expert: A (experts, rank, in)."""
+    *stack, out_features, in_features = weight.shape
+    lora_a = torch.empty(math.prod(stack) * rank, in_features, dtype=torch.float32)
+    nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)  # fan-in: in_features, per expert too
+    lora_b = torch.zeros(*stack, out_features, rank, dtype=torch.float32, device=weight.device)
+    return nn.Parameter(lora_a.view(*stack, rank, in_features).to(weight.device)), nn.Parameter(lora_b)
 
 
 class LowRankDelta(Adapter):
-    """LoRA in weight space: W0 + scaling · B @ A, with A kaiming-uniform and B zero (PEFT's init).
+    """LoRA in weight space: W0 + scaling · B @ A, with A kaiming-uniform and B zero (PEFT's init); on a stacked
+    (experts, out, in) weight, one B @ A per expert.
 
     Dropout on the LoRA input cannot exist in weight space; the official p=0.1 is therefore dropped.
     """
@@ -253,13 +255,26 @@ def detach_all(model: nn.Module, *, merge: bool) -> None:
         if merge and hasattr(model, SPARSE_GROUPS):
             # From the deltas as they are now: an optimizer may have written them behind autograd's back (.data).
             getattr(model, SPARSE_GROUPS).refresh(model, ())
+        # A tensor shared by several modules (tied weights) is merged in place once; the other modules then get it
+        # back as it is, already merged, rather than having their adapters added a second time.
+        merged: set[int] = set()
         for module in list(model.modules()):
             if parametrize.is_parametrized(module):
                 for name in list(module.parametrizations.keys()):
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=merge)
+                    tensor = id(original(module, name))
+                    bake = merge and tensor not in merged
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
+                    merged.add(tensor)
     if hasattr(model, SPARSE_GROUPS):
         _remove_hooks(model, getattr(model, SPARSE_GROUPS))
         delattr(model, SPARSE_GROUPS)
+
+
+def original(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as stored, under whatever adapters route its reads."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
 
 
 def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:

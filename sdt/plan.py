@@ -1,7 +1,8 @@
 """What a config will train in a model, from the model's shapes alone (a skeleton on the meta device will do).
 
 Per kind of mixer: each SDT axis with how many of its entries train and whether the family's default rule set
-the number (:mod:`sdt.targets`), the LoRA adapters, and the trainable parameters; then the model's total. Which
+the number (:mod:`sdt.targets`), the LoRA adapters, and the trainable parameters; on a hybrid, the same for its
+attention, MLP and MoE layers and one line of what is touched per layer type; then the model's total. Which
 groups of a Mamba-2 layer hold the selected heads is known only after the warmup, so with several groups the
 count is a range. ``sdtune validate`` prints it; ``tuner.num_trainable_parameters()`` after the selection lies in
 the range.
@@ -10,6 +11,7 @@ the range.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 
 from .config import SDTConfig
 from .state import state_shape
-from .targets import Family, check_counts, family_of, mixers
+from .targets import Family, LayerLora, check_counts, family_of, layer_lora_plan, mixers
 from .variants import get_variant
 
 
@@ -38,6 +40,8 @@ class Plan:
     layers: tuple[tuple[LayerPlan, int], ...]
     trainable: tuple[int, int]  # fewest, most
     total: int  # every parameter of the model
+    # a hybrid's layer types, touched of all ("mamba 36/36 (SDT+LoRA)", "experts 0/40"); empty for a pure SSM
+    coverage: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         """One line per kind of mixer, then the total ("trainable: 455,280 of 129,135,360 parameters (0.35%)")."""
@@ -48,7 +52,8 @@ class Plan:
             for layer, count in self.layers
         ]
         share = "–".join(f"{100 * n / self.total:.3g}%" for n in sorted(set(self.trainable)))
-        return [*lines, f"trainable: {_span(self.trainable)} of {self.total:,} parameters ({share})"]
+        coverage = [f"layers: {', '.join(self.coverage)}"] if self.coverage else []
+        return [*lines, *coverage, f"trainable: {_span(self.trainable)} of {self.total:,} parameters ({share})"]
 
 
 def _span(numbers: tuple[int, int]) -> str:
@@ -64,11 +69,56 @@ def plan(model: nn.Module, config: SDTConfig) -> Plan:
         return Plan(config.method, (), (total, total), total)
     family = family_of(model)
     kinds: dict[LayerPlan, int] = {}
-    for prefix, mixer in mixers(model):
+    found = mixers(model)
+    for prefix, mixer in found:
         layer = _layer_plan(family, prefix, mixer, config)
-        kinds[layer] = kinds.get(layer, 0) + 1
+        if layer.parts:  # a hybrid's mixers may train nothing (LoRA on attention and MLP only)
+            kinds[layer] = kinds.get(layer, 0) + 1
+    layer_lora = layer_lora_plan(model, config)
+    for kind in layer_lora:
+        for module, _ in _distinct(kind) if kind.attributes else ():
+            layer = _lora_layer_plan(kind, module, config)
+            kinds[layer] = kinds.get(layer, 0) + 1
     trainable = tuple(sum(layer.parameters[end] * count for layer, count in kinds.items()) for end in (0, 1))
-    return Plan(config.method, tuple(kinds.items()), trainable, total)
+    coverage = _coverage(config, len(found), layer_lora) if family.layer_types else ()
+    return Plan(config.method, tuple(kinds.items()), trainable, total, coverage)
+
+
+def _distinct(kind: LayerLora) -> list[tuple[nn.Module, int]]:
+    """The kind's layers with distinct weights, each with how many depths use it: Zamba2's shared transformer block
+    is one module per depth, all of them on the same (tied) weights, which train as one."""
+    depths = Counter(id(next(m.parameters())) for _, m in kind.layers)
+    first: dict[int, nn.Module] = {}
+    for _, module in kind.layers:
+        first.setdefault(id(next(module.parameters())), module)
+    return [(module, depths[key]) for key, module in first.items()]
+
+
+def _coverage(config: SDTConfig, n_mixers: int, layer_lora: list[LayerLora]) -> tuple[str, ...]:
+    """Per layer type, how many of its layers train and how: "mamba 36/36 (SDT+LoRA)", "attention 1/1 (LoRA,
+    shared by 2 depths)", "experts 0/40"."""
+    how = "+".join(name for name, used in (("SDT", config.uses_sdt), ("LoRA", bool(config.lora_targets))) if used)
+    parts = [f"mamba {n_mixers if how else 0}/{n_mixers}" + (f" ({how})" if how and n_mixers else "")]
+    for kind in layer_lora:
+        distinct = _distinct(kind)
+        n = len(distinct)
+        touched = n if kind.attributes else 0
+        notes = ["LoRA"] if touched else []
+        if n and (shared := max(depths for _, depths in distinct)) > 1:
+            notes.append(f"shared by {shared} depths")
+        parts.append(f"{kind.kind.name} {touched}/{n}" + (f" ({', '.join(notes)})" if notes else ""))
+    return tuple(parts)
+
+
+def _lora_layer_plan(kind: LayerLora, module: nn.Module, config: SDTConfig) -> LayerPlan:
+    lora = sum(_lora_parameters(getattr(owner, name).shape, config) for owner, name in kind.tensors(module))
+    name = next(cls.__name__ for cls in type(module).__mro__ if not cls.__name__.startswith("Parametrized"))
+    return LayerPlan(name, (f"{_lora_text(config)} on {', '.join(kind.attributes)}",), (lora, lora))
+
+
+def _lora_text(config: SDTConfig) -> str:
+    variant = "" if config.lora_variant == "lora" else f" ({config.lora_variant})"
+    return f"LoRA{variant} r{config.lora_rank}"
 
 
 def _layer_plan(family: Family, prefix: str, mixer: nn.Module, config: SDTConfig) -> LayerPlan:
@@ -79,9 +129,8 @@ def _layer_plan(family: Family, prefix: str, mixer: nn.Module, config: SDTConfig
         parts += family.describe(mixer, counts, config.sdt_targets)
         sdt_parameters = family.sdt_parameters(mixer, counts, config.sdt_targets)
     lora = 0  # and the state tensor: what every mixer of the kind trains besides SDT's deltas
-    if config.uses_lora:
-        variant = "" if config.lora_variant == "lora" else f" ({config.lora_variant})"
-        parts.append(f"LoRA{variant} r{config.lora_rank} on {', '.join(config.lora_targets)}")
+    if config.lora_targets:
+        parts.append(f"{_lora_text(config)} on {', '.join(config.lora_targets)}")
         lora = sum(_lora_parameters(getattr(mixer, target).weight.shape, config) for target in config.lora_targets)
     if config.state:
         shape = state_shape(mixer)

@@ -11,6 +11,10 @@ only its most-updated inputs.
 
 Each family lists the axes its selection ranks (:class:`Axis`): the config field that sets how many entries of
 each stay frozen, and the default rule for a field left unset, which trains at least one (docs/mamba2.md).
+
+The hybrids (Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2) are Mamba-2 families whose other layers are
+declared as layer types (:class:`LayerType`): attention, MLP and MoE experts, with the linear module each LoRA target
+name means there (docs/hybrids.md).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import SDTConfig, trainable_count
+from .config import LAYER_LORA_TARGETS, SDTConfig, trainable_count
 from .errors import SDTConfigError, UnsupportedModelError
 from .selection import select_channels_and_states, select_heads_and_rows
 
@@ -112,6 +116,58 @@ def resolve(config: SDTConfig, prefix: str, axis: Axis) -> Count:
     return Count(axis, trained, by_default=False)
 
 
+@dataclass(frozen=True)
+class LayerType:
+    """A kind of layer a hybrid has beside its SSM mixers (attention, MLP, MoE experts): the classes of its modules,
+    the :class:`SDTConfig` field that names its LoRA targets, and the linear module each target name means there
+    (two names may mean one module where the model fuses them, as gate and up; ``modules`` empty: it takes no
+    LoRA)."""
+
+    name: str  # "attention", "mlp", "experts"
+    field: str
+    classes: tuple[str, ...]
+    modules: tuple[tuple[str, str], ...]  # (target name, attribute of the layer's module)
+    # the attributes are the module's own stacked (experts, out, in) tensors, not linear submodules
+    stacked: bool = False
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The model's modules of this kind, each once: a module shared by several depths (Zamba2's shared
+        transformer block) is one module with one set of weights."""
+        return _modules_of(model, self.classes)
+
+    def attributes(self, targets: tuple[str, ...]) -> tuple[str, ...]:
+        """The linear modules (or stacked tensors) the target names mean, each once, in the layer's order."""
+        mapping = dict(self.modules)
+        return tuple(dict.fromkeys(mapping[t] for t in targets if t in mapping))
+
+    def tensor(self, layer: nn.Module, attribute: str) -> tuple[nn.Module, str]:
+        """(module, tensor name) of a target: the linear submodule's weight, or the layer's own stacked tensor."""
+        return (layer, attribute) if self.stacked else (getattr(layer, attribute), "weight")
+
+
+ATTENTION_MODULES = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj"))
+GATED_MLP_MODULES = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+
+
+def attention(cls: str) -> LayerType:
+    return LayerType("attention", "attention_lora_targets", (cls,), ATTENTION_MODULES)
+
+
+def mlp(cls: str, modules: tuple[tuple[str, str], ...] = GATED_MLP_MODULES) -> LayerType:
+    return LayerType("mlp", "mlp_lora_targets", (cls,), modules)
+
+
+def experts(cls: str, modules: tuple[tuple[str, str], ...]) -> LayerType:
+    """A MoE's routed experts, whose weights are one stacked (experts, out, in) tensor per projection: LoRA on them is
+    one low-rank pair per expert. The router is never a target."""
+    return LayerType("experts", "expert_lora_targets", (cls,), modules, stacked=True)
+
+
+def _modules_of(model: nn.Module, classes: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    # Matched along the MRO: parametrize swaps a module's class for a generated subclass.
+    return [(name, m) for name, m in model.named_modules() if any(c.__name__ in classes for c in type(m).__mro__)]
+
+
 def _axis_text(count: Count, per: str = "") -> str:
     default = " (default)" if count.by_default else ""
     return f"{count.axis.name} {count.trained}/{count.axis.size}{per}{default}"
@@ -125,6 +181,7 @@ class Mamba1Family:
     """MambaMixer / JambaMambaMixer."""
 
     lora_modules = ("in_proj", "x_proj", "dt_proj", "out_proj")
+    layer_types: tuple[LayerType, ...] = ()  # Jamba's attention and MLP layers are not covered (docs/hybrids.md)
 
     def __init__(self, mixer_class: str) -> None:
         self.mixer_class = mixer_class
@@ -191,10 +248,13 @@ class Mamba1Family:
 
 
 class Mamba2Family:
-    """Mamba2Mixer, generalised as described in the module docstring."""
+    """Mamba2Mixer and the hybrids' Mamba-2 mixers, generalised as described in the module docstring."""
 
     lora_modules = ("in_proj", "out_proj")
-    mixer_class = "Mamba2Mixer"
+
+    def __init__(self, mixer_class: str, layer_types: tuple[LayerType, ...] = ()) -> None:
+        self.mixer_class = mixer_class
+        self.layer_types = layer_types
 
     @staticmethod
     def _dims(mixer: nn.Module) -> dict[str, int]:
@@ -298,12 +358,50 @@ Family = Mamba1Family | Mamba2Family
 FAMILIES: dict[str, Family] = {
     "mamba": Mamba1Family("MambaMixer"),
     "jamba": Mamba1Family("JambaMambaMixer"),
-    "mamba2": Mamba2Family(),
+    "mamba2": Mamba2Family("Mamba2Mixer"),
+    # The hybrids (docs/hybrids.md): Mamba-2 mixers, and attention, MLP and MoE layers beside them.
+    "bamba": Mamba2Family("BambaMixer", (attention("BambaAttention"), mlp("BambaMLP"))),
+    "granitemoehybrid": Mamba2Family(
+        "GraniteMoeHybridMambaLayer",
+        (
+            attention("GraniteMoeHybridAttention"),
+            # the shared MLP's input_linear holds gate and up, chunked
+            mlp("GraniteMoeHybridMLP", (("gate", "input_linear"), ("up", "input_linear"), ("down", "output_linear"))),
+            experts(
+                "GraniteMoeHybridExperts", (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))
+            ),
+        ),
+    ),
+    "nemotron_h": Mamba2Family(
+        "NemotronHMamba2Mixer",
+        # its MLP (relu² of up) has no gate; a MoE layer's shared expert is one of these MLPs
+        (
+            attention("NemotronHAttention"),
+            mlp("NemotronHMLP", GATED_MLP_MODULES[1:]),
+            experts("NemotronHExperts", GATED_MLP_MODULES[1:]),
+        ),
+    ),
+    "falcon_h1": Mamba2Family("FalconH1Mixer", (attention("FalconH1Attention"), mlp("FalconH1MLP"))),
+    "zamba2": Mamba2Family(
+        "Zamba2MambaMixer",
+        # one shared transformer block (attention + MLP) serves several depths: its LoRA is on the shared weights
+        (
+            attention("Zamba2Attention"),
+            mlp("Zamba2MLP", (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))),
+        ),
+    ),
+}
+# The Mamba-1 layout with RMSNorms on B, C and dt (FalconMamba): not supported, one line why.
+REFUSED = {
+    "falcon_mamba": "its mixer normalises B, C and dt with weightless RMSNorms that neither sdt's fused Mamba-1 path "
+    "nor its tests cover yet; Mamba-1 (mamba), Jamba and the Mamba-2 hybrids are supported",
 }
 
 
 def family_of(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in REFUSED:
+        raise UnsupportedModelError("model_type", f"{model_type!r} is not supported: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         raise UnsupportedModelError("model_type", f"{model_type!r} is not supported; sdt handles {', '.join(FAMILIES)}")
     return FAMILIES[model_type]
@@ -319,6 +417,53 @@ def check_counts(model: nn.Module, config: SDTConfig) -> None:
         family.check(prefix, mixer)
         if config.uses_sdt:
             family.counts(prefix, mixer, config)
+    layer_lora_plan(model, config)
+
+
+@dataclass(frozen=True)
+class LayerLora:
+    """LoRA on one kind of a hybrid's other layers: its layers in the model, and the linear modules of each that
+    take LoRA (none: the kind stays frozen)."""
+
+    kind: LayerType
+    layers: list[tuple[str, nn.Module]]
+    attributes: tuple[str, ...]
+
+    def tensors(self, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(module, tensor name) of each weight that takes LoRA in ``layer``."""
+        return [self.kind.tensor(layer, attribute) for attribute in self.attributes]
+
+
+def layer_lora_plan(model: nn.Module, config: SDTConfig) -> list[LayerLora]:
+    """Per kind of layer beside the SSM mixers, what LoRA takes. A field set (not None) that touches no layer of its
+    kind (no such layer, or only names its layers lack) is an :class:`SDTConfigError` naming it."""
+    family = family_of(model)
+    kinds = {kind.field: kind for kind in family.layer_types}
+    for field in LAYER_LORA_TARGETS:
+        if getattr(config, field) and field not in kinds:
+            raise SDTConfigError(field, f"{type(model).__name__} has no such layers; sdt adapts only its SSM mixers")
+    plan = []
+    for kind in family.layer_types:
+        targets, layers = config.layer_lora_targets(kind.field), kind.layers(model)
+        explicit = getattr(config, kind.field) is not None
+        if explicit and targets:
+            _check_layer_targets(model, kind, layers, targets)
+            if kind.stacked and config.lora_variant != "lora":
+                raise SDTConfigError(
+                    "lora_variant", f"{config.lora_variant!r} on MoE experts: their stacked weights take plain lora"
+                )
+        plan.append(LayerLora(kind, layers, kind.attributes(targets)))
+    return plan
+
+
+def _check_layer_targets(model: nn.Module, kind: LayerType, layers: list, targets: tuple[str, ...]) -> None:
+    if not layers:
+        model_name = type(model).__name__
+        raise SDTConfigError(kind.field, f"{list(targets)} touch no layer: this {model_name} has no {kind.name} layer")
+    # a name the family's layers lack (gate on Nemotron-H's MLP) is left out while another one touches the layers
+    known = dict(kind.modules)
+    if not any(t in known for t in targets):
+        raise SDTConfigError(kind.field, f"{list(targets)} touch nothing: {kind.classes[0]} has {', '.join(known)}")
 
 
 def check_lora_targets(family: Family, config: SDTConfig) -> None:
@@ -333,12 +478,7 @@ def check_lora_targets(family: Family, config: SDTConfig) -> None:
 def mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's SSM mixers with their qualified names, in layer order (Jamba: mamba layers only)."""
     family = family_of(model)
-    # Match along the MRO: parametrize swaps a module's class for a generated subclass.
-    found = [
-        (name, m)
-        for name, m in model.named_modules()
-        if any(cls.__name__ == family.mixer_class for cls in type(m).__mro__)
-    ]
+    found = _modules_of(model, (family.mixer_class,))
     if not found:
         raise UnsupportedModelError("model_type", f"no {family.mixer_class} found in this {type(model).__name__}")
     return found

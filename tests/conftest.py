@@ -1,4 +1,5 @@
-"""Tiny Mamba / Mamba-2 / Jamba models, saved once and loaded back through ``from_pretrained`` like a user's."""
+"""Tiny Mamba / Mamba-2 / Jamba models and Mamba-2 hybrids, saved once and loaded back through ``from_pretrained``
+like a user's."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ import torch
 from helpers import JAMBA_LAYOUT, VOCAB
 from transformers import (
     AutoModelForCausalLM,
+    BambaConfig,
+    FalconH1Config,
+    GraniteMoeHybridConfig,
     JambaConfig,
     JambaForCausalLM,
     Mamba2Config,
     Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
+    NemotronHConfig,
+    Zamba2Config,
 )
 
 # The Ray clusters the tests start here (ray.cluster_utils.Cluster) and the sdtune commands they run as
@@ -57,6 +63,60 @@ TINY_CONFIGS = {
         ),
     ),
 }
+
+
+# The hybrids (docs/hybrids.md): Mamba-2 mixers of 8 heads of 4 in 2 groups, state 8, beside each family's other
+# layers. Each one's quirk is in it: Falcon-H1's µP multipliers (none of them 1) and an SSM width (mamba_d_ssm 32)
+# other than expand × hidden (48); Granite-4.0-H's MoE beside the shared MLP; Nemotron-H's pattern of mamba,
+# attention, MLP and MoE layers; Zamba2's shared transformer block at two depths, with its per-depth adapters.
+MAMBA2_SHAPE = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+HYBRID_SETTINGS = {
+    "bamba": (BambaConfig, dict(
+        **MAMBA2_SHAPE, num_hidden_layers=3, attn_layer_indices=[1], num_key_value_heads=1, mamba_n_heads=8,
+        mamba_d_head=4, mamba_n_groups=2, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=8,
+    )),
+    "granitemoehybrid": (GraniteMoeHybridConfig, dict(
+        **MAMBA2_SHAPE, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"], shared_intermediate_size=32,
+        num_local_experts=2, num_experts_per_tok=1, num_key_value_heads=1, mamba_n_heads=8, mamba_d_head=4,
+        mamba_n_groups=2, mamba_d_state=8, mamba_expand=2, mamba_chunk_size=8,
+    )),
+    "nemotron_h": (NemotronHConfig, dict(
+        **MAMBA2_SHAPE, num_hidden_layers=5, hybrid_override_pattern="M*-ME", num_key_value_heads=1, head_dim=8,
+        mamba_num_heads=8, mamba_head_dim=4, n_groups=2, ssm_state_size=8, chunk_size=8, n_routed_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+    )),
+    "falcon_h1": (FalconH1Config, dict(
+        **MAMBA2_SHAPE, num_hidden_layers=2, num_key_value_heads=1, head_dim=8, mamba_n_heads=8, mamba_d_head=4,
+        mamba_n_groups=2, mamba_d_state=8, mamba_d_ssm=32, mamba_expand=3, mamba_chunk_size=8,
+        ssm_multipliers=[0.5, 2.0, 1.5, 0.75, 1.25], ssm_in_multiplier=0.8, ssm_out_multiplier=1.125,
+    )),
+    "zamba2": (Zamba2Config, dict(
+        **MAMBA2_SHAPE, num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        num_mem_blocks=1, num_key_value_heads=2, n_mamba_heads=8, mamba_headdim=4, mamba_ngroups=2, mamba_d_state=8,
+        mamba_expand=2, chunk_size=8, use_shared_attention_adapter=True, use_shared_mlp_adapter=True, adapter_rank=4,
+    )),
+}  # fmt: skip
+
+
+def hybrid_config(arch: str, **overrides):
+    """``arch``'s tiny config, with ``overrides`` (built anew: a config derives some sizes from others)."""
+    config_class, settings = HYBRID_SETTINGS[arch]
+    return config_class(**{**settings, **overrides})
+
+
+HYBRID_CONFIGS = {arch: hybrid_config(arch) for arch in HYBRID_SETTINGS}
+
+
+@pytest.fixture(scope="session")
+def hybrid_model_dirs(tmp_path_factory) -> dict[str, str]:
+    """Each hybrid's tiny config as a saved model, random weights (seed 1234)."""
+    dirs = {}
+    for arch, config in HYBRID_CONFIGS.items():
+        torch.manual_seed(1234)
+        path = tmp_path_factory.mktemp(f"base-{arch}")
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        dirs[arch] = str(path)
+    return dirs
 
 
 def pytest_collection_modifyitems(config, items):

@@ -153,7 +153,7 @@ class ReferenceMamba2Kernels:
             state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
             ys.append((state * C[:, t, :, None, :]).sum(-1))
         y = (torch.stack(ys, dim=1) + x * D.float()[:, None]).reshape(batch, length, dim) * F.silu(z)
-        if norm_weight is None:
+        if norm_weight is None:  # no gated norm (Falcon-H1's mamba_rms_norm off): the gate alone
             return y.to(zxbcdt.dtype), (state if final_state else None)
         grouped = y.reshape(batch, length, ngroups, dim // ngroups)
         y = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm_eps)).reshape(batch, length, dim)

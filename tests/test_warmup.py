@@ -55,6 +55,10 @@ SHAPES_THE_WARMUP = [
     ("method.lora_alpha", {}, {"method.lora_alpha": 16.0}),
     ("method.lora_targets", {}, {"method.lora_targets": ["out_proj", "x_proj"]}),
     ("method.lora_variant", {}, {"method.lora_variant": "dora"}),
+    # a hybrid's attention, MLP and expert LoRA trains beside the dense delta too
+    ("method.attention_lora_targets", {}, {"method.attention_lora_targets": ["q"]}),
+    ("method.mlp_lora_targets", {}, {"method.mlp_lora_targets": ["up"]}),
+    ("method.expert_lora_targets", {}, {"method.expert_lora_targets": ["up"]}),
     ("method.sdt_targets", {}, {"method.sdt_targets": ["A_log"]}),
     ("method.warmup_steps", {}, {"method.warmup_steps": 10}),
     ("training.batch_size", {}, {"training.batch_size": 16}),

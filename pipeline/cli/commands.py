@@ -493,6 +493,21 @@ def trials_of_run(spec: JobSpec) -> list:
         raise fail(str(missing)) from None
 
 
+def announce_plans(spec: JobSpec) -> list[str]:
+    """Before any trial: one console line per arm of what it touches per layer type and how many parameters train
+    (a hybrid's "layers: mamba 36/36 (SDT+LoRA), attention 4/4 (LoRA), ..."); returns every line of the plans,
+    which the sweep's MLflow run keeps (``sdtune validate`` prints them)."""
+    from pipeline.cli.preflight import arm_plans
+    from pipeline.sweep.console import fit
+    from pipeline.trial.progress import MAX_LINE
+
+    plans = arm_plans(spec)
+    for label, plan in plans.items():
+        summary = ([f"layers: {', '.join(plan.coverage)}"] if plan.coverage else []) + plan.lines()[-1:]
+        typer.echo(fit(f"{label}: {'; '.join(summary)}", MAX_LINE))
+    return [f"{label}: {line}" for label, plan in plans.items() for line in plan.lines()]
+
+
 def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
     """Run (or resume) the sweep, then export its best trial and write its report; the MLflow parent run ends
     FINISHED, KILLED (interrupted: nothing exported) or FAILED (one line here, the traceback in the sweep dir)."""
@@ -502,7 +517,7 @@ def run_and_finish(spec: JobSpec, address: str | None, verbose: bool) -> None:
     from pipeline.results.tracking import SweepTracker
     from pipeline.sweep.tune import run_sweep
 
-    tracker = SweepTracker(spec)
+    tracker = SweepTracker(spec, plan=announce_plans(spec))
     resume_hint = f"continue with: sdtune resume {spec.sweep_dir}"
     try:
         outcome = run_sweep(spec, tracker, local_cluster=address is None)

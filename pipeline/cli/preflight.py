@@ -178,16 +178,20 @@ def searched_methods(spec: JobSpec) -> list[tuple[str, Any, JobSpec]]:
     ]
 
 
+def arm_plans(spec: JobSpec) -> dict[str, sdt.Plan]:
+    """What each method the sweep can run trains in the base (:func:`sdt.plan`), by the sweep's arm labels."""
+    methods = {_arm_label(key, value, trial): trial for key, value, trial in searched_methods(spec)}
+    model = skeleton(spec)
+    return {
+        label: sdt.plan(model, trial.method.to_sdt_config(seed=0))
+        for label, trial in (methods or {spec.method.name: spec}).items()
+    }
+
+
 def training_plans(spec: JobSpec) -> list[str]:
     """What each method the sweep can run trains in the base, per kind of layer, and how many parameters that is
     (:func:`sdt.plan`), labelled as the sweep's arms are: lines to print."""
-    methods = {_arm_label(key, value, trial): trial for key, value, trial in searched_methods(spec)}
-    model = skeleton(spec)
-    return [
-        f"{label}: {line}"
-        for label, trial in (methods or {spec.method.name: spec}).items()
-        for line in sdt.plan(model, trial.method.to_sdt_config(seed=0)).lines()
-    ]
+    return [f"{label}: {line}" for label, plan in arm_plans(spec).items() for line in plan.lines()]
 
 
 def _arm_label(key: str, value: Any, trial: JobSpec) -> str:

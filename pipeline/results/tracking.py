@@ -62,6 +62,7 @@ PARENT_TAG = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": the UI nests children
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 JOB_ARTIFACT = "job.yaml"
+PLAN_ARTIFACT = "plan.txt"  # what each arm trains per kind of layer, with its trainable parameters (sdt.plan)
 TRIAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 # MLflow's limits (mlflow.utils.validation, 3.17): key 250 characters, param value 6000, 100 params / 1000 metrics
@@ -185,8 +186,9 @@ class SweepTracker:
     rebuilt on first use after unpickling.
     """
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, plan: Sequence[str] = ()):
         self.spec = spec
+        self.plan = list(plan)  # what each arm trains (sdt.plan's lines), kept as the parent run's plan.txt
         self.sweep_dir = spec.sweep_dir.resolve()
         self.uri = tracking_uri(spec)
         self.experiment_name = spec.tracking.experiment or spec.name
@@ -369,6 +371,8 @@ class SweepTracker:
         fixed = {k: v for k, v in flatten(self.spec.model_dump(mode="json")).items() if not self.is_searched(k)}
         self._log_params(run, fixed)
         self.client.log_text(self.parent_run_id, self.spec.to_yaml(), JOB_ARTIFACT)
+        if self.plan:
+            self.client.log_text(self.parent_run_id, "\n".join(self.plan) + "\n", PLAN_ARTIFACT)
         self._share_view(self.parent_run_id)
         return self.parent_run_id
 

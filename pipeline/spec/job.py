@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from functools import reduce
@@ -81,7 +82,9 @@ class ModelSpec(_Spec):
     """The base model: a pretrained checkpoint, a freshly built architecture, or the builtin tiny base."""
 
     name_or_path: str | None = None  # HF hub id or local dir, loaded with from_pretrained
-    architecture: Literal["mamba", "mamba2", "jamba"] | None = None
+    architecture: (
+        Literal["mamba", "mamba2", "jamba", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2"] | None
+    ) = None
     config: dict[str, Any] = {}  # transformers config kwargs for `architecture`
     builtin: Literal["digits"] | None = None  # the tiny base that `sdtune pretrain` trains and caches
     tokenizer: str | None = None  # None = name_or_path
@@ -196,6 +199,8 @@ def _setting_type(kind: Any) -> Any:
         return StrictFloat | StrictInt | None
     if typing.get_origin(kind) is tuple:  # YAML has lists, not tuples
         return list[typing.get_args(kind)[0]] | None
+    if types.NoneType in (arguments := typing.get_args(kind)) and len(arguments) == 2:  # already optional: X | None
+        return _setting_type(next(a for a in arguments if a is not types.NoneType))
     return kind | None
 
 

@@ -32,6 +32,10 @@ KERNEL_FUNCTIONS = {
     "jamba": ("mamba_selective_scan", "causal_conv1d_fn"),
     "mamba2": ("mamba2_split_conv1d_scan_combined", "mamba2_chunk_scan", "causal_conv1d_fn"),
 }
+# the Mamba-2 hybrids' modeling modules route their mixers through the same entry points
+KERNEL_FUNCTIONS.update(
+    dict.fromkeys(("bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2"), KERNEL_FUNCTIONS["mamba2"])
+)
 
 
 def kernel_paths(model_type: str) -> dict[str, str]:

@@ -14,7 +14,11 @@ from . import CompatError, require
 
 # The keyword arguments a Mamba-1 mixer's forward gets from its block (MambaBlock, JambaMambaDecoderLayer):
 # transformers 5.17 names the cache `cache_params`, 5.24 `cache`.
-MIXER_ARGUMENTS = frozenset({"hidden_states", "attention_mask", "cache", "cache_params"})
+# The Mamba-2 hybrids' layers pass on what their mixer ignores: Zamba2 the rotary embeddings of its shared
+# attention, Granite-4.0-H its MoE's router-logits flag.
+MIXER_ARGUMENTS = frozenset(
+    {"hidden_states", "attention_mask", "cache", "cache_params", "position_embeddings", "output_router_logits"}
+)
 # Trainer's loaders of model weights, with the parameters sdt's replacements take.
 TRAINER_LOADERS = {"_load_from_checkpoint": ("resume_from_checkpoint", "model"), "_load_best_model": ()}
 

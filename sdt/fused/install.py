@@ -56,7 +56,15 @@ MAMBA1 = Route(
     (("x_proj", "weight"), ("dt_proj", "weight"), ("", "A_log")),
 )
 MAMBA2 = Route(
-    ("Mamba2Mixer",),
+    # Mamba-2 and the hybrids' Mamba-2 mixers (Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2)
+    (
+        "Mamba2Mixer",
+        "BambaMixer",
+        "GraniteMoeHybridMambaLayer",
+        "NemotronHMamba2Mixer",
+        "FalconH1Mixer",
+        "Zamba2MambaMixer",
+    ),
     CudaMamba2Kernels,
     "split_conv1d_scan",
     mamba2.KERNELS_ATTRIBUTE,
@@ -91,6 +99,8 @@ def _unsupported(mixer: nn.Module) -> str | None:
         return "DeepSpeed ZeRO-3 partitions its parameters"
     if mixer.activation not in ("silu", "swish"):
         return f"activation {mixer.activation!r} (the kernels apply SiLU)"
+    if getattr(getattr(mixer, "norm", None), "norm_before_gate", False):  # Falcon-H1's, with its gated norm on
+        return "a gated norm that normalises before the gate (the kernel gates first)"
     if mixer.conv1d.weight.shape[-1] not in CONV_WIDTHS:
         return f"conv width {mixer.conv1d.weight.shape[-1]} (causal_conv1d takes 2 to 4)"
     if is_quantized(mixer):

@@ -1,4 +1,4 @@
-"""The training forward of a Mamba-2 mixer (transformers' ``Mamba2Mixer``) on the fused path.
+"""The training forward of a Mamba-2 mixer (transformers' ``Mamba2Mixer`` and the hybrids' mixers) on the fused path.
 
 transformers' training forward hands ``in_proj(h)`` and the effective out_proj weight to mamba-ssm's
 ``mamba_split_conv1d_scan_combined``. With adapters in weight space that costs, at every step, a copy of each
@@ -64,8 +64,13 @@ def fused_forward(
     batch, length, hidden = hidden_states.shape
     if attention_mask is not None:
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    # Falcon-H1's µP multipliers scale in_proj's input and each block of its output, adapters included, as there
+    if (in_multiplier := getattr(mixer, "ssm_in_multiplier", None)) is not None:
+        hidden_states = hidden_states * in_multiplier
     zxbcdt = project_tokens_first(hidden_states.reshape(batch * length, hidden), projection(mixer.in_proj))
     zxbcdt = zxbcdt.view(batch, length, -1)
+    if (mup_vector := getattr(mixer, "mup_vector", None)) is not None:
+        zxbcdt = zxbcdt * mup_vector
     state = state_adapter(mixer)
     if state is not None and seq_idx is not None:
         raise ValueError(f"{SEQ_IDX}: packed rows with a state {state.kind}: each example would not start from it")
@@ -78,6 +83,9 @@ def fused_forward(
             heads = mixer.num_heads
             dt = zxbcdt[..., -heads:].masked_fill(attention_mask[..., None] == 0, NO_STEP)
             zxbcdt = torch.cat([zxbcdt[..., :-heads], dt], dim=-1)
+    # the offset's term goes in before the gated norm, which then runs here; Falcon-H1 may have no gated norm: the
+    # kernel then only gates
+    norm_weight = None if offset else getattr(mixer.norm, "weight", None)
     y, final_state = kernels.split_conv1d_scan(
         zxbcdt,
         mixer.conv1d.weight.squeeze(1),
@@ -87,8 +95,8 @@ def fused_forward(
         mixer.D,
         mixer.chunk_size,
         tuple(mixer.time_step_limit),
-        None if offset else mixer.norm.weight,
-        mixer.norm.variance_epsilon,
+        norm_weight,
+        None if norm_weight is None else mixer.norm.variance_epsilon,
         mixer.head_dim,
         mixer.n_groups,
         final_state=cache is not None,
