@@ -17,11 +17,15 @@ logger = logging.getLogger(__name__)
 
 def baseline_verdicts(spec: JobSpec, rows: Sequence[ArmSummary], budget: Budget) -> str:
     """The :func:`verdict` of each method that names a baseline (``sdt.Method.baseline``: SDLoRA's is LoRA) and of
-    which, or of whose baseline, the sweep finished an arm; of every such method when the sweep finished none of
-    them. One paragraph each."""
+    which the sweep finished an arm; where it finished none, of the first such method (in the registry's order)
+    whose baseline it finished, or else of the first such method: one paragraph each."""
     pairs = [(name, method.baseline) for name, method in sdt.METHODS.items() if method.baseline]
     present = {row.arm.method for row in rows}
-    compared = [pair for pair in pairs if present & set(pair)] or pairs
+    compared = (
+        [pair for pair in pairs if pair[0] in present]
+        or [pair for pair in pairs if pair[1] in present][:1]
+        or pairs[:1]
+    )
     return "\n\n".join(verdict(spec, rows, budget, method, baseline) for method, baseline in compared)
 
 
