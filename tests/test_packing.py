@@ -345,7 +345,11 @@ def test_cuda_a_mamba2_trial_on_varied_lengths_packs_them(tmp_path, digits_cache
     config = {"hidden_size": 256, "num_hidden_layers": 2, "state_size": 128, "num_heads": 8, "head_dim": 64,
               "n_groups": 1, "chunk_size": 64}  # fmt: skip
     printed, output, train = varied_trial(
-        tmp_path, digits_cache, model={"architecture": "mamba2", "config": config}, resources={"use_gpu": True}
+        tmp_path,
+        digits_cache,
+        model={"architecture": "mamba2", "config": config},
+        method={"name": "lora", "lora_targets": ["in_proj", "out_proj"]},  # the preset's x_proj/dt_proj are Mamba-1's
+        resources={"use_gpu": True},
     )
     assert printed["batching"] == "packed" and float(printed["train/padding"]) == 0.0
     assert_truncations_counted(printed, output, train)
