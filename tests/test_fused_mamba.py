@@ -52,11 +52,16 @@ def training_tuner(model: torch.nn.Module, method: str) -> sdt.Tuner:
             model.zero_grad(set_to_none=True)
         tuner.start_training(tuner.select())
     if method != "full":
-        generator = torch.Generator().manual_seed(random.randrange(2**31))
-        with torch.no_grad():
-            for p in tuner.trainable_parameters():
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+        move_adapters_off_init(tuner)
     return tuner
+
+
+def move_adapters_off_init(tuner: sdt.Tuner) -> None:
+    """Every trainable tensor random (B = 0 at init would hide A's path)."""
+    generator = torch.Generator().manual_seed(random.randrange(2**31))
+    with torch.no_grad():
+        for p in tuner.trainable_parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=generator))
 
 
 def loss_and_grads(tuner: sdt.Tuner, tokens: torch.Tensor, mask: torch.Tensor | None = None):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fused_reference import ReferenceMamba2Kernels
 from helpers import VOCAB
-from test_fused_mamba import RecordBackward, loss_and_grads
+from test_fused_mamba import RecordBackward, loss_and_grads, move_adapters_off_init
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 import sdt
@@ -62,10 +62,7 @@ def training_tuner(model: torch.nn.Module, method: str, vocab: int = VOCAB) -> s
     if tuner.phase == "warmup":
         warm_up(tuner, vocab)
     if method != "full":
-        generator = torch.Generator().manual_seed(random.randrange(2**31))
-        with torch.no_grad():
-            for p in tuner.trainable_parameters():
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+        move_adapters_off_init(tuner)
     return tuner
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import failure, sdtune
 from transformers import AutoModelForCausalLM
 
 import sdt
@@ -32,14 +31,8 @@ def sweep(request, tmp_path_factory, digits_cache):
     job = JOBS / f"{request.param}.yaml"
     root = tmp_path_factory.mktemp(request.param)
     env = {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli.commands", "sweep", str(job), "--set", f"output_dir={root}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = sdtune("sweep", str(job), "--set", f"output_dir={root}", env=env)
+    assert result.returncode == 0, failure(result)
     return root / load_job(job).name, result.stdout
 
 

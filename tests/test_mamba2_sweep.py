@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import failure, sdtune
 from transformers import AutoModelForCausalLM, Mamba2ForCausalLM
 
 import sdt
@@ -28,14 +27,8 @@ STEPS = 96 // 8  # max_train_samples / batch_size, one epoch
 def sweep(tmp_path_factory, digits_cache):
     root = tmp_path_factory.mktemp("mamba2-sweep")
     env = {**os.environ, "SDTUNE_CACHE": str(digits_cache), "RAY_AUTH_MODE": "disabled"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli.commands", "sweep", str(JOB), "--set", f"output_dir={root}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = sdtune("sweep", str(JOB), "--set", f"output_dir={root}", env=env)
+    assert result.returncode == 0, failure(result)
     return root / load_job(JOB).name
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from common import write_csv
-from mamba2_head_rule import fit, loss_on, transposed
+from mamba2_head_rule import fit, loss_on, pretrained_on_digits, transposed
 from transformers import BambaConfig, BambaForCausalLM
 
 import sdt
@@ -63,10 +63,7 @@ def base_model(seed: int, steps: int) -> BambaForCausalLM:
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    torch.manual_seed(seed)
-    model = BambaForCausalLM(config)
-    fit(model, list(model.parameters()), torch.tensor(digits_pixel_sequences("train")), steps, 5e-3, 16, seed)
-    return model
+    return pretrained_on_digits(BambaForCausalLM, config, seed, steps)
 
 
 def configs(base, warmup_steps: int) -> dict[str, sdt.SDTConfig]:

@@ -86,8 +86,14 @@ def base_model(groups: int, seed: int, steps: int) -> Mamba2ForCausalLM:
         eos_token_id=eos,
         pad_token_id=eos,
     )
+    return pretrained_on_digits(Mamba2ForCausalLM, config, seed, steps)
+
+
+def pretrained_on_digits(model_class, config, seed: int, steps: int):
+    """A ``model_class`` of ``config`` from seed ``seed``, trained ``steps`` steps on next-pixel modelling of the
+    digits' training images: the experiments' pretrained base."""
     torch.manual_seed(seed)
-    model = Mamba2ForCausalLM(config)
+    model = model_class(config)
     fit(model, list(model.parameters()), torch.tensor(digits_pixel_sequences("train")), steps, 5e-3, 16, seed)
     return model
 
