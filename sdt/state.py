@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compat.transformers import MIXER_ARGUMENTS, mixer_cache
+from .compat.transformers import MIXER_ARGUMENTS, mixer_cache, recurrent_state
 from .errors import SDTConfigError
 from .parametrize import Adapter
 
@@ -136,9 +136,7 @@ def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} with a state adapter: unexpected arguments {sorted(kwargs)}")
     hidden_states = args[0] if args else kwargs["hidden_states"]
     cache = mixer_cache(kwargs)
-    if cache is not None and not hasattr(cache, "get_recurrent_state"):
-        raise TypeError(f"{type(self).__name__} with a state adapter: a cache of type {type(cache).__name__}")
-    previous = None if cache is None else cache.get_recurrent_state(self.layer_idx)
+    previous = None if cache is None else recurrent_state(cache, self.layer_idx)
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.shape[1] != hidden_states.shape[1]:
         mask = None  # a mask over the tokens before these: the new ones are no padding

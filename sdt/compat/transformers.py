@@ -29,6 +29,18 @@ def mixer_cache(kwargs: dict[str, Any]) -> Any | None:
     return kwargs.get("cache_params") if cache is None else cache
 
 
+def recurrent_state(cache: Any, layer_idx: int) -> Any | None:
+    """The scan state a cache holds for a layer, or None before the layer's first update. transformers 5.24's caches
+    have ``get_recurrent_state``; 5.17's (Jamba's ``DynamicCache``, handed even to a training forward) only the
+    layer's ``recurrent_states`` and ``has_previous_state``."""
+    if hasattr(cache, "get_recurrent_state"):
+        return cache.get_recurrent_state(layer_idx)
+    layer = require(cache, "layers", "transformers", f"{type(cache).__name__}.layers")[layer_idx]
+    if not hasattr(layer, "recurrent_states") or not hasattr(layer, "has_previous_state"):
+        raise CompatError("transformers", f"{type(layer).__name__}", "holds no recurrent state")
+    return layer.recurrent_states[0] if layer.has_previous_state[0] else None
+
+
 def checkpoint_loaders(trainer: Any) -> tuple[Callable[..., None], Callable[[], None]]:
     """Trainer's own loading of model weights: ``_load_from_checkpoint(resume_from_checkpoint, model=None)`` when it
     resumes, ``_load_best_model()`` for ``load_best_model_at_end``. Private methods: Trainer knows PEFT's adapters
