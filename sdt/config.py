@@ -54,7 +54,8 @@ class SDTConfig:
     # LoRA, in weight space. alpha/rank is the scale; the default 8/8 = 1 is the official SDLoRA setting.
     lora_rank: int = _field(8, short="r")
     lora_alpha: float = 8.0
-    lora_targets: tuple[str, ...] = _field(("out_proj",), short="")
+    # None: the model family's LoRA-baseline modules (the lora preset's; sdt.targets.for_model fills them in)
+    lora_targets: tuple[str, ...] | None = _field(("out_proj",), short="")
     lora_variant: str = "lora"  # a name from sdt.VARIANTS: how the factors make a weight
     # LoRA on a hybrid model's attention, MLP and MoE-expert layers, by target name (LAYER_LORA_TARGETS); None: the
     # default (attention q, k, v, o; MLP gate, up, down; experts none) where the method trains LoRA.
@@ -77,9 +78,8 @@ class SDTConfig:
     def __post_init__(self) -> None:
         method = get_method(self.method)
         get_variant(self.lora_variant)
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "sdt_targets", tuple(self.sdt_targets))
-        for name in LAYER_LORA_TARGETS:
+        for name in ("lora_targets", *LAYER_LORA_TARGETS):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         checked = (("lora_targets", LORA_TARGETS), ("sdt_targets", SDT_TARGETS), *LAYER_LORA_TARGETS.items())
@@ -118,7 +118,8 @@ class SDTConfig:
     @property
     def uses_lora(self) -> bool:
         """Whether LoRA trains anywhere: on the SSM mixers, or on a hybrid's other layers."""
-        return bool(self.lora_targets) or any(self.layer_lora_targets(name) for name in LAYER_LORA_TARGETS)
+        on_mixers = self.lora_targets is None or bool(self.lora_targets)  # None: the family's modules
+        return on_mixers or any(self.layer_lora_targets(name) for name in LAYER_LORA_TARGETS)
 
     def layer_lora_targets(self, name: str) -> tuple[str, ...]:
         """The LoRA targets of one kind of a hybrid's other layers (a field of :data:`LAYER_LORA_TARGETS`): as set,
@@ -161,7 +162,7 @@ class SDTConfig:
             "ranks": {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha},
             "ratios": {name: getattr(self, name) for name in SELECTION_FIELDS},
             "targets": {
-                "lora": list(self.lora_targets),
+                "lora": None if self.lora_targets is None else list(self.lora_targets),
                 "sdt": list(self.sdt_targets),
                 # as set; unset, the method's default for a hybrid's other layers (none on a pure SSM)
                 **{
@@ -186,7 +187,8 @@ class SDTConfig:
             variant = (
                 "" if self.lora_variant == "lora" else f" ({self.lora_variant}: {VARIANTS[self.lora_variant].summary})"
             )
-            places = [", ".join(self.lora_targets)] if self.lora_targets else []
+            places = ["the family's LoRA modules"] if self.lora_targets is None else []
+            places += [", ".join(self.lora_targets)] if self.lora_targets else []
             places += [
                 f"{name.removesuffix('_lora_targets')} {', '.join(value)}"
                 for name in LAYER_LORA_TARGETS
@@ -243,7 +245,7 @@ def _check_method(method: Method, config: SDTConfig) -> None:
     for field, need, used in (
         ("sdt_targets", method.sdt, config.uses_sdt),
         # set: a method that needs LoRA is told where, as a field left unset may touch nothing in a model
-        ("lora_targets", method.lora, bool(config.lora_targets or set_layer_lora)),
+        ("lora_targets", method.lora, config.lora_targets is None or bool(config.lora_targets or set_layer_lora)),
     ):
         kind = "SDT" if field == "sdt_targets" else "LoRA"
         allowed = SDT_TARGETS if field == "sdt_targets" else LORA_TARGETS

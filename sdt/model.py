@@ -18,7 +18,7 @@ from . import state as S
 from .config import SDTConfig
 from .fused import install_fused_path, uninstall_fused_path
 from .saving import save_into
-from .targets import Selection, check_counts, check_lora_targets, family_of, layer_lora_plan, mixers
+from .targets import Selection, check_counts, check_lora_targets, family_of, for_model, layer_lora_plan, mixers
 from .variants import get_variant
 
 Phase = Literal["warmup", "train"]
@@ -62,7 +62,7 @@ class Tuner:
 
     def __init__(self, model: nn.Module, config: SDTConfig, selection: dict[str, Selection] | None = None) -> None:
         self.model = model
-        self.config = config
+        self.config = for_model(model, config)
         self.family = family_of(model)
         self.mixers = mixers(model)
         self.selection: dict[str, Selection] | None = None

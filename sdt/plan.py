@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import SDTConfig
 from .state import state_shape
-from .targets import Family, LayerLora, check_counts, family_of, layer_lora_plan, mixers
+from .targets import Family, LayerLora, check_counts, family_of, for_model, layer_lora_plan, mixers
 from .variants import get_variant
 
 
@@ -64,6 +64,7 @@ def _span(numbers: tuple[int, int]) -> str:
 def plan(model: nn.Module, config: SDTConfig) -> Plan:
     """What ``config`` trains in ``model``; raises what :func:`sdt.apply` would (:func:`sdt.check_counts`)."""
     check_counts(model, config)
+    config = for_model(model, config)
     total = sum(p.numel() for p in model.parameters())
     if config.trains_all_weights:
         return Plan(config.method, (), (total, total), total)

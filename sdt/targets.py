@@ -19,6 +19,7 @@ name means there (docs/hybrids.md).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,6 +182,8 @@ class Mamba1Family:
     """MambaMixer / JambaMambaMixer."""
 
     lora_modules = ("in_proj", "x_proj", "dt_proj", "out_proj")
+    # the LoRA baseline's modules (the lora preset): the official code's x_proj, dt_proj and out_proj
+    lora_preset_modules = ("x_proj", "dt_proj", "out_proj")
     layer_types: tuple[LayerType, ...] = ()  # Jamba's attention and MLP layers are not covered (docs/hybrids.md)
 
     def __init__(self, mixer_class: str) -> None:
@@ -251,6 +254,7 @@ class Mamba2Family:
     """Mamba2Mixer and the hybrids' Mamba-2 mixers, generalised as described in the module docstring."""
 
     lora_modules = ("in_proj", "out_proj")
+    lora_preset_modules = ("in_proj", "out_proj")  # no x_proj or dt_proj: in_proj makes x, B, C and dt
 
     def __init__(self, mixer_class: str, layer_types: tuple[LayerType, ...] = ()) -> None:
         self.mixer_class = mixer_class
@@ -407,11 +411,21 @@ def family_of(model: nn.Module) -> Family:
     return FAMILIES[model_type]
 
 
+def for_model(model: nn.Module, config: SDTConfig) -> SDTConfig:
+    """``config`` with what it leaves to the model's family filled in: ``lora_targets`` None (the lora preset's)
+    becomes the family's LoRA-baseline modules where the method trains LoRA, nothing where it does not."""
+    if config.lora_targets is not None:
+        return config
+    modules = family_of(model).lora_preset_modules if config.method_info.lora != "none" else ()
+    return dataclasses.replace(config, lora_targets=modules)
+
+
 def check_counts(model: nn.Module, config: SDTConfig) -> None:
     """Raise now what :func:`sdt.apply` and the selection after warmup would raise: a model sdt cannot tune
     (:class:`UnsupportedModelError`), a LoRA target the mixer lacks or a ratio that trains no channel, state or
     input of some layer (:class:`SDTConfigError`). Reads only shapes, so a skeleton on the meta device will do."""
     family = family_of(model)
+    config = for_model(model, config)
     check_lora_targets(family, config)
     for prefix, mixer in mixers(model):
         family.check(prefix, mixer)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hybrid_config
 from helpers import VOCAB, assert_mamba2_invariants, warmup_select_train
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig
 
@@ -149,3 +150,34 @@ def test_transformers_default_mamba2_goes_through_apply_on_the_meta_device_as_do
         model = on_meta(config)
         selection = {prefix: chosen for prefix, _ in sdt.mixers(model)}
         assert sdt.Tuner(model, SDTConfig(), selection=selection).num_trainable_parameters() == plan.trainable[end]
+
+
+def lora_modules_of_mixers(model: torch.nn.Module) -> set[str]:
+    """The mixer projections that carry a LoRA, by attribute name."""
+    return {
+        name.split(".parametrizations.")[0].rpartition(".")[2]
+        for name, _ in model.named_parameters()
+        if name.endswith("lora_A") and any(part in name for part in (".mixer.", ".mamba."))
+    }
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (lambda: AutoModelForCausalLM.from_config(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2)),
+         {"x_proj", "dt_proj", "out_proj"}),
+        (lambda: tiny_mamba2(8, 32, 1), {"in_proj", "out_proj"}),
+        (lambda: AutoModelForCausalLM.from_config(hybrid_config("granitemoehybrid")), {"in_proj", "out_proj"}),
+    ],
+    ids=["mamba", "mamba2", "granitemoehybrid"],
+)  # fmt: skip
+def test_the_lora_preset_trains_the_familys_lora_modules(build, expected):
+    """The lora preset names no modules: Mamba-1 takes the official baseline's x_proj, dt_proj and out_proj, a
+    Mamba-2 mixer (which has neither x_proj nor dt_proj) in_proj and out_proj; modules a person sets are honoured."""
+    model = build()
+    tuner = sdt.apply(model, SDTConfig.preset("lora"))
+    assert lora_modules_of_mixers(model) == expected
+    assert tuner.config.lora_targets == tuple(m for m in ("in_proj", "x_proj", "dt_proj", "out_proj") if m in expected)
+    chosen = build()
+    sdt.apply(chosen, SDTConfig.preset("lora", lora_targets=["out_proj"]))
+    assert lora_modules_of_mixers(chosen) == {"out_proj"}

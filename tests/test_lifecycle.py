@@ -154,7 +154,7 @@ def test_lora_and_full_presets(load_base):
 
 def test_lora_on_a_module_mamba2_lacks(load_base):
     with pytest.raises(ValueError, match="lora_targets: \\['x_proj', 'dt_proj'\\] do not exist in Mamba2Mixer"):
-        sdt.apply(load_base("mamba2"), SDTConfig.preset("lora"))
+        sdt.apply(load_base("mamba2"), SDTConfig.preset("lora", lora_targets=["x_proj", "dt_proj", "out_proj"]))
 
 
 def test_ratio_that_freezes_every_channel_names_the_field_before_any_warmup(load_base):

@@ -1,5 +1,6 @@
-"""LoRA alone, in weight space. The spec's matched-budget baselines (5.2) use ranks 2/3/5 on these modules; r=8 is
-the common default."""
+"""LoRA alone, in weight space, on the family's LoRA-baseline modules unless told where (``lora_targets`` None:
+Mamba-1's x_proj, dt_proj and out_proj, as the spec's matched-budget baselines (5.2) at ranks 2/3/5; Mamba-2's
+in_proj and out_proj). r=8 is the common default."""
 
 from .base import Method, register_method
 
@@ -10,6 +11,6 @@ register_method(
         summary="LoRA on the projections only",
         lora="required",
         sdt="none",
-        defaults={"lora_targets": ("x_proj", "dt_proj", "out_proj"), "sdt_targets": ()},
+        defaults={"lora_targets": None, "sdt_targets": ()},
     )
 )
