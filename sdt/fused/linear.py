@@ -80,7 +80,7 @@ def _eligible(module: nn.Module) -> bool:
 def install(model: nn.Module, skip: list[nn.Module]) -> tuple[int, list[str]]:
     """Put the activation-space forward on every eligible Linear of ``model`` outside the modules ``skip`` (the
     mixers, whose projections their own path treats). Returns (how many took it, the adapter classes of each adapted
-    Linear that keeps weight space, e.g. ``DoraDelta``)."""
+    Linear that keeps weight space, e.g. ``WeightDecomposedDelta``)."""
     uninstall(model)  # a Linear whose adapters changed since the last call is judged afresh
     inside = {id(sub) for module in skip for sub in module.modules()}
     taken, kept = 0, []
