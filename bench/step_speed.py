@@ -8,7 +8,7 @@ and on sdt's fused path.
     python bench/step_speed.py --checkpointing --modes lora-out:fused sdlora:fused  # with gradient checkpointing
     python bench/step_speed.py --hidden 2048 --layers 48 --modes lora-out lora-out:fused state-offset:fused \
         initial-state:fused                                           # the state methods, mamba-1.4b shape
-    python bench/step_speed.py --arch granitemoehybrid --batch 4 --vocab 100352 \
+    python bench/step_speed.py --arch granitemoehybrid --batch 4 \
         --modes sdlora:fused sdlora peft-default peft-all full          # a hybrid at granite-4.0-h-1b's shape
 
 A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt, state-offset, initial-state, peft,
@@ -63,10 +63,13 @@ ARCHS = {
     "mamba2": {"hidden": 768, "layers": 24, "sdt": {"channels_frozen": 22}},
     # a small Jamba: hidden 1024, 8 layers (attention at 4), MoE on every other layer with 4 experts
     "jamba": {"hidden": 1024, "layers": 8, "sdt": {}},
-    # a hybrid at granite-4.0-h-1b's dimensions (its GGUF metadata: hidden 1536, 40 layers, 48 Mamba-2 heads of 64,
-    # state 128, one group, a shared MLP of 4096, 12 attention heads; vocabulary 100,352 with --vocab), attention
-    # at 4 of the 40 layers (every tenth from the fifth: where, is assumed), no MoE; the default counts
-    "granitemoehybrid": {"hidden": 1536, "layers": 40, "sdt": {}},
+    # a hybrid at granite-4.0-h-1b's dimensions, random weights: hidden 1536, 40 layers, 48 Mamba-2 heads of 64
+    # (inner 3072), state 128, one group, conv 4, chunk 256, a shared MLP of 4096, no MoE, 12 attention heads of 128,
+    # vocabulary 100,352, attention at layers 5, 15, 25 and 35 (Ollama's GGUF metadata of granite4:1b-h,
+    # ollama.com/library/granite4:1b-h-q8_0/blobs/f29248184ca7, and a copy of its config.json,
+    # huggingface.co/bnbnoman01/test/blob/main/config.json, whose layer_types give the attention layers; 4 KV heads
+    # as granite-4.0-h-350m's config has, the 1b's not seen); the default counts
+    "granitemoehybrid": {"hidden": 1536, "layers": 40, "vocab": 100352, "sdt": {}},
 }
 # the kernel entry point whose implementation says whether transformers' path runs on mamba-ssm
 KERNEL_ENTRY = {
@@ -272,7 +275,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["lora-out", "sdlora", "full"], help="METHOD[:PATH]")
     parser.add_argument("--hidden", type=int, help="default: the architecture's (see ARCHS)")
     parser.add_argument("--layers", type=int, help="default: the architecture's (see ARCHS)")
-    parser.add_argument("--vocab", type=int, default=50280)
+    parser.add_argument("--vocab", type=int, help="default: the architecture's, else 50280")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps per mode")
@@ -283,6 +286,7 @@ def main() -> None:
     args = parser.parse_args()
     args.hidden = args.hidden or ARCHS[args.arch]["hidden"]
     args.layers = args.layers or ARCHS[args.arch]["layers"]
+    args.vocab = args.vocab or ARCHS[args.arch].get("vocab", 50280)
     for mode in args.modes + args.profile:
         parse_mode(mode, args.arch)
 

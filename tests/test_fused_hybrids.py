@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import HYBRID_CONFIGS, hybrid_config
 from fused_reference import ReferenceMamba2Kernels
+from test_fused_linear import beside_the_mixers, runs_activation_path
 from test_fused_mamba import loss_and_grads
 from test_fused_mamba2 import CUDA_FP32_TOLERANCE, TOLERANCE, assert_close, fresh_batch, warm_up
 from transformers import AutoModelForCausalLM
@@ -61,7 +62,17 @@ def compare_paths(tuner: sdt.Tuner, kernels, tokens: torch.Tensor, tolerance: fl
     if calls is not None:
         assert kernels.calls - calls == len(mixers), "the fused path did not run"
     assert_close(fused, reference, tolerance, context=line)
+    assert_attention_and_mlp_in_activation_space(tuner.model, line)
     return line
+
+
+def assert_attention_and_mlp_in_activation_space(model: torch.nn.Module, line: str) -> None:
+    """Every LoRA-carrying Linear beside the mixers (attention, MLP) takes sdt.fused.linear's forward, and the line
+    counts them."""
+    linears = beside_the_mixers(model)
+    assert linears, "the hybrid preset puts LoRA on attention and MLP"
+    assert f"; LoRA in activation space on {len(linears)} Linear layers beside the mixers" in line, line
+    assert all(runs_activation_path(m) for m in linears)
 
 
 @pytest.mark.parametrize("arch", list(CPU_CONFIGS))
@@ -152,9 +163,15 @@ def test_cuda_bf16_hybrid_sdlora_from_apply_runs_fused(arch):
     model = sdt.to_compute_dtype(model, torch.bfloat16).cuda()
     tuner = sdt.apply(model, sdt.SDTConfig(warmup_steps=1))  # the hybrid preset: SDT + LoRA, attention and MLP LoRA
     assert "on sdt.fused.mamba2 (mamba_split_conv1d_scan_combined)" in tuner.kernel_path, tuner.kernel_path
+    assert_attention_and_mlp_in_activation_space(tuner.model, tuner.kernel_path)
     kernels = counting_cuda_kernels()
     install_fused_path(tuner.model, kernels=kernels)
     tokens, _ = fresh_batch(batch=2, length=512, vocab=CUDA_VOCAB, device="cuda")
     loss, _ = loss_and_grads(tuner, tokens)
     assert torch.isfinite(loss) and kernels.calls == len(mamba2_mixers(tuner.model))
     tuner.check_gradients()
+    # attention's and MLP's LoRA, trained from activations in bf16: B starts at zero, so A's gradient is zero yet
+    zero = [
+        m for m in beside_the_mixers(tuner.model) if not torch.count_nonzero(m.parametrizations.weight[0].lora_B.grad)
+    ]
+    assert not zero, zero

@@ -11,6 +11,8 @@ space: merge, save and the coverage guard see no difference, and everything but 
 
 Mamba-2 mixers keep mamba-ssm's combined kernel (``mamba_split_conv1d_scan_combined``) and move only the projections
 around it into activation space (:mod:`.mamba2`): no copy of W0 + Δ and no gradient of in_proj's or out_proj's weight.
+On the same path the Linear layers beside the mixers (a hybrid's attention and MLP) run their LoRA in activation space
+too (:mod:`.linear`).
 
     tuner = sdt.apply(model, cfg)
     install_fused_path(model)          # logs e.g. "fused path: 48 MambaMixers on sdt.fused.MambaInnerFn (...)"

@@ -16,7 +16,7 @@ from ..compat.mamba_ssm import CudaKernels, CudaMamba2Kernels, load_cuda_kernels
 from ..compat.transformers import has_accelerate_hooks, is_quantized
 from ..parametrize import SparseDeltaView
 from ..state import restore_forward, state_adapter
-from . import mamba2, mixer
+from . import linear, mamba2, mixer
 from .kernels import Mamba2Kernels, MambaKernels
 from .projections import describe, describe_small, kind_of
 
@@ -169,13 +169,27 @@ def install_fused_path(
     )
     if unknown:
         line += f" (unrecognised adapters on {', '.join(unknown)} train through their full weight gradient)"
+    line += _linear_part(*linear.install(model, skip=[m for _, m in mixers]))
     if kernels.device_type not in (None, device_type):  # the forward checks the device at every call
         line += f" (the model is on {device_type} now: it takes the path once on {kernels.device_type})"
     return _report(line, log, warn=on_cuda and bool(unknown))
 
 
+def _linear_part(taken: int, kept: list[str]) -> str:
+    """The log line's part on the Linear layers beside the mixers (attention, MLP) that carry LoRA."""
+    if not taken and not kept:
+        return ""
+    part = f"; LoRA in activation space on {taken} Linear layers beside the mixers"
+    if kept:
+        classes = ", ".join(sorted(set(kept)))
+        part += f" ({len(kept)} more keep weight space, with its full weight gradient: {classes})"
+    return part
+
+
 def uninstall_fused_path(model: nn.Module) -> None:
-    """Give every Mamba mixer its class's forward back (before merging or detaching, or to compare paths)."""
+    """Give every Mamba mixer, and every Linear beside them with LoRA in activation space, its class's forward back
+    (before merging or detaching, or to compare paths)."""
+    linear.uninstall(model)
     route, mixers = _route(model)
     for _, m in mixers:
         restore_forward(m)  # its class's, or sdt.state's for a mixer with a state adapter
