@@ -10,6 +10,7 @@ and on sdt's fused path.
         initial-state:fused                                           # the state methods, mamba-1.4b shape
     python bench/step_speed.py --arch granitemoehybrid --batch 4 \
         --modes sdlora:fused sdlora peft-default peft-all full          # a hybrid at granite-4.0-h-1b's shape
+    python bench/step_speed.py --arch granitemoehybrid --batch 4 --cuda-graph --modes sdlora:fused full
 
 A mode is ``METHOD[:PATH]``: METHOD one of full, lora-out, sdlora, sdt, state-offset, initial-state, peft,
 peft-default, peft-all; PATH ``hf`` (default: transformers' own mixer forward on the mamba-ssm kernels) or ``fused``
@@ -25,7 +26,10 @@ with CUDA synchronisation around each step. The modes take turns step by step, s
 collection and other drift hit all of them alike. ``--checkpointing`` turns on transformers' gradient checkpointing
 (non-reentrant, its default) in every mode. ``host_ms`` is the time until the step's Python code has
 returned (all work enqueued): when it is close to the step time, the step is bound by the host, not the GPU.
-``step GiB`` is the peak memory of one step beyond what is resident before it. Results in docs/benchmarks.md.
+``step GiB`` is the peak memory of one step beyond what is resident before it. ``--cuda-graph`` captures each mode's
+whole step as one CUDA graph after its warm-up steps and times its replays: what the step costs once its kernel
+launches no longer wait on the host (the trial loop does not capture its steps; this measures what it would gain).
+Results in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -207,7 +211,7 @@ def build(mode: str, args) -> tuple[sdt.Tuner | PeftRun, torch.optim.Optimizer, 
         line = f"PEFT LoRA r8 on {', '.join(run.targets)}" + "".join(
             f"; refused {t}: {w}" for t, w in run.refused.items()
         )
-        return run, torch.optim.AdamW(run.trainable_parameters(), lr=1e-3, fused=True), line
+        return run, adamw(run.trainable_parameters(), args), line
     tuner = sdt.apply(model, method_config(method, args.arch))
     if tuner.phase == "warmup":  # a short real warmup, so the selection comes from real updates
         optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
@@ -225,8 +229,12 @@ def build(mode: str, args) -> tuple[sdt.Tuner | PeftRun, torch.optim.Optimizer, 
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         line += "; gradient checkpointing (non-reentrant)"
-    optimizer = torch.optim.AdamW(tuner.trainable_parameters(), lr=1e-3, fused=True)
-    return tuner, optimizer, line
+    return tuner, adamw(tuner.trainable_parameters(), args), line
+
+
+def adamw(parameters, args) -> torch.optim.Optimizer:
+    # capturable: the step count lives on the GPU, so that a CUDA graph's replays advance it
+    return torch.optim.AdamW(parameters, lr=1e-3, fused=True, capturable=args.cuda_graph)
 
 
 def batch(args, seed: int) -> torch.Tensor:
@@ -241,11 +249,41 @@ def step_once(model, optimizer, tokens) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed_step(tuner, optimizer, tokens) -> tuple[float, float]:
+class GraphedStep:
+    """A mode's whole training step (forward, loss, backward, optimizer step) captured once as a CUDA graph, then
+    replayed on new tokens copied into its input: the step with its kernel launches paid once, at capture. The
+    gradients live in the graph's memory and each replay overwrites them (they were None when it was captured)."""
+
+    def __init__(self, model, optimizer, tokens: torch.Tensor) -> None:
+        self.tokens = tokens.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()  # capture wants its warm-up off the default stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step_once(model, optimizer, self.tokens)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            model(input_ids=self.tokens, labels=self.tokens).loss.backward()
+            optimizer.step()
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+
+
+def stepper(tuner, optimizer, args):
+    """One training step on given tokens: eager, or a replay of its CUDA graph (``--cuda-graph``)."""
+    if args.cuda_graph:
+        return GraphedStep(tuner.model, optimizer, batch(args, 7))
+    return lambda tokens: step_once(tuner.model, optimizer, tokens)
+
+
+def timed_step(step, tokens) -> tuple[float, float]:
     """(step seconds, host seconds) of one synchronised training step."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    step_once(tuner.model, optimizer, tokens)
+    step(tokens)
     enqueued = time.perf_counter()
     torch.cuda.synchronize()
     return time.perf_counter() - start, enqueued - start
@@ -282,6 +320,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
     parser.add_argument("--profile", nargs="*", default=[], help="modes to print a kernel profile of")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every mode")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="time each mode's step captured as one CUDA graph (replayed)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     args.hidden = args.hidden or ARCHS[args.arch]["hidden"]
@@ -306,22 +347,27 @@ def main() -> None:
     args.profile = [mode for mode in args.profile if mode in runs]
     for mode, (_, _, line) in runs.items():
         print(f"{mode}: {line}", flush=True)
+    steps = {}
     for mode in args.modes:
         tuner, optimizer, _ = runs[mode]
         for step in range(args.warmup_steps):
             step_once(tuner.model, optimizer, batch(args, step))
+        try:
+            steps[mode] = stepper(tuner, optimizer, args)
+        except RuntimeError as failure:  # a step that cannot be captured (a host sync, an allocation it forbids)
+            print(f"{mode}: not captured: {str(failure).splitlines()[0]}", flush=True)
+    args.modes = [mode for mode in args.modes if mode in steps]
     timings = {mode: [] for mode in args.modes}
     for step in range(args.steps):
         for mode in args.modes:
-            tuner, optimizer, _ = runs[mode]
-            timings[mode].append(timed_step(tuner, optimizer, batch(args, 1000 + step)))
-    # every model is resident during the timing, so peak memory is measured per mode once more, alone
+            timings[mode].append(timed_step(steps[mode], batch(args, 1000 + step)))
+    # every model is resident during the timing, so peak memory is measured per mode once more, alone (a graph's
+    # memory is its pool's, taken at capture: a replay adds nothing, so with --cuda-graph this reads about 0)
     peak_memory = {}
     for mode in args.modes:
-        tuner, optimizer, _ = runs[mode]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        step_once(tuner.model, optimizer, batch(args, 0))
+        steps[mode](batch(args, 0))
         peak_memory[mode] = (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()) / 2**30
     tokens_per_step = args.batch * args.seq
     results = {
