@@ -185,6 +185,7 @@ class Mamba1Family:
     # the LoRA baseline's modules (the lora preset): the official code's x_proj, dt_proj and out_proj
     lora_preset_modules = ("x_proj", "dt_proj", "out_proj")
     layer_types: tuple[LayerType, ...] = ()  # Jamba's attention and MLP layers are not covered (docs/hybrids.md)
+    packed_attention = False  # Mamba-1's selective scan cannot keep packed examples apart in any case
 
     def __init__(self, mixer_class: str) -> None:
         self.mixer_class = mixer_class
@@ -256,9 +257,15 @@ class Mamba2Family:
     lora_modules = ("in_proj", "out_proj")
     lora_preset_modules = ("in_proj", "out_proj")  # no x_proj or dt_proj: in_proj makes x, B, C and dt
 
-    def __init__(self, mixer_class: str, layer_types: tuple[LayerType, ...] = ()) -> None:
+    def __init__(
+        self, mixer_class: str, layer_types: tuple[LayerType, ...] = (), *, packed_attention: bool = False
+    ) -> None:
+        """``packed_attention``: the model's attention keeps the examples of a packed row apart given position ids
+        that restart at each example (its model hands them to transformers' mask, which then attends within an
+        example only); a model with no attention has nothing to keep apart there."""
         self.mixer_class = mixer_class
         self.layer_types = layer_types
+        self.packed_attention = packed_attention or not layer_types
 
     @staticmethod
     def _dims(mixer: nn.Module) -> dict[str, int]:
@@ -364,7 +371,8 @@ FAMILIES: dict[str, Family] = {
     "jamba": Mamba1Family("JambaMambaMixer"),
     "mamba2": Mamba2Family("Mamba2Mixer"),
     # The hybrids (docs/hybrids.md): Mamba-2 mixers, and attention, MLP and MoE layers beside them.
-    "bamba": Mamba2Family("BambaMixer", (attention("BambaAttention"), mlp("BambaMLP"))),
+    # packed_attention where the model gives its position ids to transformers' mask: Granite-4.0-H's does not
+    "bamba": Mamba2Family("BambaMixer", (attention("BambaAttention"), mlp("BambaMLP")), packed_attention=True),
     "granitemoehybrid": Mamba2Family(
         "GraniteMoeHybridMambaLayer",
         (
@@ -384,8 +392,11 @@ FAMILIES: dict[str, Family] = {
             mlp("NemotronHMLP", GATED_MLP_MODULES[1:]),
             experts("NemotronHExperts", GATED_MLP_MODULES[1:]),
         ),
+        packed_attention=True,
     ),
-    "falcon_h1": Mamba2Family("FalconH1Mixer", (attention("FalconH1Attention"), mlp("FalconH1MLP"))),
+    "falcon_h1": Mamba2Family(
+        "FalconH1Mixer", (attention("FalconH1Attention"), mlp("FalconH1MLP")), packed_attention=True
+    ),
     "zamba2": Mamba2Family(
         "Zamba2MambaMixer",
         # one shared transformer block (attention + MLP) serves several depths: its LoRA is on the shared weights
@@ -393,6 +404,7 @@ FAMILIES: dict[str, Family] = {
             attention("Zamba2Attention"),
             mlp("Zamba2MLP", (("gate", "gate_up_proj"), ("up", "gate_up_proj"), ("down", "down_proj"))),
         ),
+        packed_attention=True,
     ),
 }
 # The Mamba-1 layout with RMSNorms on B, C and dt (FalconMamba): not supported, one line why.

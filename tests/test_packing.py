@@ -18,15 +18,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import hybrid_config
 from fused_reference import ReferenceMamba2Kernels
 from helpers import VOCAB
+from test_fused_hybrids import cuda_config as hybrid_cuda_config
+from test_fused_hybrids import training_tuner as hybrid_tuner
 from test_fused_mamba2 import CUDA_CONFIG, CUDA_VOCAB, relative_error, training_tuner
-from transformers import Mamba2ForCausalLM
+from transformers import AutoModelForCausalLM, Mamba2ForCausalLM
 
 import sdt
 from pipeline.tasks.batching import LAYOUTS, SEQ_IDX, batches_per_rank, epoch_batches, packed_row
 from pipeline.tasks.formatting import IGNORE_INDEX, Example, pad_rows, token_row
 from sdt.fused import install_fused_path, keeps_packed_examples_apart, uninstall_fused_path
+from sdt.fused.mamba2 import packed_positions
 
 # fp32 on both sides, through the same reference kernels: a packed row and a row of one example differ only in the
 # shapes of the projections' matmuls, whose sums round in another order (~1e-7 relative seen); an example that
@@ -159,6 +163,46 @@ def test_seq_idx_off_the_fused_path_is_an_error(load_base):
         tuner.model(**batch)
 
 
+PACKING_HYBRIDS = ["bamba", "nemotron_h", "falcon_h1", "zamba2"]
+
+
+def hybrid_training_tuner(arch: str) -> sdt.Tuner:
+    """A tiny hybrid in its training phase (the hybrid preset, adapters off their init), on the fused path through
+    the reference kernels."""
+    torch.manual_seed(0)
+    config = hybrid_config(arch)
+    tuner = hybrid_tuner(AutoModelForCausalLM.from_config(config), config.vocab_size)
+    install_fused_path(tuner.model, kernels=ReferenceMamba2Kernels())
+    return tuner
+
+
+@pytest.mark.parametrize("arch", PACKING_HYBRIDS)
+def test_a_hybrid_packed_row_equals_the_examples_one_at_a_time(arch):
+    """The hybrids whose model gives its position ids to transformers' mask: the handoff gives them position ids that
+    restart at each example (and no cache), so attention stays within an example and the Mamba-2 layers get
+    ``seq_idx``; every loss and gradient equals the examples' one at a time."""
+    tuner = hybrid_training_tuner(arch)
+    assert keeps_packed_examples_apart(tuner.model)
+    rows = random_examples([7, 11, 5, 9], tuner.model.config.vocab_size, seed=0)
+    packed = packed_losses_and_grads(tuner, rows)
+    assert_same(packed, alone_losses_and_grads(tuner, rows), labelled_tokens(rows), TOLERANCE)
+
+
+def test_granite_4_h_refuses_packed_rows_its_attention_would_mix():
+    """Granite-4.0-H's model builds its mask without the position ids: packed examples would attend to each other."""
+    tuner = hybrid_training_tuner("granitemoehybrid")
+    assert not keeps_packed_examples_apart(tuner.model)
+    batch = packed_row(random_examples([6, 6], tuner.model.config.vocab_size, seed=1))
+    with pytest.raises(ValueError, match=r"^seq_idx: granitemoehybrid's attention would mix the examples"):
+        tuner.model(**batch)
+
+
+def test_packed_positions_count_from_each_examples_start():
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 2, 2]], dtype=torch.int32)
+    expected = [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 0, 1]]
+    assert packed_positions(seq_idx).tolist() == expected
+
+
 def test_mamba1_never_keeps_packed_examples_apart(load_base):
     tuner = sdt.apply(load_base("mamba"), sdt.SDTConfig.preset("lora"))
     assert not keeps_packed_examples_apart(tuner.model)
@@ -253,6 +297,18 @@ def test_cuda_packed_row_equals_the_examples_one_at_a_time(method):
     tuner = training_tuner(Mamba2ForCausalLM(CUDA_CONFIG).cuda(), method, vocab=CUDA_VOCAB)
     assert keeps_packed_examples_apart(tuner.model), tuner.kernel_path
     # lengths across the kernels' 64-position chunks: examples that start and end inside a chunk and span several
+    rows = random_examples([40, 130, 7, 64, 91], CUDA_VOCAB, seed=0)
+    packed = packed_losses_and_grads(tuner, rows, device="cuda")
+    alone = alone_losses_and_grads(tuner, rows, device="cuda")
+    assert_same(packed, alone, labelled_tokens(rows), CUDA_TOLERANCE)
+
+
+@pytest.mark.cuda
+def test_cuda_a_hybrid_packed_row_equals_the_examples_one_at_a_time():
+    """Bamba on mamba-ssm's kernels and transformers' attention with the packed mask its position ids give."""
+    torch.manual_seed(0)
+    tuner = hybrid_tuner(AutoModelForCausalLM.from_config(hybrid_cuda_config("bamba")).cuda(), CUDA_VOCAB)
+    assert keeps_packed_examples_apart(tuner.model), tuner.kernel_path
     rows = random_examples([40, 130, 7, 64, 91], CUDA_VOCAB, seed=0)
     packed = packed_losses_and_grads(tuner, rows, device="cuda")
     alone = alone_losses_and_grads(tuner, rows, device="cuda")

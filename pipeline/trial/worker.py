@@ -134,8 +134,9 @@ class Batches:
 def batch_layout(spec: JobSpec, model: torch.nn.Module, lengths: list[int]) -> Layout:
     """The trial's batch layout: ``training.batching``, where ``auto`` keeps padded batches when every example has
     one length (there is no padding to save), packs examples wherever the model keeps the examples of a row apart
-    exactly (Mamba-2 on sdt's fused path) and groups them by length elsewhere (Mamba-1's selective scan and
-    transformers' own Mamba-2 path cannot keep packed examples apart; nor can attention layers here yet)."""
+    exactly (Mamba-2, and the hybrids whose attention takes packed position ids, on sdt's fused path) and groups them
+    by length elsewhere (Mamba-1's selective scan, transformers' own Mamba-2 path and Granite-4.0-H's attention
+    cannot keep packed examples apart)."""
     asked = spec.training.batching
     if asked != "auto":
         return asked

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..compat.transformers import mixer_cache
 from ..state import mamba2_offset_term, state_adapter, unfused_forward
+from ..targets import family_of, mixers
 from .kernels import Mamba2Kernels
 from .mixer import record_in_cache, takes_fused_path
 from .prefix import NO_STEP
@@ -145,10 +146,17 @@ def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 class SeqIdxHandoff:
     """The model's forward pre-hook that takes ``seq_idx`` out of each call and hands it to the fused mixers (a bound
-    method, as :meth:`sdt.parametrize.SparseGroups.refresh` is, so that a deep copy of the model hooks its own)."""
+    method, as :meth:`sdt.parametrize.SparseGroups.refresh` is, so that a deep copy of the model hooks its own).
+
+    A packed row is a training forward without a cache (a cache stops transformers from building a packed mask, and
+    there is nothing to continue from). A hybrid whose attention keeps packed examples apart (``packed_attention``
+    of its family) also gets position ids that restart at each example: transformers' mask then lets a position
+    attend only within its example, and rotary embeddings count from each example's start."""
 
     def __init__(self) -> None:
         self.mixers: list[nn.Module] = []
+        self.positions = False  # a hybrid: its attention needs position ids to keep the examples apart
+        self.attention_mixes: str | None = None  # a hybrid whose attention cannot keep them apart: its model type
 
     def take(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         seq_idx = kwargs.pop(SEQ_IDX, None)
@@ -156,9 +164,27 @@ class SeqIdxHandoff:
             raise ValueError(
                 f"{SEQ_IDX}: the Mamba-2 mixers are off the fused path, the one that keeps packed rows apart"
             )
+        if seq_idx is not None and self.attention_mixes:
+            raise ValueError(
+                f"{SEQ_IDX}: {self.attention_mixes}'s attention would mix the examples of a packed row (its model "
+                "does not give position ids to transformers' mask); use grouped batches"
+            )
         for mixer in self.mixers:
             mixer.__dict__[PACKED_ATTRIBUTE] = seq_idx
+        if seq_idx is not None:
+            kwargs["use_cache"] = False
+            if self.positions:
+                kwargs.setdefault("position_ids", packed_positions(seq_idx))
         return args, kwargs
+
+
+def packed_positions(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Each position's offset from its example's first token in a packed row: (b, l) ``seq_idx`` 0, 0, 0, 1, 1, 2
+    gives 0, 1, 2, 0, 1, 0 (on the device, no wait for it)."""
+    index = torch.arange(seq_idx.shape[-1], device=seq_idx.device).expand_as(seq_idx)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=-1).values
 
 
 def hand_seq_idx_to_mixers(model: nn.Module, mixers: list[nn.Module]) -> None:
@@ -168,6 +194,9 @@ def hand_seq_idx_to_mixers(model: nn.Module, mixers: list[nn.Module]) -> None:
         handoff = model.__dict__[HANDOFF_ATTRIBUTE] = SeqIdxHandoff()
         model.register_forward_pre_hook(handoff.take, with_kwargs=True)
     handoff.mixers = mixers
+    family = family_of(model)
+    handoff.positions = bool(family.layer_types)
+    handoff.attention_mixes = None if family.packed_attention else model.config.model_type
 
 
 def stop_handing_seq_idx(model: nn.Module, mixers: list[nn.Module]) -> None:
@@ -181,15 +210,11 @@ def stop_handing_seq_idx(model: nn.Module, mixers: list[nn.Module]) -> None:
 
 def keeps_packed_examples_apart(model: nn.Module) -> bool:
     """Whether ``model``'s training forward, given ``seq_idx``, computes each packed example as if it were alone: a
-    Mamba-2 model (every layer a Mamba-2 mixer, nothing else mixing positions) whose mixers are on the fused path and
-    carry no state adapter."""
-    config = getattr(model, "config", None)
+    Mamba-2 model or a hybrid whose attention keeps packed examples apart (``packed_attention`` of its family: Bamba,
+    Nemotron-H, Falcon-H1, Zamba2), every Mamba-2 mixer on the fused path, none carrying a state adapter."""
     fused = [m for m in model.modules() if KERNELS_ATTRIBUTE in m.__dict__]
     handoff = model.__dict__.get(HANDOFF_ATTRIBUTE)
-    return (
-        handoff is not None
-        and bool(handoff.mixers)
-        and getattr(config, "model_type", None) == "mamba2"
-        and len(fused) == config.num_hidden_layers
-        and not any(state_adapter(m) for m in fused)
-    )
+    if handoff is None or not handoff.mixers:
+        return False
+    family = family_of(model)
+    return family.packed_attention and len(fused) == len(mixers(model)) and not any(state_adapter(m) for m in fused)
