@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from fused_reference import ReferenceKernels, ReferenceMamba2Kernels
-from helpers import VOCAB
+from helpers import VOCAB, one_rank_process_group
 from torch.nn.utils import parametrize
 
 import sdt
@@ -81,6 +81,29 @@ def test_a_fused_step_forms_each_adapted_weight_once(load_base, formed, arch, me
 
 
 # -- on the GPU -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "jamba"])
+def test_a_trial_step_builds_no_cache(monkeypatch, load_base, arch):
+    """Mamba-2's and Jamba's configs say use_cache, and their models then build a cache in a training forward too,
+    into which every mixer copies its conv input and final state; a trial's step hands its mixers none."""
+    from pipeline.spec.job import parse_job
+    from pipeline.trial.worker import make_engine, train_micro_batch
+    from sdt.compat.transformers import mixer_cache
+
+    model = load_base(arch)
+    assert model.config.use_cache
+    given = []
+    for _, mixer in sdt.targets.mixers(model):
+        mixer.register_forward_pre_hook(lambda _, args, kwargs: given.append(mixer_cache(kwargs)), with_kwargs=True)
+    tuner = sdt.apply(model, sdt.SDTConfig.preset("lora", lora_targets=("out_proj",)))
+    spec = parse_job({"name": "steps", "model": {"builtin": "digits"}, "training": {"zero_stage": 0, "batch_size": 2}})
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with one_rank_process_group(monkeypatch):
+        engine = make_engine(tuner, spec, lr=1e-3, total_steps=2)
+        train_micro_batch(engine, {"input_ids": tokens, "labels": tokens})
+        engine.destroy()
+    assert given == [None] * len(sdt.targets.mixers(model))
 
 
 @pytest.mark.cuda

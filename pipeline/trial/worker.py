@@ -343,7 +343,9 @@ def train_micro_batch(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     """Forward and backward of one micro-batch (already on the device); returns (loss on the device, whether this
     backward ends an optimizer step)."""
     packed = {SEQ_IDX: batch[SEQ_IDX]} if SEQ_IDX in batch else {}
-    outputs = engine(input_ids=batch["input_ids"], labels=batch["labels"], **packed)
+    # no cache: Mamba-2, Jamba and the hybrids build one in a training forward too (their configs say use_cache),
+    # and every mixer would copy its conv input and final state into it at every step
+    outputs = engine(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **packed)
     engine.backward(outputs.loss)
     return outputs.loss, engine.is_gradient_accumulation_boundary()
 
