@@ -70,8 +70,9 @@ def _forward(model: torch.nn.Module, examples: list[Example], pad_id: int, batch
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, pad_id)
-        inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
-        logits = model(**inputs, use_cache=False).logits  # one forward, nothing to continue from
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         # Logits at t predict token t + 1.
         targets = batch["labels"][:, 1:].to(device)
         scored = targets != IGNORE_INDEX
