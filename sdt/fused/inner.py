@@ -117,7 +117,7 @@ class MambaInnerFn(torch.autograd.Function):
         prefix = None if state_kind != "initial" else InitialStatePrefix(state_value, A, dt_bias, conv_out.dtype)
         out, saved, o = _scan_forward(kernels, prefix, conv_out, delta, A, b, c, D, z, dt_bias, token_mask)
         if state_kind == "offset":  # Σ_n h'[e, n] C_t[n], gated as the scan's output is
-            o.addcmul_(torch.mm(state_value.to(c.dtype), c), F.silu(as_matrix(z)))
+            _add_offset_term(o, state_value, c, as_matrix(z))
         if record_state is not None:
             record_state(x.detach(), kernels.last_state(saved))  # with a prefix, from h⁰
         y = torch.mm(o.t(), out_weight.t())  # (b·l, D)
@@ -277,6 +277,15 @@ def _scan_backward(kernels, prefix, u, delta, A, b, c, D, z, dt_bias, dout, save
     return du_body, *matrices, dD, ddt_bias, prefix.cut(out_z), d_initial
 
 
+def _add_offset_term(o, offset, c, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``o += (h' C) · SiLU(z)`` in the activations' dtype (the forward's, and its recomputation in the backward);
+    returns (h' in that dtype, the term h' C, SiLU(z))."""
+    offset = offset.to(c.dtype)
+    term, gate = torch.mm(offset, c), F.silu(z)
+    o.addcmul_(term, gate)
+    return offset, term, gate
+
+
 def _offset_backward(offset, c, z, dout_z, o, dz, dc) -> torch.Tensor:
     """Backward of ``o += (h' C) · SiLU(z)`` (all (E, b·l) matrices, c (N, b·l)): adds the term to the recomputed
     ``o`` (what out_proj read), its parts of d(z) and d(c) to ``dz`` and ``dc``; returns d h' (fp32).
@@ -284,10 +293,7 @@ def _offset_backward(offset, c, z, dout_z, o, dz, dc) -> torch.Tensor:
     In the activations' dtype, as the forward: each of these is a full (E, b·l) pass, which fp32 would make twice
     as many bytes; h' enters in the activations' dtype as LoRA's factors do, its gradient accumulates in fp32.
     """
-    offset = offset.to(c.dtype)
-    term = torch.mm(offset, c)
-    gate = F.silu(z)
-    o.addcmul_(term, gate)
+    offset, term, gate = _add_offset_term(o, offset, c, z)
     dz += torch.ops.aten.silu_backward(dout_z * term, z)  # d/dz of term · SiLU(z)
     d_term = dout_z * gate
     dc += torch.mm(offset.t(), d_term).to(dc.dtype)
